@@ -1,0 +1,272 @@
+"""Generate the ``LLMTrainingJob`` CustomResourceDefinition from the pydantic models.
+
+The schema is built by walking the models' fields (not by post-processing pydantic's JSON
+schema, which uses ``$ref``/``anyOf``/``title`` and is not *structural*): every property
+gets a type and the field's description, defaults become ``default`` (nested objects get
+``default: {}`` so the apiserver fills their own defaults, which CEL rules rely on), and
+``x-kubernetes-preserve-unknown-fields`` appears only on the models that declare
+``preserve_unknown`` (core/v1 Affinity and Volume).
+"""
+
+from __future__ import annotations
+
+import enum
+import types
+import typing
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, WithJsonSchema
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticUndefined
+
+from llmtrain.api.base import ApiModel
+from llmtrain.api.spec import (
+    CATEGORIES,
+    GROUP,
+    KIND,
+    PLURAL,
+    SHORT_NAMES,
+    SINGULAR,
+    VERSION,
+    LLMTrainingJobSpec,
+)
+from llmtrain.api.status import LLMTrainingJobStatus
+
+# Models whose content is Kubernetes' own and is passed through untouched.
+PRESERVE_UNKNOWN_ALLOWLIST = ("Affinity", "Volume")
+
+PRINTER_COLUMNS: list[dict[str, Any]] = [
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "description": "Lifecycle phase."},
+    {
+        "name": "Progress",
+        "type": "number",
+        "jsonPath": ".status.progress.percent",
+        "description": "Percent of training steps done.",
+    },
+    {
+        "name": "Step",
+        "type": "integer",
+        "jsonPath": ".status.progress.step",
+        "description": "Optimizer step.",
+    },
+    {
+        "name": "Loss",
+        "type": "number",
+        "jsonPath": ".status.metrics.trainLoss",
+        "description": "Training loss.",
+    },
+    {
+        "name": "Val PPL",
+        "type": "number",
+        "jsonPath": ".status.metrics.valPerplexity",
+        "description": "Validation perplexity.",
+    },
+    {
+        "name": "Tokens/s",
+        "type": "number",
+        "jsonPath": ".status.metrics.tokensPerSecond",
+        "description": "Training throughput.",
+    },
+    {"name": "ETA", "type": "string", "jsonPath": ".status.progress.eta", "description": "Time left."},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    {
+        # Selected by type, not "the last condition": the Running condition says why a
+        # job is not running yet, and on failure carries the Failed condition's reason.
+        "name": "Reason",
+        "type": "string",
+        "jsonPath": '.status.conditions[?(@.type=="Running")].reason',
+        "description": "Why the job is (not) running, or why it failed.",
+        "priority": 0,
+    },
+]
+
+
+class SchemaError(TypeError):
+    """A model uses a type the CRD generator cannot express structurally."""
+
+
+def _unwrap_optional(annotation: Any) -> Any:
+    origin = get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        if len(args) != 1:
+            raise SchemaError(f"unions other than Optional are not structural: {annotation}")
+        return args[0]
+    return annotation
+
+
+def _apply_constraints(schema: dict[str, Any], metadata: list[Any]) -> None:
+    kind = schema.get("type")
+    for m in metadata:
+        if isinstance(m, WithJsonSchema):
+            continue
+        for attr, key in (("ge", "minimum"), ("le", "maximum"), ("gt", "minimum"), ("lt", "maximum")):
+            value = getattr(m, attr, None)
+            if value is not None:
+                schema[key] = value
+                if attr in ("gt", "lt"):
+                    # OpenAPI v3.0 (what Kubernetes speaks): exclusive bounds are booleans.
+                    schema["exclusiveMinimum" if attr == "gt" else "exclusiveMaximum"] = True
+        min_len = getattr(m, "min_length", None)
+        max_len = getattr(m, "max_length", None)
+        if min_len is not None:
+            schema["minItems" if kind == "array" else "minLength"] = min_len
+        if max_len is not None:
+            schema["maxItems" if kind == "array" else "maxLength"] = max_len
+        pattern = getattr(m, "pattern", None)
+        if pattern is not None:
+            schema["pattern"] = pattern
+
+
+def type_schema(annotation: Any, metadata: list[Any] | None = None) -> dict[str, Any]:
+    """Structural schema of one annotation (Annotated metadata included)."""
+    metadata = list(metadata or [])
+    annotation = _unwrap_optional(annotation)
+    if get_origin(annotation) is typing.Annotated:
+        base, *extra = get_args(annotation)
+        return type_schema(base, [*extra, *metadata])
+    for m in metadata:
+        if (
+            isinstance(m, WithJsonSchema)
+            and m.json_schema
+            and m.json_schema.get("x-kubernetes-int-or-string")
+        ):
+            return {"x-kubernetes-int-or-string": True}
+
+    origin = get_origin(annotation)
+    schema: dict[str, Any]
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        schema = model_schema(annotation)
+    elif isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        schema = {"type": "string", "enum": [e.value for e in annotation]}
+    elif origin is Literal:
+        schema = {"type": "string", "enum": list(get_args(annotation))}
+    elif annotation is bool:
+        schema = {"type": "boolean"}
+    elif annotation is int:
+        schema = {"type": "integer"}
+    elif annotation is float:
+        schema = {"type": "number"}
+    elif annotation is str:
+        schema = {"type": "string"}
+    elif origin is list:
+        (item,) = get_args(annotation)
+        schema = {"type": "array", "items": type_schema(item)}
+    elif origin is dict:
+        key, value = get_args(annotation)
+        if key is not str:
+            raise SchemaError(f"map keys must be strings: {annotation}")
+        schema = {"type": "object", "additionalProperties": type_schema(value)}
+    else:
+        raise SchemaError(f"no structural schema for {annotation!r}")
+    _apply_constraints(schema, metadata)
+    return schema
+
+
+def _json_default(field: FieldInfo, annotation: Any) -> Any:
+    """The field's default as the apiserver should apply it, or PydanticUndefined."""
+    if field.default is PydanticUndefined and field.default_factory is None:
+        return PydanticUndefined
+    value = field.get_default(call_default_factory=True)
+    if value is None:
+        return PydanticUndefined
+    if isinstance(value, BaseModel):
+        # Only what differs from the nested model's own defaults; those are applied
+        # by the apiserver one level down.
+        return value.model_dump(by_alias=True, mode="json", exclude_defaults=True, exclude_none=True)
+    if isinstance(value, list | dict) and not value:
+        return PydanticUndefined  # absent means empty; keep manifests and diffs small
+    if isinstance(value, enum.Enum):
+        return value.value
+    return value
+
+
+def model_schema(model: type[BaseModel]) -> dict[str, Any]:
+    doc = (model.__doc__ or "").strip()
+    schema: dict[str, Any] = {"type": "object"}
+    if doc:
+        schema["description"] = " ".join(doc.split("\n\n")[0].split())
+    if issubclass(model, ApiModel) and model.preserve_unknown:
+        if model.__name__ not in PRESERVE_UNKNOWN_ALLOWLIST:
+            raise SchemaError(f"{model.__name__} is not on the preserve-unknown-fields allowlist")
+        schema["x-kubernetes-preserve-unknown-fields"] = True
+        return schema
+    properties: dict[str, Any] = {}
+    required: list[str] = []
+    for name, field in model.model_fields.items():
+        key = field.alias or name
+        prop = type_schema(field.annotation, list(field.metadata))
+        if field.description:
+            prop["description"] = field.description
+        default = _json_default(field, field.annotation)
+        if default is not PydanticUndefined:
+            prop["default"] = default
+        if field.is_required():
+            required.append(key)
+        properties[key] = prop
+    schema["properties"] = properties
+    if required:
+        schema["required"] = required
+    if issubclass(model, ApiModel) and model.cel_rules:
+        schema["x-kubernetes-validations"] = [r.as_schema() for r in model.cel_rules]
+    return schema
+
+
+def spec_schema() -> dict[str, Any]:
+    return model_schema(LLMTrainingJobSpec)
+
+
+def status_schema() -> dict[str, Any]:
+    return model_schema(LLMTrainingJobStatus)
+
+
+def crd() -> dict[str, Any]:
+    root = {
+        "type": "object",
+        "description": "LLMTrainingJob takes a language model from raw text to a trained, evaluated, "
+        "exported model on an ephemeral Ray cluster.",
+        "properties": {
+            "apiVersion": {"type": "string", "description": "API version: llmtrain.dev/v1alpha1."},
+            "kind": {"type": "string", "description": "LLMTrainingJob."},
+            "metadata": {"type": "object"},
+            "spec": spec_schema(),
+            "status": status_schema(),
+        },
+        "required": ["spec"],
+    }
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{PLURAL}.{GROUP}"},
+        "spec": {
+            "group": GROUP,
+            "names": {
+                "kind": KIND,
+                "listKind": f"{KIND}List",
+                "plural": PLURAL,
+                "singular": SINGULAR,
+                "shortNames": list(SHORT_NAMES),
+                "categories": list(CATEGORIES),
+            },
+            "scope": "Namespaced",
+            "versions": [
+                {
+                    "name": VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": PRINTER_COLUMNS,
+                    "schema": {"openAPIV3Schema": root},
+                }
+            ],
+        },
+    }
+
+
+CRD_FILE = f"crds/{PLURAL}.{GROUP}.yaml"
+
+
+def crd_yaml() -> str:
+    header = "# Generated by `llmtrain crd` from llmtrain/api; do not edit by hand.\n"
+    return header + yaml.safe_dump(crd(), sort_keys=False, width=1000, allow_unicode=True)

@@ -1,0 +1,180 @@
+"""Contract (a): token shard files and ``manifest.json``.
+
+Written by the data pipeline (``llmtrain.runtime.data.shard``), read by the loader.
+Standard library only, so every process can parse shards without the pipeline's deps.
+
+Shard file layout (little-endian), ``HEADER_SIZE`` = 256 bytes of header, then tokens::
+
+    offset  size  field
+    0       8     magic            b"LLMTSHRD"
+    8       4     version          uint32 (= 1)
+    12      4     dtype code       uint32 (1 = uint16, 2 = uint32)
+    16      4     vocab size       uint32 (tokenizer vocabulary, not the padded table)
+    20      4     end-of-text id   uint32
+    24      8     token count      uint64
+    32      224   zero padding     (room for later versions without moving the data)
+    256     n·s   tokens           n = token count, s = 2 (uint16) or 4 (uint32)
+
+The dtype is uint16 iff the highest id (vocab size − 1) ≤ 65535, else uint32. A file whose
+size differs from ``HEADER_SIZE + n·s`` is truncated or corrupt. Every shard's sha256
+(over the whole file) is listed in the manifest; ``manifest.json`` is written **last**,
+so readers trust only the shards a manifest lists.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+MAGIC = b"LLMTSHRD"
+FORMAT_VERSION = 1
+HEADER_SIZE = 256
+HEADER_STRUCT = struct.Struct("<8sIIIIQ")  # 32 bytes, then zero padding to HEADER_SIZE
+DTYPE_CODES: dict[str, int] = {"uint16": 1, "uint32": 2}
+DTYPE_SIZES: dict[str, int] = {"uint16": 2, "uint32": 4}
+MANIFEST_NAME = "manifest.json"
+TOKENIZER_NAME = "tokenizer.json"
+MANIFEST_VERSION = 1
+
+Split = Literal["train", "validation"]
+
+
+class ShardFormatError(ValueError):
+    """A shard or manifest does not match the documented format."""
+
+
+def dtype_for_vocab(vocab_size: int) -> str:
+    """uint16 iff every id (0 … vocab_size − 1) fits in 16 bits."""
+    if vocab_size < 1:
+        raise ShardFormatError(f"vocab size must be positive, got {vocab_size}")
+    if vocab_size - 1 <= 0xFFFF:
+        return "uint16"
+    if vocab_size - 1 <= 0xFFFFFFFF:
+        return "uint32"
+    raise ShardFormatError(f"vocab size {vocab_size} does not fit in uint32 token ids")
+
+
+@dataclass(frozen=True)
+class ShardHeader:
+    dtype: str
+    vocab_size: int
+    eot_id: int
+    token_count: int
+    version: int = FORMAT_VERSION
+
+    @property
+    def itemsize(self) -> int:
+        return DTYPE_SIZES[self.dtype]
+
+    @property
+    def file_size(self) -> int:
+        return HEADER_SIZE + self.token_count * self.itemsize
+
+    def pack(self) -> bytes:
+        if self.dtype not in DTYPE_CODES:
+            raise ShardFormatError(f"unknown dtype {self.dtype!r}")
+        if dtype_for_vocab(self.vocab_size) != self.dtype:
+            raise ShardFormatError(
+                f"vocab size {self.vocab_size} requires {dtype_for_vocab(self.vocab_size)}, not {self.dtype}"
+            )
+        head = HEADER_STRUCT.pack(
+            MAGIC, self.version, DTYPE_CODES[self.dtype], self.vocab_size, self.eot_id, self.token_count
+        )
+        return head + b"\0" * (HEADER_SIZE - len(head))
+
+    @classmethod
+    def unpack(cls, data: bytes, *, name: str = "shard") -> ShardHeader:
+        if len(data) < HEADER_SIZE:
+            raise ShardFormatError(f"{name}: header is {len(data)} bytes, expected {HEADER_SIZE}")
+        magic, version, code, vocab, eot, count = HEADER_STRUCT.unpack_from(data)
+        if magic != MAGIC:
+            raise ShardFormatError(f"{name}: bad magic {magic!r}, not an llmtrain shard")
+        if version != FORMAT_VERSION:
+            raise ShardFormatError(f"{name}: format version {version}, this reader knows {FORMAT_VERSION}")
+        dtypes = {v: k for k, v in DTYPE_CODES.items()}
+        if code not in dtypes:
+            raise ShardFormatError(f"{name}: unknown dtype code {code}")
+        return cls(dtype=dtypes[code], vocab_size=vocab, eot_id=eot, token_count=count, version=version)
+
+    def check_size(self, actual_size: int, *, name: str = "shard") -> None:
+        if actual_size != self.file_size:
+            raise ShardFormatError(
+                f"{name}: file is {actual_size} bytes but its header promises {self.file_size} "
+                f"({self.token_count} tokens of {self.dtype}): truncated or corrupt"
+            )
+
+
+@dataclass
+class ShardInfo:
+    path: str  # relative to the manifest's directory/prefix
+    split: Split
+    tokens: int
+    documents: int
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class SourceStats:
+    name: str
+    documents: int  # kept after cleaning/dedup
+    tokens: int  # training tokens after mixture sampling
+    target_fraction: float | None  # from the spec's weights; None = natural proportions
+    realised_fraction: float
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. python version, corpus hash
+
+
+@dataclass
+class TokenizerInfo:
+    path: str  # relative, normally TOKENIZER_NAME
+    sha256: str
+    vocab_size: int
+    eot_id: int
+    eot_token: str
+
+
+@dataclass
+class Manifest:
+    fingerprint: str  # hash of sources, cleaning, tokenizer config and seed
+    tokenizer: TokenizerInfo
+    dtype: str
+    shards: list[ShardInfo]
+    sources: list[SourceStats]
+    dropped: dict[str, int]  # cleaning step -> documents dropped
+    seed: int
+    version: int = MANIFEST_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def split_shards(self, split: Split) -> list[ShardInfo]:
+        return [s for s in self.shards if s.split == split]
+
+    def split_tokens(self, split: Split) -> int:
+        return sum(s.tokens for s in self.split_shards(split))
+
+    def to_json(self) -> str:
+        # sort_keys + fixed separators: byte-identical manifests for identical inputs.
+        return json.dumps(asdict(self), sort_keys=True, indent=2, ensure_ascii=False) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Manifest:
+        try:
+            raw = json.loads(text)
+            if raw.get("version") != MANIFEST_VERSION:
+                raise ShardFormatError(
+                    f"manifest version {raw.get('version')}, this reader knows {MANIFEST_VERSION}"
+                )
+            return cls(
+                fingerprint=raw["fingerprint"],
+                tokenizer=TokenizerInfo(**raw["tokenizer"]),
+                dtype=raw["dtype"],
+                shards=[ShardInfo(**s) for s in raw["shards"]],
+                sources=[SourceStats(**s) for s in raw["sources"]],
+                dropped=dict(raw["dropped"]),
+                seed=raw["seed"],
+                version=raw["version"],
+                extra=dict(raw.get("extra", {})),
+            )
+        except (KeyError, TypeError, json.JSONDecodeError) as e:
+            raise ShardFormatError(f"manifest does not match the documented schema: {e}") from e

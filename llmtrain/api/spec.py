@@ -1,0 +1,803 @@
+"""The ``LLMTrainingJob`` spec: the one place the schema is defined.
+
+The CRD (``llmtrain crd``), ``llmtrain validate`` and the runtime configuration
+(:mod:`llmtrain.api.config`) are all derived from these models. Field descriptions
+become ``kubectl explain`` text, so they say what a field does, its unit, and its default.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from enum import StrEnum
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BeforeValidator, ConfigDict, Field, WithJsonSchema
+
+from llmtrain.api.base import ApiModel, CelRule, cel, exactly_one
+
+GROUP = "llmtrain.dev"
+VERSION = "v1alpha1"
+KIND = "LLMTrainingJob"
+PLURAL = "llmtrainingjobs"
+SINGULAR = "llmtrainingjob"
+SHORT_NAMES = ("ltj",)
+CATEGORIES = ("llmtrain", "all")
+DEFAULT_EOT = "<|endoftext|>"
+
+_QUANTITY_RE = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
+
+
+def _quantity(value: Any) -> str:
+    if isinstance(value, bool):
+        raise ValueError("expected a Kubernetes quantity such as 4, 500m or 16Gi")
+    if isinstance(value, int | float):
+        value = str(value)
+    if not isinstance(value, str) or not _QUANTITY_RE.match(value):
+        raise ValueError(f"{value!r} is not a Kubernetes quantity; write e.g. 4, 500m or 16Gi")
+    return value
+
+
+# Kubernetes quantities are int-or-string on the wire (cpu: 4, memory: 16Gi).
+Quantity = Annotated[
+    str,
+    BeforeValidator(_quantity),
+    WithJsonSchema({"x-kubernetes-int-or-string": True}),
+]
+
+# Bounded strings keep CEL rules within the apiserver's cost budget.
+Name = Annotated[str, Field(min_length=1, max_length=253)]
+Uri = Annotated[str, Field(min_length=1, max_length=1024)]
+
+
+# --------------------------------------------------------------------------- data
+
+
+class TextFormat(StrEnum):
+    text = "text"
+    jsonl = "jsonl"
+    parquet = "parquet"
+
+
+class TextUnit(StrEnum):
+    """How plain text splits into documents (JSONL/Parquet: one record = one document)."""
+
+    file = "file"
+    paragraph = "paragraph"
+    line = "line"
+
+
+class S3Source(ApiModel):
+    """Objects under an S3 prefix (listing paginates; ``.gz`` objects are decompressed)."""
+
+    uri: Uri = Field(
+        pattern=r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$",
+        description="S3 prefix, s3://bucket/prefix/. Every object under it whose name ends in the "
+        "format's extension (optionally .gz) is read.",
+    )
+    format: TextFormat = Field(TextFormat.text, description="Object format: text, jsonl or parquet.")
+    field: str = Field("text", max_length=256, description="JSON key or Parquet column holding the text.")
+    text_unit: TextUnit = Field(
+        TextUnit.paragraph,
+        description="For format text: what one document is (file, paragraph = blank-line separated, line).",
+    )
+
+
+class LocalSource(ApiModel):
+    """Files on the local (or mounted) file system matched by a glob."""
+
+    glob: str = Field(
+        min_length=1,
+        max_length=1024,
+        description="Glob pattern (recursive ** allowed), e.g. /data/books/**/*.txt.",
+    )
+    format: TextFormat = Field(TextFormat.text, description="File format: text, jsonl or parquet.")
+    field: str = Field("text", max_length=256, description="JSON key or Parquet column holding the text.")
+    text_unit: TextUnit = Field(
+        TextUnit.paragraph,
+        description="For format text: what one document is (file, paragraph = blank-line separated, line).",
+    )
+
+
+class HuggingFaceSource(ApiModel):
+    """A Hugging Face ``datasets`` builder over local files (offline; nothing is downloaded)."""
+
+    builder: Literal["text", "json", "parquet"] = Field(
+        description="datasets builder passed to load_dataset: text, json or parquet."
+    )
+    data_files: list[Annotated[str, Field(max_length=1024)]] = Field(
+        min_length=1, max_length=256, description="Local files or globs passed as data_files."
+    )
+    split: str = Field("train", max_length=64, description="Split to read.")
+    field: str = Field("text", max_length=256, description="Column holding the text.")
+
+
+class PythonStdlibSource(ApiModel):
+    """The ``.py`` files of the running interpreter's standard library (no site-packages)."""
+
+    include_tests: bool = Field(False, description="Include the standard library's test/ package.")
+
+
+class DataSource(ApiModel):
+    """One text source. Set exactly one of s3, local, huggingface, pythonStdlib."""
+
+    cel_rules: ClassVar[tuple[CelRule, ...]] = (
+        cel(
+            exactly_one("s3", "local", "huggingface", "pythonStdlib"),
+            "set exactly one of s3, local, huggingface, pythonStdlib",
+        ),
+    )
+
+    name: str = Field(
+        min_length=1,
+        max_length=63,
+        pattern=r"^[a-z0-9]([a-z0-9\-]*[a-z0-9])?$",
+        description="Unique source name (DNS label); used in the manifest's per-source statistics.",
+    )
+    weight: float | None = Field(
+        None,
+        gt=0,
+        le=1000,
+        description="Mixture weight: this source's target share of training tokens, relative to the "
+        "other sources' weights (normalised to sum to 1), realised by deterministic up/down-sampling. "
+        "Unset on every source: natural proportions.",
+    )
+    s3: S3Source | None = Field(None, description="Read objects under an S3 prefix.")
+    local: LocalSource | None = Field(None, description="Read local files matched by a glob.")
+    huggingface: HuggingFaceSource | None = Field(None, description="Read local files with HF datasets.")
+    python_stdlib: PythonStdlibSource | None = Field(
+        None, description="The builtin corpus: the Python standard library's own source."
+    )
+
+
+class UnicodeNormalization(StrEnum):
+    NFC = "NFC"
+    NFKC = "NFKC"
+    NFD = "NFD"
+    NFKD = "NFKD"
+    none = "none"
+
+
+class DedupMode(StrEnum):
+    exact = "exact"
+    none = "none"
+
+
+class Preprocessing(ApiModel):
+    """Cleaning applied to every document before tokenization."""
+
+    cel_rules: ClassVar[tuple[CelRule, ...]] = (
+        cel(
+            "!has(self.maxChars) || self.maxChars >= self.minChars",
+            "maxChars must be at least minChars",
+            ".maxChars",
+        ),
+    )
+
+    normalization: UnicodeNormalization = Field(
+        UnicodeNormalization.NFC, description="Unicode normalisation form (NFC, NFKC, NFD, NFKD or none)."
+    )
+    remove_control_chars: bool = Field(
+        True, description="Remove control characters other than tab and newline."
+    )
+    normalize_whitespace: bool = Field(
+        True,
+        description="Turn CRLF/CR into LF, strip trailing spaces and collapse runs of 3+ blank lines.",
+    )
+    min_chars: int = Field(1, ge=0, le=10_000_000, description="Drop documents shorter than this.")
+    max_chars: int | None = Field(
+        None, ge=1, le=1_000_000_000, description="Drop documents longer than this (unset: no limit)."
+    )
+    dedup: DedupMode = Field(
+        DedupMode.exact,
+        description="exact: keep one copy of documents whose normalised text is identical, across all "
+        "files and sources; none: keep duplicates.",
+    )
+
+
+class TokenizerTrain(ApiModel):
+    """Train a byte-level BPE tokenizer on a sample of the cleaned corpus."""
+
+    vocab_size: int = Field(ge=260, le=1_048_576, description="Vocabulary size including special tokens.")
+    special_tokens: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
+        default_factory=lambda: [DEFAULT_EOT],
+        max_length=64,
+        description="Special tokens; the first is the end-of-text token appended to every document.",
+    )
+    min_frequency: int = Field(2, ge=1, le=1_000_000, description="Minimum pair frequency for a merge.")
+    sample_bytes: int = Field(
+        200_000_000,
+        ge=1_000,
+        le=100_000_000_000,
+        description="Train on at most this many bytes of text, chosen by stable document key.",
+    )
+
+
+class TokenizerLoad(ApiModel):
+    """Load an existing tokenizer.json."""
+
+    uri: Uri = Field(description="Path or s3:// URI of a tokenizers tokenizer.json.")
+    end_of_text: str = Field(
+        DEFAULT_EOT, max_length=64, description="The end-of-text special token appended to every document."
+    )
+
+
+class TokenizerSpec(ApiModel):
+    """Set exactly one of train or load."""
+
+    cel_rules: ClassVar[tuple[CelRule, ...]] = (
+        cel(exactly_one("train", "load"), "set exactly one of tokenizer.train or tokenizer.load"),
+    )
+
+    train: TokenizerTrain | None = Field(None, description="Train a byte-level BPE tokenizer.")
+    load: TokenizerLoad | None = Field(None, description="Load an existing tokenizer.json.")
+
+
+class DataSpec(ApiModel):
+    """Where text comes from, how it is cleaned and tokenized, and where shards go."""
+
+    cel_rules: ClassVar[tuple[CelRule, ...]] = (
+        cel(
+            "self.sources.all(s, self.sources.exists_one(t, t.name == s.name))",
+            "source names must be unique",
+            ".sources",
+        ),
+        cel(
+            "self.sources.all(s, has(s.weight)) || self.sources.all(s, !has(s.weight))",
+            "set weight on every source or on none",
+            ".sources",
+        ),
+        cel(
+            "self == oldSelf",
+            "spec.data is immutable: create a new job to train on other data",
+            reason="FieldValueForbidden",
+        ),
+    )
+
+    sources: list[DataSource] = Field(min_length=1, max_length=32, description="Text sources (at least one).")
+    preprocessing: Preprocessing = Field(
+        default_factory=Preprocessing, description="Cleaning: normalisation, filters, dedup."
+    )
+    tokenizer: TokenizerSpec = Field(description="Train a BPE tokenizer or load one.")
+    output_uri: Uri = Field(
+        description="Where shards, tokenizer.json and manifest.json are written: s3://bucket/prefix or a "
+        "local directory. Reused when it holds a manifest with the same input fingerprint."
+    )
+    validation_fraction: float = Field(
+        0.01,
+        gt=0,
+        lt=0.5,
+        description="Fraction of documents held out for validation, assigned by hash(document key, seed).",
+    )
+    shard_max_tokens: int = Field(
+        100_000_000, ge=1_000, le=4_000_000_000, description="Maximum tokens per shard file."
+    )
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of the split, sampling and shuffles.")
+
+
+# -------------------------------------------------------------------------- model
+
+
+class Architecture(ApiModel):
+    """Decoder-only transformer (Llama layout): RMSNorm, RoPE, SwiGLU, grouped-query attention."""
+
+    cel_rules: ClassVar[tuple[CelRule, ...]] = (
+        cel("self.dModel % self.heads == 0", "dModel must be divisible by heads", ".dModel"),
+        cel(
+            "!has(self.kvHeads) || self.heads % self.kvHeads == 0",
+            "heads must be divisible by kvHeads",
+            ".kvHeads",
+        ),
+        cel(
+            "(self.dModel / self.heads) % 2 == 0",
+            "the head dimension dModel/heads must be even for RoPE",
+            ".dModel",
+        ),
+        cel(
+            "self == oldSelf",
+            "spec.model.architecture is immutable: create a new job for another architecture",
+            reason="FieldValueForbidden",
+        ),
+    )
+
+    layers: int = Field(ge=1, le=512, description="Number of transformer blocks.")
+    d_model: int = Field(ge=8, le=65_536, description="Model (residual stream) width.")
+    heads: int = Field(ge=1, le=1024, description="Attention (query) heads; dModel must be divisible by it.")
+    kv_heads: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="Key/value heads for grouped-query attention; heads must be divisible by it. "
+        "Unset: equal to heads (multi-head attention).",
+    )
+    context_length: int = Field(ge=8, le=1_048_576, description="Sequence length in tokens.")
+    rope_theta: float = Field(10_000.0, gt=0, le=1e9, description="RoPE base frequency.")
+    norm_eps: float = Field(1e-5, gt=0, le=0.1, description="RMSNorm epsilon.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on attention and residual outputs.")
+    tie_embeddings: bool = Field(
+        False, description="Share the token embedding matrix with the output projection."
+    )
+    ffn_hidden_size: int | None = Field(
+        None,
+        ge=1,
+        le=1_048_576,
+        description="SwiGLU hidden size. Unset: multipleOf * ceil(int(ffnDimMultiplier * int(8 * dModel / 3)) "
+        "/ multipleOf), the Llama/torchtitan convention.",
+    )
+    multiple_of: int = Field(
+        256, ge=1, le=65_536, description="Round the derived SwiGLU hidden size up to a multiple of this."
+    )
+    ffn_dim_multiplier: float = Field(
+        1.0, gt=0, le=64, description="Scale of the derived SwiGLU hidden size before rounding."
+    )
+    vocab_multiple_of: int = Field(
+        64,
+        ge=1,
+        le=4096,
+        description="Pad the embedding table to a multiple of this many rows (faster matmuls).",
+    )
+
+    @property
+    def resolved_kv_heads(self) -> int:
+        return self.kv_heads if self.kv_heads is not None else self.heads
+
+    @property
+    def resolved_ffn_hidden_size(self) -> int:
+        return resolve_ffn_hidden_size(
+            self.d_model, self.ffn_hidden_size, self.multiple_of, self.ffn_dim_multiplier
+        )
+
+
+def resolve_ffn_hidden_size(
+    d_model: int, ffn_hidden_size: int | None, multiple_of: int, ffn_dim_multiplier: float
+) -> int:
+    """SwiGLU hidden size: explicit, else the Llama/torchtitan rounding rule."""
+    if ffn_hidden_size is not None:
+        return ffn_hidden_size
+    hidden = int(ffn_dim_multiplier * int(8 * d_model / 3))
+    return multiple_of * math.ceil(hidden / multiple_of)
+
+
+class RandomInit(ApiModel):
+    """Random initialisation, identical for every world size given the seed."""
+
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of the initial weights.")
+    std: float = Field(0.02, gt=0, le=1, description="Standard deviation of the normal initialisation.")
+
+
+class CheckpointInit(ApiModel):
+    """Start from the weights of an llmtrain checkpoint (optimizer state is not loaded)."""
+
+    uri: Uri = Field(description="Checkpoint directory (s3:// or local) holding a completion marker.")
+
+
+class PretrainedInit(ApiModel):
+    """Start from an exported model or a Hugging Face Llama checkpoint in save_pretrained layout."""
+
+    uri: Uri = Field(description="Directory (s3:// or local) with config.json and *.safetensors.")
+
+
+class InitSpec(ApiModel):
+    """How the weights start. Set at most one of random, checkpoint, pretrained (default random)."""
+
+    cel_rules: ClassVar[tuple[CelRule, ...]] = (
+        cel(
+            "(has(self.random) ? 1 : 0) + (has(self.checkpoint) ? 1 : 0) + (has(self.pretrained) ? 1 : 0) <= 1",
+            "set at most one of random, checkpoint, pretrained",
+        ),
+    )
+
+    random: RandomInit | None = Field(None, description="Random initialisation (the default).")
+    checkpoint: CheckpointInit | None = Field(None, description="Fine-tune from an llmtrain checkpoint.")
+    pretrained: PretrainedInit | None = Field(None, description="Fine-tune from an exported/HF Llama model.")
+
+
+class ModelSpec(ApiModel):
+    """Architecture and initialisation of the model."""
+
+    architecture: Architecture = Field(description="Transformer shape.")
+    init: InitSpec = Field(default_factory=InitSpec, description="Initial weights (default random).")
+
+
+# ----------------------------------------------------------------------- training
+
+
+class OptimizerType(StrEnum):
+    adamw = "adamw"
+    sgd = "sgd"
+
+
+class OptimizerSpec(ApiModel):
+    """AdamW (weight decay on 2-D weights only) or SGD with momentum."""
+
+    cel_rules: ClassVar[tuple[CelRule, ...]] = (
+        cel(
+            "self.type == 'sgd' || !has(self.nesterov) || !self.nesterov",
+            "nesterov applies to sgd only",
+            ".nesterov",
+        ),
+    )
+
+    type: OptimizerType = Field(OptimizerType.adamw, description="adamw or sgd.")
+    lr: float = Field(3e-4, gt=0, le=10, description="Peak learning rate.")
+    weight_decay: float = Field(0.1, ge=0, le=10, description="Decoupled weight decay (2-D weights only).")
+    beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
+    beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2.")
+    eps: float = Field(1e-8, gt=0, le=1, description="AdamW epsilon.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
+    nesterov: bool = Field(False, description="SGD Nesterov momentum.")
+
+
+class DecaySchedule(StrEnum):
+    cosine = "cosine"
+    linear = "linear"
+    constant = "constant"
+
+
+class ScheduleSpec(ApiModel):
+    """Linear warmup, then decay to minLr."""
+
+    warmup_steps: int = Field(0, ge=0, le=100_000_000, description="Linear warmup steps from 0 to lr.")
+    decay: DecaySchedule = Field(DecaySchedule.cosine, description="cosine, linear or constant after warmup.")
+    min_lr: float = Field(0.0, ge=0, le=10, description="Learning rate at the end of the decay.")
+
+
+class BatchSpec(ApiModel):
+    """Global batch in sequences; accumulation = globalBatchSize / (microBatchSize × workers)."""
+
+    cel_rules: ClassVar[tuple[CelRule, ...]] = (
+        cel(
+            "self.globalBatchSize >= self.microBatchSize",
+            "globalBatchSize must be at least microBatchSize",
+            ".globalBatchSize",
+        ),
+        cel(
+            "self == oldSelf",
+            "spec.training.batch is immutable: it defines the data order checkpoints resume into",
+            reason="FieldValueForbidden",
+        ),
+    )
+
+    global_batch_size: int = Field(ge=1, le=1_048_576, description="Sequences per optimizer step, all ranks.")
+    micro_batch_size: int = Field(ge=1, le=65_536, description="Sequences per forward/backward on one rank.")
+
+
+class DurationSpec(ApiModel):
+    """Set exactly one of epochs, maxSteps, maxTokens."""
+
+    cel_rules: ClassVar[tuple[CelRule, ...]] = (
+        cel(exactly_one("epochs", "maxSteps", "maxTokens"), "set exactly one of epochs, maxSteps, maxTokens"),
+    )
+
+    epochs: int | None = Field(None, ge=1, le=100_000, description="Passes over the training split.")
+    max_steps: int | None = Field(None, ge=1, le=1_000_000_000, description="Optimizer steps.")
+    max_tokens: int | None = Field(
+        None, ge=1, le=10**16, description="Training tokens (rounded up to whole steps)."
+    )
+
+
+class Precision(StrEnum):
+    auto = "auto"
+    bf16 = "bf16"
+    fp32 = "fp32"
+
+
+class FsdpSpec(ApiModel):
+    """FSDP2 (fully_shard) settings."""
+
+    reshard_after_forward: bool = Field(
+        True, description="Free gathered parameters after forward (less memory, one more all-gather)."
+    )
+    activation_checkpointing: bool = Field(
+        False, description="Recompute each block's activations in backward (less memory, ~33% more compute)."
+    )
+
+
+class TrainingSpec(ApiModel):
+    """Optimizer, schedule, batch, duration and numerics."""
+
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec, description="Optimizer.")
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec, description="Learning-rate schedule.")
+    batch: BatchSpec = Field(description="Global and micro batch size.")
+    duration: DurationSpec = Field(description="How long to train.")
+    precision: Precision = Field(
+        Precision.auto, description="auto = bf16 mixed precision on GPU, fp32 on CPU; or bf16 / fp32."
+    )
+    fsdp: FsdpSpec = Field(default_factory=FsdpSpec, description="FSDP2 settings.")
+    compile: bool = Field(False, description="torch.compile each transformer block.")
+    grad_clip: float = Field(
+        1.0, ge=0, le=1e6, description="Clip gradients to this global L2 norm; 0 disables clipping."
+    )
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of dropout and data order.")
+    log_every_steps: int = Field(
+        10, ge=1, le=1_000_000, description="Log, report progress and check for NaN every N steps."
+    )
+
+
+class ValidationSpec(ApiModel):
+    """Held-out evaluation: loss, perplexity and next-token accuracy."""
+
+    every_steps: int = Field(100, ge=1, le=100_000_000, description="Validate every N steps and at the end.")
+    batches: int = Field(
+        10, ge=1, le=1_000_000, description="Micro batches per rank: the same first windows every time."
+    )
+
+
+class CheckpointSpec(ApiModel):
+    """Distributed checkpoints (torch.distributed.checkpoint) with a completion marker."""
+
+    uri: Uri | None = Field(
+        None,
+        description="s3://bucket/prefix or local directory. Unset: <run dir>/checkpoints locally; "
+        "required on Kubernetes.",
+    )
+    every_steps: int = Field(500, ge=1, le=100_000_000, description="Save every N steps and at the end.")
+    keep_last: int = Field(
+        3,
+        ge=1,
+        le=1000,
+        description="Keep this many complete checkpoints (the resumed one is never deleted).",
+    )
+
+
+class ExportFormat(StrEnum):
+    hf_llama_safetensors = "hf-llama-safetensors"
+
+
+class ExportSpec(ApiModel):
+    """Consolidated export at the end of the run."""
+
+    uri: Uri = Field(description="s3://bucket/prefix or local directory for the exported model.")
+    format: ExportFormat = Field(
+        ExportFormat.hf_llama_safetensors,
+        description="hf-llama-safetensors: LlamaForCausalLM safetensors + config + tokenizer.",
+    )
+
+
+class SecretRef(ApiModel):
+    """A Secret in the job's namespace holding S3 credentials."""
+
+    name: Name = Field(description="Secret name.")
+    access_key_id_key: str = Field(
+        "AWS_ACCESS_KEY_ID", max_length=253, description="Key of the access key id in the Secret."
+    )
+    secret_access_key_key: str = Field(
+        "AWS_SECRET_ACCESS_KEY", max_length=253, description="Key of the secret access key in the Secret."
+    )
+
+
+class StorageSpec(ApiModel):
+    """Object storage used by data, checkpoints and export. Credentials only via secretRef."""
+
+    endpoint: str | None = Field(
+        None, max_length=1024, description="S3 endpoint URL (unset: AWS for the region)."
+    )
+    region: str = Field("us-east-1", max_length=64, description="S3 region.")
+    secret_ref: SecretRef | None = Field(
+        None,
+        description="Secret with the credentials. Unset: the pod's ambient credentials (IRSA, env).",
+    )
+
+
+class MetricsSpec(ApiModel):
+    """Prometheus metrics served by every training worker."""
+
+    enabled: bool = Field(True, description="Serve /metrics from every worker.")
+    port: int = Field(
+        9400,
+        ge=1024,
+        le=65_000,
+        description="Port of the workers' /metrics; offset by local rank when workers share a host.",
+    )
+
+
+# ---------------------------------------------------------------------- resources
+
+
+class ComputeResources(ApiModel):
+    """CPU and memory of one pod (requests equal limits)."""
+
+    cpu: Quantity = Field("4", description="CPU cores, e.g. 8 or 500m.")
+    memory: Quantity = Field("16Gi", description="Memory, e.g. 64Gi.")
+
+
+class LocalObjectReference(ApiModel):
+    name: Name = Field(description="Name of the referenced object.")
+
+
+class KeySelector(ApiModel):
+    name: Name = Field(description="Name of the Secret or ConfigMap.")
+    key: str = Field(min_length=1, max_length=253, description="Key within it.")
+
+
+class EnvVarSource(ApiModel):
+    """Where an environment variable's value comes from."""
+
+    cel_rules: ClassVar[tuple[CelRule, ...]] = (
+        cel(
+            exactly_one("secretKeyRef", "configMapKeyRef"),
+            "set exactly one of secretKeyRef, configMapKeyRef",
+        ),
+    )
+
+    secret_key_ref: KeySelector | None = Field(None, description="A key of a Secret.")
+    config_map_key_ref: KeySelector | None = Field(None, description="A key of a ConfigMap.")
+
+
+SECRET_ENV_NAMES = (
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "HF_TOKEN",
+    "HUGGING_FACE_HUB_TOKEN",
+    "RAY_AUTH_TOKEN",
+    "WANDB_API_KEY",
+)
+
+
+class EnvVar(ApiModel):
+    """An environment variable for every Ray container."""
+
+    cel_rules: ClassVar[tuple[CelRule, ...]] = (
+        cel("!(has(self.value) && has(self.valueFrom))", "set value or valueFrom, not both"),
+        cel(
+            "!has(self.value) || !(self.name in "
+            + "["
+            + ", ".join(f"'{n}'" for n in SECRET_ENV_NAMES)
+            + "])",
+            "inline secrets are not allowed: put the value in a Secret and use valueFrom.secretKeyRef",
+            ".value",
+        ),
+    )
+
+    name: str = Field(
+        min_length=1, max_length=253, pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$", description="Variable name."
+    )
+    value: str | None = Field(None, max_length=32_768, description="Literal value (not for secrets).")
+    value_from: EnvVarSource | None = Field(None, description="Value from a Secret or ConfigMap key.")
+
+
+class VolumeMount(ApiModel):
+    name: Name = Field(description="Name of a volume in resources.volumes.")
+    mount_path: str = Field(min_length=1, max_length=4096, description="Path inside the container.")
+    read_only: bool = Field(False, description="Mount read-only.")
+    sub_path: str | None = Field(None, max_length=4096, description="Sub-path of the volume to mount.")
+
+
+class Toleration(ApiModel):
+    """A core/v1 Toleration."""
+
+    key: str | None = Field(None, max_length=316, description="Taint key (empty with Exists: all taints).")
+    operator: Literal["Exists", "Equal"] = Field("Equal", description="Exists or Equal.")
+    value: str | None = Field(None, max_length=63, description="Taint value for Equal.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        None, description="Taint effect to tolerate (unset: all)."
+    )
+    toleration_seconds: int | None = Field(None, ge=0, description="For NoExecute: how long to stay bound.")
+
+
+class K8sObject(ApiModel):
+    """Kubernetes' own object (core/v1), passed through to the pods as written."""
+
+    model_config = ConfigDict(extra="allow")
+    preserve_unknown: ClassVar[bool] = True
+
+
+class Affinity(K8sObject):
+    """A core/v1 Affinity (nodeAffinity, podAffinity, podAntiAffinity), passed to every Ray pod."""
+
+
+class Volume(K8sObject):
+    """A core/v1 Volume, added to every Ray pod."""
+
+
+class ResourcesSpec(ApiModel):
+    """The ephemeral Ray cluster: workers, GPUs, placement and pod settings."""
+
+    cel_rules: ClassVar[tuple[CelRule, ...]] = (
+        cel(
+            "self.workers == oldSelf.workers",
+            "spec.resources.workers is immutable: checkpoints are laid out for the world size",
+            ".workers",
+            reason="FieldValueForbidden",
+        ),
+    )
+
+    workers: int = Field(1, ge=1, le=1024, description="Training workers (Ray worker pods, one rank each).")
+    gpus_per_worker: int = Field(0, ge=0, le=16, description="nvidia.com/gpu per worker (0: CPU training).")
+    worker: ComputeResources = Field(default_factory=ComputeResources, description="Per-worker CPU/memory.")
+    head: ComputeResources = Field(
+        default_factory=lambda: ComputeResources(cpu="2", memory="8Gi"),
+        description="Ray head CPU/memory (the head runs no training).",
+    )
+    image: str = Field(
+        "ghcr.io/llmtrain/llmtrain:0.1.0", max_length=1024, description="Container image of every Ray pod."
+    )
+    image_pull_secrets: list[LocalObjectReference] = Field(
+        default_factory=list, max_length=16, description="Secrets for pulling the image."
+    )
+    service_account_name: str | None = Field(None, max_length=253, description="Pods' service account.")
+    env: list[EnvVar] = Field(default_factory=list, max_length=128, description="Environment variables.")
+    volumes: list[Volume] = Field(default_factory=list, max_length=64, description="core/v1 Volumes.")
+    volume_mounts: list[VolumeMount] = Field(
+        default_factory=list, max_length=64, description="Mounts of those volumes in every Ray container."
+    )
+    pod_labels: dict[str, Annotated[str, Field(max_length=63)]] = Field(
+        default_factory=dict, description="Extra labels on every Ray pod."
+    )
+    pod_annotations: dict[str, str] = Field(
+        default_factory=dict, description="Extra annotations on every pod."
+    )
+    shm_size: Quantity = Field("8Gi", description="Size of the in-memory /dev/shm (Ray object store, NCCL).")
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="Node labels the worker pods require, e.g. a GPU pool."
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list, max_length=32, description="Tolerations of the worker pods."
+    )
+    affinity: Affinity | None = Field(None, description="core/v1 Affinity of the worker pods.")
+    priority_class_name: str | None = Field(None, max_length=253, description="PriorityClass of the pods.")
+    queue_name: str | None = Field(
+        None,
+        max_length=63,
+        description="Kueue LocalQueue: the pods are admitted together as one pod group.",
+    )
+
+
+# ------------------------------------------------------------------------- the job
+
+
+class LLMTrainingJobSpec(ApiModel):
+    """The whole workflow: data → tokenizer → shards → training → validation → checkpoints → export."""
+
+    cel_rules: ClassVar[tuple[CelRule, ...]] = (
+        cel(
+            "self.training.batch.globalBatchSize % (self.training.batch.microBatchSize * self.resources.workers) == 0",
+            "training.batch.globalBatchSize must be divisible by microBatchSize × resources.workers",
+            ".training.batch.globalBatchSize",
+        ),
+        cel(
+            "!has(self.training.duration.maxSteps) || "
+            "self.training.schedule.warmupSteps < self.training.duration.maxSteps",
+            "training.schedule.warmupSteps must be shorter than the run (maxSteps)",
+            ".training.schedule.warmupSteps",
+        ),
+        cel(
+            "!has(self.training.duration.maxTokens) || self.training.schedule.warmupSteps * "
+            "self.training.batch.globalBatchSize * self.model.architecture.contextLength "
+            "< self.training.duration.maxTokens",
+            "training.schedule.warmupSteps must be shorter than the run (maxTokens)",
+            ".training.schedule.warmupSteps",
+        ),
+    )
+
+    data: DataSpec = Field(description="Data collection, cleaning, tokenization and sharding.")
+    model: ModelSpec = Field(description="Architecture and initialisation.")
+    training: TrainingSpec = Field(description="Optimizer, schedule, batch, duration, numerics.")
+    validation: ValidationSpec = Field(default_factory=ValidationSpec, description="Held-out evaluation.")
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpointing.")
+    export: ExportSpec | None = Field(None, description="Export at the end of the run (unset: no export).")
+    storage: StorageSpec = Field(default_factory=StorageSpec, description="S3 endpoint and credentials.")
+    metrics: MetricsSpec = Field(default_factory=MetricsSpec, description="Prometheus metrics.")
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="The Ray cluster.")
+    suspend: bool = Field(
+        False, description="true deletes the Ray pods and keeps status; false recreates them and resumes."
+    )
+    backoff_limit: int = Field(
+        3, ge=0, le=1000, description="Restarts from the latest checkpoint before the job fails."
+    )
+    active_deadline_seconds: int | None = Field(
+        None, ge=1, description="Fail the job after this long from start (time suspended not counted)."
+    )
+    pre_running_deadline_seconds: int | None = Field(
+        None,
+        ge=1,
+        description="Fail the job if its pods are not all scheduled and Running within this time.",
+    )
+    ttl_seconds_after_finished: int | None = Field(
+        None, ge=0, description="Delete the Ray cluster this long after the job finished (the CR stays)."
+    )
+
+    @property
+    def gradient_accumulation(self) -> int:
+        b = self.training.batch
+        return b.global_batch_size // (b.micro_batch_size * self.resources.workers)

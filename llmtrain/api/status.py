@@ -1,0 +1,201 @@
+"""``LLMTrainingJob.status``: phase, conditions, progress, metrics, checkpoint lineage.
+
+Written by the operator (from observation) and, for progress/metrics/lineage, from the
+training run's :class:`~llmtrain.api.progress.ProgressEvent` stream.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from pydantic import Field
+
+from llmtrain.api.base import ApiModel
+
+
+class Phase(StrEnum):
+    Pending = "Pending"
+    Provisioning = "Provisioning"
+    Preprocessing = "Preprocessing"
+    Training = "Training"
+    Exporting = "Exporting"
+    Succeeded = "Succeeded"
+    Failed = "Failed"
+    Suspended = "Suspended"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (Phase.Succeeded, Phase.Failed)
+
+
+class ConditionType(StrEnum):
+    Scheduled = "Scheduled"
+    DataReady = "DataReady"
+    Running = "Running"
+    Succeeded = "Succeeded"
+    Failed = "Failed"
+    Suspended = "Suspended"
+
+
+class Reason(StrEnum):
+    """Every reason a condition may carry. ``CONDITION_REASONS`` says which type uses which."""
+
+    # Scheduled
+    AllPodsScheduled = "AllPodsScheduled"
+    WaitingForPods = "WaitingForPods"
+    Unschedulable = "Unschedulable"
+    QueuedByKueue = "QueuedByKueue"
+    # DataReady
+    DataPrepared = "DataPrepared"
+    DataReused = "DataReused"
+    PreparingData = "PreparingData"
+    DataError = "DataError"
+    # Running
+    Provisioning = "Provisioning"
+    TrainingRunning = "TrainingRunning"
+    Restarting = "Restarting"
+    Exporting = "Exporting"
+    # Succeeded
+    Completed = "Completed"
+    # Failed (the Running condition carries the same reason, see below)
+    DeadlineExceeded = "DeadlineExceeded"
+    PreRunningDeadlineExceeded = "PreRunningDeadlineExceeded"
+    BackoffLimitExceeded = "BackoffLimitExceeded"
+    NonFiniteLoss = "NonFiniteLoss"
+    InsufficientResources = "InsufficientResources"
+    InvalidSpec = "InvalidSpec"
+    WorkerFailed = "WorkerFailed"
+    # Suspended
+    SuspendedByUser = "SuspendedByUser"
+    Resumed = "Resumed"
+
+
+# Documented reasons per condition type (``kubectl describe`` readers and tests use it).
+# The Running condition is the one the printer column "Reason" shows: while a job is
+# not running it says why (Provisioning, Unschedulable, SuspendedByUser, …) and when a
+# job fails it turns False with the Failed condition's reason.
+CONDITION_REASONS: dict[ConditionType, tuple[Reason, ...]] = {
+    ConditionType.Scheduled: (
+        Reason.AllPodsScheduled,
+        Reason.WaitingForPods,
+        Reason.Unschedulable,
+        Reason.QueuedByKueue,
+    ),
+    ConditionType.DataReady: (Reason.DataPrepared, Reason.DataReused, Reason.PreparingData, Reason.DataError),
+    ConditionType.Running: (
+        Reason.Provisioning,
+        Reason.Unschedulable,
+        Reason.QueuedByKueue,
+        Reason.PreparingData,
+        Reason.TrainingRunning,
+        Reason.Restarting,
+        Reason.Exporting,
+        Reason.Completed,
+        Reason.SuspendedByUser,
+        Reason.DeadlineExceeded,
+        Reason.PreRunningDeadlineExceeded,
+        Reason.BackoffLimitExceeded,
+        Reason.NonFiniteLoss,
+        Reason.InsufficientResources,
+        Reason.InvalidSpec,
+        Reason.WorkerFailed,
+        Reason.DataError,
+    ),
+    ConditionType.Succeeded: (Reason.Completed,),
+    ConditionType.Failed: (
+        Reason.DeadlineExceeded,
+        Reason.PreRunningDeadlineExceeded,
+        Reason.BackoffLimitExceeded,
+        Reason.NonFiniteLoss,
+        Reason.InsufficientResources,
+        Reason.InvalidSpec,
+        Reason.WorkerFailed,
+        Reason.DataError,
+    ),
+    ConditionType.Suspended: (Reason.SuspendedByUser, Reason.Resumed),
+}
+
+
+class Condition(ApiModel):
+    """The standard metav1.Condition shape."""
+
+    type: str = Field(
+        max_length=316,
+        description="Condition type: Scheduled, DataReady, Running, Succeeded, Failed or Suspended.",
+    )
+    status: str = Field(pattern=r"^(True|False|Unknown)$", description="True, False or Unknown.")
+    reason: str = Field(
+        max_length=1024,
+        pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$",
+        description="CamelCase reason; the documented reasons per type are in llmtrain.api.status.",
+    )
+    message: str = Field("", max_length=32_768, description="Human-readable detail.")
+    last_transition_time: str = Field(description="When status last changed (RFC 3339).")
+    observed_generation: int | None = Field(None, ge=0, description="metadata.generation it was set for.")
+
+
+class Progress(ApiModel):
+    """Where training is."""
+
+    step: int = Field(0, ge=0, description="Optimizer steps done.")
+    total_steps: int | None = Field(None, ge=0, description="Optimizer steps in the whole run.")
+    epoch: int = Field(0, ge=0, description="Current epoch (0-based).")
+    tokens_seen: int = Field(0, ge=0, description="Training tokens consumed.")
+    percent: float | None = Field(None, ge=0, le=100, description="step / totalSteps × 100.")
+    eta: str | None = Field(
+        None, max_length=64, description="Estimated time left, preformatted (e.g. 1h02m)."
+    )
+
+
+class LatestMetrics(ApiModel):
+    """The latest reported training-quality and speed figures."""
+
+    train_loss: float | None = Field(
+        None, description="Training loss (mean over tokens) at the last log step."
+    )
+    val_loss: float | None = Field(None, description="Validation loss at the last validation.")
+    val_perplexity: float | None = Field(None, description="exp(valLoss).")
+    val_accuracy: float | None = Field(None, description="Next-token accuracy at the last validation.")
+    best_val_loss: float | None = Field(None, description="Lowest validation loss so far.")
+    tokens_per_second: float | None = Field(None, description="Training throughput, all ranks.")
+    mfu: float | None = Field(None, description="Model FLOPs utilisation, 0–1 (absent on CPU).")
+
+
+class CheckpointRecord(ApiModel):
+    uri: str = Field(max_length=1024, description="Checkpoint directory.")
+    step: int = Field(ge=0, description="Optimizer step it holds.")
+    time: str | None = Field(None, description="When it completed (RFC 3339).")
+
+
+class CheckpointStatus(ApiModel):
+    """Checkpoint lineage: what exists and what the run resumed from."""
+
+    latest_uri: str | None = Field(None, max_length=1024, description="Newest complete checkpoint.")
+    latest_step: int | None = Field(None, ge=0, description="Its step.")
+    resumed_from: CheckpointRecord | None = Field(
+        None, description="Checkpoint the current attempt resumed from."
+    )
+    lineage: list[CheckpointRecord] = Field(
+        default_factory=list, max_length=100, description="Complete checkpoints kept, oldest first."
+    )
+
+
+class LLMTrainingJobStatus(ApiModel):
+    """Observed state of the job."""
+
+    phase: Phase = Field(
+        Phase.Pending,
+        description="Pending, Provisioning, Preprocessing, Training, "
+        "Exporting, Succeeded, Failed or Suspended.",
+    )
+    conditions: list[Condition] = Field(
+        default_factory=list, max_length=16, description="Standard conditions, one per type."
+    )
+    progress: Progress = Field(default_factory=Progress, description="Training progress.")
+    metrics: LatestMetrics = Field(default_factory=LatestMetrics, description="Latest metrics.")
+    checkpoint: CheckpointStatus = Field(default_factory=CheckpointStatus, description="Checkpoint lineage.")
+    restarts: int = Field(0, ge=0, description="Times the run restarted from a checkpoint.")
+    ray_cluster_name: str | None = Field(None, max_length=253, description="Name of the job's Ray cluster.")
+    start_time: str | None = Field(None, description="When the job started (RFC 3339).")
+    completion_time: str | None = Field(None, description="When the job finished (RFC 3339).")
+    observed_generation: int | None = Field(None, ge=0, description="metadata.generation last reconciled.")

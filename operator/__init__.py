@@ -1,0 +1,1 @@
+"""llmtrain.operator: the Kopf operator (imported as llmtrain.operator; needs no torch)."""

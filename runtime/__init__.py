@@ -1,0 +1,1 @@
+"""llmtrain.runtime: what runs inside Ray — data, model, train, validate, checkpoint, export."""
