@@ -110,7 +110,7 @@ def tools_path() -> str:
 def _pem_key(key: Any) -> bytes:
     from cryptography.hazmat.primitives import serialization
 
-    return key.private_bytes(  # type: ignore[no-any-return]
+    return key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.TraditionalOpenSSL,
         serialization.NoEncryption(),
@@ -120,7 +120,7 @@ def _pem_key(key: Any) -> bytes:
 def _pem_cert(cert: Any) -> bytes:
     from cryptography.hazmat.primitives import serialization
 
-    return cert.public_bytes(serialization.Encoding.PEM)  # type: ignore[no-any-return]
+    return cert.public_bytes(serialization.Encoding.PEM)
 
 
 def _make_cert(
@@ -147,7 +147,7 @@ def _make_cert(
     attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, cn))
     subject = x509.Name(attrs)
     issuer_cert, issuer_key = issuer if issuer else (None, key)
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     builder = (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -201,8 +201,13 @@ def _write_pki(d: Path) -> _Pki:
         "kube-apiserver",
         issuer=ca,
         server=True,
-        dns=["localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
-             "kubernetes.default.svc.cluster.local"],
+        dns=[
+            "localhost",
+            "kubernetes",
+            "kubernetes.default",
+            "kubernetes.default.svc",
+            "kubernetes.default.svc.cluster.local",
+        ],
         ips=["127.0.0.1"],
     )
     admin = _make_cert("llmtrain-admin", orgs=["system:masters"], issuer=ca, client=True)
@@ -221,8 +226,12 @@ def _write_pki(d: Path) -> _Pki:
     for name, data in files.items():
         (d / name).write_bytes(data)
         os.chmod(d / name, 0o600)
-    return _Pki(*(d / n for n in ("ca.crt", "serving.crt", "serving.key", "admin.crt", "admin.key",
-                                   "sa.key", "sa.pub")))
+    return _Pki(
+        *(
+            d / n
+            for n in ("ca.crt", "serving.crt", "serving.key", "admin.crt", "admin.key", "sa.key", "sa.pub")
+        )
+    )
 
 
 def _kubeconfig(server: str, pki: _Pki, user: str = "admin") -> str:
@@ -232,12 +241,27 @@ def _kubeconfig(server: str, pki: _Pki, user: str = "admin") -> str:
     cfg = {
         "apiVersion": "v1",
         "kind": "Config",
-        "clusters": [{"name": "llmtrain-test", "cluster": {
-            "server": server, "certificate-authority-data": b64(pki.ca_crt)}}],
-        "users": [{"name": user, "user": {
-            "client-certificate-data": b64(pki.admin_crt), "client-key-data": b64(pki.admin_key)}}],
-        "contexts": [{"name": "llmtrain-test", "context": {
-            "cluster": "llmtrain-test", "user": user, "namespace": "default"}}],
+        "clusters": [
+            {
+                "name": "llmtrain-test",
+                "cluster": {"server": server, "certificate-authority-data": b64(pki.ca_crt)},
+            }
+        ],
+        "users": [
+            {
+                "name": user,
+                "user": {
+                    "client-certificate-data": b64(pki.admin_crt),
+                    "client-key-data": b64(pki.admin_key),
+                },
+            }
+        ],
+        "contexts": [
+            {
+                "name": "llmtrain-test",
+                "context": {"cluster": "llmtrain-test", "user": user, "namespace": "default"},
+            }
+        ],
         "current-context": "llmtrain-test",
     }
     return json.dumps(cfg, indent=2)  # JSON is valid YAML
@@ -361,11 +385,17 @@ class ControlPlane:
         env["PATH"] = tools_path()
         return env
 
-    def kubectl(self, *args: str, check: bool = True, input: str | None = None,
-                timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    def kubectl(
+        self, *args: str, check: bool = True, input: str | None = None, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [str(binaries()["kubectl"]), *args], env=self.env(), input=input, text=True,
-            capture_output=True, check=check, timeout=timeout,
+            [str(binaries()["kubectl"]), *args],
+            env=self.env(),
+            input=input,
+            text=True,
+            capture_output=True,
+            check=check,
+            timeout=timeout,
         )
 
     # ---- HTTP to the apiserver (127.0.0.1 only)
@@ -401,8 +431,12 @@ class ControlPlane:
             log.write(f"$ {exe} {' '.join(args)}\n".encode())
             log.flush()
             p = subprocess.Popen(
-                [exe, *args], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                cwd=self.workdir, start_new_session=True,
+                [exe, *args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=self.workdir,
+                start_new_session=True,
             )
         self._procs[name] = p
         self.pids[name] = p.pid
@@ -413,7 +447,8 @@ class ControlPlane:
             if not _pid_alive(pid):
                 raise ControlPlaneError(
                     f"{name} (pid {pid}) exited during start-up; last log lines:\n"
-                    f"{tail(self.log_paths()[name])}")
+                    f"{tail(self.log_paths()[name])}"
+                )
 
     def _wait(self, what: str, ok: Any, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -433,8 +468,7 @@ class ControlPlane:
             raise ControlPlaneError("binaries not built (run tests/cluster/build.sh): " + ", ".join(missing))
         t0 = time.monotonic()
         self.workdir.mkdir(parents=True, exist_ok=True)
-        for c in ("etcd", "etcd-peer", "kube-apiserver", "kube-controller-manager", "kube-scheduler",
-                  "kwok"):
+        for c in ("etcd", "etcd-peer", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok"):
             self.ports[c] = free_port()
         shm = Path("/dev/shm")
         base = shm if shm.is_dir() and os.access(shm, os.W_OK) else self.workdir
@@ -455,101 +489,126 @@ class ControlPlane:
         p = self.ports
         etcd_url = f"http://127.0.0.1:{p['etcd']}"
         peer_url = f"http://127.0.0.1:{p['etcd-peer']}"
-        self._spawn("etcd", [
-            "--name=llmtrain-test",
-            f"--data-dir={self.etcd_data}",
-            f"--listen-client-urls={etcd_url}",
-            f"--advertise-client-urls={etcd_url}",
-            f"--listen-peer-urls={peer_url}",
-            f"--initial-advertise-peer-urls={peer_url}",
-            f"--initial-cluster=llmtrain-test={peer_url}",
-            "--initial-cluster-state=new",
-            "--unsafe-no-fsync",
-            "--quota-backend-bytes=1073741824",
-            "--log-level=warn",
-        ])
+        self._spawn(
+            "etcd",
+            [
+                "--name=llmtrain-test",
+                f"--data-dir={self.etcd_data}",
+                f"--listen-client-urls={etcd_url}",
+                f"--advertise-client-urls={etcd_url}",
+                f"--listen-peer-urls={peer_url}",
+                f"--initial-advertise-peer-urls={peer_url}",
+                f"--initial-cluster=llmtrain-test={peer_url}",
+                "--initial-cluster-state=new",
+                "--unsafe-no-fsync",
+                "--quota-backend-bytes=1073741824",
+                "--log-level=warn",
+            ],
+        )
         kcfg = str(self.kubeconfig)
-        self._spawn("kube-apiserver", [
-            f"--etcd-servers={etcd_url}",
-            "--bind-address=127.0.0.1",
-            "--advertise-address=127.0.0.1",
-            f"--secure-port={p['kube-apiserver']}",
-            f"--cert-dir={self.pki_dir}",
-            f"--tls-cert-file={pki.serving_crt}",
-            f"--tls-private-key-file={pki.serving_key}",
-            f"--client-ca-file={pki.ca_crt}",
-            "--authorization-mode=RBAC",
-            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-            f"--service-account-key-file={pki.sa_pub}",
-            f"--service-account-signing-key-file={pki.sa_key}",
-            f"--service-cluster-ip-range={SERVICE_CIDR}",
-            "--endpoint-reconciler-type=none",
-            "--allow-privileged=true",
-            "--profiling=false",
-            "--v=1",
-        ])
-        self._wait("kube-apiserver /readyz", lambda: self._healthy(p["kube-apiserver"], "/readyz"),
-                   timeout)
-        self._spawn("kube-controller-manager", [
-            f"--kubeconfig={kcfg}",
-            f"--authentication-kubeconfig={kcfg}",
-            f"--authorization-kubeconfig={kcfg}",
-            "--bind-address=127.0.0.1",
-            f"--secure-port={p['kube-controller-manager']}",
-            f"--tls-cert-file={pki.serving_crt}",
-            f"--tls-private-key-file={pki.serving_key}",
-            "--controllers=garbagecollector,namespace,job,serviceaccount,serviceaccount-token",
-            "--leader-elect=false",
-            f"--service-account-private-key-file={pki.sa_key}",
-            f"--root-ca-file={pki.ca_crt}",
-            "--use-service-account-credentials=false",
-            "--concurrent-gc-syncs=5",
-            "--profiling=false",
-            "--v=1",
-        ])
+        self._spawn(
+            "kube-apiserver",
+            [
+                f"--etcd-servers={etcd_url}",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                f"--secure-port={p['kube-apiserver']}",
+                f"--cert-dir={self.pki_dir}",
+                f"--tls-cert-file={pki.serving_crt}",
+                f"--tls-private-key-file={pki.serving_key}",
+                f"--client-ca-file={pki.ca_crt}",
+                "--authorization-mode=RBAC",
+                "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+                f"--service-account-key-file={pki.sa_pub}",
+                f"--service-account-signing-key-file={pki.sa_key}",
+                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                "--endpoint-reconciler-type=none",
+                "--allow-privileged=true",
+                "--profiling=false",
+                "--v=1",
+            ],
+        )
+        self._wait("kube-apiserver /readyz", lambda: self._healthy(p["kube-apiserver"], "/readyz"), timeout)
+        self._spawn(
+            "kube-controller-manager",
+            [
+                f"--kubeconfig={kcfg}",
+                f"--authentication-kubeconfig={kcfg}",
+                f"--authorization-kubeconfig={kcfg}",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={p['kube-controller-manager']}",
+                f"--tls-cert-file={pki.serving_crt}",
+                f"--tls-private-key-file={pki.serving_key}",
+                "--controllers=garbagecollector,namespace,job,serviceaccount,serviceaccount-token",
+                "--leader-elect=false",
+                f"--service-account-private-key-file={pki.sa_key}",
+                f"--root-ca-file={pki.ca_crt}",
+                "--use-service-account-credentials=false",
+                "--concurrent-gc-syncs=5",
+                "--profiling=false",
+                "--v=1",
+            ],
+        )
         sched_cfg = self.workdir / "kube-scheduler.yaml"
-        sched_cfg.write_text(json.dumps({
-            "apiVersion": "kubescheduler.config.k8s.io/v1",
-            "kind": "KubeSchedulerConfiguration",
-            "clientConnection": {"kubeconfig": kcfg},
-            "leaderElection": {"leaderElect": False},
-        }))
-        self._spawn("kube-scheduler", [
-            f"--config={sched_cfg}",
-            f"--authentication-kubeconfig={kcfg}",
-            f"--authorization-kubeconfig={kcfg}",
-            "--bind-address=127.0.0.1",
-            f"--secure-port={p['kube-scheduler']}",
-            f"--tls-cert-file={pki.serving_crt}",
-            f"--tls-private-key-file={pki.serving_key}",
-            "--profiling=false",
-            "--v=1",
-        ])
-        self._spawn("kwok", [
-            f"--kubeconfig={kcfg}",
-            f"--config={STAGES_FILE}",
-            "--manage-all-nodes=false",
-            f"--manage-nodes-with-annotation-selector={KWOK_NODE_ANNOTATION}=fake",
-            f"--server-address=127.0.0.1:{p['kwok']}",
-            f"--tls-cert-file={pki.serving_crt}",
-            f"--tls-private-key-file={pki.serving_key}",
-            "--node-lease-duration-seconds=0",
-            "--cidr=10.244.0.1/16",
-            "--node-ip=10.250.0.1",
-        ])
+        sched_cfg.write_text(
+            json.dumps(
+                {
+                    "apiVersion": "kubescheduler.config.k8s.io/v1",
+                    "kind": "KubeSchedulerConfiguration",
+                    "clientConnection": {"kubeconfig": kcfg},
+                    "leaderElection": {"leaderElect": False},
+                }
+            )
+        )
+        self._spawn(
+            "kube-scheduler",
+            [
+                f"--config={sched_cfg}",
+                f"--authentication-kubeconfig={kcfg}",
+                f"--authorization-kubeconfig={kcfg}",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={p['kube-scheduler']}",
+                f"--tls-cert-file={pki.serving_crt}",
+                f"--tls-private-key-file={pki.serving_key}",
+                "--profiling=false",
+                "--v=1",
+            ],
+        )
+        self._spawn(
+            "kwok",
+            [
+                f"--kubeconfig={kcfg}",
+                f"--config={STAGES_FILE}",
+                "--manage-all-nodes=false",
+                f"--manage-nodes-with-annotation-selector={KWOK_NODE_ANNOTATION}=fake",
+                f"--server-address=127.0.0.1:{p['kwok']}",
+                f"--tls-cert-file={pki.serving_crt}",
+                f"--tls-private-key-file={pki.serving_key}",
+                "--node-lease-duration-seconds=0",
+                "--cidr=10.244.0.1/16",
+                "--node-ip=10.250.0.1",
+            ],
+        )
         self.register_nodes()
-        self._wait("kube-controller-manager /healthz",
-                   lambda: self._healthy(p["kube-controller-manager"], "/healthz"), timeout)
-        self._wait("kube-scheduler /healthz",
-                   lambda: self._healthy(p["kube-scheduler"], "/healthz"), timeout)
+        self._wait(
+            "kube-controller-manager /healthz",
+            lambda: self._healthy(p["kube-controller-manager"], "/healthz"),
+            timeout,
+        )
+        self._wait("kube-scheduler /healthz", lambda: self._healthy(p["kube-scheduler"], "/healthz"), timeout)
         self._wait("fake nodes Ready", self._nodes_ready, timeout)
-        self._wait("ServiceAccount default/default",
-                   lambda: self.api("GET", "/api/v1/namespaces/default/serviceaccounts/default"), timeout)
+        self._wait(
+            "ServiceAccount default/default",
+            lambda: self.api("GET", "/api/v1/namespaces/default/serviceaccounts/default"),
+            timeout,
+        )
 
     # ---- node pool
     @staticmethod
     def node_manifests() -> list[dict[str, Any]]:
-        def node(name: str, pool: str, capacity: dict[str, str], taints: list[dict[str, str]]) -> dict[str, Any]:
+        def node(
+            name: str, pool: str, capacity: dict[str, str], taints: list[dict[str, str]]
+        ) -> dict[str, Any]:
             return {
                 "apiVersion": "v1",
                 "kind": "Node",
@@ -557,20 +616,29 @@ class ControlPlane:
                     "name": name,
                     "annotations": {KWOK_NODE_ANNOTATION: "fake", "node.alpha.kubernetes.io/ttl": "0"},
                     "labels": {
-                        "kubernetes.io/hostname": name, "kubernetes.io/os": "linux",
-                        "kubernetes.io/arch": "amd64", "type": "kwok", POOL_LABEL: pool,
+                        "kubernetes.io/hostname": name,
+                        "kubernetes.io/os": "linux",
+                        "kubernetes.io/arch": "amd64",
+                        "type": "kwok",
+                        POOL_LABEL: pool,
                     },
                 },
                 "spec": {"taints": taints} if taints else {},
                 "status": {"capacity": capacity, "allocatable": capacity},
             }
 
-        gpu_cap = {"cpu": "64", "memory": "512Gi", "pods": "110", "ephemeral-storage": "1Ti",
-                   GPU_RESOURCE: str(GPUS_PER_NODE)}
+        gpu_cap = {
+            "cpu": "64",
+            "memory": "512Gi",
+            "pods": "110",
+            "ephemeral-storage": "1Ti",
+            GPU_RESOURCE: str(GPUS_PER_NODE),
+        }
         cpu_cap = {"cpu": "16", "memory": "64Gi", "pods": "110", "ephemeral-storage": "500Gi"}
         taint = [{"key": GPU_TAINT_KEY, "value": "present", "effect": "NoSchedule"}]
-        return ([node(f"gpu-node-{i}", "gpu", gpu_cap, taint) for i in range(GPU_NODES)]
-                + [node(f"cpu-node-{i}", "cpu", cpu_cap, []) for i in range(CPU_NODES)])
+        return [node(f"gpu-node-{i}", "gpu", gpu_cap, taint) for i in range(GPU_NODES)] + [
+            node(f"cpu-node-{i}", "cpu", cpu_cap, []) for i in range(CPU_NODES)
+        ]
 
     def register_nodes(self) -> None:
         for n in self.node_manifests():
@@ -583,7 +651,8 @@ class ControlPlane:
     def _nodes_ready(self) -> bool:
         nodes = self.api("GET", "/api/v1/nodes?labelSelector=type%3Dkwok")["items"]
         ready = [
-            n for n in nodes
+            n
+            for n in nodes
             if any(c["type"] == "Ready" and c["status"] == "True" for c in n["status"].get("conditions", []))
         ]
         return len(ready) == GPU_NODES + CPU_NODES
@@ -592,10 +661,13 @@ class ControlPlane:
     def save_state(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         state = {
-            "workdir": str(self.workdir), "ports": self.ports, "pids": self.pids,
+            "workdir": str(self.workdir),
+            "ports": self.ports,
+            "pids": self.pids,
             "exes": {n: str(binaries()[n]) for n in self.pids},
             "etcd_data": str(self.etcd_data) if self.etcd_data else None,
-            "kubeconfig": str(self.kubeconfig), "startup_seconds": self.startup_seconds,
+            "kubeconfig": str(self.kubeconfig),
+            "startup_seconds": self.startup_seconds,
         }
         self.state_file.write_text(json.dumps(state, indent=2))
 
@@ -657,8 +729,10 @@ def _cli(argv: list[str] | None = None) -> int:
         if state.exists():
             cp = ControlPlane.load(args.dir)
             if any(cp.running().values()):
-                print(f"# already running (tests/cluster/run.sh down to stop); state in {args.dir}",
-                      file=sys.stderr)
+                print(
+                    f"# already running (tests/cluster/run.sh down to stop); state in {args.dir}",
+                    file=sys.stderr,
+                )
                 print(f"export KUBECONFIG={cp.kubeconfig}")
                 print(f'export PATH="{binaries()["kubectl"].parent}:$PATH"')
                 return 0
@@ -668,8 +742,10 @@ def _cli(argv: list[str] | None = None) -> int:
         except ControlPlaneError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
-        print(f"# control plane up in {cp.startup_seconds:.1f}s: {cp.server}; logs in {cp.log_dir}",
-              file=sys.stderr)
+        print(
+            f"# control plane up in {cp.startup_seconds:.1f}s: {cp.server}; logs in {cp.log_dir}",
+            file=sys.stderr,
+        )
         print(f"export KUBECONFIG={cp.kubeconfig}")
         print(f'export PATH="{binaries()["kubectl"].parent}:$PATH"')
         return 0
@@ -682,8 +758,10 @@ def _cli(argv: list[str] | None = None) -> int:
         print("stopped", file=sys.stderr)
     elif args.command == "status":
         for name, alive in cp.running().items():
-            print(f"{name:<24} pid {cp.pids[name]:<8} {'running' if alive else 'STOPPED'}  "
-                  f"port {cp.ports.get(name, '-')}")
+            print(
+                f"{name:<24} pid {cp.pids[name]:<8} {'running' if alive else 'STOPPED'}  "
+                f"port {cp.ports.get(name, '-')}"
+            )
         print(f"KUBECONFIG={cp.kubeconfig}")
     elif args.command == "logs":
         print(cp.logs_summary(args.lines))

@@ -1,0 +1,210 @@
+"""Fixtures for tests that talk to a real Kubernetes control plane.
+
+``cluster`` (session scope) starts etcd, kube-apiserver, kube-controller-manager,
+kube-scheduler and kwok from the binaries built by ``tests/cluster/build.sh``
+(see ``tests/cluster/controlplane.py``) and yields a :class:`Cluster`: the
+kubeconfig path, Kubernetes API clients, and a ``kubectl`` helper. Tests that use
+it are skipped, with the reason, when the binaries (or the Python packages
+``kubernetes`` / ``cryptography``) are missing.
+
+``namespace`` (function scope) gives each test a fresh namespace, deleted after it.
+
+Component logs: on a failed test the tail of every component log is attached to
+the report; when any test failed the control plane's directory (logs, kubeconfig)
+is kept and its path printed at the end of the session.
+
+Never connect to a pod or service IP: they are fake (kwok) private addresses.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests" / "cluster"))
+
+import controlplane  # noqa: E402
+
+T = TypeVar("T")
+
+_STARTUP: dict[str, Any] = {}
+_STARTUP_KEY = pytest.StashKey[dict[str, Any]]()
+
+
+@dataclass
+class Cluster:
+    """What the ``cluster`` fixture yields."""
+
+    cp: controlplane.ControlPlane
+    api_client: Any  # kubernetes.client.ApiClient
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.cp.kubeconfig
+
+    @property
+    def env(self) -> dict[str, str]:
+        """os.environ + KUBECONFIG + PATH with the cached kubectl/helm: for subprocess calls."""
+        return self.cp.env()
+
+    @property
+    def core(self) -> Any:
+        from kubernetes import client
+
+        return client.CoreV1Api(self.api_client)
+
+    @property
+    def batch(self) -> Any:
+        from kubernetes import client
+
+        return client.BatchV1Api(self.api_client)
+
+    @property
+    def rbac(self) -> Any:
+        from kubernetes import client
+
+        return client.RbacAuthorizationV1Api(self.api_client)
+
+    @property
+    def custom(self) -> Any:
+        from kubernetes import client
+
+        return client.CustomObjectsApi(self.api_client)
+
+    @property
+    def apiext(self) -> Any:
+        from kubernetes import client
+
+        return client.ApiextensionsV1Api(self.api_client)
+
+    def kubectl(
+        self, *args: str, check: bool = True, input: str | None = None, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
+        return self.cp.kubectl(*args, check=check, input=input, timeout=timeout)
+
+    def helm(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(controlplane.binaries()["helm"]), *args],
+            env=self.env,
+            text=True,
+            capture_output=True,
+            check=check,
+            timeout=timeout,
+        )
+
+    @staticmethod
+    def wait_for(
+        fn: Callable[[], T], timeout: float = 30, interval: float = 0.2, what: str = "condition"
+    ) -> T:
+        """Poll fn() until it returns something truthy; return it. Fails the test on timeout."""
+        deadline = time.monotonic() + timeout
+        last: Any = None
+        while time.monotonic() < deadline:
+            last = fn()
+            if last:
+                return last
+            time.sleep(interval)
+        pytest.fail(f"timed out after {timeout}s waiting for {what}; last value: {last!r}")
+
+
+def _skip_reason() -> str | None:
+    missing = controlplane.missing_binaries()
+    if missing:
+        return "control-plane binaries not built (run tests/cluster/build.sh): " + ", ".join(
+            os.path.basename(m) for m in missing
+        )
+    for mod in ("kubernetes", "cryptography"):
+        try:
+            __import__(mod)
+        except ImportError:
+            return f"Python package {mod!r} not installed (pip install -e '.[operator,test]')"
+    return None
+
+
+@pytest.fixture(scope="session")
+def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    from kubernetes import config as kconfig
+
+    workdir = tmp_path_factory.mktemp("controlplane")
+    cp = controlplane.ControlPlane(workdir=workdir)
+    try:
+        cp.start()
+    except controlplane.ControlPlaneError as e:
+        pytest.fail(f"control plane failed to start: {e}\n{cp.logs_summary(30)}")
+    info = {"seconds": cp.startup_seconds, "workdir": str(workdir), "server": cp.server}
+    _STARTUP.update(info)
+    request.config.stash[_STARTUP_KEY] = info
+    api_client = kconfig.new_client_from_config(config_file=str(cp.kubeconfig))
+    c = Cluster(cp=cp, api_client=api_client)
+    try:
+        yield c
+    finally:
+        api_client.close()
+        failed = request.session.testsfailed > 0
+        cp.stop(keep_logs=failed)
+        info["kept"] = failed
+
+
+@pytest.fixture
+def namespace(cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh namespace (with its default ServiceAccount ready); deleted after the test."""
+    from kubernetes import client
+
+    base = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")
+    name = f"t-{base}-{uuid.uuid4().hex[:5]}"
+    cluster.core.create_namespace(
+        client.V1Namespace(metadata=client.V1ObjectMeta(name=name, labels={"llmtrain.dev/test": "true"}))
+    )
+
+    def sa_ready() -> bool:
+        try:
+            cluster.core.read_namespaced_service_account("default", name)
+            return True
+        except client.ApiException as e:
+            if e.status == 404:
+                return False
+            raise
+
+    cluster.wait_for(sa_ready, timeout=30, what=f"ServiceAccount {name}/default")
+    yield name
+    try:
+        cluster.core.delete_namespace(name, propagation_policy="Background")
+    except client.ApiException as e:
+        if e.status != 404:
+            raise
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[Any]:
+    outcome: Any = yield
+    rep = outcome.get_result()
+    if rep.failed and "cluster" in getattr(item, "fixturenames", ()) and _STARTUP.get("workdir"):
+        cp = controlplane.ControlPlane(workdir=Path(_STARTUP["workdir"]))
+        rep.sections.append(("control plane logs", cp.logs_summary(15)))
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    info = config.stash.get(_STARTUP_KEY, None)
+    if not info:
+        return
+    terminalreporter.section("llmtrain control plane")
+    terminalreporter.write_line(
+        f"control plane start-up (etcd, apiserver, controller-manager, scheduler, kwok, 6 nodes Ready): "
+        f"{info['seconds']:.2f} s"
+    )
+    if info.get("kept"):
+        terminalreporter.write_line(f"component logs kept for failed tests: {info['workdir']}/logs/")
