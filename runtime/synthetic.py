@@ -1,0 +1,140 @@
+"""A synthetic token loader honouring :mod:`llmtrain.api.loader`, for tests and benchmarks.
+
+Every window is an arithmetic progression ``(start + stride·t) mod vocab`` drawn from a
+generator seeded by (seed, split, window index): learnable, cheap, and identical wherever it
+is generated. Global order follows the real loader's contract: epoch ``e`` is a permutation
+of the windows seeded by (seed, e); micro batch ``j`` of rank ``r`` holds windows
+``order[(j·world_size + r)·micro_batch : … + micro_batch]``, so the windows of one optimizer
+step are the same set whatever the world size / micro batch split.
+
+Imports only torch and the standard library.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from llmtrain.api.loader import LoaderResumeError, rank_key
+
+
+class SyntheticLoader:
+    def __init__(
+        self,
+        split: str,
+        rank: int,
+        world_size: int,
+        micro_batch: int,
+        context_length: int,
+        seed: int,
+        *,
+        vocab_size: int = 64,
+        windows: int = 64,
+    ) -> None:
+        if split not in ("train", "validation"):
+            raise ValueError(f"unknown split {split!r}")
+        self.split, self.rank, self.world_size = split, rank, world_size
+        self.micro_batch, self.context_length, self.seed = micro_batch, context_length, seed
+        self.vocab_size, self.windows = vocab_size, windows
+        self._epoch = 0
+        self._yielded = 0  # micro batches of the current epoch handed to the caller
+        self.dropped_windows = windows % (world_size * micro_batch)
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{windows} windows cannot fill one micro batch on {world_size} ranks")
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.windows // (self.world_size * self.micro_batch)
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def window(self, index: int) -> Tensor:
+        # crc32, not hash(): str hashes are salted per process.
+        g = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}/{self.split}/{index}".encode()))
+        start = int(torch.randint(self.vocab_size, (1,), generator=g))
+        stride = int(torch.randint(1, 5, (1,), generator=g))
+        return (start + stride * torch.arange(self.context_length + 1)) % self.vocab_size
+
+    def _order(self, epoch: int) -> Tensor:
+        return torch.randperm(self.windows, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
+
+    def __iter__(self) -> Iterator[Tensor]:
+        if self._yielded >= self.steps_per_epoch:  # the previous epoch was exhausted
+            self._epoch, self._yielded = self._epoch + 1, 0
+        order = self._order(self._epoch)
+        while self._yielded < self.steps_per_epoch:
+            first = (self._yielded * self.world_size + self.rank) * self.micro_batch
+            batch = torch.stack([self.window(int(i)) for i in order[first : first + self.micro_batch]])
+            self._yielded += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            rank_key(self.rank): {
+                "epoch": self._epoch,
+                "yielded": self._yielded,
+                "world_size": self.world_size,
+                "micro_batch": self.micro_batch,
+            }
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        mine = state.get(rank_key(self.rank))
+        if (
+            mine is not None
+            and mine["world_size"] == self.world_size
+            and mine["micro_batch"] == self.micro_batch
+        ):
+            self._epoch, self._yielded = mine["epoch"], mine["yielded"]
+            return
+        # Another layout: continue from the same global window position if it is one of ours.
+        saved = state.get(rank_key(0))
+        if saved is None:
+            raise LoaderResumeError(f"loader state has no {rank_key(0)} entry")
+        position = saved["yielded"] * saved["world_size"] * saved["micro_batch"]
+        per_step = self.world_size * self.micro_batch
+        if position % per_step:
+            raise LoaderResumeError(
+                f"saved position {position} windows is not a multiple of {per_step}: resume with the "
+                f"saved spec.resources.workers ({saved['world_size']})"
+            )
+        self._epoch, self._yielded = saved["epoch"], position // per_step
+
+
+def tiny_spec_dict(**overrides: Any) -> dict[str, Any]:
+    """A minimal valid ``spec`` (camelCase) for a tiny model; ``overrides`` deep-merge into it,
+    keyed by dotted camelCase paths, e.g. ``tiny_spec_dict(**{"model.architecture.ropeTheta": 500.0})``."""
+    spec: dict[str, Any] = {
+        "data": {
+            "sources": [{"name": "stdlib", "pythonStdlib": {}}],
+            "tokenizer": {"train": {"vocabSize": 300}},
+            "outputUri": "/tmp/llmtrain-unused",
+        },
+        "model": {
+            "architecture": {"layers": 2, "dModel": 32, "heads": 4, "contextLength": 16, "multipleOf": 16},
+            "init": {"random": {"seed": 0}},
+        },
+        "training": {
+            "batch": {"globalBatchSize": 4, "microBatchSize": 2},
+            "duration": {"maxSteps": 4},
+            "logEverySteps": 1,
+        },
+        "metrics": {"enabled": False},
+        "resources": {"workers": 1},
+    }
+    for path, value in overrides.items():
+        node = spec
+        *parents, leaf = path.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        if value is None:
+            node.pop(leaf, None)
+        else:
+            node[leaf] = value
+    return spec
