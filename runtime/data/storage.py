@@ -1,0 +1,272 @@
+"""Where the data pipeline reads and writes: a local directory or an ``s3://bucket/prefix``.
+
+One small interface (:class:`Storage`) so the pipeline and the loader never branch on the
+URI scheme. Standard library only at import time; boto3 is imported when an ``s3://`` URI is
+opened, so the loader still runs where boto3 is absent (local shards).
+
+S3 settings (endpoint, region) come from ``spec.storage`` via :class:`S3Options`; credentials
+come from boto3's default chain (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` — injected from
+``spec.storage.secretRef`` on Kubernetes — or the pod's ambient role), never from code.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# Objects above this are uploaded in parts (S3's minimum part size is 5 MiB).
+DEFAULT_MULTIPART_THRESHOLD = 64 * 1024 * 1024
+DEFAULT_MULTIPART_CHUNK = 16 * 1024 * 1024
+
+
+class StorageError(RuntimeError):
+    """An object store or directory could not be read or written; the message names it."""
+
+
+@dataclass(frozen=True)
+class S3Options:
+    endpoint: str | None = None
+    region: str = "us-east-1"
+    multipart_threshold: int = DEFAULT_MULTIPART_THRESHOLD
+    multipart_chunk: int = DEFAULT_MULTIPART_CHUNK
+    max_attempts: int = 8
+
+
+def split_s3_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/a/b`` → ``("bucket", "a/b")``."""
+    if not uri.startswith("s3://"):
+        raise ValueError(f"not an s3:// URI: {uri!r}")
+    bucket, _, key = uri[5:].partition("/")
+    if not bucket:
+        raise ValueError(f"s3 URI without a bucket: {uri!r}")
+    return bucket, key
+
+
+def join(prefix: str, name: str) -> str:
+    return prefix.rstrip("/") + "/" + name if prefix else name
+
+
+class Storage:
+    """A directory-like view of a prefix. Keys are relative to the root given at construction."""
+
+    uri: str
+
+    def get(self, key: str) -> bytes:
+        raise NotImplementedError
+
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        raise NotImplementedError
+
+    def put(self, key: str, data: bytes) -> str | None:
+        """Write an object; returns the S3 ETag (None for local files)."""
+        raise NotImplementedError
+
+    def exists(self, key: str) -> bool:
+        raise NotImplementedError
+
+    def size(self, key: str) -> int:
+        raise NotImplementedError
+
+    def list_keys(self, prefix: str = "") -> list[str]:
+        """Every key under ``prefix`` (recursive, sorted)."""
+        raise NotImplementedError
+
+    def delete(self, keys: list[str]) -> None:
+        raise NotImplementedError
+
+    def describe(self, key: str) -> str:
+        return join(self.uri, key)
+
+
+class LocalStorage(Storage):
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).expanduser()
+        self.uri = str(self.root)
+
+    def _path(self, key: str) -> Path:
+        return self.root / key if key else self.root
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError as e:
+            raise StorageError(f"{self.describe(key)} does not exist") from e
+
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        try:
+            with self._path(key).open("rb") as f:
+                f.seek(start)
+                return f.read(length)
+        except FileNotFoundError as e:
+            raise StorageError(f"{self.describe(key)} does not exist") from e
+
+    def put(self, key: str, data: bytes) -> str | None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Write-then-rename: a reader never sees half a file under the final name.
+        tmp = path.with_name(path.name + ".part")
+        tmp.write_bytes(data)
+        tmp.replace(path)
+        return None
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def size(self, key: str) -> int:
+        try:
+            return self._path(key).stat().st_size
+        except FileNotFoundError as e:
+            raise StorageError(f"{self.describe(key)} does not exist") from e
+
+    def list_keys(self, prefix: str = "") -> list[str]:
+        base = self._path(prefix)
+        if not base.exists():
+            return []
+        if base.is_file():
+            return [prefix]
+        return sorted(str(p.relative_to(self.root)) for p in base.rglob("*") if p.is_file())
+
+    def delete(self, keys: list[str]) -> None:
+        for k in keys:
+            self._path(k).unlink(missing_ok=True)
+
+    def rmtree(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def s3_client(options: S3Options) -> Any:
+    """A boto3 S3 client with standard retries; endpoint/region from the spec, credentials ambient."""
+    try:
+        import boto3
+        from botocore.config import Config
+    except ImportError as e:  # pragma: no cover - boto3 is in the runtime extra
+        raise StorageError("s3:// URIs need boto3 (pip install 'llmtrain[runtime]')") from e
+    cfg = Config(
+        region_name=options.region,
+        retries={"max_attempts": options.max_attempts, "mode": "standard"},
+        s3={"addressing_style": "path"} if options.endpoint else {},
+    )
+    return boto3.client("s3", endpoint_url=options.endpoint, config=cfg)
+
+
+class S3Storage(Storage):
+    def __init__(self, uri: str, options: S3Options | None = None, client: Any = None) -> None:
+        self.bucket, prefix = split_s3_uri(uri)
+        self.prefix = prefix.strip("/")
+        self.uri = f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+        self.options = options or S3Options()
+        self.client = client if client is not None else s3_client(self.options)
+
+    def _key(self, key: str) -> str:
+        return join(self.prefix, key)
+
+    def _wrap(self, e: Exception, key: str, action: str) -> StorageError:
+        from botocore.exceptions import ClientError, NoCredentialsError
+
+        what = self.describe(key)
+        if isinstance(e, NoCredentialsError):
+            return StorageError(
+                f"no S3 credentials to {action} {what}: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
+                "(on Kubernetes: spec.storage.secretRef)"
+            )
+        if isinstance(e, ClientError):
+            code = e.response.get("Error", {}).get("Code", "")
+            if code in ("NoSuchBucket",):
+                return StorageError(
+                    f"bucket {self.bucket!r} does not exist ({action} {what}); check the URI or "
+                    "spec.storage.endpoint"
+                )
+            if code in ("NoSuchKey", "404", "NotFound"):
+                return StorageError(f"{what} does not exist")
+            if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"):
+                return StorageError(
+                    f"access denied to {action} {what} ({code}): check the credentials in "
+                    "spec.storage.secretRef"
+                )
+            return StorageError(f"S3 error {code or e} while trying to {action} {what}")
+        return StorageError(f"cannot {action} {what}: {e}")
+
+    def get(self, key: str) -> bytes:
+        try:
+            return bytes(self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read())
+        except Exception as e:
+            raise self._wrap(e, key, "read") from e
+
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        rng = f"bytes={start}-{start + length - 1}"
+        try:
+            resp = self.client.get_object(Bucket=self.bucket, Key=self._key(key), Range=rng)
+            return bytes(resp["Body"].read())
+        except Exception as e:
+            raise self._wrap(e, key, "read") from e
+
+    def put(self, key: str, data: bytes) -> str | None:
+        from boto3.s3.transfer import TransferConfig
+
+        # upload_fileobj switches to a multipart upload above the threshold (ETag "<md5>-<parts>").
+        cfg = TransferConfig(
+            multipart_threshold=self.options.multipart_threshold,
+            multipart_chunksize=self.options.multipart_chunk,
+            use_threads=True,
+        )
+        try:
+            self.client.upload_fileobj(io.BytesIO(data), self.bucket, self._key(key), Config=cfg)
+            head = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+        except Exception as e:
+            raise self._wrap(e, key, "write") from e
+        return str(head["ETag"]).strip('"')
+
+    def exists(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            return True
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise self._wrap(e, key, "read") from e
+        except Exception as e:
+            raise self._wrap(e, key, "read") from e
+
+    def size(self, key: str) -> int:
+        try:
+            return int(self.client.head_object(Bucket=self.bucket, Key=self._key(key))["ContentLength"])
+        except Exception as e:
+            raise self._wrap(e, key, "read") from e
+
+    def iter_objects(self, prefix: str = "") -> Iterator[dict[str, Any]]:
+        """list_objects_v2 pages (1000 keys each) until the listing is complete."""
+        full = self._key(prefix) if prefix else (self.prefix + "/" if self.prefix else "")
+        paginator = self.client.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
+                yield from page.get("Contents", [])
+        except Exception as e:
+            raise self._wrap(e, prefix, "list") from e
+
+    def list_keys(self, prefix: str = "") -> list[str]:
+        cut = len(self.prefix) + 1 if self.prefix else 0
+        return sorted(o["Key"][cut:] for o in self.iter_objects(prefix))
+
+    def delete(self, keys: list[str]) -> None:
+        for i in range(0, len(keys), 1000):
+            batch = [{"Key": self._key(k)} for k in keys[i : i + 1000]]
+            try:
+                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+            except Exception as e:
+                raise self._wrap(e, keys[i], "delete") from e
+
+
+def open_storage(uri: str, options: S3Options | None = None) -> Storage:
+    """``s3://…`` → :class:`S3Storage`; anything else is a local directory."""
+    if uri.startswith("s3://"):
+        return S3Storage(uri, options)
+    if "://" in uri:
+        raise StorageError(f"unsupported URI scheme in {uri!r}: use s3://bucket/prefix or a local path")
+    return LocalStorage(uri)
