@@ -1,0 +1,111 @@
+"""``llmtrain data …``: run the data stage alone, and look inside its output.
+
+Heavy imports (tokenizers, torch, ray, boto3) happen inside the commands, so mounting this
+app on the main CLI keeps ``llmtrain --help`` light.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="Prepare token shards from spec.data, and inspect them.", no_args_is_help=True)
+
+
+@app.command()
+def prepare(
+    job_yaml: Annotated[str, typer.Argument(help="File holding one LLMTrainingJob.")],
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an output prefix prepared from other inputs.")
+    ] = False,
+    blocks: Annotated[
+        int | None, typer.Option("--blocks", min=1, help="Ray Data blocks (default: in-process, no Ray).")
+    ] = None,
+) -> None:
+    """Collect, clean, tokenize and shard spec.data into spec.data.outputUri (skipped when it
+    already holds a manifest with the same input fingerprint)."""
+    from llmtrain.runtime.data.collect import SourceError
+    from llmtrain.runtime.data.prepare import PrepareError, prepare_data
+    from llmtrain.runtime.data.storage import StorageError
+    from llmtrain.runtime.data.tokenize import TokenizerError
+
+    from llmtrain.api.job import load_job
+
+    console = Console()
+    err = Console(stderr=True)
+    try:
+        job = load_job(job_yaml)
+        result = prepare_data(
+            job.spec, overwrite=overwrite, num_blocks=blocks, log=lambda m: err.print(f"[dim]{m}[/dim]")
+        )
+    except (PrepareError, SourceError, StorageError, TokenizerError, ValueError, OSError) as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(1) from e
+    m = result.manifest
+    table = Table(
+        title=f"{result.manifest_uri}" + (" (reused: same input fingerprint)" if result.reused else "")
+    )
+    for col in ("source", "documents", "train tokens", "target", "realised"):
+        table.add_column(col, justify="left" if col == "source" else "right")
+    for s in m.sources:
+        target = "natural" if s.target_fraction is None else f"{s.target_fraction:.3f}"
+        table.add_row(s.name, f"{s.documents:,}", f"{s.tokens:,}", target, f"{s.realised_fraction:.3f}")
+    console.print(table)
+    summary = Table(show_header=False)
+    summary.add_row("train", f"{m.split_tokens('train'):,} tokens in {len(m.split_shards('train'))} shards")
+    summary.add_row(
+        "validation", f"{m.split_tokens('validation'):,} tokens in {len(m.split_shards('validation'))} shards"
+    )
+    summary.add_row(
+        "tokenizer", f"vocab {m.tokenizer.vocab_size:,}, eot {m.tokenizer.eot_token!r} = {m.tokenizer.eot_id}"
+    )
+    summary.add_row("dtype", m.dtype)
+    summary.add_row("dropped", ", ".join(f"{k} {v:,}" for k, v in sorted(m.dropped.items())))
+    summary.add_row("fingerprint", m.fingerprint[:16])
+    if not result.reused:
+        summary.add_row("time", f"{result.seconds:.1f} s")
+    console.print(summary)
+
+
+@app.command()
+def inspect(
+    uri: Annotated[str, typer.Argument(help="Output prefix (directory or s3://) holding manifest.json.")],
+    windows: Annotated[int, typer.Option("--windows", min=1, help="Windows to decode.")] = 2,
+    context: Annotated[int, typer.Option("--context", min=1, help="Tokens per window.")] = 64,
+    split: Annotated[str, typer.Option("--split", help="train or validation.")] = "validation",
+    endpoint: Annotated[str | None, typer.Option("--endpoint", help="S3 endpoint URL.")] = None,
+) -> None:
+    """Verify the first shard of a split and decode its first windows."""
+    from llmtrain.runtime.data.loader import read_verified_shard
+    from llmtrain.runtime.data.storage import S3Options, StorageError, open_storage
+    from tokenizers import Tokenizer
+
+    from llmtrain.api.shards import MANIFEST_NAME, Manifest, ShardFormatError
+
+    console = Console()
+    err = Console(stderr=True)
+    try:
+        store = open_storage(uri, S3Options(endpoint=endpoint))
+        manifest = Manifest.from_json(store.get(MANIFEST_NAME))
+        shards = manifest.split_shards(split)  # type: ignore[arg-type]
+        if not shards:
+            raise ShardFormatError(f"{uri}: the manifest lists no {split} shards")
+        tokens = read_verified_shard(store, shards[0], manifest)
+        tok = Tokenizer.from_str(store.get(manifest.tokenizer.path).decode("utf-8"))
+    except (StorageError, ShardFormatError, ValueError) as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(1) from e
+    console.print(
+        f"{store.describe(shards[0].path)}: {shards[0].tokens:,} tokens ({manifest.dtype}), "
+        f"{shards[0].documents:,} documents, sha256 ok"
+    )
+    for i in range(windows):
+        ids = tokens[i * context : (i + 1) * context].tolist()
+        if not ids:
+            break
+        text = tok.decode(ids, skip_special_tokens=False)
+        console.rule(f"window {i} (tokens {i * context}–{i * context + len(ids) - 1})")
+        console.print(text, markup=False, highlight=False)
