@@ -1,0 +1,114 @@
+"""Thin Kopf handlers: parse nothing, decide nothing — call the reconciler, write what it says.
+
+* ``pod_index`` — a ``kopf.index`` over the pods carrying ``llmtrain.dev/job`` (the watch
+  itself is label-selected server-side, see :mod:`llmtrain.operator.main`), keyed by
+  (namespace, job) with a small :class:`~llmtrain.operator.diagnose.PodView` per pod.
+  Pods get no handlers that write: no finalizers and no annotations on them.
+* ``on_create`` / ``on_suspend_changed`` — create the children at once (and delete the
+  pods at once on suspend) instead of waiting for the next tick.
+* ``reconcile_tick`` — the ONE timer, on the LLMTrainingJob: the level-based loop.
+* ``on_delete`` (optional: adds no finalizer) — forget the job's metrics; the children go
+  with the job through ownerReferences (garbage collector), no finalizer of ours needed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import kopf
+from llmtrain.operator.diagnose import PodView, pod_view
+from llmtrain.operator.kube import ApiError
+from llmtrain.operator.manifests import LABEL_JOB
+from llmtrain.operator.metrics import OperatorMetrics
+from llmtrain.operator.reconcile import Outcome, Reconciler
+
+from llmtrain.api.spec import GROUP, PLURAL, VERSION
+
+log = logging.getLogger("llmtrain.operator")
+
+Clock = Callable[[], dt.datetime]
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def pods_of(index: Mapping[Any, Iterable[PodView]] | None, namespace: str, name: str) -> dict[str, PodView]:
+    if index is None:
+        return {}
+    return {p.name: p for p in index.get((namespace, name), ())}
+
+
+def write_outcome(out: Outcome, body: Any, patch: Any) -> None:
+    """Put the outcome into Kopf's patch (applied once, after the handler) and post Events."""
+    if out.status is not None:
+        for key, value in out.status.items():
+            # conditions is a list: a merge patch replaces it whole, as required.
+            patch.status[key] = value
+    for key, ann in out.annotations.items():
+        patch.metadata.annotations[key] = ann
+    for ev in out.events:
+        kopf.event(body, type=ev.type, reason=ev.reason, message=ev.message[:1024])
+
+
+def register(
+    registry: kopf.OperatorRegistry,
+    reconciler: Reconciler,
+    metrics: OperatorMetrics,
+    *,
+    interval: float = 5.0,
+    clock: Clock = _now,
+) -> None:
+    """Register the handlers on ``registry`` (not the global one: tests build their own)."""
+
+    @kopf.index("pods", labels={LABEL_JOB: kopf.PRESENT}, registry=registry)
+    def pod_index(body: kopf.Body, namespace: str | None, **_: Any) -> dict[tuple[str, str], PodView]:
+        view = pod_view(body)
+        return {(namespace or "", view.job): view}
+
+    def run(body: kopf.Body, patch: kopf.Patch, index: Any, logger: Any) -> Outcome:
+        ns = body.metadata.namespace or ""
+        name = body.metadata.name or ""
+        t0 = time.perf_counter()
+        try:
+            out = reconciler.reconcile(body, pods_of(index, ns, name), clock())
+        except ApiError as e:
+            metrics.reconcile_errors.labels(kind=f"http_{e.status}").inc()
+            # Kopf retries the handler after the delay; the status stays as last written.
+            raise kopf.TemporaryError(f"API error while reconciling: {e}", delay=5) from e
+        except OSError as e:  # connection refused/reset, timeouts
+            metrics.reconcile_errors.labels(kind="connection").inc()
+            raise kopf.TemporaryError(f"cannot reach the API server: {e}", delay=5) from e
+        finally:
+            metrics.reconcile_seconds.observe(time.perf_counter() - t0)
+        write_outcome(out, body, patch)
+        if out.error:
+            metrics.reconcile_errors.labels(kind="conflict").inc()
+        metrics.set_phase(ns, name, out.phase)
+        if out.provisioning_seconds is not None:
+            metrics.provisioning_seconds.observe(out.provisioning_seconds)
+        if out.restarted:
+            metrics.restarts.inc()
+        if out.requeue:
+            logger.debug("requeue: %s", out.requeue)
+        return out
+
+    @kopf.on.create(GROUP, VERSION, PLURAL, registry=registry)
+    def on_create(body: kopf.Body, patch: kopf.Patch, logger: Any, **kwargs: Any) -> None:
+        run(body, patch, kwargs.get("pod_index"), logger)
+
+    @kopf.on.update(GROUP, VERSION, PLURAL, field="spec.suspend", registry=registry)
+    def on_suspend_changed(body: kopf.Body, patch: kopf.Patch, logger: Any, **kwargs: Any) -> None:
+        run(body, patch, kwargs.get("pod_index"), logger)
+
+    @kopf.timer(GROUP, VERSION, PLURAL, interval=interval, registry=registry)
+    def reconcile_tick(body: kopf.Body, patch: kopf.Patch, logger: Any, **kwargs: Any) -> None:
+        run(body, patch, kwargs.get("pod_index"), logger)
+
+    @kopf.on.delete(GROUP, VERSION, PLURAL, optional=True, registry=registry)
+    def on_delete(namespace: str | None, name: str | None, **_: Any) -> None:
+        metrics.forget(namespace or "", name or "")

@@ -1,0 +1,215 @@
+"""Start the operator: ``llmtrain operator`` calls :func:`run`.
+
+Everything that shapes the operator's behaviour under load is set here, each with the
+reason it has the value it has.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import kopf
+from llmtrain.operator.handlers import register
+from llmtrain.operator.kube import KubernetesApi
+from llmtrain.operator.manifests import LABEL_JOB, OperatorSettings
+from llmtrain.operator.metrics import OperatorMetrics
+from llmtrain.operator.reconcile import Reconciler
+
+log = logging.getLogger("llmtrain.operator")
+
+PREFIX = "llmtrain.dev"
+PEERING_NAME = "llmtrain"
+
+
+@dataclass
+class Options:
+    namespaces: list[str] | None = None  # None: cluster-wide
+    liveness_port: int = 8080
+    metrics_port: int | None = 9090
+    bind_address: str = "0.0.0.0"
+    reconcile_interval: float = 5.0
+    # One active replica: the others see its heartbeat in the KopfPeering object and pause.
+    # None runs standalone (tests, or a single-replica install without the peering CRDs).
+    peering_name: str | None = PEERING_NAME
+    priority: int = 0
+    kubeconfig: str | None = None
+    settings: OperatorSettings = field(default_factory=OperatorSettings)
+    worker_limit: int = 100
+    executor_threads: int = 16
+
+
+def configure(settings: kopf.OperatorSettings, opts: Options) -> None:
+    # Kopf's own records live in annotations under our prefix, never in status, so the
+    # status schema (and `kubectl get`) stays ours; both are annotations from day one so
+    # that no migration is ever needed.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=PREFIX, key="last-handled-configuration"
+    )
+    settings.persistence.finalizer = f"{PREFIX}/kopf-finalizer"
+    # Per-object workers are asyncio tasks, but every sync handler borrows a thread and
+    # holds an API connection: cap them so 1000 jobs created at once queue instead of
+    # opening 1000 connections and threads (memory, apiserver QPS).
+    settings.queueing.worker_limit = opts.worker_limit
+    settings.execution.max_workers = opts.executor_threads
+    # A watch on a silently dropped TCP connection never ends by itself; the apiserver
+    # closes ours after 5 min (server_timeout) and the client gives up 30 s later, so a
+    # dead stream costs at most ~5.5 min of missed events (the inactivity timeout, with
+    # bookmarks every 60 s, usually notices sooner).
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.watching.connect_timeout = 10
+    # Only the job's pods are watched (server-side filtering): the index never sees the
+    # rest of the cluster's pods, so memory scales with our pods only.
+    settings.watching.label_selectors["pods"] = LABEL_JOB
+    # Events are posted explicitly (kopf.event) for transitions and problems; logs are not.
+    settings.posting.loggers = False
+    settings.posting.reporting_component = "llmtrain-operator"
+    settings.networking.request_timeout = 60
+    if opts.peering_name is None:
+        settings.peering.standalone = True
+    else:
+        settings.peering.name = opts.peering_name
+        settings.peering.priority = opts.priority
+        settings.peering.mandatory = True
+        settings.peering.clusterwide = opts.namespaces is None
+
+
+def build(opts: Options, api_client: Any) -> tuple[kopf.OperatorRegistry, OperatorMetrics]:
+    registry = kopf.OperatorRegistry()
+    metrics = OperatorMetrics()
+    reconciler = Reconciler(KubernetesApi(api_client), opts.settings)
+    register(registry, reconciler, metrics, interval=opts.reconcile_interval)
+
+    @kopf.on.startup(registry=registry)
+    def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+        configure(settings, opts)
+
+    return registry, metrics
+
+
+def _api_client(kubeconfig: str | None) -> Any:
+    """The Kubernetes API client, made once: in-cluster credentials, else a kubeconfig."""
+    from kubernetes import client, config
+
+    try:
+        config.load_incluster_config()
+        return client.ApiClient()
+    except config.ConfigException:
+        return config.new_client_from_config(config_file=kubeconfig)
+
+
+async def serve(opts: Options, stop_flag: Any = None, ready_flag: Any = None) -> None:
+    """Run until ``stop_flag`` (an asyncio.Event/threading.Event/Future) is set."""
+    registry, metrics = build(opts, _api_client(opts.kubeconfig))
+    if opts.metrics_port is not None:
+        metrics.serve(opts.metrics_port, opts.bind_address)
+    await kopf.operator(
+        registry=registry,
+        clusterwide=opts.namespaces is None,
+        namespaces=opts.namespaces or (),
+        liveness_endpoint=f"http://{opts.bind_address}:{opts.liveness_port}/healthz",
+        standalone=opts.peering_name is None,
+        peering_name=opts.peering_name,
+        priority=opts.priority,
+        stop_flag=stop_flag,
+        ready_flag=ready_flag,
+    )
+
+
+def run(
+    namespaces: Sequence[str] | None,
+    liveness_port: int = 8080,
+    metrics_port: int | None = 9090,
+    *,
+    reconcile_interval: float = 5.0,
+    peering_name: str | None = PEERING_NAME,
+    kubeconfig: str | None = None,
+    operator_namespace: str = "llmtrain-system",
+    bind_address: str = "0.0.0.0",
+    stop_flag: threading.Event | None = None,
+) -> None:
+    """Run the operator in this thread until SIGINT/SIGTERM (or ``stop_flag``)."""
+    opts = Options(
+        namespaces=list(namespaces) if namespaces else None,
+        liveness_port=liveness_port,
+        metrics_port=metrics_port,
+        bind_address=bind_address,
+        reconcile_interval=reconcile_interval,
+        peering_name=peering_name,
+        kubeconfig=kubeconfig,
+        settings=OperatorSettings(operator_namespace=operator_namespace),
+    )
+    asyncio.run(serve(opts, stop_flag=stop_flag))
+
+
+def peering_crds() -> list[dict[str, Any]]:
+    """Kopf's peering CRDs (KopfPeering, ClusterKopfPeering): install them with the operator."""
+
+    def crd(kind: str, plural: str, scope: str) -> dict[str, Any]:
+        return {
+            "apiVersion": "apiextensions.k8s.io/v1",
+            "kind": "CustomResourceDefinition",
+            "metadata": {"name": f"{plural}.kopf.dev"},
+            "spec": {
+                "scope": scope,
+                "group": "kopf.dev",
+                "names": {"kind": kind, "plural": plural, "singular": kind.lower()},
+                "versions": [
+                    {
+                        "name": "v1",
+                        "served": True,
+                        "storage": True,
+                        "schema": {
+                            "openAPIV3Schema": {
+                                "type": "object",
+                                "properties": {
+                                    "status": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+                                },
+                            }
+                        },
+                    }
+                ],
+            },
+        }
+
+    return [
+        crd("ClusterKopfPeering", "clusterkopfpeerings", "Cluster"),
+        crd("KopfPeering", "kopfpeerings", "Namespaced"),
+    ]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m llmtrain.operator.main``: the same as ``llmtrain operator`` (used by tests)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="llmtrain-operator")
+    p.add_argument("--namespace", "-n", action="append", dest="namespaces")
+    p.add_argument("--liveness-port", type=int, default=8080)
+    p.add_argument("--metrics-port", type=int, default=9090)
+    p.add_argument("--interval", type=float, default=5.0)
+    p.add_argument("--standalone", action="store_true", help="no peering (single replica)")
+    p.add_argument("--kubeconfig")
+    p.add_argument("--operator-namespace", default="llmtrain-system")
+    p.add_argument("--bind-address", default="0.0.0.0")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run(
+        a.namespaces,
+        a.liveness_port,
+        a.metrics_port,
+        reconcile_interval=a.interval,
+        peering_name=None if a.standalone else PEERING_NAME,
+        kubeconfig=a.kubeconfig,
+        operator_namespace=a.operator_namespace,
+        bind_address=a.bind_address,
+    )
+
+
+if __name__ == "__main__":
+    main()

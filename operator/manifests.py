@@ -1,0 +1,602 @@
+"""Pure functions from an ``LLMTrainingJob`` to the Kubernetes objects of its Ray cluster.
+
+Nothing here talks to the API server: every function takes the parsed job (plus the
+operator's settings) and returns plain dicts, so each manifest is unit-tested without a
+cluster. The pod builder follows KubeRay's (``ray start --head --block`` on a head that
+runs no training, workers joining the head Service's FQDN, a ``wait-gcs-ready`` init
+container, probes on the dashboard agent's ``/api/healthz``), locked down with a per-job
+Ray auth token (CVE-2023-48022: Ray has no authentication by default) and a per-job
+NetworkPolicy.
+
+Child names are deterministic (``<job>-head``, ``<job>-worker-<i>``; never
+``generateName``) so create-if-absent is idempotent across operator restarts.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import re
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+import yaml
+
+from llmtrain.api.job import API_VERSION, LLMTrainingJob
+from llmtrain.api.spec import KIND, EnvVar, Toleration, VolumeMount
+
+# ---------------------------------------------------------------------------- constants
+
+LABEL_JOB = "llmtrain.dev/job"
+LABEL_ROLE = "llmtrain.dev/role"
+LABEL_WORKER_INDEX = "llmtrain.dev/worker-index"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+MANAGED_BY = "llmtrain-operator"
+# KubeRay's labels: dashboards, `kubectl get pods -l ray.io/cluster=...` and tooling know them.
+LABEL_RAY_CLUSTER = "ray.io/cluster"
+LABEL_RAY_NODE_TYPE = "ray.io/node-type"
+ROLE_HEAD = "head"
+ROLE_WORKER = "worker"
+RESERVED_LABELS = (LABEL_JOB, LABEL_ROLE, LABEL_WORKER_INDEX, LABEL_RAY_CLUSTER, LABEL_RAY_NODE_TYPE)
+
+# Kueue's plain-pod integration: pods with the same group name are admitted together once
+# all ``total-count`` of them exist (https://kueue.sigs.k8s.io/docs/tasks/run/plain_pods/).
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+KUEUE_GROUP_LABEL = "kueue.x-k8s.io/pod-group-name"
+KUEUE_TOTAL_COUNT_ANNOTATION = "kueue.x-k8s.io/pod-group-total-count"
+# Set to "false" on a group's pods to end the group (Kueue then releases its quota).
+KUEUE_RETRIABLE_ANNOTATION = "kueue.x-k8s.io/retriable-in-group"
+KUEUE_ADMISSION_GATE = "kueue.x-k8s.io/admission"
+
+GPU_RESOURCE = "nvidia.com/gpu"
+
+# Ray ports (KubeRay's defaults).
+PORT_GCS = 6379
+PORT_DASHBOARD = 8265  # dashboard + Jobs API
+PORT_CLIENT = 10001  # Ray client
+PORT_METRICS = 8080  # --metrics-export-port
+PORT_DASHBOARD_AGENT = 52365  # health checks (/api/healthz)
+
+AUTH_TOKEN_KEY = "token"
+SPEC_FILE = "job.yaml"
+SPEC_MOUNT = "/etc/llmtrain"
+RAY_CONTAINER = "ray"
+
+# KubeRay-style probe timing: readiness flips quickly, liveness tolerates a slow GCS
+# (a Ray node is only restarted after ~10 minutes of failed checks).
+_PROBE_READINESS = {
+    "initialDelaySeconds": 10,
+    "periodSeconds": 5,
+    "timeoutSeconds": 2,
+    "failureThreshold": 10,
+}
+_PROBE_LIVENESS = {
+    "initialDelaySeconds": 30,
+    "periodSeconds": 5,
+    "timeoutSeconds": 2,
+    "failureThreshold": 120,
+}
+
+
+class ManifestError(ValueError):
+    """The spec cannot be turned into manifests; ``field`` is the spec path to fix."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+@dataclass(frozen=True)
+class OperatorSettings:
+    """Operator-wide settings that shape the manifests (from the Helm values / CLI)."""
+
+    # Namespace the operator runs in: admitted to the dashboard/Jobs port by the NetworkPolicy.
+    operator_namespace: str = "llmtrain-system"
+    # Prometheus' namespace and pods, admitted to the metrics ports.
+    prometheus_namespace_labels: dict[str, str] = field(
+        default_factory=lambda: {"kubernetes.io/metadata.name": "monitoring"}
+    )
+    prometheus_pod_labels: dict[str, str] = field(
+        default_factory=lambda: {"app.kubernetes.io/name": "prometheus"}
+    )
+    cluster_domain: str = "cluster.local"
+
+
+# -------------------------------------------------------------------------------- names
+
+
+def head_name(job: str) -> str:
+    return f"{job}-head"
+
+
+def worker_name(job: str, index: int) -> str:
+    return f"{job}-worker-{index}"
+
+
+def service_name(job: str) -> str:
+    return f"{job}-head-svc"
+
+
+def auth_secret_name(job: str) -> str:
+    return f"{job}-ray-auth"
+
+
+def spec_configmap_name(job: str) -> str:
+    return f"{job}-spec"
+
+
+def network_policy_name(job: str) -> str:
+    return f"{job}-ray"
+
+
+def pod_names(job: LLMTrainingJob) -> list[str]:
+    """Every pod of the job's Ray cluster, head first."""
+    name = job.metadata.name
+    return [head_name(name)] + [worker_name(name, i) for i in range(job.spec.resources.workers)]
+
+
+def head_address(job: LLMTrainingJob, settings: OperatorSettings) -> str:
+    """``<svc>.<ns>.svc.<domain>:6379``: what workers join (resolved by cluster DNS, not by us)."""
+    ns = _namespace(job)
+    return f"{service_name(job.metadata.name)}.{ns}.svc.{settings.cluster_domain}:{PORT_GCS}"
+
+
+# ---------------------------------------------------------------------------- quantities
+
+_SUFFIX: dict[str, int | Decimal] = {
+    "": 1,
+    "m": Decimal("0.001"),
+    "k": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+    "P": 10**15,
+    "E": 10**18,
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+    "Ti": 2**40,
+    "Pi": 2**50,
+    "Ei": 2**60,
+}
+_QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
+
+
+def parse_quantity(value: str) -> Decimal:
+    """A Kubernetes quantity as a number (``500m`` → 0.5, ``16Gi`` → 17179869184)."""
+    m = _QUANTITY.match(str(value))
+    if not m:
+        raise ValueError(f"{value!r} is not a Kubernetes quantity")
+    return Decimal(m.group(1)) * Decimal(str(_SUFFIX[m.group(2) or ""]))
+
+
+def ray_num_cpus(cpu: str) -> int:
+    """Ray's logical CPUs for a pod's CPU limit: rounded up, like KubeRay (500m → 1)."""
+    return max(1, math.ceil(parse_quantity(cpu)))
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def _namespace(job: LLMTrainingJob) -> str:
+    return job.metadata.namespace or "default"
+
+
+def _meta(job: LLMTrainingJob, name: str, labels: dict[str, str] | None = None) -> dict[str, Any]:
+    base = {
+        LABEL_JOB: job.metadata.name,
+        LABEL_RAY_CLUSTER: job.metadata.name,
+        LABEL_MANAGED_BY: MANAGED_BY,
+    }
+    return {"name": name, "namespace": _namespace(job), "labels": {**base, **(labels or {})}}
+
+
+def selector_labels(job_name: str) -> dict[str, str]:
+    """Labels that select every pod of one job (the pod index, NetworkPolicy, deletes)."""
+    return {LABEL_JOB: job_name}
+
+
+def _dump(model: Any) -> Any:
+    return model.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+def _env(job: LLMTrainingJob) -> list[dict[str, Any]]:
+    """Environment of every Ray container: lockdown first, then storage, then the user's."""
+    name = job.metadata.name
+    spec = job.spec
+    env: list[dict[str, Any]] = [
+        {"name": "RAY_USAGE_STATS_ENABLED", "value": "0"},
+        # Token authentication (Ray >= 2.52): every GCS/dashboard/client call carries it.
+        {"name": "RAY_AUTH_MODE", "value": "token"},
+        {
+            "name": "RAY_AUTH_TOKEN",
+            "valueFrom": {"secretKeyRef": {"name": auth_secret_name(name), "key": AUTH_TOKEN_KEY}},
+        },
+        {"name": "RAY_CLUSTER_NAME", "value": name},
+        {"name": "LLMTRAIN_JOB_NAME", "value": name},
+        {"name": "LLMTRAIN_SPEC_PATH", "value": f"{SPEC_MOUNT}/{SPEC_FILE}"},
+        {"name": "LLMTRAIN_METRICS_PORT", "value": str(spec.metrics.port)},
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": "AWS_REGION", "value": spec.storage.region},
+    ]
+    if spec.storage.endpoint:
+        env.append({"name": "AWS_ENDPOINT_URL", "value": spec.storage.endpoint})
+    ref = spec.storage.secret_ref
+    if ref is not None:
+        env += [
+            {
+                "name": "AWS_ACCESS_KEY_ID",
+                "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.access_key_id_key}},
+            },
+            {
+                "name": "AWS_SECRET_ACCESS_KEY",
+                "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.secret_access_key_key}},
+            },
+        ]
+    ours = {e["name"] for e in env}
+    for i, user in enumerate(spec.resources.env):
+        if user.name in ours:
+            raise ManifestError(
+                f"spec.resources.env[{i}].name",
+                f"{user.name} is set by the operator; remove it (storage credentials go in "
+                "spec.storage.secretRef)",
+            )
+        env.append(_user_env(user))
+    return env
+
+
+def _user_env(e: EnvVar) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": e.name}
+    if e.value is not None:
+        out["value"] = e.value
+    if e.value_from is not None:
+        src = e.value_from
+        if src.secret_key_ref is not None:
+            out["valueFrom"] = {"secretKeyRef": _dump(src.secret_key_ref)}
+        elif src.config_map_key_ref is not None:
+            out["valueFrom"] = {"configMapKeyRef": _dump(src.config_map_key_ref)}
+    return out
+
+
+def _toleration(t: Toleration) -> dict[str, Any]:
+    out: dict[str, Any] = _dump(t)
+    return out
+
+
+def _volume_mount(m: VolumeMount) -> dict[str, Any]:
+    out: dict[str, Any] = _dump(m)
+    return out
+
+
+def _volumes_and_mounts(job: LLMTrainingJob) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    res = job.spec.resources
+    volumes: list[dict[str, Any]] = [
+        # Ray's object store and NCCL live in /dev/shm; the container default is 64 MiB.
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": res.shm_size}},
+        {"name": "llmtrain-spec", "configMap": {"name": spec_configmap_name(job.metadata.name)}},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "dshm", "mountPath": "/dev/shm"},
+        {"name": "llmtrain-spec", "mountPath": SPEC_MOUNT, "readOnly": True},
+    ]
+    ours = {v["name"] for v in volumes}
+    user_volumes = [_dump(v) for v in res.volumes]
+    for i, v in enumerate(user_volumes):
+        if not isinstance(v.get("name"), str) or not v["name"]:
+            raise ManifestError(f"spec.resources.volumes[{i}].name", "every volume needs a name")
+        if v["name"] in ours:
+            raise ManifestError(
+                f"spec.resources.volumes[{i}].name", f"{v['name']!r} is used by the operator; rename it"
+            )
+    names = {v["name"] for v in user_volumes}
+    for i, m in enumerate(res.volume_mounts):
+        if m.name not in names:
+            raise ManifestError(
+                f"spec.resources.volumeMounts[{i}].name",
+                f"no volume named {m.name!r} in spec.resources.volumes; add it there",
+            )
+        if m.mount_path in ("/dev/shm", SPEC_MOUNT):
+            raise ManifestError(
+                f"spec.resources.volumeMounts[{i}].mountPath",
+                f"{m.mount_path} is mounted by the operator; choose another path",
+            )
+    return volumes + user_volumes, mounts + [_volume_mount(m) for m in res.volume_mounts]
+
+
+def _labels(job: LLMTrainingJob, role: str, index: int | None) -> dict[str, str]:
+    res = job.spec.resources
+    for key in res.pod_labels:
+        if key in RESERVED_LABELS or key.startswith("kueue.x-k8s.io/"):
+            raise ManifestError(f"spec.resources.podLabels.{key}", f"{key} is set by the operator; remove it")
+    labels = {
+        **res.pod_labels,
+        LABEL_JOB: job.metadata.name,
+        LABEL_ROLE: role,
+        LABEL_RAY_CLUSTER: job.metadata.name,
+        LABEL_RAY_NODE_TYPE: role,
+        LABEL_MANAGED_BY: MANAGED_BY,
+    }
+    if index is not None:
+        labels[LABEL_WORKER_INDEX] = str(index)
+    if res.queue_name:
+        labels[KUEUE_QUEUE_LABEL] = res.queue_name
+        labels[KUEUE_GROUP_LABEL] = job.metadata.name
+    return labels
+
+
+def _annotations(job: LLMTrainingJob) -> dict[str, str]:
+    res = job.spec.resources
+    ann = dict(res.pod_annotations)
+    if res.queue_name:
+        # The head counts: Kueue admits the group only when all workers + 1 pods exist.
+        ann[KUEUE_TOTAL_COUNT_ANNOTATION] = str(res.workers + 1)
+    return ann
+
+
+def _resources(cpu: str, memory: str, gpus: int = 0) -> dict[str, Any]:
+    # Requests equal limits: Guaranteed QoS, so the kubelet never evicts a Ray node for
+    # memory pressure caused by a neighbour, and GPUs must be equal anyway.
+    limits: dict[str, Any] = {"cpu": cpu, "memory": memory}
+    if gpus:
+        limits[GPU_RESOURCE] = str(gpus)
+    return {"requests": dict(limits), "limits": limits}
+
+
+def _probe() -> dict[str, Any]:
+    return {"httpGet": {"path": "/api/healthz", "port": PORT_DASHBOARD_AGENT}}
+
+
+def _shell(cmd: str) -> dict[str, Any]:
+    # Ray opens a file per connection and object; container runtimes often default to 1024.
+    return {"command": ["/bin/bash", "-c", "--"], "args": [f"ulimit -n 65536; exec {cmd}"]}
+
+
+# ------------------------------------------------------------------------------- pods
+
+
+def _pod(
+    job: LLMTrainingJob,
+    settings: OperatorSettings,
+    *,
+    name: str,
+    role: str,
+    index: int | None,
+    container: dict[str, Any],
+    init_containers: list[dict[str, Any]],
+) -> dict[str, Any]:
+    res = job.spec.resources
+    volumes, mounts = _volumes_and_mounts(job)
+    container["volumeMounts"] = [dict(v) for v in mounts]
+    for c in init_containers:
+        c["volumeMounts"] = [dict(v) for v in mounts]
+    spec: dict[str, Any] = {
+        # A Ray node that exits is a lost rank: the operator restarts the whole cluster
+        # (status.restarts, spec.backoffLimit), never the kubelet behind its back.
+        "restartPolicy": "Never",
+        "enableServiceLinks": False,
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if init_containers:
+        spec["initContainers"] = init_containers
+    if res.image_pull_secrets:
+        spec["imagePullSecrets"] = [_dump(s) for s in res.image_pull_secrets]
+    if res.service_account_name:
+        spec["serviceAccountName"] = res.service_account_name
+    if res.priority_class_name:
+        spec["priorityClassName"] = res.priority_class_name
+    if role == ROLE_WORKER:
+        # Placement targets the GPU pool; the head runs no training and stays off it.
+        if res.node_selector:
+            spec["nodeSelector"] = dict(res.node_selector)
+        if res.tolerations:
+            spec["tolerations"] = [_toleration(t) for t in res.tolerations]
+        if res.affinity is not None:
+            spec["affinity"] = _dump(res.affinity)
+    annotations = _annotations(job)
+    meta: dict[str, Any] = {
+        "name": name,
+        "namespace": _namespace(job),
+        "labels": _labels(job, role, index),
+    }
+    if annotations:
+        meta["annotations"] = annotations
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec}
+
+
+def head_pod(job: LLMTrainingJob, settings: OperatorSettings) -> dict[str, Any]:
+    """The Ray head: GCS, dashboard, Jobs API; ``--num-cpus=0 --num-gpus=0`` so no task lands on it."""
+    res = job.spec.resources
+    cmd = (
+        "ray start --head --block --dashboard-host=0.0.0.0 --num-cpus=0 --num-gpus=0 "
+        f"--port={PORT_GCS} --ray-client-server-port={PORT_CLIENT} --dashboard-port={PORT_DASHBOARD} "
+        f"--metrics-export-port={PORT_METRICS} --dashboard-agent-listen-port={PORT_DASHBOARD_AGENT}"
+    )
+    container: dict[str, Any] = {
+        "name": RAY_CONTAINER,
+        "image": res.image,
+        **_shell(cmd),
+        "env": _env(job),
+        "resources": _resources(res.head.cpu, res.head.memory),
+        "ports": [
+            {"name": "gcs", "containerPort": PORT_GCS},
+            {"name": "dashboard", "containerPort": PORT_DASHBOARD},
+            {"name": "client", "containerPort": PORT_CLIENT},
+            {"name": "metrics", "containerPort": PORT_METRICS},
+            {"name": "dashboard-agent", "containerPort": PORT_DASHBOARD_AGENT},
+        ],
+        "readinessProbe": {**_probe(), **_PROBE_READINESS},
+        "livenessProbe": {**_probe(), **_PROBE_LIVENESS},
+    }
+    return _pod(
+        job,
+        settings,
+        name=head_name(job.metadata.name),
+        role=ROLE_HEAD,
+        index=None,
+        container=container,
+        init_containers=[],
+    )
+
+
+def worker_pod(job: LLMTrainingJob, settings: OperatorSettings, index: int) -> dict[str, Any]:
+    """Ray worker ``index``: joins the head Service and advertises exactly its pod's resources."""
+    res = job.spec.resources
+    address = head_address(job, settings)
+    memory_bytes = int(parse_quantity(res.worker.memory))
+    cmd = (
+        f"ray start --address={address} --block --num-cpus={ray_num_cpus(res.worker.cpu)} "
+        f"--num-gpus={res.gpus_per_worker} --memory={memory_bytes} "
+        f"--metrics-export-port={PORT_METRICS} --dashboard-agent-listen-port={PORT_DASHBOARD_AGENT}"
+    )
+    env = _env(job)
+    container: dict[str, Any] = {
+        "name": RAY_CONTAINER,
+        "image": res.image,
+        **_shell(cmd),
+        "env": env,
+        "resources": _resources(res.worker.cpu, res.worker.memory, res.gpus_per_worker),
+        "ports": [
+            {"name": "metrics", "containerPort": PORT_METRICS},
+            {"name": "train-metrics", "containerPort": job.spec.metrics.port},
+            {"name": "dashboard-agent", "containerPort": PORT_DASHBOARD_AGENT},
+        ],
+        "readinessProbe": {**_probe(), **_PROBE_READINESS},
+        "livenessProbe": {**_probe(), **_PROBE_LIVENESS},
+    }
+    # Joining before the GCS answers makes `ray start` fail; wait for it (KubeRay's
+    # wait-gcs-ready). The token is needed: health-check is authenticated too.
+    wait_gcs = {
+        "name": "wait-gcs-ready",
+        "image": res.image,
+        "command": ["/bin/bash", "-c", "--"],
+        "args": [
+            f"until ray health-check --address={address} >/dev/null 2>&1; do "
+            f"echo 'waiting for the Ray GCS at {address}'; sleep 2; done"
+        ],
+        "env": env,
+        "resources": _resources("200m", "256Mi"),
+    }
+    return _pod(
+        job,
+        settings,
+        name=worker_name(job.metadata.name, index),
+        role=ROLE_WORKER,
+        index=index,
+        container=container,
+        init_containers=[wait_gcs],
+    )
+
+
+def pods(job: LLMTrainingJob, settings: OperatorSettings) -> list[dict[str, Any]]:
+    """Every pod, head first; names match :func:`pod_names`."""
+    return [head_pod(job, settings)] + [
+        worker_pod(job, settings, i) for i in range(job.spec.resources.workers)
+    ]
+
+
+# ------------------------------------------------------------------------ the rest
+
+
+def head_service(job: LLMTrainingJob) -> dict[str, Any]:
+    """Headless Service of the head: a stable DNS name for workers and clients."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(job, service_name(job.metadata.name)),
+        "spec": {
+            "clusterIP": "None",
+            # Workers resolve the head before it is Ready (its GCS is up long before the
+            # dashboard probe passes); without this they would wait on DNS.
+            "publishNotReadyAddresses": True,
+            "selector": {LABEL_JOB: job.metadata.name, LABEL_ROLE: ROLE_HEAD},
+            "ports": [
+                {"name": "gcs", "port": PORT_GCS, "targetPort": PORT_GCS},
+                {"name": "dashboard", "port": PORT_DASHBOARD, "targetPort": PORT_DASHBOARD},
+                {"name": "client", "port": PORT_CLIENT, "targetPort": PORT_CLIENT},
+                {"name": "metrics", "port": PORT_METRICS, "targetPort": PORT_METRICS},
+            ],
+        },
+    }
+
+
+def auth_secret(job: LLMTrainingJob, token: str) -> dict[str, Any]:
+    """The per-job Ray auth token (the caller draws it: ``secrets.token_hex(32)``, 32 random bytes)."""
+    if len(token) < 32:
+        raise ValueError("the Ray auth token must carry at least 32 random bytes")
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": _meta(job, auth_secret_name(job.metadata.name)),
+        "type": "Opaque",
+        "immutable": True,
+        "data": {AUTH_TOKEN_KEY: base64.b64encode(token.encode()).decode()},
+    }
+
+
+def spec_configmap(job: LLMTrainingJob) -> dict[str, Any]:
+    """The job spec as the pods read it (``LLMTRAIN_SPEC_PATH``)."""
+    doc = {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "metadata": {"name": job.metadata.name, "namespace": _namespace(job)},
+        "spec": job.spec.model_dump(by_alias=True, exclude_none=True, mode="json"),
+    }
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta(job, spec_configmap_name(job.metadata.name)),
+        "data": {SPEC_FILE: yaml.safe_dump(doc, sort_keys=False)},
+    }
+
+
+def network_policy(job: LLMTrainingJob, settings: OperatorSettings) -> dict[str, Any]:
+    """Ingress to the job's pods: its own pods (all ports: Ray's object and worker ports are
+    dynamic), the operator's namespace (dashboard/Jobs API) and Prometheus (metrics ports).
+
+    It only narrows what a namespace default-deny lets through and is enforced by the CNI;
+    the default-deny itself is the cluster admin's part.
+    """
+    name = job.metadata.name
+    metrics_ports = [{"protocol": "TCP", "port": PORT_METRICS}]
+    if job.spec.metrics.enabled:
+        metrics_ports.append({"protocol": "TCP", "port": job.spec.metrics.port})
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _meta(job, network_policy_name(name)),
+        "spec": {
+            "podSelector": {"matchLabels": selector_labels(name)},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"from": [{"podSelector": {"matchLabels": selector_labels(name)}}]},
+                {
+                    "from": [
+                        {
+                            "namespaceSelector": {
+                                "matchLabels": {"kubernetes.io/metadata.name": settings.operator_namespace}
+                            }
+                        }
+                    ],
+                    "ports": [{"protocol": "TCP", "port": PORT_DASHBOARD}],
+                },
+                {
+                    "from": [
+                        {
+                            "namespaceSelector": {"matchLabels": dict(settings.prometheus_namespace_labels)},
+                            "podSelector": {"matchLabels": dict(settings.prometheus_pod_labels)},
+                        }
+                    ],
+                    "ports": metrics_ports,
+                },
+            ],
+        },
+    }
+
+
+def static_children(job: LLMTrainingJob, settings: OperatorSettings, token: str) -> list[dict[str, Any]]:
+    """Everything but the pods, in creation order (pods reference the Secret and ConfigMap)."""
+    return [auth_secret(job, token), spec_configmap(job), head_service(job), network_policy(job, settings)]

@@ -1,0 +1,524 @@
+"""The level-based reconcile of one ``LLMTrainingJob``: observe → ordered idempotent steps →
+status computed from observation.
+
+:meth:`Reconciler.reconcile` is a plain function of (job body, the job's pods from the
+pod index, now) over an injected :class:`~llmtrain.operator.kube.KubeApi`. It returns an
+:class:`Outcome` — the status patch (only the fields the operator owns, only when they
+change), annotations for the job, the Events to emit and the reason to look again —
+which the thin Kopf handlers write. Every step is idempotent, so the same call after an
+operator crash, a lost watch event or a duplicate timer tick converges to the same
+objects and status.
+
+Order of steps:
+
+1. parse the spec (invalid → ``Failed/InvalidSpec``);
+2. a finished job: delete leftover pods, then the Ray cluster ``ttlSecondsAfterFinished`` later;
+3. ``suspend: true``: delete the pods, keep status (``Suspended``); resuming counts the time;
+4. ``activeDeadlineSeconds`` (suspended time not counted);
+5. a terminated pod: restart the whole Ray cluster (``status.restarts``) up to ``backoffLimit``;
+6. create what is missing: Secret, ConfigMap, Service, NetworkPolicy, then the pods;
+7. diagnose the pods → phase and conditions; ``preRunningDeadlineSeconds`` fails a job
+   whose pods are not all Running in time, with the diagnosis as its message.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmtrain.operator import manifests as m
+from llmtrain.operator.diagnose import ClusterState, Diagnosis, PodView, diagnose
+from llmtrain.operator.kube import ApiError, KubeApi
+from pydantic import ValidationError
+
+from llmtrain.api.job import LLMTrainingJob
+from llmtrain.api.status import ConditionType, Phase, Reason
+
+# Job annotations: the operator's own memory, kept on the object so a restarted operator
+# (or another replica) continues where the last one stopped.
+ANN_ATTEMPT_STARTED = "llmtrain.dev/attempt-started-at"  # pre-running deadline clock
+ANN_SUSPENDED_SECONDS = "llmtrain.dev/suspended-seconds"  # excluded from activeDeadlineSeconds
+ANN_RESTARTED_PODS = "llmtrain.dev/restarted-pod-uids"  # failures already counted
+ANN_CLEANED_UP = "llmtrain.dev/cleaned-up-at"  # ttlSecondsAfterFinished done
+
+# Phases written by the training run's progress mirror (a later issue): kept as they are.
+RUN_PHASES = (Phase.Preprocessing, Phase.Training, Phase.Exporting)
+OWNED_STATUS_FIELDS = (
+    "phase",
+    "conditions",
+    "restarts",
+    "rayClusterName",
+    "startTime",
+    "completionTime",
+    "observedGeneration",
+)
+WARNING_REASONS = frozenset(
+    {
+        Reason.Unschedulable,
+        Reason.Restarting,
+        Reason.DeadlineExceeded,
+        Reason.PreRunningDeadlineExceeded,
+        Reason.BackoffLimitExceeded,
+        Reason.InvalidSpec,
+        Reason.WorkerFailed,
+        Reason.InsufficientResources,
+    }
+)
+
+
+def rfc3339(t: dt.datetime) -> str:
+    return t.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(s: str | None) -> dt.datetime | None:
+    if not s:
+        return None
+    return dt.datetime.fromisoformat(s.replace("Z", "+00:00"))
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+@dataclass
+class Outcome:
+    """What one reconcile decided; the handler writes it."""
+
+    status: dict[str, Any] | None  # camelCase status patch, None when nothing changed
+    annotations: dict[str, str | None] = field(default_factory=dict)
+    events: list[Event] = field(default_factory=list)
+    requeue: str | None = None  # why the job needs another look soon
+    phase: Phase = Phase.Pending
+    provisioning_seconds: float | None = None  # set once per attempt: created → all Running
+    restarted: bool = False
+    error: str | None = None  # an API failure worth a TemporaryError
+
+
+class Conditions:
+    """The status' condition list, updated metav1-style: lastTransitionTime moves only when
+    a condition's status changes. Types the operator does not own are kept as they are."""
+
+    def __init__(self, current: list[dict[str, Any]], now: str, generation: int | None) -> None:
+        self.by_type: dict[str, dict[str, Any]] = {c["type"]: dict(c) for c in current if "type" in c}
+        self.order = [c["type"] for c in current if "type" in c]
+        self.now = now
+        self.generation = generation
+
+    def get(self, t: ConditionType) -> dict[str, Any] | None:
+        return self.by_type.get(t.value)
+
+    def is_true(self, t: ConditionType) -> bool:
+        c = self.get(t)
+        return bool(c and c.get("status") == "True")
+
+    def set(self, t: ConditionType, status: bool, reason: Reason, message: str) -> None:
+        s = "True" if status else "False"
+        old = self.by_type.get(t.value)
+        cond: dict[str, Any] = {
+            "type": t.value,
+            "status": s,
+            "reason": reason.value,
+            "message": message[:32_000],
+            "lastTransitionTime": self.now
+            if not old or old.get("status") != s
+            else old["lastTransitionTime"],
+        }
+        if self.generation is not None:
+            cond["observedGeneration"] = self.generation
+        if t.value not in self.by_type:
+            self.order.append(t.value)
+        self.by_type[t.value] = cond
+
+    def as_list(self) -> list[dict[str, Any]]:
+        return [self.by_type[t] for t in self.order]
+
+
+class Reconciler:
+    """Reconciles jobs over an injected API; stateless between calls (all state is on the objects)."""
+
+    def __init__(
+        self,
+        api: KubeApi,
+        settings: m.OperatorSettings | None = None,
+        *,
+        adopt: Callable[[dict[str, Any], Mapping[str, Any]], None] | None = None,
+        token: Callable[[], str] = lambda: secrets.token_hex(32),
+    ) -> None:
+        self.api = api
+        self.settings = settings or m.OperatorSettings()
+        self.adopt = adopt or _adopt
+        self.token = token
+
+    # ------------------------------------------------------------------------ entry
+
+    def reconcile(self, body: Mapping[str, Any], pods: Mapping[str, PodView], now: dt.datetime) -> Outcome:
+        meta = body.get("metadata") or {}
+        name: str = meta["name"]
+        uid: str = meta.get("uid", "")
+        annotations: dict[str, str] = dict(meta.get("annotations") or {})
+        old: dict[str, Any] = dict(body.get("status") or {})
+        old_owned = {k: old[k] for k in OWNED_STATUS_FIELDS if k in old}
+        st: dict[str, Any] = dict(old_owned)
+        conds = Conditions(list(old.get("conditions") or []), rfc3339(now), meta.get("generation"))
+        st["observedGeneration"] = meta.get("generation")
+        st["rayClusterName"] = name
+        st.setdefault("restarts", 0)
+        out = Outcome(status=None)
+        old_phase = Phase(old["phase"]) if old.get("phase") in Phase.__members__ else None
+        st.setdefault("phase", Phase.Pending.value)
+
+        # Only this incarnation's pods: a job deleted and re-created under the same name
+        # may still have pods being garbage-collected.
+        mine = {n: p for n, p in pods.items() if p.owner_uid == uid}
+
+        try:
+            job = LLMTrainingJob.model_validate(
+                {k: v for k, v in body.items() if k in ("apiVersion", "kind", "metadata", "spec")}
+            )
+            self._check_manifests(job)
+        except (ValidationError, m.ManifestError) as e:
+            if old_phase != Phase.Failed:
+                self._fail(st, conds, out, Reason.InvalidSpec, _spec_error(e), now)
+                self._delete_pods(meta, mine, out)
+            return self._finish(st, conds, old_owned, out)
+
+        # 2. finished: nothing runs any more; TTL removes the Ray cluster, the CR stays.
+        if old_phase is not None and old_phase.terminal:
+            out.phase = old_phase
+            self._delete_pods(meta, mine, out)
+            self._ttl(job, old, annotations, out, now)
+            return self._finish(st, conds, old_owned, out)
+
+        # 3. suspend / resume
+        if job.spec.suspend:
+            self._delete_pods(meta, mine, out)
+            if not conds.is_true(ConditionType.Suspended):
+                out.events.append(
+                    Event("Normal", Reason.SuspendedByUser.value, "suspended: Ray pods deleted")
+                )
+            msg = "suspended by spec.suspend: the Ray pods are deleted, status is kept; set suspend: false to resume"
+            conds.set(ConditionType.Suspended, True, Reason.SuspendedByUser, msg)
+            conds.set(ConditionType.Running, False, Reason.SuspendedByUser, msg)
+            conds.set(ConditionType.Scheduled, False, Reason.WaitingForPods, "suspended: no pods")
+            st["phase"] = Phase.Suspended.value
+            out.phase = Phase.Suspended
+            return self._finish(st, conds, old_owned, out)
+
+        suspended_total = float(annotations.get(ANN_SUSPENDED_SECONDS, "0") or 0)
+        if conds.is_true(ConditionType.Suspended):
+            since = parse_time((conds.get(ConditionType.Suspended) or {}).get("lastTransitionTime")) or now
+            suspended_total += max(0.0, (now - since).total_seconds())
+            out.annotations[ANN_SUSPENDED_SECONDS] = f"{suspended_total:.0f}"
+            out.annotations[ANN_ATTEMPT_STARTED] = rfc3339(now)
+            conds.set(ConditionType.Suspended, False, Reason.Resumed, "resumed: Ray pods recreated")
+            out.events.append(Event("Normal", Reason.Resumed.value, "resumed: recreating the Ray pods"))
+
+        if not st.get("startTime"):
+            st["startTime"] = rfc3339(now)
+        if ANN_ATTEMPT_STARTED not in annotations and ANN_ATTEMPT_STARTED not in out.annotations:
+            out.annotations[ANN_ATTEMPT_STARTED] = rfc3339(now)
+
+        # 4. activeDeadlineSeconds: wall time since start minus time suspended
+        deadline = job.spec.active_deadline_seconds
+        start = parse_time(st["startTime"]) or now
+        active = (now - start).total_seconds() - suspended_total
+        if deadline is not None and active >= deadline:
+            self._fail(
+                st,
+                conds,
+                out,
+                Reason.DeadlineExceeded,
+                f"active for {active:.0f}s, over spec.activeDeadlineSeconds={deadline}",
+                now,
+            )
+            self._delete_pods(meta, mine, out)
+            return self._finish(st, conds, old_owned, out)
+
+        expected = m.pod_names(job)
+        handled = set(filter(None, annotations.get(ANN_RESTARTED_PODS, "").split(",")))
+        live = {n: p for n, p in mine.items() if p.uid not in handled}
+
+        # 5. a Ray node ended: the cluster is restarted as a whole (its GCS state and the
+        # training group die with any one node), up to spec.backoffLimit times.
+        diag = diagnose(expected, live, self._event_lookup(meta))
+        if diag.state == ClusterState.Failed:
+            restarts = int(st.get("restarts") or 0)
+            if restarts >= job.spec.backoff_limit:
+                self._fail(
+                    st,
+                    conds,
+                    out,
+                    Reason.BackoffLimitExceeded,
+                    f"{diag.message}; {restarts} restarts reached spec.backoffLimit={job.spec.backoff_limit}",
+                    now,
+                )
+                self._delete_pods(meta, mine, out)
+                return self._finish(st, conds, old_owned, out)
+            st["restarts"] = restarts + 1
+            out.restarted = True
+            out.annotations[ANN_RESTARTED_PODS] = ",".join(sorted(p.uid for p in mine.values()))
+            out.annotations[ANN_ATTEMPT_STARTED] = rfc3339(now)
+            msg = f"{diag.message}; restarting the Ray cluster (restart {restarts + 1} of {job.spec.backoff_limit})"
+            self._delete_pods(meta, mine, out, end_group=False)
+            conds.set(ConditionType.Running, False, Reason.Restarting, msg)
+            conds.set(ConditionType.Scheduled, False, Reason.WaitingForPods, "restarting: pods recreated")
+            st["phase"] = Phase.Provisioning.value
+            out.phase = Phase.Provisioning
+            out.requeue = "restarting: waiting for the old pods to go"
+            return self._finish(st, conds, old_owned, out)
+
+        # 6. create what is missing (children before pods: pods mount the ConfigMap and
+        # read the Secret). Skipped entirely while every pod exists: a steady job costs
+        # no API calls per tick.
+        missing = [n for n in expected if n not in live]
+        if missing:
+            self._ensure_children(job, body, mine, pods, missing, out)
+            if out.error:
+                out.requeue = out.error
+            diag = diagnose(expected, live, self._event_lookup(meta))
+
+        # 7. status from the diagnosis
+        self._apply_diagnosis(job, diag, st, conds, old_phase, annotations, out, now)
+        if Phase(st["phase"]) == Phase.Failed:
+            self._delete_pods(meta, mine, out)
+        return self._finish(st, conds, old_owned, out)
+
+    # --------------------------------------------------------------------- steps
+
+    def _check_manifests(self, job: LLMTrainingJob) -> None:
+        # Building them is the validation: an error names the spec field to fix.
+        m.pods(job, self.settings)
+        m.network_policy(job, self.settings)
+
+    def _event_lookup(self, meta: Mapping[str, Any]) -> Callable[[PodView], str | None]:
+        def lookup(p: PodView) -> str | None:
+            try:
+                events = self.api.scheduler_events(p.namespace or meta.get("namespace", ""), p.name)
+            except ApiError:
+                return None
+            return events[-1].get("message") if events else None
+
+        return lookup
+
+    def _create(self, obj: dict[str, Any], body: Mapping[str, Any], out: Outcome) -> None:
+        """Create if absent; on 409 the existing object must be owned by this job."""
+        self.adopt(obj, body)
+        kind, ns, name = obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"]
+        try:
+            self.api.create(obj)
+            return
+        except ApiError as e:
+            if e.status != 409:
+                out.error = f"creating {kind} {name} failed: {e.message}"
+                out.events.append(Event("Warning", "CreateFailed", out.error))
+                return
+        existing = self.api.get(kind, ns, name)
+        uid = (body.get("metadata") or {}).get("uid")
+        owners = [o.get("uid") for o in ((existing or {}).get("metadata") or {}).get("ownerReferences") or []]
+        if existing is not None and uid not in owners:
+            out.error = (
+                f"{kind} {name} exists and is not owned by this job: waiting for it to be deleted "
+                "(or delete it yourself)"
+            )
+            out.events.append(Event("Warning", "NameConflict", out.error))
+
+    def _ensure_children(
+        self,
+        job: LLMTrainingJob,
+        body: Mapping[str, Any],
+        mine: Mapping[str, PodView],
+        all_pods: Mapping[str, PodView],
+        missing: list[str],
+        out: Outcome,
+    ) -> None:
+        for child in m.static_children(job, self.settings, self.token()):
+            self._create(child, body, out)
+        by_name = {p["metadata"]["name"]: p for p in m.pods(job, self.settings)}
+        created = 0
+        for name in missing:
+            p = all_pods.get(name)
+            if p is not None and (p.deleting or p.owner_uid != (body.get("metadata") or {}).get("uid")):
+                out.requeue = f"pod {name} is still being deleted"
+                continue
+            if name in mine:  # a counted-and-handled failure not yet deleted: delete it again
+                self.api.delete("Pod", mine[name].namespace, name, uid=mine[name].uid)
+                out.requeue = f"pod {name} is still being deleted"
+                continue
+            self._create(by_name[name], body, out)
+            created += 1
+        if created:
+            out.events.append(Event("Normal", "PodsCreated", f"created {created} Ray pods"))
+            out.requeue = out.requeue or "pods created"
+
+    def _delete_pods(
+        self, meta: Mapping[str, Any], pods: Mapping[str, PodView], out: Outcome, end_group: bool = True
+    ) -> None:
+        """Delete the job's pods (by uid: never a newer incarnation). With Kueue, the group is
+        first marked not retriable so Kueue ends it and frees its quota."""
+        live = [p for p in pods.values() if not p.deleting]
+        if not live:
+            return
+        for p in live:
+            if end_group and p.annotation(m.KUEUE_TOTAL_COUNT_ANNOTATION) is not None:
+                self.api.annotate("Pod", p.namespace, p.name, {m.KUEUE_RETRIABLE_ANNOTATION: "false"})
+            self.api.delete("Pod", p.namespace, p.name, uid=p.uid)
+        out.events.append(Event("Normal", "PodsDeleted", f"deleted {len(live)} Ray pods"))
+
+    def _ttl(
+        self,
+        job: LLMTrainingJob,
+        old: Mapping[str, Any],
+        annotations: Mapping[str, str],
+        out: Outcome,
+        now: dt.datetime,
+    ) -> None:
+        ttl = job.spec.ttl_seconds_after_finished
+        if ttl is None or ANN_CLEANED_UP in annotations:
+            return
+        done = parse_time(old.get("completionTime")) or now
+        left = (done - now).total_seconds() + ttl
+        if left > 0:
+            out.requeue = f"ttlSecondsAfterFinished: Ray cluster deleted in {left:.0f}s"
+            return
+        ns = job.metadata.namespace or "default"
+        name = job.metadata.name
+        for kind, child in (
+            ("Service", m.service_name(name)),
+            ("NetworkPolicy", m.network_policy_name(name)),
+            ("ConfigMap", m.spec_configmap_name(name)),
+            ("Secret", m.auth_secret_name(name)),
+        ):
+            self.api.delete(kind, ns, child)
+        out.annotations[ANN_CLEANED_UP] = rfc3339(now)
+        out.events.append(
+            Event("Normal", "RayClusterDeleted", f"ttlSecondsAfterFinished={ttl} passed: Ray cluster deleted")
+        )
+
+    def _fail(
+        self,
+        st: dict[str, Any],
+        conds: Conditions,
+        out: Outcome,
+        reason: Reason,
+        message: str,
+        now: dt.datetime,
+    ) -> None:
+        conds.set(ConditionType.Failed, True, reason, message)
+        conds.set(ConditionType.Running, False, reason, message)
+        st["phase"] = Phase.Failed.value
+        st["completionTime"] = rfc3339(now)
+        out.phase = Phase.Failed
+        out.events.append(Event("Warning", reason.value, message))
+
+    def _apply_diagnosis(
+        self,
+        job: LLMTrainingJob,
+        diag: Diagnosis,
+        st: dict[str, Any],
+        conds: Conditions,
+        old_phase: Phase | None,
+        annotations: Mapping[str, str],
+        out: Outcome,
+        now: dt.datetime,
+    ) -> None:
+        old_running = conds.get(ConditionType.Running) or {}
+        old_sched_reason = (conds.get(ConditionType.Scheduled) or {}).get("reason")
+        scheduled = diag.state in (ClusterState.Starting, ClusterState.Ready) or (
+            diag.state == ClusterState.Stuck and diag.scheduled == diag.expected
+        )
+        if scheduled:
+            conds.set(
+                ConditionType.Scheduled,
+                True,
+                Reason.AllPodsScheduled,
+                f"all {diag.expected} pods scheduled",
+            )
+        elif diag.state == ClusterState.Queued:
+            conds.set(ConditionType.Scheduled, False, Reason.QueuedByKueue, diag.message)
+        elif diag.state == ClusterState.Unschedulable:
+            conds.set(ConditionType.Scheduled, False, Reason.Unschedulable, diag.message)
+        else:
+            conds.set(ConditionType.Scheduled, False, Reason.WaitingForPods, diag.message)
+
+        if diag.state == ClusterState.Ready:
+            if old_phase in RUN_PHASES:
+                st["phase"] = old_phase.value if old_phase else Phase.Provisioning.value
+            else:
+                st["phase"] = Phase.Provisioning.value
+                conds.set(
+                    ConditionType.Running,
+                    False,
+                    Reason.Provisioning,
+                    f"{diag.message}; waiting for the training run to be submitted",
+                )
+            was_ready = str(old_running.get("message", "")).startswith("Ray cluster ready")
+            if not was_ready and old_phase not in RUN_PHASES:
+                started = parse_time(
+                    annotations.get(ANN_ATTEMPT_STARTED) or out.annotations.get(ANN_ATTEMPT_STARTED)
+                )
+                if started is not None:
+                    out.provisioning_seconds = max(0.0, (now - started).total_seconds())
+                out.events.append(Event("Normal", "RayClusterReady", diag.message))
+        else:
+            reason = {
+                ClusterState.Queued: Reason.QueuedByKueue,
+                ClusterState.Unschedulable: Reason.Unschedulable,
+            }.get(diag.state, Reason.Provisioning)
+            st["phase"] = Phase.Provisioning.value if scheduled else Phase.Pending.value
+            conds.set(ConditionType.Running, False, reason, diag.message)
+            limit = job.spec.pre_running_deadline_seconds
+            started = parse_time(
+                annotations.get(ANN_ATTEMPT_STARTED) or out.annotations.get(ANN_ATTEMPT_STARTED)
+            )
+            if limit is not None and started is not None:
+                waited = (now - started).total_seconds()
+                if waited >= limit:
+                    self._fail(
+                        st,
+                        conds,
+                        out,
+                        Reason.PreRunningDeadlineExceeded,
+                        f"pods not all Running within spec.preRunningDeadlineSeconds={limit}: {diag.message}",
+                        now,
+                    )
+                    return
+                out.requeue = out.requeue or f"{diag.message} (pre-running deadline in {limit - waited:.0f}s)"
+            else:
+                out.requeue = out.requeue or diag.message
+        new_sched = conds.get(ConditionType.Scheduled) or {}
+        if new_sched.get("reason") != old_sched_reason and new_sched.get("reason") != Reason.WaitingForPods:
+            kind = "Warning" if new_sched.get("reason") in WARNING_REASONS else "Normal"
+            out.events.append(Event(kind, str(new_sched.get("reason")), str(new_sched.get("message"))))
+        out.phase = Phase(st["phase"])
+
+    def _finish(
+        self, st: dict[str, Any], conds: Conditions, old_owned: Mapping[str, Any], out: Outcome
+    ) -> Outcome:
+        st["conditions"] = conds.as_list()
+        new = {k: v for k, v in st.items() if v is not None}
+        if new != {k: v for k, v in old_owned.items() if v is not None}:
+            out.status = new
+        out.phase = Phase(st["phase"])
+        return out
+
+
+def _adopt(obj: dict[str, Any], owner: Mapping[str, Any]) -> None:
+    import kopf
+
+    kopf.adopt(obj, owner=dict(owner))  # type: ignore[arg-type]
+
+
+def _spec_error(e: Exception) -> str:
+    if isinstance(e, ValidationError):
+        parts = []
+        for err in e.errors()[:5]:
+            loc = ".".join(str(x) for x in err["loc"])
+            parts.append(f"{loc}: {err['msg']}")
+        return "invalid spec: " + "; ".join(parts)
+    return f"invalid spec: {e}"

@@ -1,0 +1,219 @@
+"""Shared helpers of the operator unit tests: a job body, an in-memory API, pod states.
+
+The pod statuses are shaped like what kube-scheduler 1.35 and the kubelet write (the
+unschedulable message is the scheduler's verbatim format, recorded from the KWOK control
+plane of tests/cluster).
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import itertools
+from typing import Any
+
+import pytest
+from llmtrain.operator.diagnose import PodView, pod_view
+from llmtrain.operator.kube import ApiError
+
+NOW = dt.datetime(2026, 11, 26, 12, 0, 0, tzinfo=dt.UTC)
+JOB_UID = "11111111-2222-3333-4444-555555555555"
+
+UNSCHEDULABLE_MSG = (
+    "0/6 nodes are available: 2 node(s) didn't match Pod's node affinity/selector, "
+    "4 Insufficient nvidia.com/gpu. preemption: 0/6 nodes are available: "
+    "2 Preemption is not helpful for scheduling, 4 No preemption victims found for incoming pod."
+)
+TAINT_MSG = (
+    "0/6 nodes are available: 2 node(s) didn't match Pod's node affinity/selector, "
+    "4 node(s) had untolerated taint {nvidia.com/gpu: present}. preemption: 0/6 nodes are available: "
+    "6 Preemption is not helpful for scheduling."
+)
+
+
+def spec(**resources: Any) -> dict[str, Any]:
+    return {
+        "data": {
+            "sources": [{"name": "s", "pythonStdlib": {}}],
+            "tokenizer": {"train": {"vocabSize": 512}},
+            "outputUri": "s3://bucket/data",
+        },
+        "model": {
+            "architecture": {"layers": 2, "dModel": 64, "heads": 4, "contextLength": 64},
+            "init": {"random": {"seed": 0}},
+        },
+        "training": {
+            "optimizer": {"type": "adamw", "lr": 0.001},
+            "batch": {"globalBatchSize": 8, "microBatchSize": 4},
+            "duration": {"maxSteps": 10},
+        },
+        "resources": {"workers": 2, **resources},
+    }
+
+
+def job_body(name: str = "demo", namespace: str = "ns1", **top: Any) -> dict[str, Any]:
+    """A job as the API server returns it (uid, generation, creationTimestamp)."""
+    resources = top.pop("resources", {})
+    s = spec(**resources)
+    s.update(top)
+    return {
+        "apiVersion": "llmtrain.dev/v1alpha1",
+        "kind": "LLMTrainingJob",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "uid": JOB_UID,
+            "generation": 1,
+            "creationTimestamp": "2026-11-26T11:59:00Z",
+            "annotations": {},
+        },
+        "spec": s,
+    }
+
+
+class FakeApi:
+    """An in-memory :class:`~llmtrain.operator.kube.KubeApi`: objects by (kind, ns, name)."""
+
+    def __init__(self) -> None:
+        self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self.calls: list[tuple[str, str, str]] = []
+        self.events: dict[str, list[dict[str, Any]]] = {}
+        self.fail: dict[str, ApiError] = {}  # verb → error raised once
+        self._uids = (f"uid-{i}" for i in itertools.count())
+
+    def _maybe_fail(self, verb: str) -> None:
+        if verb in self.fail:
+            raise self.fail.pop(verb)
+
+    def create(self, obj: dict[str, Any]) -> dict[str, Any]:
+        key = (obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"])
+        self.calls.append(("create", obj["kind"], obj["metadata"]["name"]))
+        self._maybe_fail("create")
+        if key in self.objects:
+            raise ApiError(409, f"{key[0]} {key[2]} already exists")
+        stored = copy.deepcopy(obj)
+        stored["metadata"]["uid"] = next(self._uids)
+        stored["metadata"]["creationTimestamp"] = "2026-11-26T12:00:00Z"
+        self.objects[key] = stored
+        return stored
+
+    def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        self.calls.append(("get", kind, name))
+        return self.objects.get((kind, namespace, name))
+
+    def delete(self, kind: str, namespace: str, name: str, uid: str | None = None) -> bool:
+        self.calls.append(("delete", kind, name))
+        self._maybe_fail("delete")
+        obj = self.objects.get((kind, namespace, name))
+        if obj is None or (uid and obj["metadata"]["uid"] != uid):
+            return False
+        del self.objects[(kind, namespace, name)]
+        return True
+
+    def annotate(self, kind: str, namespace: str, name: str, annotations: dict[str, str]) -> None:
+        self.calls.append(("annotate", kind, name))
+        obj = self.objects.get((kind, namespace, name))
+        if obj is not None:
+            obj["metadata"].setdefault("annotations", {}).update(annotations)
+
+    def scheduler_events(self, namespace: str, pod: str) -> list[dict[str, Any]]:
+        self.calls.append(("events", "Event", pod))
+        return self.events.get(pod, [])
+
+    # ---- test helpers
+    def pods(self) -> dict[str, dict[str, Any]]:
+        return {k[2]: v for k, v in self.objects.items() if k[0] == "Pod"}
+
+    def names(self, kind: str) -> set[str]:
+        return {k[2] for k in self.objects if k[0] == kind}
+
+    def verbs(self, verb: str, kind: str | None = None) -> list[str]:
+        return [n for v, k, n in self.calls if v == verb and (kind is None or k == kind)]
+
+
+def set_status(pod: dict[str, Any], state: str, *, message: str = "", exit_code: int = 1) -> dict[str, Any]:
+    """Give a created pod the status the scheduler/kubelet would write for ``state``."""
+    st: dict[str, Any]
+    if state == "unschedulable":
+        st = {
+            "phase": "Pending",
+            "conditions": [
+                {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message}
+            ],
+        }
+    elif state == "gated":
+        pod["spec"]["schedulingGates"] = [{"name": "kueue.x-k8s.io/admission"}]
+        st = {
+            "phase": "Pending",
+            "conditions": [
+                {
+                    "type": "PodScheduled",
+                    "status": "False",
+                    "reason": "SchedulingGated",
+                    "message": "Scheduling is blocked due to non-empty scheduling gates",
+                }
+            ],
+        }
+    elif state == "scheduled":
+        pod["spec"]["nodeName"] = "gpu-node-0"
+        st = {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "True"}]}
+    elif state == "imagepull":
+        pod["spec"]["nodeName"] = "gpu-node-0"
+        st = {
+            "phase": "Pending",
+            "conditions": [{"type": "PodScheduled", "status": "True"}],
+            "containerStatuses": [
+                {
+                    "name": "ray",
+                    "state": {
+                        "waiting": {
+                            "reason": "ImagePullBackOff",
+                            "message": 'Back-off pulling image "nope:1"',
+                        }
+                    },
+                }
+            ],
+        }
+    elif state == "running":
+        pod["spec"]["nodeName"] = "gpu-node-0"
+        st = {
+            "phase": "Running",
+            "conditions": [{"type": "PodScheduled", "status": "True"}, {"type": "Ready", "status": "True"}],
+            "containerStatuses": [
+                {"name": "ray", "state": {"running": {"startedAt": "2026-11-26T12:00:30Z"}}}
+            ],
+        }
+    elif state == "failed":
+        pod["spec"]["nodeName"] = "gpu-node-0"
+        st = {
+            "phase": "Failed",
+            "conditions": [{"type": "PodScheduled", "status": "True"}],
+            "containerStatuses": [
+                {"name": "ray", "state": {"terminated": {"exitCode": exit_code, "reason": "Error"}}}
+            ],
+        }
+    else:
+        raise ValueError(state)
+    pod["status"] = st
+    return pod
+
+
+def views(api: FakeApi) -> dict[str, PodView]:
+    """The pod index as the operator would hold it."""
+    return {n: pod_view(p) for n, p in api.pods().items()}
+
+
+def set_all(api: FakeApi, state: str, **kw: Any) -> None:
+    for p in api.pods().values():
+        set_status(p, state, **kw)
+
+
+def test_fake_api_conflict_and_uid_guarded_delete() -> None:
+    api = FakeApi()
+    obj = {"kind": "Pod", "metadata": {"name": "p", "namespace": "n"}}
+    created = api.create(copy.deepcopy(obj))
+    with pytest.raises(ApiError) as e:
+        api.create(copy.deepcopy(obj))
+    assert e.value.status == 409
+    assert api.delete("Pod", "n", "p", uid="other") is False
+    assert api.delete("Pod", "n", "p", uid=created["metadata"]["uid"]) is True
