@@ -192,6 +192,7 @@ def runtime_config_from_spec(
     sch = spec.training.schedule
     schedule = ScheduleConfig(warmup_steps=sch.warmup_steps, decay=sch.decay.value, min_lr=sch.min_lr)
     t = spec.training
+    init_kind: Literal["random", "checkpoint", "pretrained"]
     if init.checkpoint is not None:
         init_kind, init_uri = "checkpoint", init.checkpoint.uri
     elif init.pretrained is not None:

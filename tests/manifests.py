@@ -1,0 +1,361 @@
+"""Manifests for tests: a maximal valid job and the invalid variants derived from it.
+
+The invalid cases are shared by ``tests/unit/test_validate.py`` (``llmtrain validate``)
+and the apiserver parity test (``kubectl apply --dry-run=server``), so both judge the
+same manifests. Enum, bound and pattern cases are generated from the CRD schema itself,
+so a new field gets its cases without anyone writing them.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from llmtrain.api.validate import root_schema
+
+BASE: dict[str, Any] = {
+    "apiVersion": "llmtrain.dev/v1alpha1",
+    "kind": "LLMTrainingJob",
+    "metadata": {"name": "full"},
+    "spec": {
+        "data": {
+            "sources": [
+                {
+                    "name": "web",
+                    "weight": 0.5,
+                    "s3": {"uri": "s3://corpus/web/", "format": "jsonl", "field": "text"},
+                },
+                {"name": "books", "weight": 0.2, "local": {"glob": "/data/*.txt", "textUnit": "paragraph"}},
+                {
+                    "name": "hf",
+                    "weight": 0.2,
+                    "huggingface": {"builder": "json", "dataFiles": ["/data/a.jsonl"], "split": "train"},
+                },
+                {"name": "stdlib", "weight": 0.1, "pythonStdlib": {"includeTests": False}},
+            ],
+            "preprocessing": {
+                "normalization": "NFKC",
+                "removeControlChars": True,
+                "normalizeWhitespace": True,
+                "minChars": 10,
+                "maxChars": 100000,
+                "dedup": "exact",
+            },
+            "tokenizer": {
+                "train": {"vocabSize": 8192, "specialTokens": ["<|endoftext|>"], "minFrequency": 2}
+            },
+            "outputUri": "s3://artifacts/job/data",
+            "validationFraction": 0.01,
+            "shardMaxTokens": 1000000,
+            "seed": 1,
+        },
+        "model": {
+            "architecture": {
+                "layers": 4,
+                "dModel": 256,
+                "heads": 8,
+                "kvHeads": 4,
+                "contextLength": 512,
+                "ropeTheta": 50000,
+                "normEps": 1e-5,
+                "dropout": 0.1,
+                "tieEmbeddings": True,
+                "ffnHiddenSize": 704,
+                "multipleOf": 64,
+                "ffnDimMultiplier": 1.0,
+                "vocabMultipleOf": 64,
+            },
+            "init": {"random": {"seed": 3, "std": 0.02}},
+        },
+        "training": {
+            "optimizer": {
+                "type": "adamw",
+                "lr": 0.001,
+                "weightDecay": 0.1,
+                "beta1": 0.9,
+                "beta2": 0.95,
+                "eps": 1e-8,
+            },
+            "schedule": {"warmupSteps": 10, "decay": "cosine", "minLr": 0.0001},
+            "batch": {"globalBatchSize": 32, "microBatchSize": 4},
+            "duration": {"maxSteps": 100},
+            "precision": "bf16",
+            "fsdp": {"reshardAfterForward": True, "activationCheckpointing": False},
+            "compile": False,
+            "gradClip": 1.0,
+            "seed": 0,
+            "logEverySteps": 10,
+        },
+        "validation": {"everySteps": 50, "batches": 4},
+        "checkpoint": {"uri": "s3://artifacts/job/ckpt", "everySteps": 50, "keepLast": 2},
+        "export": {"uri": "s3://artifacts/job/model", "format": "hf-llama-safetensors"},
+        "storage": {"endpoint": "http://127.0.0.1:9000", "region": "us-east-1", "secretRef": {"name": "s3"}},
+        "metrics": {"enabled": True, "port": 9400},
+        "resources": {
+            "workers": 2,
+            "gpusPerWorker": 1,
+            "worker": {"cpu": 8, "memory": "64Gi"},
+            "head": {"cpu": "2", "memory": "8Gi"},
+            "image": "ghcr.io/llmtrain/llmtrain:0.1.0",
+            "imagePullSecrets": [{"name": "regcred"}],
+            "serviceAccountName": "trainer",
+            "env": [
+                {"name": "NCCL_DEBUG", "value": "WARN"},
+                {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}},
+            ],
+            "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "data"}}],
+            "volumeMounts": [{"name": "data", "mountPath": "/data", "readOnly": True}],
+            "podLabels": {"team": "research"},
+            "podAnnotations": {"note": "x"},
+            "shmSize": "16Gi",
+            "nodeSelector": {"llmtrain.dev/pool": "gpu"},
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+            "affinity": {"nodeAffinity": {}},
+            "priorityClassName": "high",
+            "queueName": "team-a",
+        },
+        "suspend": False,
+        "backoffLimit": 3,
+        "activeDeadlineSeconds": 86400,
+        "preRunningDeadlineSeconds": 600,
+        "ttlSecondsAfterFinished": 3600,
+    },
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    manifest: dict[str, Any]
+    path: str  # the field path both validators must report
+    old: dict[str, Any] | None = None  # for transition (update) rules
+
+    @property
+    def name(self) -> str:
+        return str(self.manifest["metadata"]["name"])
+
+
+def base() -> dict[str, Any]:
+    return copy.deepcopy(BASE)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:50] or "case"
+
+
+def _named(doc: dict[str, Any], case_id: str) -> dict[str, Any]:
+    doc["metadata"]["name"] = _slug(case_id)
+    return doc
+
+
+def _get_container(doc: Any, parts: list[str | int]) -> Any:
+    node = doc
+    for p in parts:
+        node = node[p]
+    return node
+
+
+def _leaf_locations(schema: dict[str, Any], value: Any, parts: list[str | int]):  # type: ignore[no-untyped-def]
+    """(schema node, concrete path parts) for every field the BASE manifest sets."""
+    if isinstance(value, dict) and "properties" in schema:
+        for key, sub in schema["properties"].items():
+            if key in value:
+                yield sub, [*parts, key]
+                yield from _leaf_locations(sub, value[key], [*parts, key])
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for i, item in enumerate(value):
+            yield from _leaf_locations(schema["items"], item, [*parts, i])
+
+
+def path_string(parts: list[str | int]) -> str:
+    out = ""
+    for p in parts:
+        out = f"{out}[{p}]" if isinstance(p, int) else (f"{out}.{p}" if out else str(p))
+    return out
+
+
+def _mutated(parts: list[str | int], value: Any, case_id: str) -> dict[str, Any]:
+    doc = base()
+    _get_container(doc, parts[:-1])[parts[-1]] = value
+    return _named(doc, case_id)
+
+
+def schema_cases() -> list[Case]:
+    """One case per enum, per numeric bound and per pattern in the schema (where BASE sets it)."""
+    cases: list[Case] = []
+    spec_schema = root_schema()["properties"]["spec"]
+    for node, rel in _leaf_locations(spec_schema, BASE["spec"], []):
+        parts: list[str | int] = ["spec", *rel]
+        where = path_string(parts)
+        if "enum" in node:
+            cid = f"enum {where}"
+            cases.append(Case(cid, _mutated(parts, "not-a-choice", cid), where))
+        kind = node.get("type")
+        if kind in ("integer", "number"):
+            step = 1 if kind == "integer" else 0.5
+            if "minimum" in node:
+                bad = node["minimum"] if node.get("exclusiveMinimum") else node["minimum"] - step
+                cid = f"min {where}"
+                cases.append(Case(cid, _mutated(parts, bad, cid), where))
+            if "maximum" in node:
+                bad = node["maximum"] if node.get("exclusiveMaximum") else node["maximum"] + step
+                if kind == "integer" and bad > 2**53:
+                    continue
+                cid = f"max {where}"
+                cases.append(Case(cid, _mutated(parts, bad, cid), where))
+        if kind == "string" and "pattern" in node:
+            cid = f"pattern {where}"
+            cases.append(Case(cid, _mutated(parts, "Not Valid!", cid), where))
+    return cases
+
+
+def _case(case_id: str, path: str, edit: Any, old_edit: Any = None) -> Case:
+    doc = _named(base(), case_id)
+    edit(doc["spec"])
+    old = None
+    if old_edit is not None:
+        old = _named(base(), case_id)
+        old_edit(old["spec"])
+    return Case(case_id, doc, path, old)
+
+
+def _set(path: str, value: Any) -> Any:
+    def edit(spec: dict[str, Any]) -> None:
+        parts: list[str | int] = [int(p) if p.isdigit() else p for p in re.split(r"\.|\[|\]\.?", path) if p]
+        _get_container(spec, parts[:-1])[parts[-1]] = value
+
+    return edit
+
+
+def _del(path: str) -> Any:
+    def edit(spec: dict[str, Any]) -> None:
+        parts: list[str | int] = [int(p) if p.isdigit() else p for p in re.split(r"\.|\[|\]\.?", path) if p]
+        del _get_container(spec, parts[:-1])[parts[-1]]
+
+    return edit
+
+
+def _all(*edits: Any) -> Any:
+    def edit(spec: dict[str, Any]) -> None:
+        for e in edits:
+            e(spec)
+
+    return edit
+
+
+def rule_cases() -> list[Case]:
+    """One case per CEL rule, per exclusive choice and per inline-secret attempt."""
+    a = "spec.model.architecture"
+    return [
+        # CEL: architecture
+        _case(
+            "dModel divisible by heads",
+            f"{a}.dModel",
+            _all(_set("model.architecture.dModel", 250), _set("model.architecture.heads", 8)),
+        ),
+        _case("heads divisible by kvHeads", f"{a}.kvHeads", _set("model.architecture.kvHeads", 3)),
+        _case(
+            "head dim even",
+            f"{a}.dModel",
+            _all(
+                _set("model.architecture.dModel", 24),
+                _set("model.architecture.heads", 8),
+                _set("model.architecture.kvHeads", 4),
+            ),
+        ),
+        # CEL: batch and duration
+        _case(
+            "global batch divisible",
+            "spec.training.batch.globalBatchSize",
+            _set("training.batch.globalBatchSize", 36),
+        ),
+        _case(
+            "global batch at least micro",
+            "spec.training.batch.globalBatchSize",
+            _all(_set("training.batch.globalBatchSize", 2), _set("training.batch.microBatchSize", 4)),
+        ),
+        _case(
+            "warmup shorter than maxSteps",
+            "spec.training.schedule.warmupSteps",
+            _set("training.schedule.warmupSteps", 100),
+        ),
+        _case(
+            "warmup shorter than maxTokens",
+            "spec.training.schedule.warmupSteps",
+            _all(_del("training.duration.maxSteps"), _set("training.duration.maxTokens", 32 * 512 * 10)),
+        ),
+        _case(
+            "maxChars at least minChars",
+            "spec.data.preprocessing.maxChars",
+            _set("data.preprocessing.maxChars", 5),
+        ),
+        _case(
+            "nesterov needs sgd",
+            "spec.training.optimizer.nesterov",
+            _set("training.optimizer.nesterov", True),
+        ),
+        # CEL: data sources
+        _case("at least one source", "spec.data.sources", _set("data.sources", [])),
+        _case("unique source names", "spec.data.sources", _set("data.sources[1].name", "web")),
+        _case("weights on all or none", "spec.data.sources", _del("data.sources[0].weight")),
+        # Exclusive choices
+        _case("duration exactly one (two)", "spec.training.duration", _set("training.duration.epochs", 2)),
+        _case("duration exactly one (none)", "spec.training.duration", _del("training.duration.maxSteps")),
+        _case(
+            "source exactly one (two)",
+            "spec.data.sources[0]",
+            _set("data.sources[0].local", {"glob": "/x/*.txt"}),
+        ),
+        _case("source exactly one (none)", "spec.data.sources[0]", _del("data.sources[0].s3")),
+        _case(
+            "tokenizer exactly one",
+            "spec.data.tokenizer",
+            _set("data.tokenizer.load", {"uri": "s3://artifacts/tokenizer.json"}),
+        ),
+        _case(
+            "init at most one", "spec.model.init", _set("model.init.pretrained", {"uri": "s3://artifacts/m"})
+        ),
+        _case(
+            "env value or valueFrom",
+            "spec.resources.env[0]",
+            _set("resources.env[0].valueFrom", {"configMapKeyRef": {"name": "c", "key": "k"}}),
+        ),
+        _case(
+            "env source exactly one",
+            "spec.resources.env[1].valueFrom",
+            _set("resources.env[1].valueFrom.configMapKeyRef", {"name": "c", "key": "k"}),
+        ),
+        # Inline secrets
+        _case(
+            "inline secret env AWS",
+            "spec.resources.env[0].value",
+            _set("resources.env[0].name", "AWS_SECRET_ACCESS_KEY"),
+        ),
+        _case(
+            "inline secret env HF", "spec.resources.env[0].value", _set("resources.env[0].name", "HF_TOKEN")
+        ),
+        _case(
+            "inline storage secretAccessKey",
+            "spec.storage.secretAccessKey",
+            _set("storage.secretAccessKey", "abc"),
+        ),
+        _case("inline storage accessKeyId", "spec.storage.accessKeyId", _set("storage.accessKeyId", "AKIA")),
+        # Transition rules (update)
+        _case(
+            "architecture immutable",
+            "spec.model.architecture",
+            lambda s: None,
+            _set("model.architecture.layers", 8),
+        ),
+        _case("data immutable", "spec.data", lambda s: None, _set("data.seed", 7)),
+        _case(
+            "batch immutable", "spec.training.batch", lambda s: None, _set("training.batch.microBatchSize", 8)
+        ),
+        _case("workers immutable", "spec.resources.workers", lambda s: None, _set("resources.workers", 4)),
+    ]
+
+
+def invalid_cases() -> list[Case]:
+    return rule_cases() + schema_cases()
