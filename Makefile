@@ -1,0 +1,55 @@
+# Two commands for a fresh machine (see README):
+#   make quickstart   set up, then train the quickstart model on the Python standard library
+#   make test         set up, build the local Kubernetes control plane, run ruff, mypy, pytest
+# Everything is installed by these targets: apt packages, the virtualenv (torch pinned
+# first so pip never swaps its build), the project, and the Go-built control plane.
+
+SHELL := /bin/bash
+PY_VERSION_OK := $(shell python3 -c 'import sys; print(int(sys.version_info >= (3, 11)))')
+VENV := .venv
+PY := $(VENV)/bin/python
+# The torch build every environment uses; pyproject's `runtime` extra pins the same.
+TORCH := torch==2.11.0
+APT_PACKAGES := r-cran-janeaustenr prometheus openssl
+PYTEST_ARGS ?=
+
+.PHONY: setup apt venv cluster-tools lint typecheck test quickstart clean
+
+setup: apt venv
+
+apt:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing apt packages:$$missing"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+$(VENV)/.installed: pyproject.toml
+	@[ "$(PY_VERSION_OK)" = 1 ] || { echo "python3 >= 3.11 is required"; exit 1; }
+	[ -x $(PY) ] || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[operator,runtime,test]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+cluster-tools:
+	bash tests/cluster/build.sh all
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: venv
+	$(PY) tools/typecheck.py
+
+test: setup cluster-tools lint typecheck
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+quickstart: setup
+	$(VENV)/bin/llmtrain run examples/quickstart.yaml
+
+clean:
+	rm -rf $(VENV) runs .mypy_cache .pytest_cache .ruff_cache
