@@ -138,3 +138,131 @@ def tiny_spec_dict(**overrides: Any) -> dict[str, Any]:
         else:
             node[leaf] = value
     return spec
+
+
+# --------------------------------------------------------------------------------------
+# A local multi-process harness (gloo on 127.0.0.1): what torchrun does, small enough for
+# tests. A rank that dies takes the others down, as a real launcher would.
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _rank_main(
+    rank: int, world_size: int, port: int, fn: Any, args: tuple[Any, ...], out: str, env: dict[str, str]
+) -> None:
+    import os
+    import pickle
+    import traceback
+
+    import torch.distributed as dist
+
+    os.environ.update(env)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+    try:
+        if world_size > 1:
+            dist.init_process_group(
+                "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
+            )
+        value, error = fn(*args), None
+    except BaseException as e:  # reported to the parent, which re-raises
+        value, error = None, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
+    with open(f"{out}/rank_{rank}.pkl", "wb") as f:
+        pickle.dump((value, error), f)
+    if world_size > 1 and dist.is_initialized():
+        if error is None:
+            dist.destroy_process_group()
+        else:
+            os._exit(1)  # peers may be stuck in a collective; don't wait for them
+
+
+class RankFailure(RuntimeError):
+    def __init__(self, message: str, exitcodes: list[int | None], errors: list[str | None]) -> None:
+        super().__init__(message)
+        self.exitcodes, self.errors = exitcodes, errors
+
+
+def run_ranks(
+    world_size: int, fn: Any, *args: Any, env: dict[str, str] | None = None, timeout: float = 300
+) -> list[Any]:
+    """Run ``fn(*args)`` on ``world_size`` spawned ranks in one gloo group; their return values.
+
+    ``fn`` must be importable (module level). Raises :class:`RankFailure` with each rank's
+    exit code and error text when any rank fails or is killed.
+    """
+    import multiprocessing as mp
+    import pickle
+    import tempfile
+    import time
+
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    with tempfile.TemporaryDirectory(prefix="llmtrain-ranks-") as out:
+        procs = [
+            ctx.Process(target=_rank_main, args=(r, world_size, port, fn, args, out, env or {}), daemon=True)
+            for r in range(world_size)
+        ]
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + timeout
+        failed_at: float | None = None
+        while any(p.is_alive() for p in procs):
+            if failed_at is None and any(p.exitcode not in (None, 0) for p in procs):
+                failed_at = time.monotonic()
+            if time.monotonic() > deadline or (failed_at is not None and time.monotonic() - failed_at > 5):
+                for p in procs:
+                    if p.is_alive():
+                        p.kill()
+            time.sleep(0.05)
+        for p in procs:
+            p.join()
+        values, errors = [], []
+        for r in range(world_size):
+            try:
+                with open(f"{out}/rank_{r}.pkl", "rb") as f:
+                    value, error = pickle.load(f)
+            except FileNotFoundError:
+                value, error = None, f"rank {r} exited with {procs[r].exitcode} and no result"
+            values.append(value)
+            errors.append(error)
+        codes = [p.exitcode for p in procs]
+        if any(errors) or any(c != 0 for c in codes):
+            first = next((e for e in errors if e), "")
+            raise RankFailure(f"ranks failed (exit codes {codes}): {first}", codes, errors)
+        return values
+
+
+def train_worker(
+    cfg: dict[str, Any],
+    loader_kwargs: dict[str, Any] | None = None,
+    ctx_kwargs: dict[str, Any] | None = None,
+    events: str | None = None,
+) -> Any:
+    """Run :func:`llmtrain.runtime.train.train` with the synthetic loader (a ``run_ranks`` target).
+
+    ``events``: a file that rank 0 appends every ProgressEvent to, as JSON lines.
+    """
+    import functools
+
+    from llmtrain.runtime.train import RunContext, train
+
+    from llmtrain.api.config import RuntimeConfig
+    from llmtrain.api.progress import ProgressEvent
+
+    def record(event: ProgressEvent) -> None:
+        if events is not None:
+            with open(events, "a") as f:
+                f.write(event.to_json() + "\n")
+
+    factory = functools.partial(SyntheticLoader, **(loader_kwargs or {}))
+    return train(
+        RuntimeConfig.from_dict(cfg),
+        factory,
+        on_progress=record,
+        ctx=RunContext(metrics_addr="127.0.0.1", **(ctx_kwargs or {})),
+    )

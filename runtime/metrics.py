@@ -1,0 +1,136 @@
+"""Prometheus metrics of one training worker, served on ``spec.metrics.port`` (+ local rank).
+
+Every series carries ``namespace``, ``job`` and ``rank`` labels. Each worker has its own
+registry (not the process-global one) so several trainers in one process, as in tests, never
+collide. ``prometheus_client`` is imported lazily: the GPU benchmark machine has only torch and
+runs with ``spec.metrics.enabled: false``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from prometheus_client import CollectorRegistry
+
+# Step-time buckets from 10 ms to ~20 min: a tiny CPU model and a large GPU model both fit.
+STEP_SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200)
+
+
+@dataclass(frozen=True)
+class MetricLabels:
+    namespace: str
+    job: str
+    rank: int
+
+
+class TrainMetrics:
+    """The worker's series; updated at log and validation steps (values are already on the host)."""
+
+    def __init__(self, labels: MetricLabels) -> None:
+        try:
+            from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        except ImportError as e:  # pragma: no cover - depends on the install
+            raise ImportError(
+                "prometheus-client is not installed: install llmtrain[runtime] or set spec.metrics.enabled: false"
+            ) from e
+        self.registry: CollectorRegistry = CollectorRegistry()
+        self.labels = labels
+        names = ("namespace", "job", "rank")
+        values = (labels.namespace, labels.job, str(labels.rank))
+        r = self.registry
+
+        def gauge(name: str, doc: str) -> Any:
+            return Gauge(name, doc, names, registry=r).labels(*values)
+
+        self.train_loss = gauge(
+            "llmtrain_train_loss", "Training loss (mean token cross-entropy) at the last log step."
+        )
+        self.val_loss = gauge("llmtrain_val_loss", "Validation loss (mean token cross-entropy).")
+        self.val_perplexity = gauge("llmtrain_val_perplexity", "Validation perplexity, exp(val loss).")
+        self.tokens_per_second = gauge(
+            "llmtrain_train_tokens_per_second",
+            "Training tokens per second, all ranks, over the last log window.",
+        )
+        self.data_wait_ratio = gauge(
+            "llmtrain_train_data_wait_ratio", "Fraction of the last log window spent waiting for batches."
+        )
+        self.step = gauge("llmtrain_train_step", "Optimizer steps completed.")
+        self.epoch = gauge("llmtrain_train_epoch", "Epoch of the training data being read.")
+        self.step_seconds = Histogram(
+            "llmtrain_train_step_seconds",
+            "Wall time of one optimizer step, averaged over each log window.",
+            names,
+            buckets=STEP_SECONDS_BUCKETS,
+            registry=r,
+        ).labels(*values)
+        self.tokens_total = Counter(
+            "llmtrain_train_tokens", "Training tokens processed, all ranks.", names, registry=r
+        ).labels(*values)
+        self.steps_total = Counter(
+            "llmtrain_train_steps", "Optimizer steps taken by this process.", names, registry=r
+        ).labels(*values)
+        self._peak_memory = Gauge(
+            "llmtrain_train_peak_memory_bytes",
+            "Peak memory of this worker: CUDA allocator peak on GPU, max RSS on CPU.",
+            (*names, "device"),
+            registry=r,
+        )
+        # Created on first use: absent on CPU, where MFU is unknown rather than guessed.
+        self._mfu: Any = None
+        self._gauge_cls = Gauge
+        self._label_values = values
+        self._server: Any = None
+
+    def serve(self, port: int, addr: str) -> int:
+        """Start /metrics on ``addr:port`` in a daemon thread; returns the port."""
+        from prometheus_client import start_http_server
+
+        self._server, _ = start_http_server(port, addr=addr, registry=self.registry)
+        return port
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def log_window(
+        self,
+        *,
+        loss: float,
+        steps: int,
+        tokens: int,
+        seconds: float,
+        data_wait_seconds: float,
+        mfu: float | None,
+        peak_memory_bytes: int,
+        device: str,
+        step: int,
+        epoch: int,
+    ) -> None:
+        """Record a log window of ``steps`` optimizer steps that took ``seconds``."""
+        self.train_loss.set(loss)
+        self.tokens_per_second.set(tokens / seconds if seconds > 0 else 0.0)
+        self.data_wait_ratio.set(data_wait_seconds / seconds if seconds > 0 else 0.0)
+        for _ in range(steps):
+            self.step_seconds.observe(seconds / steps)
+        self.tokens_total.inc(tokens)
+        self.steps_total.inc(steps)
+        self.step.set(step)
+        self.epoch.set(epoch)
+        self._peak_memory.labels(*self._label_values, device).set(peak_memory_bytes)
+        if mfu is not None:
+            if self._mfu is None:
+                self._mfu = self._gauge_cls(
+                    "llmtrain_train_mfu_ratio",
+                    "Model FLOPs utilisation of one device (6N + 12LdT FLOPs/token over the bf16 peak).",
+                    ("namespace", "job", "rank"),
+                    registry=self.registry,
+                ).labels(*self._label_values)
+            self._mfu.set(mfu)
+
+    def validation(self, *, loss: float, perplexity: float) -> None:
+        self.val_loss.set(loss)
+        self.val_perplexity.set(perplexity)

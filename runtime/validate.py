@@ -1,0 +1,66 @@
+"""Held-out evaluation: token-weighted loss, perplexity and next-token accuracy across ranks.
+
+Every call reads the same first ``batches`` micro batches of the validation split (a fresh
+loader at epoch 0), so successive validation losses are comparable. Sums, not means, are
+all-reduced: loss = Σ token losses / Σ tokens over every rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from itertools import islice
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class ValResult:
+    loss: float
+    perplexity: float
+    accuracy: float
+    tokens: int
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[Tensor],
+    n_batches: int,
+    device: torch.device,
+    autocast: contextlib.AbstractContextManager[object] | None = None,
+) -> ValResult:
+    was_training = model.training
+    model.eval()
+    # [Σ loss, Σ correct, Σ tokens] on device; one all-reduce and one host sync per validation.
+    totals = torch.zeros(3, dtype=torch.float64, device=device)
+    try:
+        for batch in islice(batches, n_batches):
+            batch = batch.to(device, non_blocking=True)
+            inputs, targets = batch[:, :-1], batch[:, 1:]
+            with autocast or contextlib.nullcontext():
+                logits = model(inputs)
+            logits = logits.float().flatten(0, 1)
+            flat = targets.flatten()
+            totals[0] += F.cross_entropy(logits, flat, reduction="sum").double()
+            totals[1] += (logits.argmax(-1) == flat).sum().double()
+            totals[2] += flat.numel()
+    finally:
+        model.train(was_training)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(totals)
+    loss_sum, correct, tokens = totals.tolist()
+    if tokens == 0:
+        raise ValueError("the validation split yielded no batches (spec.validation.batches, spec.data)")
+    loss = loss_sum / tokens
+    return ValResult(
+        loss=loss,
+        perplexity=math.exp(loss) if loss < 700 else math.inf,
+        accuracy=correct / tokens,
+        tokens=int(tokens),
+    )
