@@ -43,7 +43,10 @@ def pods_of(index: Mapping[Any, Iterable[PodView]] | None, namespace: str, name:
     return {p.name: p for p in index.get((namespace, name), ())}
 
 
-def write_outcome(out: Outcome, body: Any, patch: Any) -> None:
+Emit = Callable[..., None]
+
+
+def write_outcome(out: Outcome, body: Any, patch: Any, emit: Emit = kopf.event) -> None:
     """Put the outcome into Kopf's patch (applied once, after the handler) and post Events."""
     if out.status is not None:
         for key, value in out.status.items():
@@ -52,7 +55,7 @@ def write_outcome(out: Outcome, body: Any, patch: Any) -> None:
     for key, ann in out.annotations.items():
         patch.metadata.annotations[key] = ann
     for ev in out.events:
-        kopf.event(body, type=ev.type, reason=ev.reason, message=ev.message[:1024])
+        emit(body, type=ev.type, reason=ev.reason, message=ev.message[:1024])
 
 
 def register(
@@ -62,6 +65,7 @@ def register(
     *,
     interval: float = 5.0,
     clock: Clock = _now,
+    emit: Emit = kopf.event,
 ) -> None:
     """Register the handlers on ``registry`` (not the global one: tests build their own)."""
 
@@ -85,9 +89,9 @@ def register(
             raise kopf.TemporaryError(f"cannot reach the API server: {e}", delay=5) from e
         finally:
             metrics.reconcile_seconds.observe(time.perf_counter() - t0)
-        write_outcome(out, body, patch)
+        write_outcome(out, body, patch, emit)
         if out.error:
-            metrics.reconcile_errors.labels(kind="conflict").inc()
+            metrics.reconcile_errors.labels(kind="create").inc()
         metrics.set_phase(ns, name, out.phase)
         if out.provisioning_seconds is not None:
             metrics.provisioning_seconds.observe(out.provisioning_seconds)

@@ -343,8 +343,18 @@ class Reconciler:
         created = 0
         for name in missing:
             p = all_pods.get(name)
-            if p is not None and (p.deleting or p.owner_uid != (body.get("metadata") or {}).get("uid")):
+            if p is not None and p.deleting:
                 out.requeue = f"pod {name} is still being deleted"
+                continue
+            if p is not None and p.owner_uid != (body.get("metadata") or {}).get("uid"):
+                # Usually the previous incarnation of a job with this name, on its way out
+                # through the garbage collector; otherwise someone else's pod.
+                out.error = (
+                    f"Pod {name} exists and is not owned by this job: waiting for it to be deleted "
+                    "(or delete it yourself)"
+                )
+                out.events.append(Event("Warning", "NameConflict", out.error))
+                out.requeue = out.error
                 continue
             if name in mine:  # a counted-and-handled failure not yet deleted: delete it again
                 self.api.delete("Pod", mine[name].namespace, name, uid=mine[name].uid)
