@@ -340,6 +340,13 @@ class ControlPlaneError(RuntimeError):
     pass
 
 
+class CommandError(subprocess.CalledProcessError):
+    """A failed kubectl/helm call whose message carries its stderr."""
+
+    def __str__(self) -> str:
+        return f"{super().__str__()}\nstdout: {self.output}\nstderr: {self.stderr}"
+
+
 # --------------------------------------------------------------------------- control plane
 
 
@@ -388,15 +395,18 @@ class ControlPlane:
     def kubectl(
         self, *args: str, check: bool = True, input: str | None = None, timeout: float = 60
     ) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
+        """Run the cached kubectl against this control plane; on failure (check=True) the error shows stderr."""
+        r = subprocess.run(
             [str(binaries()["kubectl"]), *args],
             env=self.env(),
             input=input,
             text=True,
             capture_output=True,
-            check=check,
             timeout=timeout,
         )
+        if check and r.returncode != 0:
+            raise CommandError(r.returncode, r.args, r.stdout, r.stderr)
+        return r
 
     # ---- HTTP to the apiserver (127.0.0.1 only)
     def _ssl(self) -> ssl.SSLContext:
@@ -523,6 +533,9 @@ class ControlPlane:
                 f"--service-account-signing-key-file={pki.sa_key}",
                 f"--service-cluster-ip-range={SERVICE_CIDR}",
                 "--endpoint-reconciler-type=none",
+                # it taints new nodes node.kubernetes.io/not-ready, and only the node-lifecycle
+                # controller (not run here) would lift it: kwok's Ready status is the truth here.
+                "--disable-admission-plugins=TaintNodesByCondition",
                 "--allow-privileged=true",
                 "--profiling=false",
                 "--v=1",

@@ -94,14 +94,16 @@ class Cluster:
         return self.cp.kubectl(*args, check=check, input=input, timeout=timeout)
 
     def helm(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
+        r = subprocess.run(
             [str(controlplane.binaries()["helm"]), *args],
             env=self.env,
             text=True,
             capture_output=True,
-            check=check,
             timeout=timeout,
         )
+        if check and r.returncode != 0:
+            raise controlplane.CommandError(r.returncode, r.args, r.stdout, r.stderr)
+        return r
 
     @staticmethod
     def wait_for(
