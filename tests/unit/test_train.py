@@ -128,11 +128,12 @@ def test_adamw_betas_eps_and_sgd_momentum_nesterov() -> None:
     assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["momentum"] == 0.9
     # Two SGD steps with the same gradient: momentum makes the second one bigger, nesterov bigger still.
     moves = {}
-    for name, kw in {
+    variants: dict[str, dict[str, Any]] = {
         "none": {"momentum": 0.0},
         "momentum": {"momentum": 0.5},
         "nesterov": {"momentum": 0.5, "nesterov": True},
-    }.items():
+    }
+    for name, kw in variants.items():
         p = torch.nn.Parameter(torch.zeros(3))
         o = torch.optim.SGD([p], lr=1.0, **kw)  # same construction as build_optimizer's
         o2 = build_optimizer(GPT(sgd_cfg.model), OptimizerConfig(type="sgd", **kw))
