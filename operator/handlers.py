@@ -31,6 +31,8 @@ from llmtrain.api.spec import GROUP, PLURAL, VERSION
 log = logging.getLogger("llmtrain.operator")
 
 Clock = Callable[[], dt.datetime]
+# Kopf passes an index to handlers as a keyword argument named by the index's handler id.
+INDEX_ID = "pod_index"
 
 
 def _now() -> dt.datetime:
@@ -69,7 +71,7 @@ def register(
 ) -> None:
     """Register the handlers on ``registry`` (not the global one: tests build their own)."""
 
-    @kopf.index("pods", labels={LABEL_JOB: kopf.PRESENT}, registry=registry)
+    @kopf.index("pods", id=INDEX_ID, labels={LABEL_JOB: kopf.PRESENT}, registry=registry)
     def pod_index(body: kopf.Body, namespace: str | None, **_: Any) -> dict[tuple[str, str], PodView]:
         view = pod_view(body)
         return {(namespace or "", view.job): view}
@@ -101,18 +103,18 @@ def register(
             logger.debug("requeue: %s", out.requeue)
         return out
 
-    @kopf.on.create(GROUP, VERSION, PLURAL, registry=registry)
+    @kopf.on.create(GROUP, VERSION, PLURAL, id="create", registry=registry)
     def on_create(body: kopf.Body, patch: kopf.Patch, logger: Any, **kwargs: Any) -> None:
-        run(body, patch, kwargs.get("pod_index"), logger)
+        run(body, patch, kwargs.get(INDEX_ID), logger)
 
-    @kopf.on.update(GROUP, VERSION, PLURAL, field="spec.suspend", registry=registry)
+    @kopf.on.update(GROUP, VERSION, PLURAL, id="suspend", field="spec.suspend", registry=registry)
     def on_suspend_changed(body: kopf.Body, patch: kopf.Patch, logger: Any, **kwargs: Any) -> None:
-        run(body, patch, kwargs.get("pod_index"), logger)
+        run(body, patch, kwargs.get(INDEX_ID), logger)
 
-    @kopf.timer(GROUP, VERSION, PLURAL, interval=interval, registry=registry)
+    @kopf.timer(GROUP, VERSION, PLURAL, id="reconcile", interval=interval, registry=registry)
     def reconcile_tick(body: kopf.Body, patch: kopf.Patch, logger: Any, **kwargs: Any) -> None:
-        run(body, patch, kwargs.get("pod_index"), logger)
+        run(body, patch, kwargs.get(INDEX_ID), logger)
 
-    @kopf.on.delete(GROUP, VERSION, PLURAL, optional=True, registry=registry)
+    @kopf.on.delete(GROUP, VERSION, PLURAL, id="delete", optional=True, registry=registry)
     def on_delete(namespace: str | None, name: str | None, **_: Any) -> None:
         metrics.forget(namespace or "", name or "")

@@ -90,7 +90,41 @@ def build(opts: Options, api_client: Any) -> tuple[kopf.OperatorRegistry, Operat
     def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         configure(settings, opts)
 
+    @kopf.on.login(registry=registry)
+    def _login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        # Kopf's watches use the same credentials as our client; in a pod the service
+        # account token is re-read on every re-login (tokens are rotated).
+        if _in_cluster():
+            return kopf.login_with_service_account(**kwargs)
+        return connection_info(api_client)
+
     return registry, metrics
+
+
+def _in_cluster() -> bool:
+    import os
+
+    return bool(os.environ.get("KUBERNETES_SERVICE_HOST")) and os.path.exists(
+        "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    )
+
+
+def connection_info(api_client: Any) -> kopf.ConnectionInfo:
+    """Kopf's connection from the kubernetes client's configuration (kubeconfig already parsed)."""
+    c = api_client.configuration
+    auth = (c.api_key or {}).get("authorization") or (c.api_key or {}).get("BearerToken")
+    scheme, token = (
+        (auth.split(" ", 1) if auth and " " in auth else ("Bearer", auth)) if auth else (None, None)
+    )
+    return kopf.ConnectionInfo(
+        server=c.host,
+        ca_path=c.ssl_ca_cert,
+        insecure=not c.verify_ssl,
+        certificate_path=c.cert_file,
+        private_key_path=c.key_file,
+        scheme=scheme,
+        token=token,
+    )
 
 
 def _api_client(kubeconfig: str | None) -> Any:

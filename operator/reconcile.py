@@ -306,18 +306,19 @@ class Reconciler:
 
         return lookup
 
-    def _create(self, obj: dict[str, Any], body: Mapping[str, Any], out: Outcome) -> None:
-        """Create if absent; on 409 the existing object must be owned by this job."""
+    def _create(self, obj: dict[str, Any], body: Mapping[str, Any], out: Outcome) -> bool:
+        """Create if absent (True if this call created it); on 409 the existing object must
+        be owned by this job."""
         self.adopt(obj, body)
         kind, ns, name = obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"]
         try:
             self.api.create(obj)
-            return
+            return True
         except ApiError as e:
             if e.status != 409:
                 out.error = f"creating {kind} {name} failed: {e.message}"
                 out.events.append(Event("Warning", "CreateFailed", out.error))
-                return
+                return False
         existing = self.api.get(kind, ns, name)
         uid = (body.get("metadata") or {}).get("uid")
         owners = [o.get("uid") for o in ((existing or {}).get("metadata") or {}).get("ownerReferences") or []]
@@ -327,6 +328,7 @@ class Reconciler:
                 "(or delete it yourself)"
             )
             out.events.append(Event("Warning", "NameConflict", out.error))
+        return False
 
     def _ensure_children(
         self,
@@ -360,8 +362,7 @@ class Reconciler:
                 self.api.delete("Pod", mine[name].namespace, name, uid=mine[name].uid)
                 out.requeue = f"pod {name} is still being deleted"
                 continue
-            self._create(by_name[name], body, out)
-            created += 1
+            created += self._create(by_name[name], body, out)
         if created:
             out.events.append(Event("Normal", "PodsCreated", f"created {created} Ray pods"))
             out.requeue = out.requeue or "pods created"

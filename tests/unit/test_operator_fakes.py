@@ -19,10 +19,10 @@ from llmtrain.operator.kube import ApiError
 NOW = dt.datetime(2026, 11, 26, 12, 0, 0, tzinfo=dt.UTC)
 JOB_UID = "11111111-2222-3333-4444-555555555555"
 
-UNSCHEDULABLE_MSG = (
+UNSCHEDULABLE_MSG = (  # recorded from kube-scheduler v1.35.4 on the KWOK control plane
     "0/6 nodes are available: 2 node(s) didn't match Pod's node affinity/selector, "
-    "4 Insufficient nvidia.com/gpu. preemption: 0/6 nodes are available: "
-    "2 Preemption is not helpful for scheduling, 4 No preemption victims found for incoming pod."
+    "4 Insufficient nvidia.com/gpu. no new claims to deallocate, preemption: 0/6 nodes are available: "
+    "6 Preemption is not helpful for scheduling."
 )
 TAINT_MSG = (
     "0/6 nodes are available: 2 node(s) didn't match Pod's node affinity/selector, "

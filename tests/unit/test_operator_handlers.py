@@ -62,6 +62,8 @@ def test_one_timer_on_the_job_and_an_index_over_pods_without_finalizers() -> Non
     assert index.selector is not None
     assert index.selector.any_name == "pods" and index.selector.group in (None, "")
     assert index.labels == {LABEL_JOB: kopf.PRESENT}
+    # Kopf hands the index to the timer as the kwarg named by its id: the timer reads that name.
+    assert index.id == "pod_index"
     # Nothing on pods may need a finalizer (no daemons/timers/non-optional delete handlers).
     for h in hs.values():
         if "pods" in str(h.selector):

@@ -112,6 +112,7 @@ def test_index_lag_does_not_duplicate_children() -> None:
     assert h.api.objects.keys() == before.keys()
     assert out.error is None
     assert len(h.api.verbs("create", "Pod")) == 6  # 3 tried twice, 409 the second time
+    assert "PodsCreated" not in [e.reason for e in out.events]  # nothing was created
 
 
 def test_foreign_object_with_our_name_is_reported_not_adopted() -> None:
