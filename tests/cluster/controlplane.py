@@ -276,6 +276,33 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _die_with_parent() -> None:
+    """preexec_fn: ask Linux to SIGTERM the child when its parent dies (prctl PR_SET_PDEATHSIG)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)
+    except OSError:
+        pass
+
+
+def _remove_stale_etcd_dirs(base: Path, min_age: float = 300) -> None:
+    """Remove llmtrain-etcd-* data dirs (left by killed runs) that no running process names."""
+    stale = [d for d in base.glob("llmtrain-etcd-*") if time.time() - d.stat().st_mtime > min_age]
+    if not stale:
+        return
+    cmdlines = ""
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdlines += (proc / "cmdline").read_bytes().decode(errors="replace") + "\n"
+            except OSError:
+                pass
+    for d in stale:
+        if str(d) not in cmdlines:
+            shutil.rmtree(d, ignore_errors=True)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -359,6 +386,9 @@ class ControlPlane:
     pids: dict[str, int] = field(default_factory=dict)
     etcd_data: Path | None = None
     startup_seconds: float | None = None
+    # True (the pytest fixture): components get SIGTERM if the process that started them dies,
+    # so a killed test run leaves nothing behind. False for `run.sh up`, which outlives its python.
+    die_with_parent: bool = False
     _procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict, repr=False)
 
     # ---- paths
@@ -447,6 +477,7 @@ class ControlPlane:
                 stdin=subprocess.DEVNULL,
                 cwd=self.workdir,
                 start_new_session=True,
+                preexec_fn=_die_with_parent if self.die_with_parent else None,
             )
         self._procs[name] = p
         self.pids[name] = p.pid
@@ -482,6 +513,7 @@ class ControlPlane:
             self.ports[c] = free_port()
         shm = Path("/dev/shm")
         base = shm if shm.is_dir() and os.access(shm, os.W_OK) else self.workdir
+        _remove_stale_etcd_dirs(base)
         self.etcd_data = Path(tempfile.mkdtemp(prefix="llmtrain-etcd-", dir=base))
         pki = _write_pki(self.pki_dir)
         self.kubeconfig.write_text(_kubeconfig(self.server, pki))

@@ -142,7 +142,7 @@ def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     from kubernetes import config as kconfig
 
     workdir = tmp_path_factory.mktemp("controlplane")
-    cp = controlplane.ControlPlane(workdir=workdir)
+    cp = controlplane.ControlPlane(workdir=workdir, die_with_parent=True)
     try:
         cp.start()
     except controlplane.ControlPlaneError as e:
