@@ -178,6 +178,7 @@ class ShardLoader:
         self._generation = 0  # bumps to retire a running producer
         self.wait_seconds = 0.0  # time the caller spent blocked on the queue
         self.batches_served = 0
+        self._queue: queue.Queue[Any] | None = None  # the running producer's queue (tests peek)
 
     # ------------------------------------------------------------------ protocol
 
@@ -250,6 +251,7 @@ class ShardLoader:
         generation = self._generation
         epoch, start = self._epoch, self._batches
         q: queue.Queue[Any] = queue.Queue(maxsize=self.prefetch_batches)
+        self._queue = q
         stop = threading.Event()
         producer = threading.Thread(
             target=self._produce, args=(epoch, start, q, stop), daemon=True, name=f"loader-r{self.rank}"

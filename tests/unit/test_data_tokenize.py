@@ -128,7 +128,8 @@ def test_vocab_above_32768_round_trips(tmp_path: Path) -> None:
     (written,) = shard.write_split(store, "train", arrays, vocab_size=vocab, eot_id=eot, max_tokens=10**6)
     manifest = _manifest(written.info, vocab, eot, "uint16")
     ids = read_verified_shard(store, written.info, manifest).tolist()
-    decoded, cur = [], []
+    decoded: list[str] = []
+    cur: list[int] = []
     for i in ids:
         if i == eot:
             decoded.append(tok.decode(cur))
