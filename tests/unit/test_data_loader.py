@@ -198,7 +198,7 @@ def test_abandoned_iteration_stops_its_thread(data: Path) -> None:
     ld = ShardLoader(str(data), "train", 0, 1, 1, L, prefetch_batches=2)
     it = iter(ld)
     next(it)
-    it.close()  # type: ignore[attr-defined]
+    it.close()
     time.sleep(0.2)
     assert not [t for t in threading.enumerate() if t.name.startswith("loader-r0")]
     assert ld.state_dict()["rank_0"]["batches"] == 1
