@@ -327,6 +327,10 @@ def rule_cases() -> list[Case]:
             "spec.resources.env[1].valueFrom",
             _set("resources.env[1].valueFrom.configMapKeyRef", {"name": "c", "key": "k"}),
         ),
+        # Quantities (int-or-string: the pattern lives in CEL)
+        _case("worker cpu quantity", "spec.resources.worker.cpu", _set("resources.worker.cpu", "lots")),
+        _case("head memory quantity", "spec.resources.head.memory", _set("resources.head.memory", "8 GB")),
+        _case("shm quantity", "spec.resources.shmSize", _set("resources.shmSize", "-1Gi")),
         # Inline secrets
         _case(
             "inline secret env AWS",

@@ -164,6 +164,12 @@ def type_schema(annotation: Any, metadata: list[Any] | None = None) -> dict[str,
     return schema
 
 
+def _drop_empty(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_empty(v) for k, v in value.items() if v not in ({}, [])}
+    return value
+
+
 def _json_default(field: FieldInfo, annotation: Any) -> Any:
     """The field's default as the apiserver should apply it, or PydanticUndefined."""
     if field.default is PydanticUndefined and field.default_factory is None:
@@ -172,9 +178,9 @@ def _json_default(field: FieldInfo, annotation: Any) -> Any:
     if value is None:
         return PydanticUndefined
     if isinstance(value, BaseModel):
-        # Only what differs from the nested model's own defaults; those are applied
-        # by the apiserver one level down.
-        return value.model_dump(by_alias=True, mode="json", exclude_defaults=True, exclude_none=True)
+        # The whole object, nested defaults included: the apiserver checks each default
+        # against the CEL rules as written, before any nested default is applied.
+        return _drop_empty(value.model_dump(by_alias=True, mode="json", exclude_none=True))
     if isinstance(value, list | dict) and not value:
         return PydanticUndefined  # absent means empty; keep manifests and diffs small
     if isinstance(value, enum.Enum):

@@ -25,7 +25,17 @@ SHORT_NAMES = ("ltj",)
 CATEGORIES = ("llmtrain", "all")
 DEFAULT_EOT = "<|endoftext|>"
 
-_QUANTITY_RE = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
+QUANTITY_PATTERN = r"^[0-9]+([.][0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"
+_QUANTITY_RE = re.compile(QUANTITY_PATTERN)
+
+
+def quantity_rule(field: str) -> CelRule:
+    """CEL twin of the Quantity validator: int-or-string fields cannot carry a schema pattern."""
+    return cel(
+        f"string(self.{field}).matches('{QUANTITY_PATTERN}')",
+        f"{field} must be a Kubernetes quantity such as 4, 500m or 16Gi",
+        f".{field}",
+    )
 
 
 def _quantity(value: Any) -> str:
@@ -597,6 +607,8 @@ class MetricsSpec(ApiModel):
 class ComputeResources(ApiModel):
     """CPU and memory of one pod (requests equal limits)."""
 
+    cel_rules: ClassVar[tuple[CelRule, ...]] = (quantity_rule("cpu"), quantity_rule("memory"))
+
     cpu: Quantity = Field("4", description="CPU cores, e.g. 8 or 500m.")
     memory: Quantity = Field("16Gi", description="Memory, e.g. 64Gi.")
 
@@ -694,6 +706,7 @@ class ResourcesSpec(ApiModel):
     """The ephemeral Ray cluster: workers, GPUs, placement and pod settings."""
 
     cel_rules: ClassVar[tuple[CelRule, ...]] = (
+        quantity_rule("shmSize"),
         cel(
             "self.workers == oldSelf.workers",
             "spec.resources.workers is immutable: checkpoints are laid out for the world size",

@@ -117,10 +117,16 @@ def test_preserve_unknown_only_on_allowlist() -> None:
 
 def test_defaults_let_cel_read_omitted_objects() -> None:
     props = spec_schema()["properties"]
-    assert props["resources"]["default"] == {}
+    # Object defaults are complete: the apiserver evaluates CEL rules on a default as written.
+    assert props["resources"]["default"]["workers"] == 1
+    assert props["resources"]["default"]["worker"] == {"cpu": "4", "memory": "16Gi"}
     assert props["resources"]["properties"]["workers"]["default"] == 1
     assert props["resources"]["properties"]["head"]["default"] == {"cpu": "2", "memory": "8Gi"}
-    assert props["training"]["properties"]["schedule"]["default"] == {}
+    assert props["training"]["properties"]["schedule"]["default"] == {
+        "warmupSteps": 0,
+        "decay": "cosine",
+        "minLr": 0.0,
+    }
     assert props["training"]["properties"]["schedule"]["properties"]["warmupSteps"]["default"] == 0
 
 
