@@ -84,6 +84,55 @@ def crd(
     console.print(f"{check} is up to date")
 
 
+@app.command()
+def operator(
+    namespace: Annotated[
+        list[str] | None, typer.Option("--namespace", "-n", help="Watch only these namespaces (repeatable).")
+    ] = None,
+    liveness_port: Annotated[int, typer.Option(help="Port of /healthz.")] = 8080,
+    metrics_port: Annotated[int, typer.Option(help="Port of the operator's /metrics.")] = 9090,
+    interval: Annotated[float, typer.Option(help="Seconds between level-based reconciles of a job.")] = 5.0,
+    standalone: Annotated[
+        bool, typer.Option("--standalone", help="No peering: for a single replica without the peering CRDs.")
+    ] = False,
+    kubeconfig: Annotated[
+        str | None, typer.Option(help="Kubeconfig (default: in-cluster, then ~/.kube).")
+    ] = None,
+    operator_namespace: Annotated[
+        str, typer.Option(help="Namespace the operator runs in.")
+    ] = "llmtrain-system",
+    bind_address: Annotated[
+        str, typer.Option(help="Address of the liveness and metrics servers.")
+    ] = "0.0.0.0",
+) -> None:
+    """Run the LLMTrainingJob operator (Kopf) until SIGINT/SIGTERM."""
+    import logging
+
+    from llmtrain.operator.main import PEERING_NAME, run
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run(
+        namespace,
+        liveness_port,
+        metrics_port,
+        reconcile_interval=interval,
+        peering_name=None if standalone else PEERING_NAME,
+        kubeconfig=kubeconfig,
+        operator_namespace=operator_namespace,
+        bind_address=bind_address,
+    )
+
+
+def _mount_subcommands() -> None:
+    # Sub-apps keep their heavy imports inside their commands, so mounting them is cheap.
+    from llmtrain.runtime.data.commands import app as data_app
+
+    app.add_typer(data_app, name="data")
+
+
+_mount_subcommands()
+
+
 def main() -> None:
     app()
 
