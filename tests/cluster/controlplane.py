@@ -767,6 +767,7 @@ def _cli(argv: list[str] | None = None) -> int:
     ap.add_argument("command", choices=["up", "down", "status", "logs", "env"])
     ap.add_argument("--dir", type=Path, default=default_cli_dir(), help="state directory")
     ap.add_argument("-n", "--lines", type=int, default=30, help="log lines per component (logs)")
+    ap.add_argument("-f", "--follow", action="store_true", help="logs: keep following (tail -F)")
     args = ap.parse_args(argv)
     state = args.dir / "state.json"
 
@@ -809,6 +810,9 @@ def _cli(argv: list[str] | None = None) -> int:
             )
         print(f"KUBECONFIG={cp.kubeconfig}")
     elif args.command == "logs":
+        if args.follow:
+            paths = [str(p) for p in cp.log_paths().values() if p.exists()]
+            os.execvp("tail", ["tail", "-n", str(args.lines), "-F", *paths])
         print(cp.logs_summary(args.lines))
     elif args.command == "env":
         print(f"export KUBECONFIG={cp.kubeconfig}")

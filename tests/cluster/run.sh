@@ -5,7 +5,7 @@
 #
 #   eval "$(tests/cluster/run.sh up)"   # start; prints export KUBECONFIG=... and PATH (kubectl, helm)
 #   tests/cluster/run.sh status         # PIDs and ports
-#   tests/cluster/run.sh logs [-n N]    # tail the component logs
+#   tests/cluster/run.sh logs [-n N] [-f] # tail the component logs (-f: follow)
 #   tests/cluster/run.sh down           # stop every component by PID, remove its state
 #
 # Build the binaries first: tests/cluster/build.sh
