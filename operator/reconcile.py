@@ -266,6 +266,7 @@ class Reconciler:
             out.annotations[ANN_ATTEMPT_STARTED] = rfc3339(now)
             msg = f"{diag.message}; restarting the Ray cluster (restart {restarts + 1} of {job.spec.backoff_limit})"
             self._delete_pods(meta, mine, out, end_group=False)
+            out.events.append(Event("Warning", Reason.Restarting.value, msg))
             conds.set(ConditionType.Running, False, Reason.Restarting, msg)
             conds.set(ConditionType.Scheduled, False, Reason.WaitingForPods, "restarting: pods recreated")
             st["phase"] = Phase.Provisioning.value

@@ -380,6 +380,7 @@ def test_failed_pod_restarts_the_cluster_then_backoff_limit_fails_the_job() -> N
     stale = views(h.api)
     out = h.tick(1)
     assert out.restarted and h.status["restarts"] == 1
+    assert any(e.type == "Warning" and e.reason == "Restarting" for e in out.events)
     assert h.cond(ConditionType.Running)["reason"] == "Restarting"
     assert "demo-worker-1 (worker) ended Failed (exit code 137" in h.cond(ConditionType.Running)["message"]
     assert h.api.names("Pod") == set()
