@@ -25,6 +25,7 @@ import pickle
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -189,9 +190,13 @@ class CleanedDoc:
 def _read_clean_block(units: list[dict[str, Any]], cfg: cleanmod.CleanConfig, s3: S3Options) -> list[Any]:
     """Worker side: read units, split into documents, clean. Returns docs and per-unit stats."""
     out: list[Any] = []
-    for u in units:
-        unit = collect.WorkUnit.from_dict(u)
-        got = collect.read_unit(unit, s3)
+    parsed = [collect.WorkUnit.from_dict(u) for u in units]
+    # Object reads are latency-bound (one GET each): overlap them; the cleaning below is cheap.
+    with ThreadPoolExecutor(
+        max_workers=8 if any(u.location.startswith("s3://") for u in parsed) else 1
+    ) as pool:
+        read = list(pool.map(lambda u: collect.read_unit(u, s3), parsed))
+    for unit, got in zip(parsed, read, strict=True):
         drops: dict[str, int] = defaultdict(int)
         drops["undecodable"] += got.undecodable
         docs = []
