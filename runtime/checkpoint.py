@@ -164,8 +164,12 @@ class CheckpointInfo:
     meta: dict[str, Any]
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
+    if _distributed():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
@@ -233,7 +237,11 @@ class Lineage:
         name = step_dir(step)
         staging = Path(tempfile.mkdtemp(prefix=f"llmtrain-ckpt-{step}-r{rank}-"))
         try:
-            dcp.save(state, storage_writer=FileSystemWriter(staging, single_file_per_rank=True))
+            dcp.save(
+                state,
+                storage_writer=FileSystemWriter(staging, single_file_per_rank=True),
+                no_dist=not _distributed(),
+            )
             for path in sorted(staging.iterdir()):
                 if path.name != METADATA:
                     self.store.put_file(path, f"{name}/{path.name}")
@@ -268,7 +276,11 @@ class Lineage:
         staging = Path(tempfile.mkdtemp(prefix=f"llmtrain-load-{info.step}-r{rank}-"))
         try:
             self.store.get_file(f"{name}/{METADATA}", staging / METADATA)
-            dcp.load(state, storage_reader=_DownloadingReader(staging, self.store, name))
+            dcp.load(
+                state,
+                storage_reader=_DownloadingReader(staging, self.store, name),
+                no_dist=not _distributed(),
+            )
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 

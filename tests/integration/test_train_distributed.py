@@ -143,6 +143,11 @@ def test_nan_names_the_step_and_two_rank_checkpoint_loads_on_one(
     assert lineage.complete_steps() == [2, 4]  # the save at 6 found the NaN first
     info = lineage.latest()
     assert info is not None and info.step == 4 and info.world_size == 2
+    # Each rank uploaded its own shard file from its own staging directory.
+    keys = {o["Key"] for o in s3_server.client().list_objects_v2(Bucket=bucket)["Contents"]}
+    assert {
+        f"run/step_00000004/{n}" for n in ("__0_0.distcp", "__1_0.distcp", ".metadata", "COMPLETE")
+    } <= keys
 
     # Resume the 2-rank checkpoint in one process (no FSDP, micro 2 × accum 2): it continues
     # from the same weights, optimizer state and data position as an uninterrupted 1-rank run.
