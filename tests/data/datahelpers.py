@@ -163,3 +163,34 @@ def s3_server() -> Iterator[S3Server]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+# ------------------------------------------------------------------ synthetic shards
+
+SYNTH_VOCAB = 100_000  # uint32 ids; token value = global position, so a window names itself
+
+
+def make_shards(root: Path, train: list[int], validation: list[int] | None = None) -> Path:
+    """A prepared-data directory whose shards hold consecutive ids (sizes in tokens)."""
+    import hashlib
+
+    import numpy as np
+    from llmtrain.runtime.data import shard
+    from llmtrain.runtime.data.storage import LocalStorage
+
+    from llmtrain.api.shards import Manifest, ShardInfo, TokenizerInfo
+
+    store = LocalStorage(root)
+    infos = []
+    start = 0
+    for split, sizes in (("train", train), ("validation", validation or [200])):
+        for i, n in enumerate(sizes):
+            tokens = np.arange(start, start + n, dtype=np.uint32)
+            start += n
+            data = shard.encode_shard(tokens, SYNTH_VOCAB, eot_id=SYNTH_VOCAB - 1)
+            name = shard.shard_name(split, i)
+            store.put(name, data)
+            infos.append(ShardInfo(name, split, n, 0, len(data), hashlib.sha256(data).hexdigest()))  # type: ignore[arg-type]
+    tok = TokenizerInfo("tokenizer.json", "0", SYNTH_VOCAB, SYNTH_VOCAB - 1, "<eot>")
+    shard.write_manifest(store, Manifest("fp", tok, "uint32", infos, [], {}, 0))
+    return root

@@ -2,43 +2,23 @@
 
 from __future__ import annotations
 
-import hashlib
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from llmtrain.runtime.data import shard
 from llmtrain.runtime.data.loader import LoaderError, ShardLoader, open_loader
 from llmtrain.runtime.data.storage import LocalStorage
 
 from llmtrain.api.loader import LoaderResumeError, TokenLoader
-from llmtrain.api.shards import MANIFEST_NAME, Manifest, ShardFormatError, TokenizerInfo
+from llmtrain.api.shards import MANIFEST_NAME, ShardFormatError
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
+from datahelpers import make_shards
 
 L = 16  # context length
-VOCAB = 100_000  # uint32 ids: every token is its global position, so a window names itself
-
-
-def make_data(root: Path, train: list[int], validation: list[int] | None = None) -> Path:
-    """Shards of consecutive ids (shard sizes given in tokens)."""
-    store = LocalStorage(root)
-    infos = []
-    start = 0
-    for split, sizes in (("train", train), ("validation", validation or [200])):
-        for i, n in enumerate(sizes):
-            tokens = np.arange(start, start + n, dtype=np.uint32)
-            start += n
-            data = shard.encode_shard(tokens, VOCAB, eot_id=VOCAB - 1)
-            name = shard.shard_name(split, i)
-            store.put(name, data)
-            infos.append(shard.ShardInfo(name, split, n, 0, len(data), hashlib.sha256(data).hexdigest()))
-    m = Manifest(
-        "fp", TokenizerInfo("tokenizer.json", "0", VOCAB, VOCAB - 1, "<eot>"), "uint32", infos, [], {}, 0
-    )
-    shard.write_manifest(store, m)
-    return root
 
 
 def first_tokens(batches: list[torch.Tensor]) -> list[int]:
@@ -47,7 +27,7 @@ def first_tokens(batches: list[torch.Tensor]) -> list[int]:
 
 @pytest.fixture
 def data(tmp_path: Path) -> Path:
-    return make_data(tmp_path, [1000, 700, 333])  # 62 + 43 + 20 = 125 windows
+    return make_shards(tmp_path, [1000, 700, 333])  # 62 + 43 + 20 = 125 windows
 
 
 def test_satisfies_protocol_and_shapes(data: Path) -> None:
