@@ -9,12 +9,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from llmtrain.api.shards import MANIFEST_NAME
 from llmtrain.runtime.data.prepare import prepare_data
 
+from llmtrain.api.shards import MANIFEST_NAME
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
-from datahelpers import AWKWARD_DOCS, make_spec, stdlib_sample, write_docs  # noqa: E402
+from datahelpers import AWKWARD_DOCS, make_spec, stdlib_sample, write_docs
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 
@@ -23,7 +23,9 @@ pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 def ray_local(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     ray = pytest.importorskip("ray")
     tmp = tmp_path_factory.mktemp("ray")
-    saved = {k: os.environ.get(k) for k in ("RAY_TMPDIR", "RAY_AUTH_MODE", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")}
+    saved = {
+        k: os.environ.get(k) for k in ("RAY_TMPDIR", "RAY_AUTH_MODE", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+    }
     os.environ.update(
         {"RAY_TMPDIR": str(tmp), "RAY_AUTH_MODE": "disabled", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
     )
@@ -44,10 +46,16 @@ def test_ray_blocks_give_byte_identical_output(ray_local: None, tmp_path: Path) 
     docs = [*AWKWARD_DOCS, *stdlib_sample(40), *stdlib_sample(5)]
     write_docs(tmp_path / "src", docs)
     outs = {}
-    for name, kw in {"ray1": {"num_blocks": 1}, "ray8": {"num_blocks": 8}, "local": {"executor": "local"}}.items():
+    for name, kw in {
+        "ray1": {"num_blocks": 1},
+        "ray8": {"num_blocks": 8},
+        "local": {"executor": "local"},
+    }.items():
         spec = make_spec(
             {
-                "sources": [{"name": "d", "local": {"glob": str(tmp_path / "src" / "*.txt"), "textUnit": "file"}}],
+                "sources": [
+                    {"name": "d", "local": {"glob": str(tmp_path / "src" / "*.txt"), "textUnit": "file"}}
+                ],
                 "tokenizer": {"train": {"vocabSize": 500}},
                 "outputUri": str(tmp_path / name),
                 "validationFraction": 0.2,
