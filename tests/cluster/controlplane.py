@@ -386,10 +386,13 @@ class ControlPlane:
     pids: dict[str, int] = field(default_factory=dict)
     etcd_data: Path | None = None
     startup_seconds: float | None = None
+    # seconds from start() to each milestone (apiserver ready, ..., nodes ready)
+    timings: dict[str, float] = field(default_factory=dict)
     # True (the pytest fixture): components get SIGTERM if the process that started them dies,
     # so a killed test run leaves nothing behind. False for `run.sh up`, which outlives its python.
     die_with_parent: bool = False
     _procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict, repr=False)
+    _t0: float = field(default=0.0, repr=False)
 
     # ---- paths
     @property
@@ -464,6 +467,9 @@ class ControlPlane:
             return False
 
     # ---- processes
+    def _mark(self, milestone: str) -> None:
+        self.timings[milestone] = round(time.monotonic() - self._t0, 2)
+
     def _spawn(self, name: str, args: list[str]) -> None:
         exe = str(binaries()[name])
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -507,7 +513,7 @@ class ControlPlane:
         missing = missing_binaries()
         if missing:
             raise ControlPlaneError("binaries not built (run tests/cluster/build.sh): " + ", ".join(missing))
-        t0 = time.monotonic()
+        t0 = self._t0 = time.monotonic()
         self.workdir.mkdir(parents=True, exist_ok=True)
         for c in ("etcd", "etcd-peer", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok"):
             self.ports[c] = free_port()
@@ -571,9 +577,11 @@ class ControlPlane:
                 "--allow-privileged=true",
                 "--profiling=false",
                 "--v=1",
+                *os.environ.get("LLMTRAIN_APISERVER_FLAGS", "").split(),
             ],
         )
         self._wait("kube-apiserver /readyz", lambda: self._healthy(p["kube-apiserver"], "/readyz"), timeout)
+        self._mark("kube-apiserver ready")
         self._spawn(
             "kube-controller-manager",
             [
@@ -640,13 +648,17 @@ class ControlPlane:
             lambda: self._healthy(p["kube-controller-manager"], "/healthz"),
             timeout,
         )
+        self._mark("kube-controller-manager ready")
         self._wait("kube-scheduler /healthz", lambda: self._healthy(p["kube-scheduler"], "/healthz"), timeout)
+        self._mark("kube-scheduler ready")
         self._wait("fake nodes Ready", self._nodes_ready, timeout)
+        self._mark("nodes Ready")
         self._wait(
             "ServiceAccount default/default",
             lambda: self.api("GET", "/api/v1/namespaces/default/serviceaccounts/default"),
             timeout,
         )
+        self._mark("ServiceAccount default/default")
 
     # ---- node pool
     @staticmethod
@@ -713,6 +725,7 @@ class ControlPlane:
             "etcd_data": str(self.etcd_data) if self.etcd_data else None,
             "kubeconfig": str(self.kubeconfig),
             "startup_seconds": self.startup_seconds,
+            "timings": self.timings,
         }
         self.state_file.write_text(json.dumps(state, indent=2))
 
@@ -788,8 +801,9 @@ def _cli(argv: list[str] | None = None) -> int:
         except ControlPlaneError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
+        steps = ", ".join(f"{k} {v:.1f}s" for k, v in cp.timings.items())
         print(
-            f"# control plane up in {cp.startup_seconds:.1f}s: {cp.server}; logs in {cp.log_dir}",
+            f"# control plane up in {cp.startup_seconds:.1f}s ({steps}): {cp.server}; logs in {cp.log_dir}",
             file=sys.stderr,
         )
         print(f"export KUBECONFIG={cp.kubeconfig}")

@@ -147,7 +147,12 @@ def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
         cp.start()
     except controlplane.ControlPlaneError as e:
         pytest.fail(f"control plane failed to start: {e}\n{cp.logs_summary(30)}")
-    info = {"seconds": cp.startup_seconds, "workdir": str(workdir), "server": cp.server}
+    info = {
+        "seconds": cp.startup_seconds,
+        "timings": cp.timings,
+        "workdir": str(workdir),
+        "server": cp.server,
+    }
     _STARTUP.update(info)
     request.config.stash[_STARTUP_KEY] = info
     api_client = kconfig.new_client_from_config(config_file=str(cp.kubeconfig))
@@ -208,5 +213,7 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         f"control plane start-up (etcd, apiserver, controller-manager, scheduler, kwok, 6 nodes Ready): "
         f"{info['seconds']:.2f} s"
     )
+    steps = ", ".join(f"{k} at {v:.1f} s" for k, v in info.get("timings", {}).items())
+    terminalreporter.write_line(f"  milestones: {steps}")
     if info.get("kept"):
         terminalreporter.write_line(f"component logs kept for failed tests: {info['workdir']}/logs/")
