@@ -1,0 +1,464 @@
+"""Export to the Hugging Face Llama layout (``LlamaForCausalLM``): safetensors + config + tokenizer.
+
+What a directory written here holds (local or ``s3://bucket/prefix``)::
+
+    model.safetensors         consolidated weights, HF names, one file
+    config.json               LlamaConfig (rope written twice: rope_parameters and rope_theta)
+    generation_config.json    eos = our end-of-text id, no BOS
+    tokenizer.json            the data pipeline's tokenizer, byte for byte
+    tokenizer_config.json     PreTrainedTokenizerFast, no BOS/EOS added, special tokens split
+    special_tokens_map.json
+
+Conventions, each pinned by a test in ``tests/unit/test_export.py``:
+
+* RoPE: :func:`llmtrain.runtime.model.apply_rope` rotates halves (dimension i pairs with
+  i + d/2), exactly as HF Llama does, so q/k rows are copied unpermuted.
+* SwiGLU: ``w1`` is inside SiLU → ``gate_proj``; ``w3`` → ``up_proj``; ``w2`` → ``down_proj``.
+* Tied embeddings: ``tie_word_embeddings`` and no ``lm_head.weight`` in the file.
+* Padded vocabulary: ``vocab_size`` is the embedding table's rows, not the tokenizer's.
+* Tokenizer: a literal ``<|endoftext|>`` in text is text (the data pipeline encodes with
+  ``encode_special_tokens``), so ``tokenizer_config.json`` sets ``split_special_tokens``.
+
+Offline: :func:`export_checkpoint` reads any llmtrain checkpoint (a lineage root or one
+``step_XXXXXXXX`` directory) into one process with ``torch.distributed.checkpoint`` — no
+process group — whatever world size wrote it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from llmtrain.api.config import ModelConfig
+
+EXPORT_FORMAT = "hf-llama-safetensors"
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+CONFIG_NAME = "config.json"
+GENERATION_CONFIG_NAME = "generation_config.json"
+TOKENIZER_NAME = "tokenizer.json"
+TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
+SPECIAL_TOKENS_NAME = "special_tokens_map.json"
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Our parameter name → Hugging Face Llama name. Per-layer entries use {i}.
+_LAYER_MAP: tuple[tuple[str, str], ...] = (
+    ("attention_norm.weight", "input_layernorm.weight"),
+    ("attention.wq.weight", "self_attn.q_proj.weight"),
+    ("attention.wk.weight", "self_attn.k_proj.weight"),
+    ("attention.wv.weight", "self_attn.v_proj.weight"),
+    ("attention.wo.weight", "self_attn.o_proj.weight"),
+    ("ffn_norm.weight", "post_attention_layernorm.weight"),
+    ("feed_forward.w1.weight", "mlp.gate_proj.weight"),  # inside SiLU
+    ("feed_forward.w3.weight", "mlp.up_proj.weight"),
+    ("feed_forward.w2.weight", "mlp.down_proj.weight"),
+)
+_TOP_MAP: tuple[tuple[str, str], ...] = (
+    ("tok_embeddings.weight", "model.embed_tokens.weight"),
+    ("norm.weight", "model.norm.weight"),
+    ("output.weight", "lm_head.weight"),
+)
+
+
+class ExportError(ValueError):
+    """The weights, config or destination cannot be exported as asked; the message says why."""
+
+
+def hf_name_map(cfg: ModelConfig) -> dict[str, str]:
+    """Every parameter of :class:`~llmtrain.runtime.model.GPT` → its ``LlamaForCausalLM`` name.
+
+    With tied embeddings ``output.weight`` is absent: HF ties ``lm_head`` to the embedding.
+    """
+    names = {ours: hf for ours, hf in _TOP_MAP if not (cfg.tie_embeddings and ours == "output.weight")}
+    for i in range(cfg.n_layers):
+        for ours, hf in _LAYER_MAP:
+            names[f"layers.{i}.{ours}"] = f"model.layers.{i}.{hf}"
+    return names
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Shapes of our (untied-view) parameters for ``cfg``, from a meta-device model: no memory."""
+    from llmtrain.runtime.model import GPT
+
+    with torch.device("meta"):
+        model = GPT(cfg)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def check_shapes(weights: Mapping[str, Tensor], cfg: ModelConfig, *, source: str, field_hint: str) -> None:
+    """Every tensor ``cfg`` needs is present with its shape; otherwise name both shapes."""
+    want = expected_shapes(cfg)
+    missing = sorted(set(want) - set(weights))
+    if missing:
+        raise ExportError(f"{source} lacks {len(missing)} tensors the model needs, e.g. {missing[:3]}")
+    for name, shape in want.items():
+        got = tuple(weights[name].shape)
+        if got != shape:
+            raise ExportError(
+                f"{name}: {source} has shape {list(got)} but the model configured by {field_hint} "
+                f"needs {list(shape)} ({_describe(cfg)})"
+            )
+
+
+def _describe(cfg: ModelConfig) -> str:
+    return (
+        f"vocab {cfg.vocab_size}, layers {cfg.n_layers}, dModel {cfg.d_model}, heads {cfg.n_heads}, "
+        f"kvHeads {cfg.n_kv_heads}, ffnHidden {cfg.ffn_hidden_size}, tied {cfg.tie_embeddings}"
+    )
+
+
+def to_hf_state_dict(
+    weights: Mapping[str, Tensor], cfg: ModelConfig, dtype: torch.dtype = torch.float32
+) -> dict[str, Tensor]:
+    """Our full (unsharded) state dict → HF Llama tensor names, contiguous CPU tensors of ``dtype``.
+
+    No q/k permutation: both sides rotate halves. Tied: ``output.weight`` must be the embedding.
+    """
+    check_shapes(weights, cfg, source="the weights", field_hint="the run's config")
+    if cfg.tie_embeddings and "output.weight" in weights:
+        if not torch.equal(weights["output.weight"], weights["tok_embeddings.weight"]):
+            raise ExportError(
+                "tieEmbeddings is set but output.weight differs from tok_embeddings.weight: "
+                "the weights do not belong to a tied model (spec.model.architecture.tieEmbeddings)"
+            )
+    return {
+        hf: weights[ours].detach().to(device="cpu", dtype=dtype).contiguous()
+        for ours, hf in hf_name_map(cfg).items()
+    }
+
+
+# ------------------------------------------------------------------------ tokenizer
+
+
+@dataclass(frozen=True)
+class TokenizerFiles:
+    """What the exported tokenizer needs: the ``tokenizer.json`` bytes and the end-of-text token."""
+
+    json_bytes: bytes
+    eot_token: str
+    eot_id: int
+
+    @classmethod
+    def from_json_bytes(cls, data: bytes, eot_token: str = "<|endoftext|>") -> TokenizerFiles:
+        from tokenizers import Tokenizer
+
+        try:
+            tok = Tokenizer.from_str(data.decode("utf-8"))
+        except Exception as e:
+            raise ExportError(f"not a tokenizer.json: {e}") from e
+        eot = tok.token_to_id(eot_token)
+        if eot is None:
+            raise ExportError(
+                f"end-of-text token {eot_token!r} is not in the tokenizer's vocabulary "
+                "(spec.data.tokenizer.load.endOfText)"
+            )
+        return cls(json_bytes=data, eot_token=eot_token, eot_id=int(eot))
+
+    @property
+    def vocab_size(self) -> int:
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_str(self.json_bytes.decode("utf-8"))
+        return int(max(tok.get_vocab(with_added_tokens=True).values()) + 1)
+
+
+def tokenizer_from_data(uri: str, s3: Any = None) -> TokenizerFiles:
+    """The tokenizer beside the shards at ``uri`` (spec.data.outputUri): manifest.json names it.
+
+    ``uri`` may also be a ``tokenizer.json`` file itself (then the EOT is ``<|endoftext|>``).
+    """
+    from llmtrain.runtime.data.storage import StorageError, open_storage
+
+    from llmtrain.api.shards import MANIFEST_NAME, Manifest
+
+    if uri.endswith(".json") and not uri.endswith(MANIFEST_NAME):
+        parent, _, name = uri.rstrip("/").rpartition("/")
+        return TokenizerFiles.from_json_bytes(open_storage(parent or ".", s3).get(name))
+    store = open_storage(uri, s3)
+    try:
+        manifest = Manifest.from_json(store.get(MANIFEST_NAME))
+    except StorageError as e:
+        raise ExportError(
+            f"no {MANIFEST_NAME} at {uri}: pass the data output directory (spec.data.outputUri) "
+            f"or a tokenizer.json file ({e})"
+        ) from e
+    info = manifest.tokenizer
+    files = TokenizerFiles.from_json_bytes(store.get(info.path), info.eot_token)
+    if files.eot_id != info.eot_id:
+        raise ExportError(
+            f"{uri}: manifest says end-of-text {info.eot_token!r} is id {info.eot_id}, "
+            f"the tokenizer says {files.eot_id}"
+        )
+    return files
+
+
+# --------------------------------------------------------------------------- config
+
+
+def hf_config(cfg: ModelConfig, tok: TokenizerFiles, dtype: str = "float32") -> dict[str, Any]:
+    """``config.json`` of ``LlamaForCausalLM`` for our model."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,  # padded table rows; ids past the tokenizer's are never produced
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.ffn_hidden_size,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.context_length,
+        "rms_norm_eps": cfg.norm_eps,
+        # transformers >= 5 reads rope_parameters; 4.x reads rope_theta (and rope_scaling).
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": None,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "attention_dropout": 0.0,
+        "initializer_range": cfg.init_std,
+        "pretraining_tp": 1,
+        "use_cache": True,
+        "bos_token_id": None,
+        "eos_token_id": tok.eot_id,
+        "pad_token_id": None,
+        "dtype": dtype,
+        "torch_dtype": dtype,  # transformers 4.x name of the same field
+    }
+
+
+def generation_config(tok: TokenizerFiles, vocab_rows: int) -> dict[str, Any]:
+    """Stop at end-of-text; never emit the padding rows of the table (no token decodes them)."""
+    config: dict[str, Any] = {"eos_token_id": tok.eot_id, "bos_token_id": None, "pad_token_id": tok.eot_id}
+    padding = list(range(tok.vocab_size, vocab_rows))
+    if padding:
+        config["suppress_tokens"] = padding
+    return config
+
+
+def tokenizer_config(tok: TokenizerFiles, context_length: int) -> dict[str, Any]:
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": tok.eot_token,
+        "bos_token": None,
+        "unk_token": None,
+        "pad_token": None,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        # Our shards hold a literal "<|endoftext|>" inside a document as text; only the id
+        # appended after each document is the end-of-text token. AutoTokenizer must agree.
+        "split_special_tokens": True,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": context_length,
+    }
+
+
+# --------------------------------------------------------------------------- export
+
+
+def _json(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+
+
+def export_model(
+    weights: Mapping[str, Tensor],
+    cfg: ModelConfig,
+    out_uri: str,
+    tokenizer: TokenizerFiles,
+    *,
+    fmt: str = EXPORT_FORMAT,
+    dtype: str = "float32",
+    s3: Any = None,
+) -> list[str]:
+    """Write the full state dict ``weights`` (our names) as a ``LlamaForCausalLM`` directory.
+
+    ``out_uri``: a local directory or ``s3://bucket/prefix`` (spec.export.uri); ``s3`` an
+    optional :class:`~llmtrain.runtime.data.storage.S3Options`. Weights go first and
+    ``config.json`` last, so a reader that finds the config finds a complete export.
+    Returns the written keys.
+    """
+    from llmtrain.runtime.data.storage import open_storage
+    from safetensors.torch import save
+
+    if fmt != EXPORT_FORMAT:
+        raise ExportError(f"spec.export.format {fmt!r} is not supported: use {EXPORT_FORMAT!r}")
+    if dtype not in _DTYPES:
+        raise ExportError(f"export dtype {dtype!r} is not one of {sorted(_DTYPES)}")
+    if tokenizer.eot_id >= cfg.vocab_size:
+        raise ExportError(
+            f"end-of-text id {tokenizer.eot_id} is outside the model's vocabulary of {cfg.vocab_size} rows"
+        )
+    hf = to_hf_state_dict(weights, cfg, _DTYPES[dtype])
+    store = open_storage(out_uri, _s3_options(s3))
+    files = {
+        WEIGHTS_NAME: save(hf, metadata={"format": "pt"}),
+        TOKENIZER_NAME: tokenizer.json_bytes,
+        TOKENIZER_CONFIG_NAME: _json(tokenizer_config(tokenizer, cfg.context_length)),
+        SPECIAL_TOKENS_NAME: _json({"eos_token": tokenizer.eot_token}),
+        GENERATION_CONFIG_NAME: _json(generation_config(tokenizer, cfg.vocab_size)),
+        CONFIG_NAME: _json(hf_config(cfg, tokenizer, dtype)),
+    }
+    for key, data in files.items():
+        store.put(key, data)
+    return list(files)
+
+
+def _s3_options(s3: Any) -> Any:
+    """Explicit options, else the endpoint from AWS_ENDPOINT_URL(_S3) (what the pods get)."""
+    import os
+
+    from llmtrain.runtime.data.storage import S3Options
+
+    if s3 is not None:
+        return s3
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return S3Options(endpoint=endpoint, region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
+
+
+# ----------------------------------------------------------------- from checkpoints
+
+_STEP_RE = re.compile(r"^step_(\d{8,})$")
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    root: str  # the lineage (spec.checkpoint.uri)
+    step: int
+    marker: dict[str, Any]
+
+    @property
+    def uri(self) -> str:
+        return f"{self.root}/step_{self.step:08d}"
+
+
+def resolve_checkpoint(uri: str) -> CheckpointRef:
+    """A lineage root (→ its newest *complete* checkpoint) or one ``step_XXXXXXXX`` directory.
+
+    Read-only: unlike ``Lineage.latest`` this never deletes incomplete checkpoints, because the
+    lineage may belong to a run that is saving right now.
+    """
+    from llmtrain.runtime.checkpoint import Lineage
+
+    trimmed = uri.rstrip("/")
+    parent, _, name = trimmed.rpartition("/")
+    m = _STEP_RE.match(name)
+    if m is not None:
+        lineage = Lineage(parent or ".", keep_last=1)
+        step = int(m.group(1))
+        if step not in lineage.complete_steps():
+            raise ExportError(
+                f"{uri} is not a complete checkpoint (no COMPLETE marker): it is missing or a save "
+                "was interrupted; pass the lineage root to use the newest complete one"
+            )
+    else:
+        lineage = Lineage(trimmed, keep_last=1)
+        steps = lineage.complete_steps()
+        if not steps:
+            raise ExportError(f"{uri} holds no complete checkpoint (no step_*/COMPLETE)")
+        step = steps[-1]
+    info = lineage.info(step)
+    return CheckpointRef(root=lineage.store.uri, step=step, marker=info.meta)
+
+
+def read_checkpoint_weights(ref: CheckpointRef) -> dict[str, Tensor]:
+    """The model tensors of a checkpoint, full and on the CPU, in one process (no process group).
+
+    DCP reshards on load: the template holds full-size tensors, so shards written by any
+    number of ranks are assembled into them; only the files holding model tensors are read.
+    """
+    import warnings
+
+    from llmtrain.runtime.checkpoint import METADATA, CheckpointInfo, Lineage, open_store
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    store = open_store(ref.root)
+    staging = Path(tempfile.mkdtemp(prefix="llmtrain-export-meta-"))
+    try:
+        store.get_file(f"step_{ref.step:08d}/{METADATA}", staging / METADATA)
+        metadata = FileSystemReader(staging).read_metadata()
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    template: dict[str, Tensor] = {}
+    for key, meta in metadata.state_dict_metadata.items():
+        if key.startswith("model.") and isinstance(meta, TensorStorageMetadata):
+            template[key.removeprefix("model.")] = torch.empty(meta.size, dtype=meta.properties.dtype)
+    if not template:
+        raise ExportError(f"{ref.uri} holds no model tensors (keys 'model.*')")
+    info = CheckpointInfo(
+        step=ref.step, uri=ref.uri, world_size=int(ref.marker.get("world_size", 1)), meta=ref.marker
+    )
+    with warnings.catch_warnings():
+        # "assuming the intent is to load in a single process": yes, that is the point.
+        warnings.filterwarnings("ignore", message=".*single process.*")
+        Lineage(ref.root, keep_last=1).load(info, {"model": template})
+    return template
+
+
+def model_config_for_checkpoint(
+    ref: CheckpointRef, weights: Mapping[str, Tensor], job: Any = None
+) -> ModelConfig:
+    """The architecture of a checkpoint: from its marker (``model``), else from a job spec.
+
+    With a spec the vocabulary is the checkpoint's table rows (already padded), so no data
+    manifest is needed; every tensor is then checked against the spec's shapes.
+    """
+    raw = ref.marker.get("model")
+    if isinstance(raw, dict):
+        known = {f.name for f in fields(ModelConfig)}
+        cfg = ModelConfig(**{k: v for k, v in raw.items() if k in known})
+        hint = f"the checkpoint's own config ({ref.uri}/COMPLETE)"
+    elif job is not None:
+        from llmtrain.api.config import runtime_config_from_spec
+
+        if "tok_embeddings.weight" not in weights:
+            raise ExportError(f"{ref.uri} has no tok_embeddings.weight")
+        rows = int(weights["tok_embeddings.weight"].shape[0])
+        cfg = runtime_config_from_spec(job, vocab_size=rows, world_size=1).model
+        if cfg.vocab_size != rows:
+            raise ExportError(
+                f"tok_embeddings.weight has {rows} rows, not a multiple of "
+                f"spec.model.architecture.vocabMultipleOf ({cfg.vocab_size} after padding)"
+            )
+        hint = "spec.model.architecture"
+    else:
+        raise ExportError(
+            f"{ref.uri}/COMPLETE records no model config: pass the job (--job job.yaml) whose "
+            "spec.model.architecture trained it"
+        )
+    check_shapes(weights, cfg, source=f"checkpoint {ref.uri}", field_hint=hint)
+    return cfg
+
+
+def export_checkpoint(
+    checkpoint_uri: str,
+    out_uri: str,
+    tokenizer: TokenizerFiles,
+    *,
+    job: Any = None,
+    dtype: str = "float32",
+    s3: Any = None,
+) -> tuple[CheckpointRef, ModelConfig]:
+    """``llmtrain export``: checkpoint (any world size) → HF Llama directory at ``out_uri``."""
+    ref = resolve_checkpoint(checkpoint_uri)
+    weights = read_checkpoint_weights(ref)
+    cfg = model_config_for_checkpoint(ref, weights, job)
+    export_model(weights, cfg, out_uri, tokenizer, dtype=dtype, s3=s3)
+    return ref, cfg
+
+
+def model_config_dict(cfg: ModelConfig) -> dict[str, Any]:
+    """What a checkpoint marker should record so that export needs nothing else."""
+    return asdict(cfg)

@@ -1,0 +1,154 @@
+"""Autoregressive sampling: temperature, top-k, top-p, max tokens, seed; greedy at temperature 0.
+
+The order of the logit transforms is Hugging Face's (temperature → top-k → top-p), so a
+seeded run here and ``generate(do_sample=True)`` there differ only in the random stream,
+and greedy decoding matches token for token (``tests/unit/test_generate.py``).
+
+No KV cache: each new token re-runs the model over the window (≤ contextLength tokens), i.e.
+O(T²) work for T new tokens. Fine for checks and small models; a cache would need the model
+to take positions and past keys, which :class:`~llmtrain.runtime.model.GPT` does not.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_new_tokens: int = 100
+    temperature: float = 1.0  # 0: greedy (argmax), seed and top-k/top-p ignored
+    top_k: int | None = None  # keep the k most likely tokens
+    top_p: float = 1.0  # keep the smallest set whose probability reaches top_p
+    seed: int = 0
+    stop_ids: tuple[int, ...] = ()  # generation ends after emitting one of these (end-of-text)
+    vocab_limit: int | None = None  # ids ≥ this (padding rows of the table) are never sampled
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max tokens must be ≥ 0, got {self.max_new_tokens} (--max-tokens)")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be ≥ 0, got {self.temperature} (--temperature)")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top-k must be ≥ 1, got {self.top_k} (--top-k)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top-p must be in (0, 1], got {self.top_p} (--top-p)")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def filter_logits(logits: Tensor, top_k: int | None, top_p: float) -> Tensor:
+    """Set to -inf every logit outside the top-k and outside the top-p nucleus ([V] or [B, V])."""
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the tokens before it already reach top_p: the most likely one stays.
+        drop_sorted = probs.cumsum(dim=-1) - probs >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def next_token(logits: Tensor, s: Sampling, generator: torch.Generator | None) -> int:
+    """One token id from the last position's logits [V]."""
+    logits = logits.float()
+    if s.vocab_limit is not None and s.vocab_limit < logits.shape[-1]:
+        logits[s.vocab_limit :] = float("-inf")
+    if s.greedy:
+        return int(logits.argmax())
+    logits = filter_logits(logits / s.temperature, s.top_k, s.top_p)
+    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+
+
+@torch.no_grad()
+def generate(model: nn.Module, prompt: list[int], s: Sampling) -> list[int]:
+    """The new token ids after ``prompt`` (a stop id, if reached, is the last one returned).
+
+    The model sees at most its contextLength newest tokens (RoPE tables end there).
+    """
+    if not prompt:
+        raise ValueError("the prompt encodes to no tokens; generation needs at least one (--prompt)")
+    context: int = model.cfg.context_length  # type: ignore[assignment,union-attr]
+    device = next(model.parameters()).device
+    generator = None if s.greedy else torch.Generator(device=device).manual_seed(s.seed)
+    was_training = model.training
+    model.eval()
+    ids = torch.tensor([prompt], dtype=torch.long, device=device)
+    out: list[int] = []
+    try:
+        for _ in range(s.max_new_tokens):
+            logits = model(ids[:, -context:])[0, -1]
+            token = next_token(logits, s, generator)  # host sync: the loop needs the id to stop
+            out.append(token)
+            if token in s.stop_ids:
+                break
+            ids = torch.cat((ids, torch.tensor([[token]], device=device)), dim=1)
+    finally:
+        model.train(was_training)
+    return out
+
+
+# ---------------------------------------------------------------------------- text
+
+
+@dataclass(frozen=True)
+class TextTokenizer:
+    """An exported directory's tokenizer, encoding as ``AutoTokenizer.from_pretrained(dir)`` does."""
+
+    tokenizer: object  # tokenizers.Tokenizer
+    split_special_tokens: bool
+    eos_id: int | None
+    vocab_size: int
+
+    def encode(self, text: str) -> list[int]:
+        tok = self.tokenizer
+        tok.encode_special_tokens = self.split_special_tokens  # type: ignore[attr-defined]
+        return list(tok.encode(text, add_special_tokens=True).ids)  # type: ignore[attr-defined]
+
+    def decode(self, ids: list[int]) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))  # type: ignore[attr-defined]
+
+
+def load_text_tokenizer(uri: str, s3: object = None) -> TextTokenizer:
+    """tokenizer.json (+ tokenizer_config.json, generation_config.json) of a model directory."""
+    import json
+
+    from llmtrain.runtime.data.storage import open_storage
+    from llmtrain.runtime.export import (
+        GENERATION_CONFIG_NAME,
+        TOKENIZER_CONFIG_NAME,
+        TOKENIZER_NAME,
+        ExportError,
+        _s3_options,
+    )
+    from tokenizers import Tokenizer
+
+    store = open_storage(uri, _s3_options(s3))
+    if not store.exists(TOKENIZER_NAME):
+        raise ExportError(
+            f"{uri} has no {TOKENIZER_NAME}: --model must be a directory written by llmtrain export"
+        )
+    tok = Tokenizer.from_str(store.get(TOKENIZER_NAME).decode("utf-8"))
+    config = json.loads(store.get(TOKENIZER_CONFIG_NAME)) if store.exists(TOKENIZER_CONFIG_NAME) else {}
+    gen = json.loads(store.get(GENERATION_CONFIG_NAME)) if store.exists(GENERATION_CONFIG_NAME) else {}
+    eos = gen.get("eos_token_id")
+    if isinstance(eos, list):
+        eos = eos[0] if eos else None
+    if eos is None and config.get("eos_token"):
+        eos = tok.token_to_id(
+            config["eos_token"] if isinstance(config["eos_token"], str) else config["eos_token"]["content"]
+        )
+    return TextTokenizer(
+        tokenizer=tok,
+        split_special_tokens=bool(config.get("split_special_tokens", False)),
+        eos_id=None if eos is None else int(eos),
+        vocab_size=int(max(tok.get_vocab(with_added_tokens=True).values()) + 1),
+    )
