@@ -18,8 +18,10 @@ Never connect to a pod or service IP: they are fake (kwok) private addresses.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -132,6 +134,52 @@ def _skip_reason() -> str | None:
         except ImportError:
             return f"Python package {mod!r} not installed (pip install -e '.[operator,test]')"
     return None
+
+
+# Pod IPs (kwok), service IPs and kwok's node IPs are fake private addresses: nothing listens
+# there and traffic to private ranges is not allowed on these machines. Every connect() from
+# the test process to one of these ranges fails at once, before any packet leaves.
+PRIVATE_NETS = [ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16")]
+
+
+class PrivateAddressConnectError(ConnectionRefusedError):
+    pass
+
+
+def _check_destination(address: Any) -> None:
+    if not isinstance(address, tuple) or not address or not isinstance(address[0], str):
+        return
+    try:
+        ip = ipaddress.ip_address(address[0])
+    except ValueError:
+        return
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if any(ip in net for net in PRIVATE_NETS):
+        raise PrivateAddressConnectError(
+            f"test refused to connect to {address[0]}: pod/service IPs are fake (kwok) private "
+            "addresses; take an injectable resolver and point it at 127.0.0.1"
+        )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_private_connections() -> Iterator[None]:
+    orig_connect, orig_connect_ex = socket.socket.connect, socket.socket.connect_ex
+
+    def connect(self: socket.socket, address: Any) -> None:
+        _check_destination(address)
+        orig_connect(self, address)
+
+    def connect_ex(self: socket.socket, address: Any) -> int:
+        _check_destination(address)
+        return orig_connect_ex(self, address)
+
+    socket.socket.connect = connect  # type: ignore[method-assign,assignment]
+    socket.socket.connect_ex = connect_ex  # type: ignore[method-assign,assignment]
+    try:
+        yield
+    finally:
+        socket.socket.connect, socket.socket.connect_ex = orig_connect, orig_connect_ex  # type: ignore[method-assign]
 
 
 @pytest.fixture(scope="session")

@@ -285,3 +285,17 @@ def test_namespace_deletion(cluster: Cluster) -> None:
             return e.status == 404
 
     cluster.wait_for(gone, timeout=60, what="namespace controller to delete t-ns-delete")
+
+
+def test_pod_and_service_ips_are_never_connected(cluster: Cluster, namespace: str) -> None:
+    """The guard in conftest refuses a connect() to a fake pod/service IP before any packet is sent."""
+    import socket
+
+    cluster.core.create_namespaced_pod(namespace, pod_manifest("target"))
+    pod = wait_phase(cluster, namespace, "target", "Running")
+    svc = cluster.core.create_namespaced_service(
+        namespace, {"metadata": {"name": "svc"}, "spec": {"ports": [{"port": 80}], "selector": {"app": "x"}}}
+    )
+    for ip, port in ((pod.status.pod_ip, 8265), (svc.spec.cluster_ip, 80)):
+        with pytest.raises(ConnectionRefusedError, match="fake"):
+            socket.create_connection((ip, port), timeout=0.1)
