@@ -145,6 +145,14 @@ def tiny_spec_dict(**overrides: Any) -> dict[str, Any]:
 # tests. A rank that dies takes the others down, as a real launcher would.
 
 
+def loopback_interface() -> str:
+    """Name of the loopback network interface (lo on Linux, lo0 on macOS)."""
+    import socket
+
+    names = [name for _, name in socket.if_nameindex() if name.startswith("lo")]
+    return names[0] if names else "lo"
+
+
 def _free_port() -> int:
     import socket
 
@@ -202,9 +210,11 @@ def run_ranks(
 
     ctx = mp.get_context("spawn")
     port = _free_port()
+    # gloo otherwise binds each pair to the address of the host name (a private-range IP).
+    env = {"GLOO_SOCKET_IFNAME": loopback_interface(), **(env or {})}
     with tempfile.TemporaryDirectory(prefix="llmtrain-ranks-") as out:
         procs = [
-            ctx.Process(target=_rank_main, args=(r, world_size, port, fn, args, out, env or {}), daemon=True)
+            ctx.Process(target=_rank_main, args=(r, world_size, port, fn, args, out, env), daemon=True)
             for r in range(world_size)
         ]
         for p in procs:
@@ -266,3 +276,27 @@ def train_worker(
         on_progress=record,
         ctx=RunContext(metrics_addr="127.0.0.1", **(ctx_kwargs or {})),
     )
+
+
+class JsonlSink:
+    """A picklable ``on_progress`` that appends each ProgressEvent to a JSON-lines file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __call__(self, event: Any) -> None:
+        with open(self.path, "a") as f:
+            f.write(event.to_json() + "\n")
+
+
+class PickleSink:
+    """A picklable ``on_result`` that writes the TrainResult to a file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __call__(self, result: Any) -> None:
+        import pickle
+
+        with open(self.path, "wb") as f:
+            pickle.dump(result, f)
