@@ -190,15 +190,18 @@ def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     from kubernetes import config as kconfig
 
     workdir = tmp_path_factory.mktemp("controlplane")
-    cp = controlplane.ControlPlane(workdir=workdir, die_with_parent=True)
-    try:
-        cp.start()
-    except controlplane.ControlPlaneError as e:
-        pytest.fail(f"control plane failed to start: {e}\n{cp.logs_summary(30)}")
+    for attempt in (1, 2):  # a second try covers a free port taken between probe and bind
+        cp = controlplane.ControlPlane(workdir=workdir / f"try{attempt}", die_with_parent=True)
+        try:
+            cp.start()
+            break
+        except controlplane.ControlPlaneError as e:
+            if attempt == 2:
+                pytest.fail(f"control plane failed to start: {e}\n{cp.logs_summary(30)}")
     info = {
         "seconds": cp.startup_seconds,
         "timings": cp.timings,
-        "workdir": str(workdir),
+        "workdir": str(cp.workdir),
         "server": cp.server,
     }
     _STARTUP.update(info)
