@@ -81,6 +81,8 @@ def test_versions(cluster: Cluster) -> None:
     assert out["clientVersion"]["gitVersion"].startswith("v1.35."), out
     helm = cluster.helm("version", "--short").stdout
     assert helm.startswith("v4."), helm
+    # helm reaches the apiserver through KUBECONFIG too
+    assert cluster.helm("list", "--all-namespaces").returncode == 0
 
 
 def test_node_pool(cluster: Cluster) -> None:
