@@ -111,7 +111,11 @@ def register(
     def on_suspend_changed(body: kopf.Body, patch: kopf.Patch, logger: Any, **kwargs: Any) -> None:
         run(body, patch, kwargs.get(INDEX_ID), logger)
 
-    @kopf.timer(GROUP, VERSION, PLURAL, id="reconcile", interval=interval, registry=registry)
+    # The first tick waits one interval: on.create has just created the children, and a
+    # tick racing it would repeat every create as a 409 + get (twice the API calls).
+    @kopf.timer(
+        GROUP, VERSION, PLURAL, id="reconcile", interval=interval, initial_delay=interval, registry=registry
+    )
     def reconcile_tick(body: kopf.Body, patch: kopf.Patch, logger: Any, **kwargs: Any) -> None:
         run(body, patch, kwargs.get(INDEX_ID), logger)
 

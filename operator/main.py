@@ -127,20 +127,27 @@ def connection_info(api_client: Any) -> kopf.ConnectionInfo:
     )
 
 
-def _api_client(kubeconfig: str | None) -> Any:
-    """The Kubernetes API client, made once: in-cluster credentials, else a kubeconfig."""
+def _api_client(kubeconfig: str | None, pool: int) -> Any:
+    """The Kubernetes API client, made once: in-cluster credentials, else a kubeconfig.
+
+    Its connection pool holds one connection per executor thread: the client's default
+    (5 × CPUs) is smaller than that on small nodes, and every call over the limit would
+    pay a new TCP + TLS handshake and log "Connection pool is full".
+    """
     from kubernetes import client, config
 
-    try:
-        config.load_incluster_config()
-        return client.ApiClient()
-    except config.ConfigException:
-        return config.new_client_from_config(config_file=kubeconfig)
+    cfg = client.Configuration()
+    if _in_cluster():
+        config.load_incluster_config(client_configuration=cfg)
+    else:
+        config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
+    cfg.connection_pool_maxsize = max(pool, cfg.connection_pool_maxsize)
+    return client.ApiClient(configuration=cfg)
 
 
 async def serve(opts: Options, stop_flag: Any = None, ready_flag: Any = None) -> None:
     """Run until ``stop_flag`` (an asyncio.Event/threading.Event/Future) is set."""
-    registry, metrics = build(opts, _api_client(opts.kubeconfig))
+    registry, metrics = build(opts, _api_client(opts.kubeconfig, opts.executor_threads + 4))
     if opts.metrics_port is not None:
         metrics.serve(opts.metrics_port, opts.bind_address)
     await kopf.operator(

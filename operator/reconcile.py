@@ -279,10 +279,15 @@ class Reconciler:
         # no API calls per tick.
         missing = [n for n in expected if n not in live]
         if missing:
-            self._ensure_children(job, body, mine, pods, missing, out)
+            created = self._ensure_children(job, body, mine, pods, missing, out)
             if out.error:
                 out.requeue = out.error
-            diag = diagnose(expected, live, self._event_lookup(meta))
+            # The pods just created are not in the index yet: count them as waiting for the
+            # scheduler rather than "not created".
+            seen = dict(live)
+            for name in created:
+                seen[name] = _just_created(name, meta)
+            diag = diagnose(expected, seen, self._event_lookup(meta))
 
         # 7. status from the diagnosis
         self._apply_diagnosis(job, diag, st, conds, old_phase, annotations, out, now)
@@ -339,11 +344,12 @@ class Reconciler:
         all_pods: Mapping[str, PodView],
         missing: list[str],
         out: Outcome,
-    ) -> None:
+    ) -> list[str]:
+        """Create the children and the missing pods; the names of the pods created."""
         for child in m.static_children(job, self.settings, self.token()):
             self._create(child, body, out)
         by_name = {p["metadata"]["name"]: p for p in m.pods(job, self.settings)}
-        created = 0
+        created: list[str] = []
         for name in missing:
             p = all_pods.get(name)
             if p is not None and p.deleting:
@@ -363,10 +369,12 @@ class Reconciler:
                 self.api.delete("Pod", mine[name].namespace, name, uid=mine[name].uid)
                 out.requeue = f"pod {name} is still being deleted"
                 continue
-            created += self._create(by_name[name], body, out)
+            if self._create(by_name[name], body, out):
+                created.append(name)
         if created:
-            out.events.append(Event("Normal", "PodsCreated", f"created {created} Ray pods"))
+            out.events.append(Event("Normal", "PodsCreated", f"created {len(created)} Ray pods"))
             out.requeue = out.requeue or "pods created"
+        return created
 
     def _delete_pods(
         self, meta: Mapping[str, Any], pods: Mapping[str, PodView], out: Outcome, end_group: bool = True
@@ -504,7 +512,12 @@ class Reconciler:
             else:
                 out.requeue = out.requeue or diag.message
         new_sched = conds.get(ConditionType.Scheduled) or {}
-        if new_sched.get("reason") != old_sched_reason and new_sched.get("reason") != Reason.WaitingForPods:
+        ready_event = any(e.reason == "RayClusterReady" for e in out.events)
+        if (
+            new_sched.get("reason") != old_sched_reason
+            and new_sched.get("reason") != Reason.WaitingForPods
+            and not ready_event  # "all scheduled" is implied by "all Running": one Event, not two
+        ):
             kind = "Warning" if new_sched.get("reason") in WARNING_REASONS else "Normal"
             out.events.append(Event(kind, str(new_sched.get("reason")), str(new_sched.get("message"))))
         out.phase = Phase(st["phase"])
@@ -518,6 +531,30 @@ class Reconciler:
             out.status = new
         out.phase = Phase(st["phase"])
         return out
+
+
+def _just_created(name: str, meta: Mapping[str, Any]) -> PodView:
+    return PodView(
+        name=name,
+        namespace=meta.get("namespace", ""),
+        job=meta.get("name", ""),
+        role="",
+        uid="",
+        owner_uid=meta.get("uid"),
+        phase="Pending",
+        created=None,
+        deleting=False,
+        node=None,
+        scheduled=None,
+        sched_reason=None,
+        sched_message=None,
+        gates=(),
+        waiting=(),
+        exit_code=None,
+        exit_reason=None,
+        running_since=None,
+        annotations=(),
+    )
 
 
 def _adopt(obj: dict[str, Any], owner: Mapping[str, Any]) -> None:

@@ -87,7 +87,15 @@ def crds(cluster: Cluster) -> None:
     items = {"apiVersion": "v1", "kind": "List", "items": peering_crds()}
     cluster.kubectl("apply", "-f", "-", input=json.dumps(items))
     for crd in ("llmtrainingjobs.llmtrain.dev", "kopfpeerings.kopf.dev", "clusterkopfpeerings.kopf.dev"):
-        cluster.kubectl("wait", "--for=condition=Established", f"crd/{crd}", "--timeout=30s")
+        # Polled, not `kubectl wait`: that errors out while status.conditions is still absent.
+        cluster.wait_for(
+            lambda crd=crd: any(
+                c.type == "Established" and c.status == "True"
+                for c in (cluster.apiext.read_custom_resource_definition(crd).status.conditions or [])
+            ),
+            timeout=30,
+            what=f"CRD {crd} Established",
+        )
 
 
 class Operator:

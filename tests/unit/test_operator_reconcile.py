@@ -86,6 +86,7 @@ def test_create_makes_every_child_owned_by_the_job() -> None:
     assert creates.index("demo-ray-auth") < creates.index("demo-head")
     assert creates.index("demo-spec") < creates.index("demo-head")
     assert h.status["phase"] == Phase.Pending
+    assert h.cond(ConditionType.Scheduled)["message"] == "3 pods waiting for the scheduler"
     assert h.status["rayClusterName"] == "demo"
     assert h.status["startTime"] == rfc3339(NOW)
     assert h.status["observedGeneration"] == 1
