@@ -123,6 +123,39 @@ def operator(
     )
 
 
+@app.command()
+def run(
+    job_yaml: Annotated[
+        Path, typer.Argument(help="File holding one LLMTrainingJob.", exists=True, dir_okay=False)
+    ],
+    run_dir: Annotated[Path | None, typer.Option(help="Run directory (default ./runs/<name>).")] = None,
+    cpus: Annotated[int | None, typer.Option(help="CPUs of the local Ray cluster (default: all).")] = None,
+    prompt: Annotated[str, typer.Option(help="Prompt of the sample printed at the end.")] = "def ",
+) -> None:
+    """Run the whole workflow locally: data → train → validate → checkpoint → export → sample.
+
+    Running the same command again reuses the prepared data and resumes from the newest
+    complete checkpoint.
+    """
+    from llmtrain.api.job import LLMTrainingJob, read_manifests
+    from llmtrain.api.validate import validate_object
+
+    docs = [d for d in read_manifests(job_yaml) if d.get("kind") == "LLMTrainingJob"]
+    if len(docs) != 1:
+        err_console.print(f"{job_yaml}: expected exactly one LLMTrainingJob, found {len(docs)}")
+        raise typer.Exit(2)
+    problems = validate_object(docs[0])
+    if problems:
+        for p in problems:
+            err_console.print(f"[red]✗[/] [bold]{p.path}[/]: {p.message}")
+        raise typer.Exit(1)
+    job = LLMTrainingJob.model_validate(docs[0])
+
+    from llmtrain.cli_run import run_with_display
+
+    raise typer.Exit(run_with_display(job, run_dir=run_dir, cpus=cpus, prompt=prompt, console=console))
+
+
 def _mount_subcommands() -> None:
     # Sub-apps keep their heavy imports inside their commands, so mounting them is cheap.
     from llmtrain.runtime.data.commands import app as data_app

@@ -1,0 +1,370 @@
+"""``llmtrain run job.yaml``: the whole workflow on a local Ray cluster.
+
+data (reused when the fingerprint matches) → training with validation and checkpoints
+(resumes from the newest complete checkpoint) → export → a sample from the exported model.
+Stages run one after another, so 2 CPUs are never shared between tokenization and training.
+The same code runs inside the cluster on Kubernetes; only the Ray cluster differs.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llmtrain.api.config import RuntimeConfig, runtime_config_from_spec
+from llmtrain.api.job import LLMTrainingJob
+from llmtrain.api.progress import ProgressEvent
+from llmtrain.api.shards import Manifest
+
+log = logging.getLogger("llmtrain.run")
+
+
+class RunError(RuntimeError):
+    """The run stopped; the message says which stage and why."""
+
+
+@dataclass
+class RunSummary:
+    job: str
+    run_dir: str
+    data_uri: str
+    data_reused: bool
+    train_tokens: int
+    val_tokens: int
+    vocab_size: int
+    unigram_cross_entropy: float
+    steps: int = 0
+    resumed_from: int | None = None
+    final_train_loss: float | None = None
+    val_loss: float | None = None
+    val_perplexity: float | None = None
+    val_accuracy: float | None = None
+    tokens_per_second: float | None = None
+    mfu: float | None = None
+    checkpoint_uri: str | None = None
+    export_uri: str | None = None
+    sample_prompt: str = ""
+    sample: str | None = None
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def loss_ratio(self) -> float | None:
+        """Validation loss / unigram cross-entropy: < 1 means the model learned more than frequencies."""
+        if self.val_loss is None or not self.unigram_cross_entropy:
+            return None
+        return self.val_loss / self.unigram_cross_entropy
+
+
+# ------------------------------------------------------------------------------ pieces
+
+
+def unigram_cross_entropy(manifest: Manifest, data_uri: str, storage_options: Any = None) -> float:
+    """Entropy (nats/token) of the validation split's own unigram distribution.
+
+    The loss of the best model that knows only token frequencies, and a conservative bar:
+    fitted on the validation tokens themselves, it is lower than any frequency model fitted
+    on the training split would score there.
+    """
+    import torch
+    from llmtrain.runtime.data.loader import read_verified_shard
+    from llmtrain.runtime.data.storage import open_storage
+
+    storage = open_storage(data_uri, storage_options)
+    counts = torch.zeros(manifest.tokenizer.vocab_size, dtype=torch.float64)
+    for info in manifest.split_shards("validation"):
+        tokens = read_verified_shard(storage, info, manifest)
+        counts += torch.bincount(tokens.long(), minlength=counts.numel()).double()
+    total = counts.sum()
+    if total == 0:
+        raise RunError("the validation split is empty: raise spec.data.validationFraction")
+    p = counts[counts > 0] / total
+    return float(-(p * p.log()).sum())
+
+
+def make_shard_loader(
+    data_uri: str,
+    storage_options: Any,
+    *,
+    split: str,
+    rank: int,
+    world_size: int,
+    micro_batch: int,
+    context_length: int,
+    seed: int,
+) -> Any:
+    """The loader factory handed to every training worker (a module-level function: picklable)."""
+    from llmtrain.runtime.data.loader import open_loader
+
+    return open_loader(
+        data_uri,
+        split=split,
+        rank=rank,
+        world_size=world_size,
+        micro_batch=micro_batch,
+        context_length=context_length,
+        seed=seed,
+        storage=storage_options,
+    )
+
+
+class EventQueue:
+    """Progress events from rank 0 to this process: a Ray queue actor (works across nodes)."""
+
+    def __init__(self) -> None:
+        from ray.util.queue import Queue
+
+        self.queue = Queue(maxsize=10_000, actor_options={"num_cpus": 0})
+
+    def drain(self, timeout: float) -> list[ProgressEvent]:
+        from ray.util.queue import Empty
+
+        out = []
+        try:
+            out.append(ProgressEvent.from_json(self.queue.get(timeout=timeout)))
+            while True:
+                out.append(ProgressEvent.from_json(self.queue.get_nowait()))
+        except Empty:
+            pass
+        return out
+
+
+def _put_event(q: Any, event: ProgressEvent) -> None:
+    # Runs on rank 0: one small actor call per log/validation/checkpoint step.
+    q.put_nowait(event.to_json())
+
+
+# ------------------------------------------------------------------------------ the run
+
+
+@dataclass
+class RunOptions:
+    run_dir: Path | None = None  # default ./runs/<metadata.name>
+    num_cpus: int | None = None  # default: all cores
+    sample_prompt: str = "def "
+    sample_tokens: int = 50
+
+
+def _run_dir(job: LLMTrainingJob, opts: RunOptions) -> Path:
+    return (opts.run_dir or Path("runs") / job.metadata.name).resolve()
+
+
+def _quiet_ray_logs(run_dir: Path) -> None:
+    """Ray's driver-side chatter goes to <run dir>/logs/ray.log, not the terminal."""
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run_dir / "logs" / "ray.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in ("ray", "ray.train", "ray.data", "ray.tune"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [handler]
+        logger.propagate = False
+        logger.setLevel(logging.INFO)
+
+
+def _absolute(uri: str | None) -> str | None:
+    if uri is None or "://" in uri:
+        return uri
+    return str(Path(uri).expanduser().resolve())
+
+
+def with_absolute_paths(job: LLMTrainingJob) -> LLMTrainingJob:
+    """Local paths in the spec resolved against the current directory: Ray workers run elsewhere."""
+    spec = job.spec.model_copy(deep=True)
+    spec.data.output_uri = _absolute(spec.data.output_uri) or spec.data.output_uri
+    spec.checkpoint.uri = _absolute(spec.checkpoint.uri)
+    if spec.export is not None:
+        spec.export.uri = _absolute(spec.export.uri) or spec.export.uri
+    if spec.data.tokenizer.load is not None:
+        spec.data.tokenizer.load.uri = _absolute(spec.data.tokenizer.load.uri) or spec.data.tokenizer.load.uri
+    for init in (spec.model.init.checkpoint, spec.model.init.pretrained):
+        if init is not None:
+            init.uri = _absolute(init.uri) or init.uri
+    return job.model_copy(update={"spec": spec})
+
+
+def run_job(
+    job: LLMTrainingJob,
+    opts: RunOptions | None = None,
+    *,
+    on_event: Callable[[ProgressEvent], None] | None = None,
+    on_stage: Callable[[str], None] | None = None,
+) -> RunSummary:
+    """Run every stage of ``job`` locally; ``on_event``/``on_stage`` drive the display."""
+    from llmtrain.runtime.ray_local import init_local_ray
+
+    opts = opts or RunOptions()
+    job = with_absolute_paths(job)
+    spec = job.spec
+    run_dir = _run_dir(job, opts)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    stage = on_stage or (lambda _s: None)
+    seconds: dict[str, float] = {}
+
+    # ---- data (in-process; Ray is not started before training needs it)
+    stage("data")
+    t0 = time.perf_counter()
+    from llmtrain.runtime.data.prepare import PrepareConfig, prepare
+
+    prep_cfg = PrepareConfig.from_spec(spec, None)
+    prepared = prepare(prep_cfg, log=lambda m: log.info("data: %s", m))
+    manifest = prepared.manifest
+    data_uri = prepared.manifest_uri.rsplit("/", 1)[0]
+    storage_options = prep_cfg.s3
+    unigram = unigram_cross_entropy(manifest, data_uri, storage_options)
+    seconds["data"] = time.perf_counter() - t0
+
+    summary = RunSummary(
+        job=job.metadata.name,
+        run_dir=str(run_dir),
+        data_uri=data_uri,
+        data_reused=prepared.reused,
+        train_tokens=manifest.split_tokens("train"),
+        val_tokens=manifest.split_tokens("validation"),
+        vocab_size=manifest.tokenizer.vocab_size,
+        unigram_cross_entropy=unigram,
+        sample_prompt=opts.sample_prompt,
+        stage_seconds=seconds,
+    )
+
+    # ---- training on the local Ray cluster
+    stage("training")
+    t0 = time.perf_counter()
+    cfg = runtime_config_from_spec(
+        spec, vocab_size=manifest.tokenizer.vocab_size, checkpoint_uri=str(run_dir / "checkpoints")
+    )
+    _quiet_ray_logs(run_dir)
+    ncpu = opts.num_cpus or os.cpu_count() or 1
+    init_local_ray(ncpu, log_to_driver=False)
+    try:
+        _train(cfg, spec, data_uri, storage_options, run_dir, ncpu, summary, on_event)
+    finally:
+        import ray
+
+        ray.shutdown()
+    seconds["training"] = time.perf_counter() - t0
+
+    # ---- export
+    if summary.checkpoint_uri is None:
+        raise RunError(f"training wrote no checkpoint under {cfg.train.checkpoint_uri}")
+    stage("export")
+    t0 = time.perf_counter()
+    from llmtrain.runtime.export import export_checkpoint, tokenizer_from_data
+
+    export_uri = spec.export.uri if spec.export else str(run_dir / "model")
+    export_checkpoint(
+        cfg.train.checkpoint_uri or "",
+        export_uri,
+        tokenizer_from_data(data_uri, storage_options),
+        job=spec,
+        s3=storage_options,
+    )
+    summary.export_uri = export_uri
+    seconds["export"] = time.perf_counter() - t0
+
+    # ---- a sample from what was exported (proves the export loads)
+    stage("sample")
+    t0 = time.perf_counter()
+    summary.sample = sample_text(export_uri, opts.sample_prompt, opts.sample_tokens, storage_options)
+    seconds["sample"] = time.perf_counter() - t0
+    stage("done")
+    return summary
+
+
+def _train(
+    cfg: RuntimeConfig,
+    spec: Any,
+    data_uri: str,
+    storage_options: Any,
+    run_dir: Path,
+    ncpu: int,
+    summary: RunSummary,
+    on_event: Callable[[ProgressEvent], None] | None,
+) -> None:
+    from llmtrain.runtime.trainer import LaunchOptions, launch
+
+    events = EventQueue()
+    workers = cfg.train.world_size
+    options = LaunchOptions(
+        gpus_per_worker=spec.resources.gpus_per_worker,
+        # Every core to the workers: torch's intra-op threads follow the CPUs Ray grants.
+        cpus_per_worker=max(1, ncpu // workers),
+        max_failures=spec.backoff_limit,
+        storage_path=str(run_dir / "ray"),
+        run_name="train",
+        job=summary.job,
+        metrics_addr="127.0.0.1",
+    )
+    errors: list[BaseException] = []
+
+    def fit() -> None:
+        try:
+            launch(
+                cfg,
+                functools.partial(make_shard_loader, data_uri, storage_options),
+                on_progress=functools.partial(_put_event, events.queue),
+                options=options,
+            )
+        except BaseException as e:  # re-raised in the caller's thread
+            errors.append(e)
+
+    thread = threading.Thread(target=fit, name="llmtrain-fit", daemon=True)
+    thread.start()
+    done = False
+    while not done:
+        done = not thread.is_alive()  # drain once more after the thread ends
+        for event in events.drain(timeout=0.01 if done else 0.5):
+            _absorb(summary, event)
+            if on_event is not None:
+                on_event(event)
+    if errors:
+        raise RunError(f"training failed: {errors[0]}") from errors[0]
+
+
+def _absorb(summary: RunSummary, e: ProgressEvent) -> None:
+    summary.steps = max(summary.steps, e.step)
+    if e.train_loss is not None and math.isfinite(e.train_loss):
+        summary.final_train_loss = e.train_loss
+    if e.val_loss is not None:
+        summary.val_loss, summary.val_perplexity, summary.val_accuracy = (
+            e.val_loss,
+            e.val_perplexity,
+            e.val_accuracy,
+        )
+    if e.tokens_per_second is not None:
+        summary.tokens_per_second = e.tokens_per_second
+    if e.mfu is not None:
+        summary.mfu = e.mfu
+    if e.checkpoint_uri is not None:
+        summary.checkpoint_uri = e.checkpoint_uri
+
+
+def sample_text(
+    model_uri: str, prompt: str, max_tokens: int, storage_options: Any = None, seed: int = 0
+) -> str:
+    """A short sample from an exported model directory (temperature 0.8, top-k 40)."""
+    from llmtrain.runtime.generate import Sampling, generate, load_text_tokenizer
+    from llmtrain.runtime.hf_import import load_pretrained_model
+
+    tok = load_text_tokenizer(model_uri, storage_options)
+    model = load_pretrained_model(model_uri, s3=storage_options)
+    ids = tok.encode(prompt)
+    out = generate(
+        model,
+        ids,
+        Sampling(
+            max_new_tokens=max_tokens,
+            temperature=0.8,
+            top_k=40,
+            seed=seed,
+            stop_ids=(tok.eos_id,) if tok.eos_id is not None else (),
+            vocab_limit=tok.vocab_size,
+        ),
+    )
+    return tok.decode(ids + out)
