@@ -75,7 +75,7 @@ def read_versions(path: Path = VERSIONS_FILE) -> dict[str, str]:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("LLMTRAIN_CACHE", Path.home() / ".cache" / "llmtrain"))
+    return Path(os.environ.get("LLMTRAIN_CACHE") or Path.home() / ".cache" / "llmtrain")
 
 
 def binaries() -> dict[str, Path]:
@@ -586,8 +586,6 @@ class ControlPlane:
             "kube-controller-manager",
             [
                 f"--kubeconfig={kcfg}",
-                f"--authentication-kubeconfig={kcfg}",
-                f"--authorization-kubeconfig={kcfg}",
                 "--bind-address=127.0.0.1",
                 f"--secure-port={p['kube-controller-manager']}",
                 f"--tls-cert-file={pki.serving_crt}",
@@ -617,8 +615,6 @@ class ControlPlane:
             "kube-scheduler",
             [
                 f"--config={sched_cfg}",
-                f"--authentication-kubeconfig={kcfg}",
-                f"--authorization-kubeconfig={kcfg}",
                 "--bind-address=127.0.0.1",
                 f"--secure-port={p['kube-scheduler']}",
                 f"--tls-cert-file={pki.serving_crt}",
