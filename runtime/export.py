@@ -87,12 +87,30 @@ def hf_name_map(cfg: ModelConfig) -> dict[str, str]:
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Shapes of our (untied-view) parameters for ``cfg``, from a meta-device model: no memory."""
-    from llmtrain.runtime.model import GPT
+    """Shapes of :class:`~llmtrain.runtime.model.GPT`'s state dict for ``cfg`` (tied: both keys).
 
-    with torch.device("meta"):
-        model = GPT(cfg)
-    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    Closed form, not a meta-device model: building one costs seconds of first-use imports on a
+    CLI call. ``tests/unit/test_export.py`` checks it against the model's own state dict.
+    """
+    d, v, f = cfg.d_model, cfg.vocab_size, cfg.ffn_hidden_size
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    shapes: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (v, d)}
+    for i in range(cfg.n_layers):
+        layer = {
+            "attention_norm.weight": (d,),
+            "attention.wq.weight": (q, d),
+            "attention.wk.weight": (kv, d),
+            "attention.wv.weight": (kv, d),
+            "attention.wo.weight": (d, q),
+            "ffn_norm.weight": (d,),
+            "feed_forward.w1.weight": (f, d),
+            "feed_forward.w3.weight": (f, d),
+            "feed_forward.w2.weight": (d, f),
+        }
+        shapes.update({f"layers.{i}.{name}": shape for name, shape in layer.items()})
+    shapes["norm.weight"] = (d,)
+    shapes["output.weight"] = (v, d)
+    return shapes
 
 
 def check_shapes(weights: Mapping[str, Tensor], cfg: ModelConfig, *, source: str, field_hint: str) -> None:

@@ -20,6 +20,7 @@ from llmtrain.runtime import export as export_mod
 from llmtrain.runtime.export import (
     ExportError,
     TokenizerFiles,
+    expected_shapes,
     export_model,
     hf_name_map,
     to_hf_state_dict,
@@ -316,9 +317,11 @@ def test_export_import_round_trip_is_identical(tmp_path: Path, tokenizer: Tokeni
         assert torch.equal(back[name], p.detach()), name
 
 
-def test_hf_names_cover_every_parameter(tokenizer: TokenizerFiles) -> None:
+def test_hf_names_cover_every_parameter_and_shapes_match_the_model(tokenizer: TokenizerFiles) -> None:
     for tied in (False, True):
         cfg = model_config(tokenizer, tied=tied)
+        model_shapes = {k: tuple(v.shape) for k, v in GPT(cfg).state_dict().items()}
+        assert expected_shapes(cfg) == model_shapes
         names = hf_name_map(cfg)
         assert set(names) == {n for n, _ in GPT(cfg).named_parameters()}
         assert len(set(names.values())) == len(names)

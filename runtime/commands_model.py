@@ -1,0 +1,138 @@
+"""``llmtrain export`` and ``llmtrain generate``: the model leaves the system and talks.
+
+Registered in :mod:`llmtrain.cli` as ``app.command("export")(export_cmd)`` and
+``app.command("generate")(generate_cmd)``. torch, safetensors and tokenizers are imported
+inside the commands, so ``llmtrain --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+
+def _s3_options(endpoint: str | None, spec: Any = None) -> Any:
+    """S3 settings: --endpoint, else spec.storage of --job, else AWS_ENDPOINT_URL(_S3)."""
+    from llmtrain.runtime.data.storage import S3Options
+
+    region = os.environ.get("AWS_DEFAULT_REGION", "us-east-1")
+    if endpoint is None and spec is not None and spec.storage is not None:
+        endpoint, region = spec.storage.endpoint, spec.storage.region
+    if endpoint is None:
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return S3Options(endpoint=endpoint, region=region)
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(1)
+
+
+def export_cmd(
+    checkpoint: Annotated[
+        str,
+        typer.Option(
+            "--checkpoint",
+            help="A checkpoint lineage (spec.checkpoint.uri: newest complete step) or one step_XXXXXXXX "
+            "directory; local or s3://.",
+        ),
+    ],
+    out: Annotated[str, typer.Option("--out", help="Output directory or s3://bucket/prefix.")],
+    job: Annotated[
+        Path | None,
+        typer.Option(
+            "--job",
+            exists=True,
+            dir_okay=False,
+            help="The LLMTrainingJob that trained it: its architecture (when the checkpoint does not "
+            "record one) and its spec.data.outputUri (the tokenizer).",
+        ),
+    ] = None,
+    tokenizer: Annotated[
+        str | None,
+        typer.Option(
+            "--tokenizer",
+            help="Data output directory (with manifest.json) or a tokenizer.json; default: "
+            "spec.data.outputUri of --job.",
+        ),
+    ] = None,
+    dtype: Annotated[
+        str, typer.Option(help="Weight dtype in the file: float32, bfloat16 or float16.")
+    ] = "float32",
+    endpoint: Annotated[
+        str | None, typer.Option(help="S3 endpoint (default: spec.storage of --job, then AWS_ENDPOINT_URL).")
+    ] = None,
+) -> None:
+    """Export a checkpoint as a Hugging Face LlamaForCausalLM directory (safetensors + config + tokenizer)."""
+    from llmtrain.runtime.export import ExportError, export_checkpoint, tokenizer_from_data
+
+    spec = None
+    if job is not None:
+        from llmtrain.api.job import load_job
+
+        try:
+            spec = load_job(job).spec
+        except Exception as e:
+            raise _fail(f"{job}: {e}") from e
+    s3 = _s3_options(endpoint, spec)
+    source = tokenizer or (spec.data.output_uri if spec is not None else None)
+    if source is None:
+        raise _fail("no tokenizer: pass --tokenizer (data output directory or tokenizer.json) or --job")
+    try:
+        tok = tokenizer_from_data(source, s3)
+        ref, cfg = export_checkpoint(checkpoint, out, tok, job=spec, dtype=dtype, s3=s3)
+    except (ExportError, FileNotFoundError, ValueError) as e:
+        raise _fail(str(e)) from e
+    typer.echo(
+        f"exported {ref.uri} (step {ref.step}, {cfg.n_layers} layers, dModel {cfg.d_model}, "
+        f"vocab {cfg.vocab_size}) to {out}"
+    )
+
+
+def generate_cmd(
+    model: Annotated[
+        str, typer.Option("--model", help="Exported or Hugging Face Llama directory (local or s3://).")
+    ],
+    prompt: Annotated[str, typer.Option("--prompt", help="Text to continue.")],
+    max_tokens: Annotated[int, typer.Option("--max-tokens", help="New tokens at most.")] = 100,
+    temperature: Annotated[float, typer.Option(help="Softmax temperature; 0 = greedy.")] = 1.0,
+    top_k: Annotated[
+        int | None, typer.Option("--top-k", help="Sample from the k most likely tokens.")
+    ] = None,
+    top_p: Annotated[
+        float, typer.Option("--top-p", help="Sample from the smallest set reaching this probability.")
+    ] = 1.0,
+    seed: Annotated[int, typer.Option(help="Seed of the sampling.")] = 0,
+    ids: Annotated[
+        bool, typer.Option("--ids", help="Print prompt and new token ids as JSON, not text.")
+    ] = False,
+    endpoint: Annotated[str | None, typer.Option(help="S3 endpoint (default: AWS_ENDPOINT_URL).")] = None,
+) -> None:
+    """Continue a prompt with a trained model; stops at end-of-text or --max-tokens."""
+    from llmtrain.runtime.export import ExportError
+    from llmtrain.runtime.generate import Sampling, generate, load_text_tokenizer
+    from llmtrain.runtime.hf_import import load_pretrained_model
+
+    s3 = _s3_options(endpoint)
+    try:
+        sampling = Sampling(
+            max_new_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
+        )
+        tok = load_text_tokenizer(model, s3)
+        net = load_pretrained_model(model, s3=s3)
+        prompt_ids = tok.encode(prompt)
+        # Stop at end-of-text; never sample the table's padding rows (no token decodes them).
+        stop = (tok.eos_id,) if tok.eos_id is not None else ()
+        sampling = replace(sampling, stop_ids=stop, vocab_limit=tok.vocab_size)
+        new = generate(net, prompt_ids, sampling)
+    except (ExportError, ValueError) as e:
+        raise _fail(str(e)) from e
+    if ids:
+        typer.echo(json.dumps({"prompt": prompt_ids, "new": new}))
+    else:
+        typer.echo(tok.decode(prompt_ids + new))
