@@ -1,0 +1,248 @@
+"""Benchmark of the data pipeline (issue 4), figures appended to bench/RESULTS.md.
+
+    .venv/bin/python bench/data_pipeline.py [--min-mb 50] [--no-append]
+
+Corpus (≥ --min-mb of real text): the Python standard library with its tests, plus Jane
+Austen's six novels when they can be fetched, repeated with a per-copy header line until the
+size is reached (so exact dedup keeps every copy). Ray start-up is excluded: the pipeline runs
+in-process on the same cores as the baseline.
+
+1. Tokenize stage alone: the pipeline's encoder (encode_batch_fast + EOT by id + uint32
+   arrays) vs raw ``tokenizers`` ``encode_batch`` on the same cleaned documents.
+2. End to end: ``prepare_data`` (read → clean → dedup → tokenize → split → shard write,
+   tokenizer loaded, not trained) tokens/s vs the raw ``encode_batch`` tokens/s.
+3. Loader: a ShardLoader reading the shards from a moto S3 server on loopback, a synthetic
+   10 ms step; tokens/s and data wait as % of step time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests" / "data"))
+
+
+def build_corpus(folder: Path, min_bytes: int) -> tuple[int, int]:
+    from llmtrain.runtime.data.collect import stdlib_files
+
+    texts: list[tuple[str, str]] = []
+    for rel, path in stdlib_files(include_tests=True):
+        try:
+            texts.append((rel, path.read_text(encoding="utf-8")))
+        except UnicodeDecodeError:
+            continue
+    try:
+        import janeausten
+
+        if janeausten.available():
+            texts += [(f"austen/{k}.txt", v) for k, v in janeausten.austen_books().items()]
+    except Exception as e:  # the stdlib alone still makes a valid corpus
+        print(f"(Jane Austen unavailable: {e})")
+    total, files, copy = 0, 0, 0
+    while total < min_bytes:
+        for rel, text in texts:
+            body = f"# copy {copy} of {rel}\n{text}"
+            p = folder / f"c{copy}" / (rel.replace("/", "__") + ".txt")
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text(body, encoding="utf-8")
+            total += len(body.encode())
+            files += 1
+        copy += 1
+    return total, files
+
+
+def spec_for(corpus: Path, out: str, tokenizer: dict[str, Any], endpoint: str | None = None) -> Any:
+    from datahelpers import make_spec
+
+    return make_spec(
+        {
+            "sources": [
+                {"name": "corpus", "local": {"glob": str(corpus / "**" / "*.txt"), "textUnit": "file"}}
+            ],
+            "tokenizer": tokenizer,
+            "outputUri": out,
+            "validationFraction": 0.01,
+            "shardMaxTokens": 2_000_000,  # several shards: the loader crosses shard boundaries
+        },
+        storage={"endpoint": endpoint} if endpoint else {},
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--min-mb", type=float, default=50)
+    ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--loader-steps", type=int, default=400)
+    ap.add_argument("--no-append", action="store_true")
+    args = ap.parse_args()
+
+    from llmtrain.runtime.data import clean, collect, tokenize
+    from llmtrain.runtime.data.prepare import prepare_data
+    from tokenizers import Tokenizer
+
+    work = Path(tempfile.mkdtemp(prefix="llmtrain-bench-"))
+    try:
+        corpus = work / "corpus"
+        nbytes, nfiles = build_corpus(corpus, int(args.min_mb * 1e6))
+        print(f"corpus: {nbytes / 1e6:.1f} MB in {nfiles} files")
+
+        # Tokenizer trained once on a 20 MB sample (not part of any timing below).
+        t = time.perf_counter()
+        prepare_data(
+            spec_for(
+                corpus, str(work / "tok"), {"train": {"vocabSize": args.vocab, "sampleBytes": 20_000_000}}
+            ),
+            executor="local",
+        )
+        train_s = time.perf_counter() - t
+        tok_path = work / "tok" / "tokenizer.json"
+        print(f"first prepare (with BPE training on 20 MB): {train_s:.1f} s")
+
+        # Cleaned documents in memory, for the two encoders.
+        cfg = clean.CleanConfig()
+        docs = []
+        for u in collect.plan_source(
+            collect.SourceConfig("corpus", 0, "local", glob=str(corpus / "**" / "*.txt"), text_unit="file")
+        ):
+            for _, text in collect.read_unit(u).docs:
+                cleaned, _ = clean.clean_document(text, cfg)
+                if cleaned is not None:
+                    docs.append(cleaned)
+        tok = Tokenizer.from_file(str(tok_path))
+        eot = tok.token_to_id("<|endoftext|>")
+
+        def best(fn: Any, reps: int = 2) -> tuple[float, Any]:
+            times, out = [], None
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                out = fn()
+                times.append(time.perf_counter() - t0)
+            return min(times), out
+
+        raw_s, encs = best(lambda: tok.encode_batch(docs, add_special_tokens=False))
+        raw_tokens = sum(len(e.ids) for e in encs) + len(docs)  # + one EOT per document, as the pipeline
+        del encs
+        stage_s, arrays = best(lambda: tokenize.encode_documents(tok, docs, eot))
+        stage_tokens = sum(int(a.size) for a in arrays)
+        del arrays
+        raw_tps, stage_tps = raw_tokens / raw_s, stage_tokens / stage_s
+        print(
+            f"raw encode_batch: {raw_tps:,.0f} tok/s ({raw_s:.1f} s); pipeline encoder: {stage_tps:,.0f} tok/s"
+        )
+
+        t = time.perf_counter()
+        res = prepare_data(
+            spec_for(corpus, str(work / "e2e"), {"load": {"uri": str(tok_path)}}), executor="local"
+        )
+        e2e_s = time.perf_counter() - t
+        e2e_tokens = res.manifest.split_tokens("train") + res.manifest.split_tokens("validation")
+        e2e_tps = e2e_tokens / e2e_s
+        print(f"end to end: {e2e_tps:,.0f} tok/s ({e2e_s:.1f} s; stages {res.stats})")
+
+        loader = bench_loader(work / "e2e", args.loader_steps)
+        print(f"loader: {loader}")
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        section = f"""
+## Data pipeline (issue 4) — {dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")}, commit {commit}
+
+Machine: 2 cores / 24 GiB, no GPU (shared with other jobs while measured), Python {platform.python_version()}.
+Corpus: {nbytes / 1e6:.1f} MB of text ({nfiles} files: Python stdlib incl. tests + Jane Austen, repeated with a
+per-copy header), byte-level BPE vocab {args.vocab}, in-process executor (Ray start-up excluded).
+`bench/data_pipeline.py`.
+
+| measure | value |
+| --- | --- |
+| raw `tokenizers` `encode_batch` | {raw_tps:,.0f} tokens/s |
+| pipeline tokenize stage (`encode_documents`) | {stage_tps:,.0f} tokens/s |
+| **ratio, tokenize stage alone** (goal ≥ 0.9) | **{stage_tps / raw_tps:.2f}** |
+| end to end read → clean → dedup → tokenize → shard write | {e2e_tps:,.0f} tokens/s ({e2e_s:.1f} s for {e2e_tokens:,} tokens) |
+| **ratio, end to end** (goal ≥ 0.9) | **{e2e_tps / raw_tps:.2f}** |
+| stage seconds (e2e run) | collect+clean {res.stats["collect_clean_s"]:.1f}, tokenizer load {res.stats["tokenizer_s"]:.1f}, encode {res.stats["encode_s"]:.1f}, write {res.stats["write_s"]:.1f} |
+| loader from moto S3, 10 ms synthetic step | {loader["tokens_per_s"]:,.0f} tokens/s, micro batch {loader["micro_batch"]} × {loader["context"]} |
+| **loader data wait** (goal < 1 % of step time) | **{loader["wait_pct"]:.2f} %** ({loader["steps"]} steps, first batch {loader["first_batch_s"] * 1000:.0f} ms excluded) |
+"""
+        print(section)
+        if not args.no_append:
+            with open(ROOT / "bench" / "RESULTS.md", "a", encoding="utf-8") as f:
+                f.write(section)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def bench_loader(prepared: Path, steps: int) -> dict[str, Any]:
+    """Copy the shards to a moto S3 server on loopback and stream them with a 10 ms step."""
+    import socket
+    import urllib.request
+
+    from llmtrain.runtime.data.loader import ShardLoader
+    from llmtrain.runtime.data.storage import S3Options, S3Storage
+
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    exe = Path(sys.executable).parent / "moto_server"
+    proc = subprocess.Popen(
+        [str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                urllib.request.urlopen(endpoint, timeout=1)
+                break
+            except OSError:
+                time.sleep(0.1)
+        opts = S3Options(endpoint=endpoint)
+        store = S3Storage("s3://bench/data", opts)
+        store.client.create_bucket(Bucket="bench")
+        names = [*sorted(p.name for p in prepared.iterdir() if p.name != "manifest.json"), "manifest.json"]
+        for name in names:  # manifest last, as the pipeline writes it
+            store.put(name, (prepared / name).read_bytes())
+        mb, ctx = 8, 1024
+        loader = ShardLoader("s3://bench/data", "train", 0, 1, mb, ctx, seed=0, storage=opts)
+        it = iter(loader)
+        t0 = time.perf_counter()
+        next(it)  # the first batch waits for the first shard: start-up, reported apart
+        first = time.perf_counter() - t0
+        loader.wait_seconds = 0.0
+        t0 = time.perf_counter()
+        n = 0
+        for _ in range(steps):
+            try:
+                next(it)
+            except StopIteration:
+                it = iter(loader)
+                next(it)
+            time.sleep(0.010)  # the training step
+            n += 1
+        wall = time.perf_counter() - t0
+        return {
+            "tokens_per_s": n * mb * ctx / wall,
+            "wait_pct": 100 * loader.wait_seconds / wall,
+            "steps": n,
+            "micro_batch": mb,
+            "context": ctx,
+            "first_batch_s": first,
+        }
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+if __name__ == "__main__":
+    main()
