@@ -9,6 +9,7 @@ start-up on 2 cores), and keeps its log noise out of the user's terminal.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -61,5 +62,5 @@ def init_local_ray(
         _temp_dir=str(tmp),
         runtime_env={"env_vars": env},
         configure_logging=True,
-        logging_level="WARNING",
+        logging_level=logging.WARNING,
     )
