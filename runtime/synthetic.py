@@ -43,6 +43,11 @@ class SyntheticLoader:
         self._epoch = 0
         self._yielded = 0  # micro batches of the current epoch handed to the caller
         self.dropped_windows = windows % (world_size * micro_batch)
+        # Window i is (start_i + stride_i·t) mod vocab; drawn once for all windows of the split,
+        # from a generator of (seed, split) — crc32, not hash(): str hashes are salted per process.
+        g = torch.Generator().manual_seed(zlib.crc32(f"{seed}/{split}".encode()))
+        self._start = torch.randint(vocab_size, (windows,), generator=g)
+        self._stride = torch.randint(1, 5, (windows,), generator=g)
         if self.steps_per_epoch == 0:
             raise ValueError(f"{windows} windows cannot fill one micro batch on {world_size} ranks")
 
@@ -55,11 +60,11 @@ class SyntheticLoader:
         return self._epoch
 
     def window(self, index: int) -> Tensor:
-        # crc32, not hash(): str hashes are salted per process.
-        g = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}/{self.split}/{index}".encode()))
-        start = int(torch.randint(self.vocab_size, (1,), generator=g))
-        stride = int(torch.randint(1, 5, (1,), generator=g))
-        return (start + stride * torch.arange(self.context_length + 1)) % self.vocab_size
+        return self._windows(torch.tensor([index]))[0]
+
+    def _windows(self, indices: Tensor) -> Tensor:
+        steps = torch.arange(self.context_length + 1)
+        return (self._start[indices, None] + self._stride[indices, None] * steps) % self.vocab_size
 
     def _order(self, epoch: int) -> Tensor:
         return torch.randperm(self.windows, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
@@ -70,7 +75,7 @@ class SyntheticLoader:
         order = self._order(self._epoch)
         while self._yielded < self.steps_per_epoch:
             first = (self._yielded * self.world_size + self.rank) * self.micro_batch
-            batch = torch.stack([self.window(int(i)) for i in order[first : first + self.micro_batch]])
+            batch = self._windows(order[first : first + self.micro_batch])
             self._yielded += 1
             yield batch
 

@@ -124,3 +124,47 @@ def test_fsdp2_nccl_bf16_checkpoint_resume(nccl_group: None, tmp_path: Path) -> 
 def test_fsdp2_compiled_blocks(nccl_group: None) -> None:
     res = run(cfg(compile=True, max_steps=20, val_every_steps=100), [])
     assert all(math.isfinite(x) for x in res.losses) and res.losses[-1] < res.losses[0]
+
+
+GPT2_SMALL = ModelConfig(
+    vocab_size=32768,
+    n_layers=12,
+    d_model=768,
+    n_heads=12,
+    n_kv_heads=12,
+    context_length=1024,
+    ffn_hidden_size=2048,
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("compiled", [False, True])
+def test_throughput_gpt2_small(nccl_group: None, compiled: bool) -> None:
+    """Tokens/s and MFU of a GPT-2-small-shaped model, FSDP2 on one GPU, bf16 (printed)."""
+    c = RuntimeConfig(
+        GPT2_SMALL,
+        OptimizerConfig(lr=6e-4),
+        ScheduleConfig(warmup_steps=5),
+        TrainConfig(
+            global_batch_size=32,
+            micro_batch_size=16,
+            world_size=1,
+            max_steps=30,
+            log_every_steps=10,
+            val_every_steps=1000,
+            val_batches=1,
+            metrics_enabled=False,
+            compile=compiled,
+        ),
+    )
+    events: list[ProgressEvent] = []
+    loader = functools.partial(SyntheticLoader, vocab_size=32768, windows=2048)
+    res = train(c, loader, on_progress=events.append, ctx=RunContext())
+    windows = [
+        (e.step, round(e.tokens_per_second or 0), round(e.mfu or 0, 4))
+        for e in events
+        if e.stage == "training"
+    ]
+    print(f"\n{torch.cuda.get_device_name()} gpt2-small bf16 fsdp compile={compiled}: {windows}")
+    print(f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+    assert all(math.isfinite(x) for x in res.losses)
