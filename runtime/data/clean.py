@@ -18,7 +18,6 @@ from typing import Any
 
 # C0 and C1 controls and DEL, except tab, LF and CR (CR is whitespace normalisation's job).
 _CONTROL_RE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
-_TRAILING_WS_RE = re.compile(r"[ \t]+(?=\n)|[ \t]+\Z")
 _BLANK_RUN_RE = re.compile(r"\n{4,}")  # 3+ blank lines → 2 blank lines
 
 DROP_STEPS = ("empty", "min_chars", "max_chars", "duplicate", "undecodable")
@@ -46,11 +45,19 @@ class CleanConfig:
         )
 
 
+def strip_trailing(text: str) -> str:
+    """No spaces or tabs at the end of any line. Line-wise rstrip: a regex like
+    ``[ \t]+(?=\n)`` backtracks on every indentation run and was 20× slower on source code."""
+    return "\n".join(line.rstrip(" \t") for line in text.split("\n"))
+
+
+def collapse_blank_runs(text: str) -> str:
+    return _BLANK_RUN_RE.sub("\n\n\n", text) if "\n\n\n\n" in text else text
+
+
 def normalize_whitespace(text: str) -> str:
     """CRLF/CR → LF, no trailing spaces or tabs on a line, at most two blank lines in a row."""
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
-    text = _TRAILING_WS_RE.sub("", text)
-    return _BLANK_RUN_RE.sub("\n\n\n", text)
+    return collapse_blank_runs(strip_trailing(text.replace("\r\n", "\n").replace("\r", "\n")))
 
 
 def clean_text(text: str, cfg: CleanConfig) -> str:
@@ -62,7 +69,7 @@ def clean_text(text: str, cfg: CleanConfig) -> str:
         # Tab, LF and CR survive: without whitespace normalisation CRLF text round-trips byte-exact.
         text = _CONTROL_RE.sub("", text)
     if cfg.normalize_whitespace:
-        text = _BLANK_RUN_RE.sub("\n\n\n", _TRAILING_WS_RE.sub("", text))
+        text = collapse_blank_runs(strip_trailing(text))
     return text
 
 
