@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -254,7 +255,10 @@ def _load_checkpoint_weights(model: nn.Module, cfg: ModelConfig, uri: str) -> No
     info = CheckpointInfo(
         step=step, uri=f"{root}/step_{step:08d}", world_size=marker["world_size"], meta=marker
     )
-    Lineage(root, keep_last=1).load(info, state)
+    with warnings.catch_warnings():
+        # Without a process group DCP warns that it assumes a single process: it is one.
+        warnings.filterwarnings("ignore", message=".*single process.*")
+        Lineage(root, keep_last=1).load(info, state)
     set_model_state_dict(model, state["model"])
 
 
