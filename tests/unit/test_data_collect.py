@@ -145,3 +145,14 @@ def test_huggingface_local_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     )
     with pytest.raises(SourceError, match=r"huggingface\.field"):
         plan_source(bad)
+    no_split = SourceConfig(
+        "hf",
+        0,
+        "huggingface",
+        builder="json",
+        data_files=(str(tmp_path / "*.jsonl"),),
+        field="t",
+        split="test",
+    )
+    with pytest.raises(SourceError, match=r"sources\[0\]\.huggingface.*test"):
+        plan_source(no_split)

@@ -188,3 +188,24 @@ def test_truncated_and_corrupt_shards_are_caught(tmp_path: Path) -> None:
     path.write_bytes(bytes(flipped))
     with pytest.raises(ShardFormatError, match=r"train-00000\.bin: sha256"):
         read_verified_shard(store, w.info, m)
+
+
+def test_tokenizer_config_from_spec_maps_every_field() -> None:
+    """spec.data.tokenizer.train.* and spec.data.tokenizer.load.* reach the tokenizer stage."""
+    from llmtrain.api.spec import TokenizerSpec
+
+    train = TokenizerSpec.model_validate(
+        {
+            "train": {
+                "vocabSize": 1234,
+                "specialTokens": ["<|e|>", "<|p|>"],
+                "minFrequency": 5,
+                "sampleBytes": 4321,
+            }
+        }
+    )
+    assert TokenizerConfig.from_spec(train) == TokenizerConfig(1234, ("<|e|>", "<|p|>"), 5, 4321)
+    assert TokenizerConfig.from_spec(train).eot_token == "<|e|>"
+    load = TokenizerSpec.model_validate({"load": {"uri": "s3://b/t.json", "endOfText": "</s>"}})
+    cfg = TokenizerConfig.from_spec(load)
+    assert (cfg.load_uri, cfg.eot_token) == ("s3://b/t.json", "</s>")
