@@ -84,7 +84,7 @@ class PrepareConfig:
     @classmethod
     def from_spec(cls, spec: LLMTrainingJobSpec, s3: S3Options | None = None) -> PrepareConfig:
         d = spec.data
-        opts = s3 or S3Options(endpoint=spec.storage.endpoint, region=spec.storage.region)
+        opts = s3 or S3Options.from_spec(spec.storage)
         return cls(
             sources=tuple(collect.SourceConfig.from_spec(s, i) for i, s in enumerate(d.sources)),
             clean=cleanmod.CleanConfig.from_spec(d.preprocessing),

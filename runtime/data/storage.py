@@ -36,6 +36,11 @@ class S3Options:
     multipart_chunk: int = DEFAULT_MULTIPART_CHUNK
     max_attempts: int = 8
 
+    @classmethod
+    def from_spec(cls, storage: Any) -> S3Options:
+        """From ``spec.storage`` (endpoint, region); credentials stay ambient (env / secretRef)."""
+        return cls(endpoint=storage.endpoint, region=storage.region)
+
 
 def split_s3_uri(uri: str) -> tuple[str, str]:
     """``s3://bucket/a/b`` → ``("bucket", "a/b")``."""
