@@ -257,8 +257,10 @@ def train_worker(
     loader_kwargs: dict[str, Any] | None = None,
     ctx_kwargs: dict[str, Any] | None = None,
     events: str | None = None,
+    loader_factory: Any = None,
 ) -> Any:
-    """Run :func:`llmtrain.runtime.train.train` with the synthetic loader (a ``run_ranks`` target).
+    """Run :func:`llmtrain.runtime.train.train` with the synthetic loader, or ``loader_factory``
+    (picklable, e.g. ``functools.partial(ShardLoader, data_dir)``), as a ``run_ranks`` target.
 
     ``events``: a file that rank 0 appends every ProgressEvent to, as JSON lines.
     """
@@ -274,7 +276,7 @@ def train_worker(
             with open(events, "a") as f:
                 f.write(event.to_json() + "\n")
 
-    factory = functools.partial(SyntheticLoader, **(loader_kwargs or {}))
+    factory = loader_factory or functools.partial(SyntheticLoader, **(loader_kwargs or {}))
     return train(
         RuntimeConfig.from_dict(cfg),
         factory,
