@@ -121,6 +121,11 @@ def test_adamw_betas_eps_and_sgd_momentum_nesterov() -> None:
         moved = _one_step(OptimizerConfig(lr=0.1, weight_decay=0.0, **kw), grad=1e-3)
         return moved.norm.weight - ref.norm.weight
 
+    # beta1/beta2 act from the second step on (bias correction makes the first step lr·sign(g)).
+    three = {"training.duration.maxSteps": 3}
+    default = run(cfg_from(**three)).losses
+    assert run(cfg_from(**three, **{"training.optimizer.beta1": 0.5})).losses[2] != default[2]
+    assert run(cfg_from(**three, **{"training.optimizer.beta2": 0.5})).losses[2] != default[2]
     # Adam's first step is lr·g/(√g² + eps): eps comparable to g shrinks it.
     assert update(eps=1e-8).abs().mean() > 5 * update(eps=1e-2).abs().mean()
     sgd_cfg = cfg_from(**{"training.optimizer.type": "sgd", "training.optimizer.weightDecay": 0.0})
@@ -356,3 +361,11 @@ def test_metrics_served_on_the_spec_port(tmp_path: Path) -> None:
     assert re.search(rf"^llmtrain_train_steps_total\{{{labels}\}} 2.0$", text, re.M)
     disabled = run(cfg_from(**{"metrics.enabled": False, "metrics.port": port}))
     assert disabled.metrics_port is None
+
+
+def test_world_size_mismatch_names_workers() -> None:
+    """spec.resources.workers must match the ranks that actually run."""
+    cfg = cfg_from(**{"resources.workers": 2})
+    assert cfg.train.world_size == 2
+    with pytest.raises(ValueError, match=r"spec\.resources\.workers"):
+        run(cfg)
