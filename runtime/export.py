@@ -201,8 +201,8 @@ def tokenizer_from_data(uri: str, s3: Any = None) -> TokenizerFiles:
 
     if uri.endswith(".json") and not uri.endswith(MANIFEST_NAME):
         parent, _, name = uri.rstrip("/").rpartition("/")
-        return TokenizerFiles.from_json_bytes(open_storage(parent or ".", s3).get(name))
-    store = open_storage(uri, s3)
+        return TokenizerFiles.from_json_bytes(open_storage(parent or ".", _s3_options(s3)).get(name))
+    store = open_storage(uri, _s3_options(s3))
     try:
         manifest = Manifest.from_json(store.get(MANIFEST_NAME))
     except StorageError as e:
@@ -466,15 +466,31 @@ def export_checkpoint(
     tokenizer: TokenizerFiles,
     *,
     job: Any = None,
+    fmt: str = EXPORT_FORMAT,
     dtype: str = "float32",
     s3: Any = None,
 ) -> tuple[CheckpointRef, ModelConfig]:
     """``llmtrain export``: checkpoint (any world size) → HF Llama directory at ``out_uri``."""
+    if fmt != EXPORT_FORMAT:  # before reading any weights
+        raise ExportError(f"spec.export.format {fmt!r} is not supported: use {EXPORT_FORMAT!r}")
     ref = resolve_checkpoint(checkpoint_uri)
     weights = read_checkpoint_weights(ref)
     cfg = model_config_for_checkpoint(ref, weights, job)
-    export_model(weights, cfg, out_uri, tokenizer, dtype=dtype, s3=s3)
+    export_model(weights, cfg, out_uri, tokenizer, fmt=fmt, dtype=dtype, s3=s3)
     return ref, cfg
+
+
+def export_for_job(spec: Any, checkpoint_uri: str, *, s3: Any = None) -> str | None:
+    """The end-of-run export ``spec.export`` asks for: the newest complete checkpoint under
+    ``checkpoint_uri`` → ``spec.export.uri`` in ``spec.export.format``, with the tokenizer of
+    ``spec.data.outputUri``. Returns the export URI, or None when ``spec.export`` is unset.
+    """
+    if spec.export is None:
+        return None
+    fmt = getattr(spec.export.format, "value", spec.export.format)
+    tokenizer = tokenizer_from_data(spec.data.output_uri, s3)
+    export_checkpoint(checkpoint_uri, spec.export.uri, tokenizer, job=spec, fmt=fmt, s3=s3)
+    return str(spec.export.uri)
 
 
 def model_config_dict(cfg: ModelConfig) -> dict[str, Any]:
