@@ -158,9 +158,12 @@ def run(
 
 def _mount_subcommands() -> None:
     # Sub-apps keep their heavy imports inside their commands, so mounting them is cheap.
+    from llmtrain.runtime.commands_model import export_cmd, generate_cmd
     from llmtrain.runtime.data.commands import app as data_app
 
     app.add_typer(data_app, name="data")
+    app.command("export")(export_cmd)
+    app.command("generate")(generate_cmd)
 
 
 _mount_subcommands()
