@@ -44,9 +44,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "cluster"))
 
 import controlplane  # noqa: E402
+from llmtrain.operator import manifests as m  # noqa: E402
 
 from llmtrain.api.job import LLMTrainingJob  # noqa: E402
-from llmtrain.operator import manifests as m  # noqa: E402
 
 GROUP, VERSION, PLURAL = "llmtrain.dev", "v1alpha1", "llmtrainingjobs"
 THREADS = 16
@@ -229,7 +229,7 @@ def measure(
             ],
             stdout=open(op_log, "wb"),
             stderr=subprocess.STDOUT,
-            env=cp.env(),  # noqa: SIM115
+            env=cp.env(),
             cwd=op_log.parent,  # not the repo root: its operator/ would shadow the stdlib module
         )
         t_ready = time.monotonic() + 60

@@ -238,8 +238,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--kubeconfig")
     p.add_argument("--operator-namespace", default="llmtrain-system")
     p.add_argument("--bind-address", default="0.0.0.0")
+    p.add_argument("--verbose", "-v", action="store_true", help="log every handler run")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not a.verbose:
+        # Kopf logs every successful handler and timer tick at INFO: at 1000 jobs that is
+        # 200 lines/s of "Timer 'reconcile' succeeded" and a measurable share of the CPU.
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     run(
         a.namespaces,
         a.liveness_port,

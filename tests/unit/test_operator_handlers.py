@@ -11,7 +11,7 @@ import kopf
 import pytest
 from llmtrain.operator import main as opmain
 from llmtrain.operator.diagnose import pod_view
-from llmtrain.operator.handlers import pods_of, register, write_outcome
+from llmtrain.operator.handlers import needs_action_now, pods_of, register, write_outcome
 from llmtrain.operator.kube import ApiError
 from llmtrain.operator.manifests import LABEL_JOB, OperatorSettings
 from llmtrain.operator.metrics import OperatorMetrics
@@ -68,8 +68,10 @@ def test_one_timer_on_the_job_and_an_index_over_pods_without_finalizers() -> Non
     for h in hs.values():
         if "pods" in str(h.selector):
             assert not getattr(h, "requires_finalizer", False)
-    deletes = [h for h in registry._changing.get_all_handlers() if h.reason == "delete"]
-    assert deletes and all(not h.requires_finalizer for h in deletes)
+    # No change-detecting handlers: Kopf would write progress/diffbase annotations per change.
+    assert list(registry._changing.get_all_handlers()) == []
+    (react,) = registry._watching.get_all_handlers()
+    assert react.selector is not None and react.selector.any_name == PLURAL
 
 
 def test_timer_handler_runs_the_reconciler_and_writes_the_patch() -> None:
@@ -82,7 +84,8 @@ def test_timer_handler_runs_the_reconciler_and_writes_the_patch() -> None:
     assert api.names("Pod") == {"demo-head", "demo-worker-0", "demo-worker-1"}
     assert patch["status"]["phase"] == "Pending"
     assert isinstance(patch["status"]["conditions"], list)
-    assert "llmtrain.dev/attempt-started-at" in patch["metadata"]["annotations"]
+    # The common path writes status only: no metadata patch (one PATCH per change, not two).
+    assert "metadata" not in patch
     assert ("Normal", "PodsCreated", "created 3 Ray pods") in events
     text = generate_latest(metrics.registry).decode()
     assert 'llmtrain_operator_jobs{phase="Pending"} 1.0' in text
@@ -96,6 +99,7 @@ def test_api_errors_become_temporary_errors() -> None:
     body = job_body()
     timer.fn(body=_body(body), patch=kopf.Patch(), logger=LOG, pod_index={})
     body["spec"]["suspend"] = True
+    body["metadata"]["generation"] = 2
     api.fail["delete"] = ApiError(500, "etcdserver: request timed out")
     index = {("ns1", "demo"): list(views(api).values())}
     with pytest.raises(kopf.TemporaryError) as e:
@@ -192,3 +196,36 @@ def test_operator_never_imports_torch_or_ray() -> None:
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_job_events_act_at_once_only_for_new_jobs_and_suspend_flips() -> None:
+    new = job_body()
+    assert needs_action_now(new)
+    running = {**job_body(), "status": {"phase": "Provisioning"}}
+    assert not needs_action_now(running)  # the echo of our own status write
+    suspending = {**running, "spec": {**running["spec"], "suspend": True}}
+    assert needs_action_now(suspending)
+    suspended = {**suspending, "status": {"phase": "Suspended"}}
+    assert not needs_action_now(suspended)
+    resumed = {**suspended, "spec": {**suspended["spec"], "suspend": False}}
+    assert needs_action_now(resumed)
+    assert not needs_action_now({**suspending, "status": {"phase": "Failed"}})
+    deleting = {**new, "metadata": {**new["metadata"], "deletionTimestamp": "2026-11-26T12:00:00Z"}}
+    assert not needs_action_now(deleting)
+
+
+def test_event_handler_creates_at_once_and_forgets_deleted_jobs() -> None:
+    api = FakeApi()
+    registry, metrics, _ = build(api)
+    (handler,) = registry._watching.get_all_handlers()
+    react: Any = handler
+    body = job_body()
+    patch = kopf.Patch()
+    react.fn(body=_body(body), patch=patch, type="ADDED", logger=LOG, pod_index={})
+    assert api.names("Pod") == {"demo-head", "demo-worker-0", "demo-worker-1"}
+    body["status"] = dict(patch["status"])
+    api.calls.clear()
+    react.fn(body=_body(body), patch=kopf.Patch(), type="MODIFIED", logger=LOG, pod_index={})
+    assert api.calls == []  # the echo of our own status write does nothing
+    react.fn(body=_body(body), patch=kopf.Patch(), type="DELETED", logger=LOG, pod_index={})
+    assert 'llmtrain_operator_jobs{phase="Pending"} 0.0' in generate_latest(metrics.registry).decode()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 from typing import Any
 
 import pytest
@@ -39,9 +40,16 @@ class Harness:
         self.body = job_body(**top)
         self.now = NOW
         self.outs: list[Outcome] = []
+        self._spec: str | None = None
 
     def tick(self, seconds: float = 0, pods: dict[str, Any] | None = None) -> Outcome:
         self.now += dt.timedelta(seconds=seconds)
+        # Like the API server: a spec change bumps metadata.generation.
+        spec = json.dumps(self.body["spec"], sort_keys=True)
+        if spec != self._spec:
+            if self._spec is not None:
+                self.body["metadata"]["generation"] += 1
+            self._spec = spec
         out = self.rec.reconcile(self.body, views(self.api) if pods is None else pods, self.now)
         if out.status is not None:
             self.body.setdefault("status", {}).update(out.status)
@@ -90,6 +98,7 @@ def test_create_makes_every_child_owned_by_the_job() -> None:
     assert h.status["rayClusterName"] == "demo"
     assert h.status["startTime"] == rfc3339(NOW)
     assert h.status["observedGeneration"] == 1
+    assert "llmtrain.dev/attempt-started-at" not in h.body["metadata"]["annotations"]  # clock: startTime
     assert "PodsCreated" in [e.reason for e in out.events]
 
 
