@@ -111,20 +111,32 @@ def generate_cmd(
     ids: Annotated[
         bool, typer.Option("--ids", help="Print prompt and new token ids as JSON, not text.")
     ] = False,
+    device: Annotated[
+        str, typer.Option(help="auto (cuda when available, else cpu), cpu, cuda or cuda:N.")
+    ] = "auto",
     endpoint: Annotated[str | None, typer.Option(help="S3 endpoint (default: AWS_ENDPOINT_URL).")] = None,
 ) -> None:
     """Continue a prompt with a trained model; stops at end-of-text or --max-tokens."""
+    import torch
     from llmtrain.runtime.export import ExportError
     from llmtrain.runtime.generate import Sampling, generate, load_text_tokenizer
     from llmtrain.runtime.hf_import import load_pretrained_model
 
     s3 = _s3_options(endpoint)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        target = torch.device(device)
+    except RuntimeError as e:
+        raise _fail(f"--device {device!r}: {e}") from e
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise _fail("--device cuda: no CUDA device is available (use --device cpu)")
     try:
         sampling = Sampling(
             max_new_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
         )
         tok = load_text_tokenizer(model, s3)
-        net = load_pretrained_model(model, s3=s3)
+        net = load_pretrained_model(model, device=target, s3=s3)
         prompt_ids = tok.encode(prompt)
         # Stop at end-of-text; never sample the table's padding rows (no token decodes them).
         stop = (tok.eos_id,) if tok.eos_id is not None else ()

@@ -197,3 +197,8 @@ def test_empty_prompt_and_cli_errors(tmp_path: Path, tokenizer: TokenizerFiles) 
     out = export_gpt(random_gpt(model_config(tokenizer, tied=True)), tokenizer, tmp_path / "hf")
     r = CliRunner().invoke(cli(), ["generate", "--model", str(out), "--prompt", "x", "--top-p", "2"])
     assert r.exit_code == 1 and "--top-p" in r.output
+    r = CliRunner().invoke(cli(), ["generate", "--model", str(out), "--prompt", "x", "--device", "gpu7"])
+    assert r.exit_code == 1 and "--device" in r.output
+    if not torch.cuda.is_available():
+        r = CliRunner().invoke(cli(), ["generate", "--model", str(out), "--prompt", "x", "--device", "cuda"])
+        assert r.exit_code == 1 and "no CUDA device" in r.output
