@@ -331,7 +331,8 @@ def _check_output(out: Storage, cfg: PrepareConfig, overwrite: bool) -> Manifest
     # The manifest goes first: from here on no reader trusts the old shards.
     if MANIFEST_NAME in existing:
         out.delete([MANIFEST_NAME])
-    out.delete([k for k in existing if k != MANIFEST_NAME and (overwrite or _is_own(k))])
+    # Only our own files go: --overwrite replaces prepared data, it never deletes a user's files.
+    out.delete([k for k in existing if k != MANIFEST_NAME and _is_own(k)])
     return None
 
 

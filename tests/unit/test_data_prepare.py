@@ -242,6 +242,9 @@ def test_reuse_mismatch_and_overwrite(corpus: Path, tmp_path: Path) -> None:
     with pytest.raises(PrepareError, match="not empty"):
         prepare_data(make_spec(data_spec(str(corpus / "*.txt"), foreign)))
     assert not (foreign / MANIFEST_NAME).exists()
+    prepare_data(make_spec(data_spec(str(corpus / "*.txt"), foreign)), overwrite=True)
+    assert (foreign / "notes.txt").read_text() == "mine"  # --overwrite never deletes a user's files
+    assert (foreign / MANIFEST_NAME).exists()
 
 
 def test_validation_split_too_small_is_an_error(corpus: Path, tmp_path: Path) -> None:
