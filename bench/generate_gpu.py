@@ -82,7 +82,9 @@ def main() -> int:
     cpu = GPT(cfg)
     with torch.no_grad():
         for name, p in cpu.named_parameters():
-            p.copy_(1 + 0.2 * torch.randn_like(p) if name.endswith("norm.weight") else 0.05 * torch.randn_like(p))
+            p.copy_(
+                1 + 0.2 * torch.randn_like(p) if name.endswith("norm.weight") else 0.05 * torch.randn_like(p)
+            )
     cpu.eval()
 
     # Through the mapping, from device tensors, into a meta-built model materialised on the device.
@@ -117,7 +119,9 @@ def main() -> int:
         "model": {"params": cpu.num_params(), **cfg.__dict__},
         "max_abs_logit_diff_device_vs_cpu": diff,
         "greedy_equal": cpu_ids == gpu_ids,
-        "greedy_first_mismatch": next((i for i, (a, b) in enumerate(zip(cpu_ids, gpu_ids)) if a != b), None),
+        "greedy_first_mismatch": next(
+            (i for i, (a, b) in enumerate(zip(cpu_ids, gpu_ids, strict=False)) if a != b), None
+        ),
         "sampling_reproducible": reproducible,
         "new_tokens": new_tokens,
         "tokens_per_s_fp32": speed(gpu, torch.float32),
