@@ -404,3 +404,22 @@ def test_import_refuses_other_architectures(tmp_path: Path, tokenizer: Tokenizer
         read_pretrained(str(out))
     with pytest.raises(ModelImportError, match=r"config\.json"):
         read_pretrained(str(tmp_path / "nothing"))
+
+
+def test_bf16_export_loads_in_hf_and_imports(tmp_path: Path, tokenizer: TokenizerFiles) -> None:
+    from safetensors import safe_open
+
+    cfg = model_config(tokenizer, tied=False)
+    model = random_gpt(cfg)
+    export_model(model.state_dict(), cfg, str(tmp_path / "hf"), tokenizer, dtype="bfloat16")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["dtype"] == config["torch_dtype"] == "bfloat16"
+    with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("model.embed_tokens.weight").dtype == torch.bfloat16
+    pre = read_pretrained(str(tmp_path / "hf"))
+    back = from_hf_state_dict(pre.tensors, cfg)
+    for name, p in model.named_parameters():  # bf16 rounding only: relative error ≤ 2^-8
+        assert back[name].dtype == torch.float32
+        torch.testing.assert_close(back[name], p.detach(), rtol=2**-8, atol=0)
+    with pytest.raises(ExportError, match="float8"):
+        export_model(model.state_dict(), cfg, str(tmp_path / "x"), tokenizer, dtype="float8")
