@@ -252,6 +252,11 @@ def train(
     torch.manual_seed(t.seed * 100_003 + rank)
 
     model = build_model(cfg, device, use_fsdp)
+    if t.init_kind != "random":
+        # spec.model.init.checkpoint / pretrained: weights only; a resume below overrides them.
+        from llmtrain.runtime.hf_import import load_initial_weights
+
+        load_initial_weights(model, cfg)
     optimizer = build_optimizer(model, cfg.optimizer)
 
     def make(split: str) -> TokenLoader:

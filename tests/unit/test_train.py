@@ -369,3 +369,19 @@ def test_world_size_mismatch_names_workers() -> None:
     assert cfg.train.world_size == 2
     with pytest.raises(ValueError, match=r"spec\.resources\.workers"):
         run(cfg)
+
+
+def test_init_from_checkpoint_starts_from_its_weights(tmp_path: Path) -> None:
+    """train() applies spec.model.init (here checkpoint) before its first step."""
+    base = {"training.duration.maxSteps": 6, "training.optimizer.lr": 0.01}
+    trained = run(cfg_from(**base, **{"checkpoint.uri": str(tmp_path / "a")}))
+    fresh = run(cfg_from(**base))
+    tuned = run(
+        cfg_from(
+            **base, **{"model.init.random": None, "model.init.checkpoint": {"uri": str(tmp_path / "a")}}
+        ),
+        gather_weights=True,
+    )
+    assert tuned.resumed_from is None  # weights only, not a resume: step 1 again
+    assert tuned.steps[0] == 1 and tuned.losses[0] < fresh.losses[0] - 0.1
+    assert tuned.losses[0] == pytest.approx(trained.losses[-1], abs=0.5)
