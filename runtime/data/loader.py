@@ -10,7 +10,7 @@ Construct one per rank (torch + standard library only; boto3 is imported lazily 
         context_length=256,         # batches are int64 [micro_batch, context_length + 1]
         seed=0,                     # shuffle seed (spec.training.seed)
         storage=None,               # a Storage, or S3Options (endpoint/region) for s3:// URIs
-        prefetch_batches=4,         # bounded queue filled by one background thread
+        prefetch_batches=16,        # bounded queue filled by one background thread
     )
     for batch in loader: ...        # the rest of the current epoch; iter() again: next epoch
     loader.state_dict()             # {"rank_<r>": {...}} counting batches *yielded*
@@ -130,7 +130,7 @@ class ShardLoader:
         seed: int = 0,
         storage: Storage | S3Options | None = None,
         *,
-        prefetch_batches: int = 4,
+        prefetch_batches: int = 16,
         shuffle: bool | None = None,
     ) -> None:
         if split not in ("train", "validation"):
