@@ -495,6 +495,10 @@ def train(
                 report.update(checkpoint_uri=uri, checkpoint_step=step)
             if report and ctx.report is not None:
                 ctx.report({"step": step, "epoch": loader.epoch, "train_loss": last_loss, **report})
+            if report:
+                # flush() emptied the window; validation, saving and reporting are not training
+                # time, so it starts now (tokens/s and MFU measure the training steps alone).
+                window_start = time.perf_counter()
         flush()
     finally:
         if metrics is not None:
