@@ -423,3 +423,24 @@ def test_bf16_export_loads_in_hf_and_imports(tmp_path: Path, tokenizer: Tokenize
         torch.testing.assert_close(back[name], p.detach(), rtol=2**-8, atol=0)
     with pytest.raises(ExportError, match="float8"):
         export_model(model.state_dict(), cfg, str(tmp_path / "x"), tokenizer, dtype="float8")
+
+
+def test_sharded_save_pretrained_and_transformers_4_config_import(
+    tmp_path: Path, tokenizer: TokenizerFiles
+) -> None:
+    from llmtrain.runtime.hf_import import model_config_from_hf
+
+    cfg = model_config(tokenizer, tied=False)
+    hf = hf_random_llama(cfg)
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    ids = tokens(cfg)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            load_pretrained_model(str(tmp_path / "sharded"))(ids), hf(ids).logits, atol=ATOL, rtol=0
+        )
+    # transformers 4.x wrote rope_theta at the top level and rope_scaling null.
+    old = json.loads((tmp_path / "sharded" / "config.json").read_text())
+    old.pop("rope_parameters", None)
+    old.update(rope_theta=50_000.0, rope_scaling=None)
+    assert model_config_from_hf(old).rope_theta == 50_000.0
