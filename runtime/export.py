@@ -290,6 +290,9 @@ def _json(obj: Any) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
 
 
+MAX_SHARD_BYTES = 5 * 2**30  # Hugging Face's default max_shard_size ("5GB")
+
+
 def export_model(
     weights: Mapping[str, Tensor],
     cfg: ModelConfig,
@@ -299,13 +302,16 @@ def export_model(
     fmt: str = EXPORT_FORMAT,
     dtype: str = "float32",
     s3: Any = None,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
 ) -> list[str]:
     """Write the full state dict ``weights`` (our names) as a ``LlamaForCausalLM`` directory.
 
     ``out_uri``: a local directory or ``s3://bucket/prefix`` (spec.export.uri); ``s3`` an
     optional :class:`~llmtrain.runtime.data.storage.S3Options`. Weights go first and
     ``config.json`` last, so a reader that finds the config finds a complete export.
-    Returns the written keys.
+    Above ``max_shard_bytes`` the weights are split as ``save_pretrained`` does
+    (``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``); only one
+    shard's bytes are held in memory at a time. Returns the written keys.
     """
     from llmtrain.runtime.data.storage import open_storage
     from safetensors.torch import save
@@ -320,8 +326,22 @@ def export_model(
         )
     hf = to_hf_state_dict(weights, cfg, _DTYPES[dtype])
     store = open_storage(out_uri, _s3_options(s3))
+    shards = _split(hf, max_shard_bytes)
+    written: list[str] = []
+    if len(shards) == 1:
+        store.put(WEIGHTS_NAME, save(hf, metadata={"format": "pt"}))
+        written.append(WEIGHTS_NAME)
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            store.put(name, save(shard, metadata={"format": "pt"}))
+            weight_map.update(dict.fromkeys(shard, name))
+            written.append(name)
+        total = sum(t.numel() * t.element_size() for t in hf.values())
+        store.put(WEIGHTS_INDEX_NAME, _json({"metadata": {"total_size": total}, "weight_map": weight_map}))
+        written.append(WEIGHTS_INDEX_NAME)
     files = {
-        WEIGHTS_NAME: save(hf, metadata={"format": "pt"}),
         TOKENIZER_NAME: tokenizer.json_bytes,
         TOKENIZER_CONFIG_NAME: _json(tokenizer_config(tokenizer, cfg.context_length)),
         SPECIAL_TOKENS_NAME: _json({"eos_token": tokenizer.eot_token}),
@@ -330,7 +350,21 @@ def export_model(
     }
     for key, data in files.items():
         store.put(key, data)
-    return list(files)
+    return written + list(files)
+
+
+def _split(tensors: Mapping[str, Tensor], max_bytes: int) -> list[dict[str, Tensor]]:
+    """Consecutive groups of at most ``max_bytes`` (a larger tensor gets a shard of its own)."""
+    shards: list[dict[str, Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += n
+    return shards
 
 
 def _s3_options(s3: Any) -> Any:

@@ -444,3 +444,22 @@ def test_sharded_save_pretrained_and_transformers_4_config_import(
     old.pop("rope_parameters", None)
     old.update(rope_theta=50_000.0, rope_scaling=None)
     assert model_config_from_hf(old).rope_theta == 50_000.0
+
+
+def test_large_exports_are_sharded_like_save_pretrained(tmp_path: Path, tokenizer: TokenizerFiles) -> None:
+    cfg = model_config(tokenizer, tied=True)
+    model = random_gpt(cfg)
+    written = export_model(model.state_dict(), cfg, str(tmp_path / "hf"), tokenizer, max_shard_bytes=40_000)
+    shards = sorted(p.name for p in (tmp_path / "hf").glob("model-*.safetensors"))
+    assert len(shards) > 3 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    assert not (tmp_path / "hf" / "model.safetensors").exists()
+    assert written[: len(shards) + 1] == [*shards, "model.safetensors.index.json"]
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(hf_name_map(cfg).values())
+    assert index["metadata"]["total_size"] == 4 * sum(p.numel() for p in model.parameters())
+    ids = tokens(cfg)
+    with torch.no_grad():
+        ours = model(ids)
+    torch.testing.assert_close(hf_logits(tmp_path / "hf", ids), ours, atol=ATOL, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(load_pretrained_model(str(tmp_path / "hf"))(ids), ours, atol=0, rtol=0)
