@@ -134,7 +134,9 @@ def build_model(cfg: RuntimeConfig, device: torch.device, use_fsdp: bool) -> GPT
         model = GPT(cfg.model, activation_checkpointing=t.activation_checkpointing)
     if t.compile:
         for block in model.layers:
-            block.compile()  # in place: state-dict keys stay free of "_orig_mod"
+            # Compile the block's forward only: FSDP's pre/post-forward hooks (all-gather,
+            # reshard) stay outside the graph, and state-dict keys stay free of "_orig_mod".
+            block.forward = torch.compile(block.forward)
     if use_fsdp:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
