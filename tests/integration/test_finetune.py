@@ -195,14 +195,10 @@ def test_spec_export_writes_the_run_model_to_s3(
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="runtime/train.py does not call load_initial_weights(model, cfg) after build_model yet "
-    "(issue 6 report); remove this marker in the commit that wires it",
-)
 def test_train_loop_applies_spec_model_init(tmp_path: Path, tokenizer: TokenizerFiles) -> None:
-    """Through train() itself: a run initialised from the export, with a learning rate too small
-    to move the weights, validates at the loss the first run ended with."""
+    """Through train() itself (runtime/train.py calls load_initial_weights after build_model): a
+    run initialised from the export, with a learning rate too small to move the weights,
+    validates at the loss the first run ended with."""
     from llmtrain.runtime.export import export_checkpoint
 
     first_raw = spec_of(
