@@ -388,3 +388,18 @@ def test_init_from_checkpoint_starts_from_its_weights(tmp_path: Path) -> None:
     assert tuned.resumed_from is None  # weights only, not a resume: step 1 again
     assert tuned.steps[0] == 1 and tuned.losses[0] < fresh.losses[0] - 0.1
     assert tuned.losses[0] == pytest.approx(trained.losses[-1], abs=0.5)
+
+
+def test_core_imports_with_only_torch() -> None:
+    """The GPU machine has torch but no pydantic, ray, boto3 or prometheus-client."""
+    import subprocess
+    import sys
+
+    blocked = ("pydantic", "ray", "boto3", "botocore", "prometheus_client", "yaml", "safetensors")
+    code = (
+        f"import sys\nfor m in {blocked!r}: sys.modules[m] = None\n"
+        "import llmtrain.runtime.model, llmtrain.runtime.train, llmtrain.runtime.checkpoint\n"
+        "import llmtrain.runtime.validate, llmtrain.runtime.metrics, llmtrain.runtime.synthetic\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
