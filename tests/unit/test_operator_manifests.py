@@ -214,12 +214,17 @@ def test_resources_volumes_and_volume_mounts() -> None:
     j = job(
         resources={
             "volumes": [{"name": "cache", "persistentVolumeClaim": {"claimName": "hf-cache"}}],
-            "volumeMounts": [{"name": "cache", "mountPath": "/cache", "readOnly": True}],
+            "volumeMounts": [
+                {"name": "cache", "mountPath": "/cache", "readOnly": True},
+                {"name": "cache", "mountPath": "/models", "subPath": "models"},
+            ],
         }
     )
     for p in all_pods(j):
         assert {"name": "cache", "persistentVolumeClaim": {"claimName": "hf-cache"}} in p["spec"]["volumes"]
-        assert {"name": "cache", "mountPath": "/cache", "readOnly": True} in ray(p)["volumeMounts"]
+        mounts = ray(p)["volumeMounts"]
+        assert {"name": "cache", "mountPath": "/cache", "readOnly": True} in mounts
+        assert {"name": "cache", "mountPath": "/models", "readOnly": False, "subPath": "models"} in mounts
 
 
 def test_resources_volume_mounts_must_name_a_volume() -> None:
@@ -256,12 +261,12 @@ def test_resources_node_selector_on_workers_only() -> None:
 
 
 def test_resources_tolerations() -> None:
-    j = job(
-        resources={"tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]}
-    )
-    assert m.worker_pod(j, SETTINGS, 0)["spec"]["tolerations"] == [
-        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    tols = [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+        {"key": "spot", "operator": "Equal", "value": "true", "effect": "NoExecute", "tolerationSeconds": 60},
     ]
+    j = job(resources={"tolerations": tols})
+    assert m.worker_pod(j, SETTINGS, 0)["spec"]["tolerations"] == tols
     assert "tolerations" not in m.head_pod(j, SETTINGS)["spec"]
 
 
