@@ -16,10 +16,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import datetime as dt
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import kopf
@@ -85,20 +88,29 @@ def register(
     interval: float = 5.0,
     clock: Clock = _now,
     emit: Emit = kopf.event,
+    threads: int = 16,
 ) -> None:
-    """Register the handlers on ``registry`` (not the global one: tests build their own)."""
+    """Register the handlers on ``registry`` (not the global one: tests build their own).
+
+    The handlers are coroutines: the cheap parts (the pod index, deciding whether an event
+    needs a reconcile, reading the index) run on Kopf's event loop, and only the reconcile
+    itself, which makes blocking API calls, goes to a thread pool of ``threads``. Sync
+    Kopf handlers would send every pod event through the pool too, where it queued behind
+    the reconciles: at 100 jobs that alone doubled the time to the last pod Running.
+    """
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="reconcile")
 
     @kopf.index("pods", id=INDEX_ID, labels={LABEL_JOB: kopf.PRESENT}, registry=registry)
-    def pod_index(body: kopf.Body, namespace: str | None, **_: Any) -> dict[tuple[str, str], PodView]:
+    async def pod_index(body: kopf.Body, namespace: str | None, **_: Any) -> dict[tuple[str, str], PodView]:
         view = pod_view(body)
         return {(namespace or "", view.job): view}
 
-    def run(body: kopf.Body, patch: kopf.Patch, index: Any, logger: Any) -> Outcome:
+    def run(body: kopf.Body, patch: kopf.Patch, pods: dict[str, PodView], logger: Any) -> Outcome:
         ns = body.metadata.namespace or ""
         name = body.metadata.name or ""
         t0 = time.perf_counter()
         try:
-            out = reconciler.reconcile(body, pods_of(index, ns, name), clock())
+            out = reconciler.reconcile(body, pods, clock())
         except ApiError as e:
             metrics.reconcile_errors.labels(kind=f"http_{e.status}").inc()
             # Kopf retries the handler after the delay; the status stays as last written.
@@ -120,19 +132,26 @@ def register(
             logger.debug("requeue: %s", out.requeue)
         return out
 
+    async def offload(body: kopf.Body, patch: kopf.Patch, index: Any, logger: Any) -> None:
+        # The index is read here, on the loop that updates it, never from the pool.
+        pods = pods_of(index, body.metadata.namespace or "", body.metadata.name or "")
+        # A copied context: kopf.event() finds Kopf's settings in a context variable.
+        ctx = contextvars.copy_context()
+        await asyncio.get_running_loop().run_in_executor(pool, ctx.run, run, body, patch, pods, logger)
+
     @kopf.on.event(GROUP, VERSION, PLURAL, id="react", registry=registry)
-    def on_job_event(
+    async def on_job_event(
         body: kopf.Body, patch: kopf.Patch, type: str | None, logger: Any, **kwargs: Any
     ) -> None:
         if type == "DELETED":
             metrics.forget(body.metadata.namespace or "", body.metadata.name or "")
         elif needs_action_now(body):
-            run(body, patch, kwargs.get(INDEX_ID), logger)
+            await offload(body, patch, kwargs.get(INDEX_ID), logger)
 
     # The first tick waits one interval: on_job_event has just created the children, and
     # a tick racing it would repeat every create as a 409 + get (twice the API calls).
     @kopf.timer(
         GROUP, VERSION, PLURAL, id="reconcile", interval=interval, initial_delay=interval, registry=registry
     )
-    def reconcile_tick(body: kopf.Body, patch: kopf.Patch, logger: Any, **kwargs: Any) -> None:
-        run(body, patch, kwargs.get(INDEX_ID), logger)
+    async def reconcile_tick(body: kopf.Body, patch: kopf.Patch, logger: Any, **kwargs: Any) -> None:
+        await offload(body, patch, kwargs.get(INDEX_ID), logger)

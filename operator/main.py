@@ -52,9 +52,10 @@ def configure(settings: kopf.OperatorSettings, opts: Options) -> None:
         prefix=PREFIX, key="last-handled-configuration"
     )
     settings.persistence.finalizer = f"{PREFIX}/kopf-finalizer"
-    # Per-object workers are asyncio tasks, but every sync handler borrows a thread and
-    # holds an API connection: cap them so 1000 jobs created at once queue instead of
-    # opening 1000 connections and threads (memory, apiserver QPS).
+    # Per-object workers are asyncio tasks holding an object's pending events; cap them so
+    # 1000 jobs (and 4000 pods) created at once queue instead of all being in flight at
+    # once (memory). The blocking API calls run in the handlers' own pool of
+    # executor_threads (handlers.register), one API connection each.
     settings.queueing.worker_limit = opts.worker_limit
     settings.execution.max_workers = opts.executor_threads
     # A watch on a silently dropped TCP connection never ends by itself; the apiserver
@@ -84,7 +85,7 @@ def build(opts: Options, api_client: Any) -> tuple[kopf.OperatorRegistry, Operat
     registry = kopf.OperatorRegistry()
     metrics = OperatorMetrics()
     reconciler = Reconciler(KubernetesApi(api_client), opts.settings)
-    register(registry, reconciler, metrics, interval=opts.reconcile_interval)
+    register(registry, reconciler, metrics, interval=opts.reconcile_interval, threads=opts.executor_threads)
 
     @kopf.on.startup(registry=registry)
     def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import subprocess
 import sys
@@ -26,6 +27,11 @@ LOG = logging.getLogger("test")
 
 def _body(raw: Any) -> kopf.Body:
     return kopf.Body(raw)
+
+
+def call(handler: Any, **kwargs: Any) -> Any:
+    """Run a (coroutine) handler the way Kopf does: awaited on an event loop."""
+    return asyncio.run(handler.fn(**kwargs))
 
 
 def build(api: FakeApi | None = None) -> tuple[kopf.OperatorRegistry, OperatorMetrics, list[tuple[Any, ...]]]:
@@ -64,6 +70,9 @@ def test_one_timer_on_the_job_and_an_index_over_pods_without_finalizers() -> Non
     assert index.labels == {LABEL_JOB: kopf.PRESENT}
     # Kopf hands the index to the timer as the kwarg named by its id: the timer reads that name.
     assert index.id == "pod_index"
+    pod = {"metadata": {"name": "demo-head", "namespace": "ns1", "labels": {LABEL_JOB: "demo"}}}
+    entry = call(index, body=_body(pod), namespace="ns1")
+    assert list(entry) == [("ns1", "demo")] and entry[("ns1", "demo")].name == "demo-head"
     # Nothing on pods may need a finalizer (no daemons/timers/non-optional delete handlers).
     for h in hs.values():
         if "pods" in str(h.selector):
@@ -80,7 +89,7 @@ def test_timer_handler_runs_the_reconciler_and_writes_the_patch() -> None:
     (timer,) = registry._spawning.get_all_handlers()
     body = _body(job_body())
     patch = kopf.Patch()
-    timer.fn(body=body, patch=patch, logger=LOG, pod_index={})
+    call(timer, body=body, patch=patch, logger=LOG, pod_index={})
     assert api.names("Pod") == {"demo-head", "demo-worker-0", "demo-worker-1"}
     assert patch["status"]["phase"] == "Pending"
     assert isinstance(patch["status"]["conditions"], list)
@@ -97,13 +106,13 @@ def test_api_errors_become_temporary_errors() -> None:
     registry, metrics, _ = build(api)
     (timer,) = registry._spawning.get_all_handlers()
     body = job_body()
-    timer.fn(body=_body(body), patch=kopf.Patch(), logger=LOG, pod_index={})
+    call(timer, body=_body(body), patch=kopf.Patch(), logger=LOG, pod_index={})
     body["spec"]["suspend"] = True
     body["metadata"]["generation"] = 2
     api.fail["delete"] = ApiError(500, "etcdserver: request timed out")
     index = {("ns1", "demo"): list(views(api).values())}
     with pytest.raises(kopf.TemporaryError) as e:
-        timer.fn(body=_body(body), patch=kopf.Patch(), logger=LOG, pod_index=index)
+        call(timer, body=_body(body), patch=kopf.Patch(), logger=LOG, pod_index=index)
     assert e.value.delay == 5
     assert (
         'llmtrain_operator_reconcile_errors_total{kind="http_500"} 1.0'
@@ -116,12 +125,12 @@ def test_metrics_provisioning_restarts_and_forget() -> None:
     registry, metrics, _ = build(api)
     (timer,) = registry._spawning.get_all_handlers()
     body = job_body()
-    timer.fn(body=_body(body), patch=kopf.Patch(), logger=LOG, pod_index={})
+    call(timer, body=_body(body), patch=kopf.Patch(), logger=LOG, pod_index={})
     set_all(api, "running")
     index = {("ns1", "demo"): list(views(api).values())}
     patch = kopf.Patch()
     body["metadata"]["annotations"]["llmtrain.dev/attempt-started-at"] = "2026-11-26T11:59:50Z"
-    timer.fn(body=_body(body), patch=patch, logger=LOG, pod_index=index)
+    call(timer, body=_body(body), patch=patch, logger=LOG, pod_index=index)
     text = generate_latest(metrics.registry).decode()
     assert "llmtrain_operator_provisioning_duration_seconds_count 1.0" in text
     assert "llmtrain_operator_provisioning_duration_seconds_sum 10.0" in text
@@ -221,11 +230,11 @@ def test_event_handler_creates_at_once_and_forgets_deleted_jobs() -> None:
     react: Any = handler
     body = job_body()
     patch = kopf.Patch()
-    react.fn(body=_body(body), patch=patch, type="ADDED", logger=LOG, pod_index={})
+    call(react, body=_body(body), patch=patch, type="ADDED", logger=LOG, pod_index={})
     assert api.names("Pod") == {"demo-head", "demo-worker-0", "demo-worker-1"}
     body["status"] = dict(patch["status"])
     api.calls.clear()
-    react.fn(body=_body(body), patch=kopf.Patch(), type="MODIFIED", logger=LOG, pod_index={})
+    call(react, body=_body(body), patch=kopf.Patch(), type="MODIFIED", logger=LOG, pod_index={})
     assert api.calls == []  # the echo of our own status write does nothing
-    react.fn(body=_body(body), patch=kopf.Patch(), type="DELETED", logger=LOG, pod_index={})
+    call(react, body=_body(body), patch=kopf.Patch(), type="DELETED", logger=LOG, pod_index={})
     assert 'llmtrain_operator_jobs{phase="Pending"} 0.0' in generate_latest(metrics.registry).decode()
