@@ -36,7 +36,7 @@ def _alias_source_tree() -> None:
         runtime = types.ModuleType("llmtrain.runtime")
         runtime.__path__ = [str(ROOT / "runtime")]
         sys.modules["llmtrain.runtime"] = runtime
-        llmtrain.runtime = runtime  # type: ignore[attr-defined]
+        llmtrain.__dict__["runtime"] = runtime  # the attribute a regular import would set
 
 
 def main() -> int:
