@@ -10,3 +10,24 @@ spec is either listed here or mapped to a test that proves its effect.
 from __future__ import annotations
 
 NOT_SUPPORTED_YET: dict[str, str] = {}
+
+
+def spec_leaf_paths() -> list[str]:
+    """Every leaf of the spec schema (``spec.data.sources[].s3.uri``), in schema order."""
+    from llmtrain.api.crd import spec_schema
+
+    out: list[str] = []
+
+    def walk(node: dict[str, object], path: str) -> None:
+        props = node.get("properties")
+        items = node.get("items")
+        if isinstance(props, dict) and props:
+            for key, sub in props.items():
+                walk(sub, f"{path}.{key}")
+        elif isinstance(items, dict) and isinstance(items.get("properties"), dict):
+            walk(items, f"{path}[]")
+        else:
+            out.append(path)
+
+    walk(spec_schema(), "spec")
+    return out
