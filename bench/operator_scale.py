@@ -54,8 +54,8 @@ BENCH_NODES = 8
 PODS_PER_BENCH_NODE = 1000
 
 
-def job_body(name: str, workers: int) -> dict[str, Any]:
-    """A CPU-only job small enough that 1000 of them fit the fake nodes."""
+def job_body(name: str, workers: int, pool: str | None = "bench") -> dict[str, Any]:
+    """A CPU-only job small enough that 1000 of them fit the fake nodes (of ``pool``)."""
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "LLMTrainingJob",
@@ -80,7 +80,7 @@ def job_body(name: str, workers: int) -> dict[str, Any]:
                 "workers": workers,
                 "worker": {"cpu": "100m", "memory": "128Mi"},
                 "head": {"cpu": "100m", "memory": "128Mi"},
-                "nodeSelector": {"llmtrain.dev/pool": "bench"},
+                "nodeSelector": {"llmtrain.dev/pool": pool} if pool else {},
             },
         },
     }
@@ -182,7 +182,13 @@ def _free_port() -> int:
 
 
 def measure(
-    cp: controlplane.ControlPlane, mode: str, n: int, workers: int, namespace: str, timeout: float
+    cp: controlplane.ControlPlane,
+    mode: str,
+    n: int,
+    workers: int,
+    namespace: str,
+    timeout: float,
+    pool: str | None = "bench",
 ) -> dict[str, Any]:
     """Create n jobs in ``namespace`` (mode direct|operator) and time them until all pods Run."""
     from kubernetes import client, config
@@ -247,7 +253,7 @@ def measure(
     if op is not None:
         # The liveness endpoint answers before Kopf's watches are up; a warm-up job whose
         # pods appear proves the operator is reconciling (it is not counted).
-        custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, job_body("warmup", 1))
+        custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, job_body("warmup", 1, pool))
         t_warm = time.monotonic() + 60
         while not core.list_namespaced_pod(namespace, label_selector=f"{m.LABEL_JOB}=warmup").items:
             if time.monotonic() > t_warm:
@@ -260,7 +266,7 @@ def measure(
     settings = m.OperatorSettings()
 
     def submit(name: str) -> None:
-        body = job_body(name, workers)
+        body = job_body(name, workers, pool)
         submitted[name] = time.monotonic()
         if mode == "operator":
             custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
@@ -281,8 +287,8 @@ def measure(
             core.create_namespaced_pod(namespace, pod)
 
     t0 = time.monotonic()
-    with ThreadPoolExecutor(THREADS) as pool:
-        list(pool.map(submit, names))
+    with ThreadPoolExecutor(THREADS) as submitters:
+        list(submitters.map(submit, names))
     t_submitted = time.monotonic() - t0
     total_pods = n * (workers + 1)
     while watch.count() < total_pods:
@@ -325,10 +331,29 @@ def measure(
     }
 
 
+def _bench_nodes_ready(cp: controlplane.ControlPlane) -> int:
+    nodes = cp.api("GET", "/api/v1/nodes?labelSelector=llmtrain.dev%2Fpool%3Dbench")["items"]
+    return sum(
+        any(c["type"] == "Ready" and c["status"] == "True" for c in nd["status"].get("conditions", []))
+        for nd in nodes
+    )
+
+
 def fresh_control_plane(workdir: Path) -> controlplane.ControlPlane:
     cp = controlplane.ControlPlane(workdir=workdir).start()
     for node in bench_nodes():
         cp.api("POST", "/api/v1/nodes", node)
+    fresh_crd(cp)
+    deadline = time.monotonic() + 60
+    while _bench_nodes_ready(cp) < BENCH_NODES:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the bench nodes did not become Ready")
+        time.sleep(0.2)
+    return cp
+
+
+def fresh_crd(cp: controlplane.ControlPlane) -> None:
+    """Apply the LLMTrainingJob CRD (``llmtrain crd``) and wait until it is served."""
     from llmtrain.api.crd import crd_yaml
 
     cp.kubectl("apply", "-f", "-", input=crd_yaml())
@@ -345,20 +370,6 @@ def fresh_control_plane(workdir: Path) -> controlplane.ControlPlane:
         if time.monotonic() > deadline:
             raise RuntimeError("the LLMTrainingJob CRD did not become Established")
         time.sleep(0.1)
-    while time.monotonic() < deadline:
-        nodes = cp.api("GET", "/api/v1/nodes?labelSelector=llmtrain.dev%2Fpool%3Dbench")["items"]
-        if (
-            sum(
-                any(
-                    c["type"] == "Ready" and c["status"] == "True" for c in nd["status"].get("conditions", [])
-                )
-                for nd in nodes
-            )
-            == BENCH_NODES
-        ):
-            break
-        time.sleep(0.2)
-    return cp
 
 
 def run(jobs: list[int], workers: int, timeout: float) -> list[dict[str, Any]]:
