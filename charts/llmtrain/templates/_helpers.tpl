@@ -1,0 +1,128 @@
+{{/* Names, labels and the RBAC rules: the one place each is spelled out. */}}
+
+{{- define "llmtrain.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "llmtrain.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "llmtrain.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "llmtrain.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end }}
+
+{{- define "llmtrain.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "llmtrain.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: llmtrain
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "llmtrain.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "llmtrain.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create=false: name the existing ServiceAccount the operator runs as" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "llmtrain.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/* The namespaces the operator watches, deduplicated; empty means cluster-wide. */}}
+{{- define "llmtrain.watchNamespaces" -}}
+{{- $out := list }}
+{{- range .Values.watchNamespaces }}
+{{- if not (regexMatch "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$" .) }}
+{{- fail (printf "watchNamespaces: %q is not a namespace name (lowercase letters, digits and '-')" .) }}
+{{- end }}
+{{- $out = append $out . }}
+{{- end }}
+{{- toJson (uniq $out) }}
+{{- end }}
+
+{{/*
+What the operator does inside each namespace it watches (a Role there, or part of the
+ClusterRole when it watches all of them). Each rule names the code that needs it;
+tests/unit/test_helm_chart.py checks the rules against operator/kube.py, the Kopf
+handlers and Kopf's own needs, and the cluster test runs the operator on these rules.
+*/}}
+{{- define "llmtrain.rules.namespaced" -}}
+# Kopf: watches jobs (on.event handler + timer), patches its annotations/finalizer on them.
+- apiGroups: ["llmtrain.dev"]
+  resources: ["llmtrainingjobs"]
+  verbs: ["get", "list", "watch", "patch"]
+# The reconciler's outcome goes to the status subresource (phase, conditions, restarts).
+- apiGroups: ["llmtrain.dev"]
+  resources: ["llmtrainingjobs/status"]
+  verbs: ["get", "patch"]
+# The Ray head/worker pods: the pod index watches them (label-selected), the reconciler
+# creates/deletes them and annotates them for Kueue (retriable-in-group=false).
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["get", "list", "watch", "create", "delete", "patch"]
+# Per-job children made create-if-absent (get after a 409) and deleted after the TTL:
+# the head Service, the Ray auth-token Secret, the job-spec ConfigMap.
+- apiGroups: [""]
+  resources: ["services", "secrets", "configmaps"]
+  verbs: ["get", "create", "delete"]
+# The per-job NetworkPolicy.
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["get", "create", "delete"]
+# kopf.event() posts Events on jobs; the diagnosis lists the scheduler's FailedScheduling.
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create", "list"]
+{{- end }}
+
+{{- define "llmtrain.rules.namespacedPeering" -}}
+{{- if .Values.peering.enabled }}
+# Namespaced peering: a KopfPeering per watched namespace carries the replicas' heartbeats.
+- apiGroups: ["kopf.dev"]
+  resources: ["kopfpeerings"]
+  verbs: ["get", "list", "watch", "patch"]
+{{- end }}
+{{- end }}
+
+{{/* Cluster-scoped needs: Kopf's discovery, and cluster-wide peering. */}}
+{{- define "llmtrain.rules.discovery" -}}
+# Kopf watches CRDs to notice when the LLMTrainingJob CRD is (re)installed or upgraded.
+- apiGroups: ["apiextensions.k8s.io"]
+  resources: ["customresourcedefinitions"]
+  verbs: ["list", "watch"]
+# Kopf lists/watches namespaces to follow which watched namespaces exist.
+- apiGroups: [""]
+  resources: ["namespaces"]
+  verbs: ["list", "watch"]
+{{- end }}
+
+{{- define "llmtrain.rules.clusterPeering" -}}
+{{- if .Values.peering.enabled }}
+# Cluster-wide peering: the ClusterKopfPeering carries the replicas' heartbeats.
+- apiGroups: ["kopf.dev"]
+  resources: ["clusterkopfpeerings"]
+  verbs: ["get", "list", "watch", "patch"]
+{{- end }}
+{{- end }}
