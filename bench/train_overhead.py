@@ -18,6 +18,13 @@ Two diagnostic rows split (c)'s cost: (d) ``bare 1 thread, half batch`` is one d
 worker's compute with no communication — the ideal step of (c); (e) ``fsdp2 2 ranks`` is
 ``train()`` on 2 gloo ranks started by :func:`run_ranks` (what torchrun does) — (c) without Ray.
 
+OpenMP: every variant runs with ``OMP_WAIT_POLICY=PASSIVE`` (``--omp-wait-policy``). libgomp's
+default spins at each barrier before sleeping, and drops to a short spin only when its process
+has more OpenMP threads than cores. On this shared, oversubscribed machine that made (a) burn
+2.8× the CPU of (b) for the same work: (b)'s loader thread runs small parallel ops, so libgomp
+throttled (b)'s spinning but not (a)'s — an accident of thread counts, not overhead. PASSIVE
+(threads sleep at once) gives both the same footing; on a quiet machine it costs little.
+
 Each variant runs in its own fresh process; the variants are interleaved ``--repeats`` times
 (a b c d e a b c d e …) so that load from other processes on the shared machine hits them all
 alike. Step time = median of the per-step wall times after ``--warmup`` steps (the median is
@@ -27,11 +34,13 @@ robust to a neighbour's burst); start-up (imports, model build, Ray start) is re
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import functools
 import json
 import math
 import os
+import random
 import shutil
 import socket
 import statistics
@@ -57,6 +66,10 @@ MODEL = ModelConfig(
     context_length=256,
     ffn_hidden_size=768,
 )
+# --tiny: the same code paths in seconds, for the benchmark's own smoke test (not a measurement).
+TINY_MODEL = dataclasses.replace(
+    MODEL, n_layers=1, d_model=32, n_heads=2, n_kv_heads=2, context_length=32, ffn_hidden_size=64
+)
 GLOBAL_BATCH = 8
 LR = 3e-4
 TOKENS = 400_000  # ≈ 1560 windows: no variant reaches the end of an epoch
@@ -68,6 +81,11 @@ LABELS = {
     "bare1": "(d) bare, 1 thread, half batch",
     "fsdp2": "(e) train(), 2 gloo FSDP2 ranks",
 }
+
+
+def use_tiny() -> None:
+    global MODEL
+    MODEL = TINY_MODEL
 
 
 def runtime_config(world_size: int, steps: int, metrics_port: int) -> dict[str, Any]:
@@ -93,15 +111,16 @@ def runtime_config(world_size: int, steps: int, metrics_port: int) -> dict[str, 
 
 
 def free_port_block(n: int) -> int:
-    """A base port with ``n`` consecutive ports free on 127.0.0.1 (metrics: base + local rank)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = int(s.getsockname()[1])
-        if base + n >= 65535:
-            continue
+    """A base port with ``n`` consecutive ports free on 127.0.0.1 (metrics: base + local rank).
+
+    Drawn below the kernel's ephemeral range: a port picked there and released could be handed
+    straight to gloo's store or to Ray before the metrics server binds it.
+    """
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20_000, 30_000)
         try:
-            for i in range(1, n):
+            for i in range(n):
                 with socket.socket() as s:
                     s.bind(("127.0.0.1", base + i))
             return base
@@ -265,7 +284,8 @@ def run_fsdp2(steps: int, data: str, tmp: Path) -> dict[str, Any]:
     cfg = runtime_config(2, steps, free_port_block(2))
     start = time.time()
     # OMP_NUM_THREADS: the spawned ranks size their thread pools from it at import.
-    run_ranks(2, _fsdp2_rank, cfg, data, str(events), env={"OMP_NUM_THREADS": "1"}, timeout=900)
+    env = {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "")}
+    run_ranks(2, _fsdp2_rank, cfg, data, str(events), env=env, timeout=900)
     stamps, cpu = _event_stamps(events)
     assert len(stamps) == steps, len(stamps)
     return {"stamps": [start, *stamps], "cpu": [math.nan, *cpu]}
@@ -294,7 +314,7 @@ def run_ray(steps: int, data: str, tmp: Path) -> dict[str, Any]:
                 cpus_per_worker=1,
                 metrics_addr="127.0.0.1",
                 storage_path=str(tmp / "ray-results"),
-                env=(("OMP_NUM_THREADS", "1"),),
+                env=(("OMP_NUM_THREADS", "1"), ("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", ""))),
             ),
         )
     finally:
@@ -304,8 +324,10 @@ def run_ray(steps: int, data: str, tmp: Path) -> dict[str, Any]:
     return {"stamps": [ray_up, *stamps], "cpu": [math.nan, *cpu], "ray_start_s": ray_up - t0}
 
 
-def child(variant: str, steps: int, threads: int, data: str, tmp: str) -> None:
+def child(variant: str, steps: int, threads: int, data: str, tmp: str, tiny: bool) -> None:
     """Entry of one variant's process: prints its result as the last stdout line."""
+    if tiny:
+        use_tiny()
     started = time.perf_counter()
     if variant == "bare":
         out = run_bare(steps, threads, GLOBAL_BATCH)
@@ -358,9 +380,11 @@ def run_variant(variant: str, args: argparse.Namespace, data: Path, tmp: Path) -
         str(data),
         "--tmp",
         str(tmp),
+        *(["--tiny"] if args.tiny else []),
     ]
     # No PYTHONPATH=ROOT: the checkout's operator/ would shadow the standard library's operator.
-    env = dict(os.environ)
+    # OMP_WAIT_POLICY is read when libgomp loads, so it goes in through the environment.
+    env = {**os.environ, "OMP_WAIT_POLICY": args.omp_wait_policy}
     started = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=1800)
     wall = time.perf_counter() - started
@@ -424,15 +448,25 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads of (a) and (b)")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset")
     p.add_argument("--no-append", action="store_true", help="do not append to bench/RESULTS.md")
+    p.add_argument(
+        "--omp-wait-policy",
+        choices=("PASSIVE", "ACTIVE", ""),
+        default="PASSIVE",
+        help="OMP_WAIT_POLICY of every variant ('' = libgomp's default spin-then-sleep); see the docstring",
+    )
+    p.add_argument("--tiny", action="store_true", help="a tiny model: smoke test, never appended")
     p.add_argument("--note", default="", help="a line added to the RESULTS.md section")
     p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--tmp", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        child(args.child, args.steps, args.threads, args.data, args.tmp)
+        child(args.child, args.steps, args.threads, args.data, args.tmp, args.tiny)
         return
 
+    if args.tiny:
+        use_tiny()
+        args.no_append = True
     variants = [v for v in args.variants.split(",") if v]
     unknown = set(variants) - set(VARIANTS)
     if unknown:
@@ -501,7 +535,8 @@ def main() -> None:
             f"{flops_step / 1e12:.3f} TFLOP/step; (a)/(b) {args.threads} threads, (c)/(e) 2 ranks × 1 thread, "
             "(d) 1 thread. Step = median per-step wall time after the warm-up (median over rounds of the "
             "per-round medians); CPU = user + system seconds per step of the process running rank 0 "
-            "(all its threads); variants interleaved per round.",
+            "(all its threads); variants interleaved per round; "
+            f"OMP_WAIT_POLICY={args.omp_wait_policy or '(libgomp default)'} in every process.",
             *([f"- {args.note}"] if args.note else []),
             "",
             table,
