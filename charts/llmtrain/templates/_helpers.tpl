@@ -69,14 +69,15 @@ tests/unit/test_helm_chart.py checks the rules against operator/kube.py, the Kop
 handlers and Kopf's own needs, and the cluster test runs the operator on these rules.
 */}}
 {{- define "llmtrain.rules.namespaced" -}}
-# Kopf: watches jobs (on.event handler + timer), patches its annotations/finalizer on them.
+# Kopf: lists and watches jobs (on.event handler + timer) and merge-patches its
+# annotations and finalizer on them; it never GETs or PUTs a job.
 - apiGroups: ["llmtrain.dev"]
   resources: ["llmtrainingjobs"]
-  verbs: ["get", "list", "watch", "patch"]
-# The reconciler's outcome goes to the status subresource (phase, conditions, restarts).
+  verbs: ["list", "watch", "patch"]
+# The reconciler's outcome: Kopf merge-patches the status subresource (phase, conditions).
 - apiGroups: ["llmtrain.dev"]
   resources: ["llmtrainingjobs/status"]
-  verbs: ["get", "patch"]
+  verbs: ["patch"]
 # The Ray head/worker pods: the pod index watches them (label-selected), the reconciler
 # creates/deletes them and annotates them for Kueue (retriable-in-group=false).
 - apiGroups: [""]
@@ -102,7 +103,7 @@ handlers and Kopf's own needs, and the cluster test runs the operator on these r
 # Namespaced peering: a KopfPeering per watched namespace carries the replicas' heartbeats.
 - apiGroups: ["kopf.dev"]
   resources: ["kopfpeerings"]
-  verbs: ["get", "list", "watch", "patch"]
+  verbs: ["list", "watch", "patch"]
 {{- end }}
 {{- end }}
 
@@ -112,7 +113,11 @@ handlers and Kopf's own needs, and the cluster test runs the operator on these r
 - apiGroups: ["apiextensions.k8s.io"]
   resources: ["customresourcedefinitions"]
   verbs: ["list", "watch"]
-# Kopf lists/watches namespaces to follow which watched namespaces exist.
+{{- end }}
+
+{{/* Only a namespaced Kopf follows namespaces (a cluster-wide one watches across all). */}}
+{{- define "llmtrain.rules.namespaces" -}}
+# Kopf lists/watches namespaces to learn which of the watched ones exist.
 - apiGroups: [""]
   resources: ["namespaces"]
   verbs: ["list", "watch"]
@@ -123,6 +128,6 @@ handlers and Kopf's own needs, and the cluster test runs the operator on these r
 # Cluster-wide peering: the ClusterKopfPeering carries the replicas' heartbeats.
 - apiGroups: ["kopf.dev"]
   resources: ["clusterkopfpeerings"]
-  verbs: ["get", "list", "watch", "patch"]
+  verbs: ["list", "watch", "patch"]
 {{- end }}
 {{- end }}
