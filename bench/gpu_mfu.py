@@ -243,26 +243,22 @@ def measure_with_retries(shape: Shape, **kw: Any) -> Run:
 
     micro = shape.micro_batch
     while True:
+        oom: str | None = None
         try:
             return measure(shape, micro_batch=micro, **kw)
         except torch.OutOfMemoryError as e:
-            release(kw["device"])
-            if micro <= max(1, shape.micro_batch // 4):
-                return Run(
-                    shape.name, kw["compile"], kw["fsdp"], "oom", micro_batch=micro, error=str(e)[:500]
-                )
-            micro //= 2
-            print(f"  {shape.name}: out of memory, retrying with micro batch {micro}", flush=True)
+            oom = str(e)[:500]
         except Exception as e:  # one failing configuration must not cost the others
-            release(kw["device"])
-            return Run(
-                shape.name,
-                kw["compile"],
-                kw["fsdp"],
-                "error",
-                micro_batch=micro,
-                error=f"{type(e).__name__}: {e}"[:2000],
-            )
+            error = f"{type(e).__name__}: {e}"[:2000]
+            failed = Run(shape.name, kw["compile"], kw["fsdp"], "error", micro_batch=micro, error=error)
+        # Out of the except block: its traceback, whose frames hold the model and optimizer, is gone.
+        release(kw["device"])
+        if oom is None:
+            return failed
+        if micro <= max(1, shape.micro_batch // 4):
+            return Run(shape.name, kw["compile"], kw["fsdp"], "oom", micro_batch=micro, error=oom)
+        micro //= 2
+        print(f"  {shape.name}: out of memory, retrying with micro batch {micro}", flush=True)
 
 
 def describe(run: Run) -> str:
@@ -411,6 +407,12 @@ def main(argv: list[str] | None = None) -> int:
             )
             write()
             continue
+        report["in_progress"] = {
+            "shape": shape.name,
+            "compile": compile,
+            "since_s": round(time.perf_counter() - started, 1),
+        }
+        write()
         run = measure_with_retries(
             shape,
             compile=compile,
@@ -426,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         write()
         print(describe(run), flush=True)
     report["complete"] = True
+    report.pop("in_progress", None)
     write()
     print(f"wrote {out_file} ({time.perf_counter() - started:.0f} s)", flush=True)
     return 0 if all(r["status"] == "ok" for r in report["runs"]) else 1
