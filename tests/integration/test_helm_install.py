@@ -261,7 +261,7 @@ def test_cluster_wide_install(cluster: Cluster, release_ns: str) -> None:
                 res, extra = resource_arg(rule)
                 assert can_i(cluster, sa, rule[2], res, *extra), f"cannot {rule}"
             for verb, res, *extra in FORBIDDEN:
-                if res == "secrets":  # cluster-wide, the operator does read Secrets (its own)
+                if res == "secrets":  # cluster-wide it does read Secrets (its own, in every namespace)
                     continue
                 assert not can_i(cluster, sa, verb, res, *extra, "-n", other), f"may {verb} {res} {extra}"
         finally:
