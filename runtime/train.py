@@ -23,6 +23,7 @@ import pickle
 import resource
 import signal
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -320,7 +321,16 @@ def train(
         from llmtrain.runtime.metrics import MetricLabels, TrainMetrics
 
         metrics = TrainMetrics(MetricLabels(ctx.namespace, ctx.job, rank))
-        result.metrics_port = metrics.serve(t.metrics_port + local_rank, ctx.metrics_addr)
+        port = t.metrics_port + local_rank
+        try:
+            result.metrics_port = metrics.serve(port, ctx.metrics_addr)
+        except OSError as e:  # a busy port must not cost the training run
+            warnings.warn(
+                f"rank {rank}: cannot serve /metrics on {ctx.metrics_addr}:{port} ({e}); training goes on "
+                "without it (spec.metrics.port)",
+                RuntimeWarning,
+                stacklevel=1,
+            )
 
     faults = _Faults(rank, world_size)
 

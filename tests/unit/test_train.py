@@ -403,3 +403,15 @@ def test_core_imports_with_only_torch() -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_busy_metrics_port_warns_and_training_goes_on() -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.warns(RuntimeWarning, match=r"spec\.metrics\.port"):
+            res = run(cfg_from(**{"metrics.enabled": True, "metrics.port": port}))
+    assert res.metrics_port is None and res.final_step == 4
