@@ -140,6 +140,12 @@ def deployment_pod(cluster: Cluster, ns: str, deploy: str) -> Any:
     )
 
 
+def client_apps(cluster: Cluster) -> Any:
+    from kubernetes import client
+
+    return client.AppsV1Api(cluster.api_client)
+
+
 def sa_kubeconfig(cluster: Cluster, ns: str, sa: str, path: Path) -> Path:
     """A kubeconfig that authenticates as the ServiceAccount with a fresh bound token."""
     token = cluster.kubectl("create", "token", sa, "-n", ns, "--duration=1h").stdout.strip()
@@ -247,6 +253,29 @@ def test_cluster_wide_install(cluster: Cluster, release_ns: str) -> None:
         node = cluster.core.read_node(pod.spec.node_name)
         assert (node.metadata.annotations or {}).get("kwok.x-k8s.io/node") == "fake"
         assert pod.spec.security_context.run_as_non_root is True
+        # The namespace enforces `restricted`: the same pod with privilege escalation allowed
+        # is refused, so the admission above was a real check.
+        bad = cluster.api_client.sanitize_for_serialization(pod)
+        bad.update(apiVersion="v1", kind="Pod", metadata={"name": "escalating", "namespace": release_ns})
+        bad.pop("status", None)
+        bad["spec"]["containers"][0]["securityContext"]["allowPrivilegeEscalation"] = True
+        bad["spec"].pop("nodeName", None)
+        r = cluster.kubectl("create", "-f", "-", input=json.dumps(bad), check=False)
+        assert r.returncode != 0 and "PodSecurity" in r.stderr, r.stdout + r.stderr
+
+        # An upgrade with new values rolls the Deployment's arguments.
+        cluster.helm(
+            "upgrade",
+            rel.name,
+            str(CHART),
+            "-n",
+            release_ns,
+            "--reuse-values",
+            "--set",
+            "reconcileInterval=10",
+        )
+        args = client_apps(cluster).read_namespaced_deployment(dep["metadata"]["name"], release_ns)
+        assert "--interval=10" in args.spec.template.spec.containers[0].args
 
         need_ns, need_cluster = operator_needs(namespaced=False)
         other = _ns(cluster, "t-anywhere")
@@ -395,7 +424,7 @@ def test_namespaced_install_runs_the_operator_on_its_own_rules(
 
         cluster.wait_for(gone, timeout=60, what="the job's finalizer to be removed")
         text = log()
-        for sign in ("Forbidden", "403", "Not enough permissions"):
+        for sign in ("Forbidden", "forbidden:", "(403)", "Not enough permissions"):
             assert sign not in text, f"the operator hit {sign!r} on the chart's rules:\n{text[-6000:]}"
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
