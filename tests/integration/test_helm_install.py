@@ -198,7 +198,12 @@ class Release:
         self.values = values
 
     def install(self) -> str:
-        r = self.cluster.helm("install", self.name, str(CHART), "-n", self.ns, *self.values, timeout=180)
+        # Helm 4 server-side-applies crds/ even when they exist; when another field manager
+        # (a user's `kubectl apply --server-side`, or an earlier test) owns them, it stops on
+        # a conflict unless told to take them over (README: "Install on Kubernetes").
+        r = self.cluster.helm(
+            "install", self.name, str(CHART), "-n", self.ns, "--force-conflicts", *self.values, timeout=180
+        )
         self.installed = True
         return str(r.stdout)
 
