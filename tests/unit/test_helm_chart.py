@@ -541,7 +541,17 @@ def test_dockerignore_keeps_the_context_small() -> None:
 
 def test_operator_runs_without_the_runtime_packages() -> None:
     """The `operator` image has no torch/ray/boto3: `llmtrain operator` must start without them."""
-    blocked = ["torch", "ray", "tokenizers", "boto3", "safetensors", "pyarrow", "datasets", "transformers"]
+    blocked = [
+        "torch",
+        "ray",
+        "tokenizers",
+        "boto3",
+        "safetensors",
+        "pyarrow",
+        "datasets",
+        "transformers",
+        "numpy",
+    ]
     code = (
         "import sys\n"
         f"for m in {blocked!r}: sys.modules[m] = None\n"
