@@ -103,6 +103,8 @@ def run_with_display(
         f"{summary.vocab_size:,} ({'reused' if summary.data_reused else 'prepared'}) at {summary.data_uri}",
     )
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in summary.stage_seconds.items())
+    if summary.resumed_from is not None:
+        table.add_row("resumed", f"from the checkpoint of step {summary.resumed_from}")
     table.add_row("wall time", f"{time.perf_counter() - started:.1f}s ({stages})")
     table.add_row("checkpoint", summary.checkpoint_uri or "–")
     table.add_row("model", summary.export_uri or "–")

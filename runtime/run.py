@@ -239,6 +239,14 @@ def run_job(
     cfg = runtime_config_from_spec(
         spec, vocab_size=manifest.tokenizer.vocab_size, checkpoint_uri=str(run_dir / "checkpoints")
     )
+    from llmtrain.runtime.checkpoint import Lineage
+
+    # The train loop resumes from the newest complete checkpoint by itself; say so up front.
+    lineage = Lineage(cfg.train.checkpoint_uri or "", keep_last=cfg.train.checkpoint_keep_last)
+    complete = lineage.complete_steps()
+    summary.resumed_from = complete[-1] if complete else None
+    if summary.resumed_from is not None:
+        stage(f"resume from step {summary.resumed_from}")
     _quiet_ray_logs(run_dir)
     ncpu = opts.num_cpus or os.cpu_count() or 1
     init_local_ray(ncpu, log_to_driver=False)
@@ -249,22 +257,26 @@ def run_job(
 
         ray.shutdown()
     seconds["training"] = time.perf_counter() - t0
+    # The lineage, not the events, says what exists (a resumed run that was already done
+    # trains no step and reports no checkpoint).
+    complete = lineage.complete_steps()
+    if not complete:
+        raise RunError(f"training wrote no checkpoint under {cfg.train.checkpoint_uri}")
+    summary.checkpoint_uri = lineage.uri_of(complete[-1])
+    summary.steps = max(summary.steps, complete[-1])
 
     # ---- export
-    if summary.checkpoint_uri is None:
-        raise RunError(f"training wrote no checkpoint under {cfg.train.checkpoint_uri}")
     stage("export")
     t0 = time.perf_counter()
-    from llmtrain.runtime.export import export_checkpoint, tokenizer_from_data
+    from llmtrain.runtime.export import export_checkpoint, export_for_job, tokenizer_from_data
 
-    export_uri = spec.export.uri if spec.export else str(run_dir / "model")
-    export_checkpoint(
-        cfg.train.checkpoint_uri or "",
-        export_uri,
-        tokenizer_from_data(data_uri, storage_options),
-        job=spec,
-        s3=storage_options,
-    )
+    checkpoints = cfg.train.checkpoint_uri or ""
+    export_uri = export_for_job(spec, checkpoints, s3=storage_options)
+    if export_uri is None:
+        # No spec.export: the run directory still gets a model, so the sample below can load it.
+        export_uri = str(run_dir / "model")
+        tokenizer = tokenizer_from_data(data_uri, storage_options)
+        export_checkpoint(checkpoints, export_uri, tokenizer, job=spec, s3=storage_options)
     summary.export_uri = export_uri
     seconds["export"] = time.perf_counter() - t0
 

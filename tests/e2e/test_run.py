@@ -1,0 +1,120 @@
+"""``llmtrain run`` end to end on a tiny job: data → train → export → sample, resume, Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def tiny_job(tmp: Path, steps: int = 6) -> Path:
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    doc = {
+        "apiVersion": "llmtrain.dev/v1alpha1",
+        "kind": "LLMTrainingJob",
+        "metadata": {"name": "tiny"},
+        "spec": {
+            "data": {
+                "sources": [
+                    {"name": "json", "local": {"glob": str(stdlib / "json" / "*.py"), "textUnit": "file"}},
+                    {
+                        "name": "email",
+                        "local": {"glob": str(stdlib / "email" / "*.py"), "textUnit": "paragraph"},
+                    },
+                ],
+                "tokenizer": {"train": {"vocabSize": 512}},
+                "outputUri": str(tmp / "data"),
+                "validationFraction": 0.1,
+            },
+            "model": {
+                "architecture": {"layers": 2, "dModel": 64, "heads": 4, "kvHeads": 2, "contextLength": 64}
+            },
+            "training": {
+                "optimizer": {"lr": 0.003},
+                "schedule": {"warmupSteps": 1},
+                "batch": {"globalBatchSize": 8, "microBatchSize": 8},
+                "duration": {"maxSteps": steps},
+                "logEverySteps": 1,
+            },
+            "validation": {"everySteps": 3, "batches": 2},
+            "checkpoint": {"uri": str(tmp / "ckpt"), "everySteps": 3, "keepLast": 2},
+            "export": {"uri": str(tmp / "model")},
+            "metrics": {"enabled": False},
+        },
+    }
+    path = tmp / "job.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def llmtrain_run(job: Path, tmp: Path, **kw: object) -> subprocess.Popen[str]:
+    env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="ray-"), "COLUMNS": "200"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "llmtrain.cli", "run", str(job), "--run-dir", str(tmp / "run"), "--cpus", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=tmp,
+        **kw,  # type: ignore[call-overload]
+    )
+
+
+def test_run_end_to_end_then_resume(tmp_path: Path) -> None:
+    job = tiny_job(tmp_path)
+    proc = llmtrain_run(job, tmp_path)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    for text in ("validation loss", "unigram cross-entropy", "wall time", "sample", "step 6: checkpoint"):
+        assert text in out, out
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["num_hidden_layers"] == 2
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step_00000003", "step_00000006"]
+    # Ray's own chatter went to the run directory, not the terminal.
+    assert (tmp_path / "run" / "logs" / "ray.log").exists()
+    assert "Ray Train" not in out and "View detailed results" not in out
+
+    # The same command again: data reused, training resumes from the last checkpoint.
+    proc = llmtrain_run(job, tmp_path)
+    again, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, again
+    assert "(reused)" in again, again
+    assert "from the checkpoint of step 6" in again, again
+
+
+def test_ctrl_c_keeps_the_newest_checkpoint_and_rerun_resumes(tmp_path: Path) -> None:
+    job = tiny_job(tmp_path, steps=60)
+    proc = llmtrain_run(job, tmp_path)
+    assert proc.stdout is not None
+    seen = []
+    deadline = time.monotonic() + 600
+    for line in proc.stdout:
+        seen.append(line)
+        if "step 3: checkpoint" in line or time.monotonic() > deadline:
+            break
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=120)
+    out = "".join(seen) + rest
+    assert proc.returncode == 130, out
+    assert "Interrupted" in out and "run the same command to resume" in out
+    steps = sorted(
+        int(p.name.removeprefix("step_")) for p in (tmp_path / "ckpt").iterdir() if (p / "COMPLETE").exists()
+    )
+    assert steps and steps[-1] >= 3
+    # Resume, this time to a short end: the run continues from the kept checkpoint.
+    job.write_text(job.read_text().replace("maxSteps: 60", f"maxSteps: {steps[-1] + 3}"))
+    proc = llmtrain_run(job, tmp_path)
+    again, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, again
+    assert f"from the checkpoint of step {steps[-1]}" in again
