@@ -293,6 +293,10 @@ def measure(
     total_pods = n * (workers + 1)
     while watch.count() < total_pods:
         if time.monotonic() - t0 > timeout:
+            if op is not None:  # never leave the operator running behind
+                op.kill()
+                op.wait()
+            watch.stop()
             raise RuntimeError(
                 f"{mode} n={n}: only {watch.count()}/{total_pods} pods Running after {timeout}s"
             )
@@ -341,14 +345,18 @@ def _bench_nodes_ready(cp: controlplane.ControlPlane) -> int:
 
 def fresh_control_plane(workdir: Path) -> controlplane.ControlPlane:
     cp = controlplane.ControlPlane(workdir=workdir).start()
-    for node in bench_nodes():
-        cp.api("POST", "/api/v1/nodes", node)
-    fresh_crd(cp)
-    deadline = time.monotonic() + 60
-    while _bench_nodes_ready(cp) < BENCH_NODES:
-        if time.monotonic() > deadline:
-            raise RuntimeError("the bench nodes did not become Ready")
-        time.sleep(0.2)
+    try:
+        for node in bench_nodes():
+            cp.api("POST", "/api/v1/nodes", node)
+        fresh_crd(cp)
+        deadline = time.monotonic() + 60
+        while _bench_nodes_ready(cp) < BENCH_NODES:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the bench nodes did not become Ready")
+            time.sleep(0.2)
+    except BaseException:
+        cp.stop(keep_logs=False)  # never leave a control plane running behind
+        raise
     return cp
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import datetime as dt
 import secrets
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -158,6 +159,14 @@ class Reconciler:
         self.adopt = adopt or _adopt
         self.token = token
         self._cache: dict[tuple[str, int | None], LLMTrainingJob] = {}
+        # What this process created recently, by (job uid, pod name) → monotonic time, and
+        # the jobs whose Secret/ConfigMap/Service/NetworkPolicy it made. The pod index lags
+        # the API by seconds under load; without this memory every tick in that window
+        # repeated each create as a 409 + GET, which at 1000 jobs slowed the API server
+        # down enough to make the lag, and so the repeats, grow (a feedback loop).
+        self._recent: dict[tuple[str, str], float] = {}
+        self._children_made: set[str] = set()
+        self.clock: Callable[[], float] = time.monotonic
 
     # ------------------------------------------------------------------------ entry
 
@@ -193,7 +202,7 @@ class Reconciler:
         if old_phase is not None and old_phase.terminal:
             out.phase = old_phase
             self._delete_pods(meta, mine, out)
-            self._ttl(job, old, annotations, out, now)
+            self._ttl(job, uid, old, annotations, out, now)
             return self._finish(st, conds, old_owned, out)
 
         # 3. suspend / resume
@@ -276,16 +285,22 @@ class Reconciler:
         # 6. create what is missing (children before pods: pods mount the ConfigMap and
         # read the Secret). Skipped entirely while every pod exists: a steady job costs
         # no API calls per tick.
-        missing = [n for n in expected if n not in live]
+        for n in live:
+            self._recent.pop((uid, n), None)
+        just_made = [n for n in expected if n not in live and self._just_made(uid, n)]
+        missing = [n for n in expected if n not in live and n not in just_made]
+        # Pods created but not in the index yet count as waiting for the scheduler, not
+        # as "not created".
+        seen = dict(live)
+        for n in just_made:
+            seen[n] = _just_created(n, meta)
         if missing:
             created = self._ensure_children(job, body, mine, pods, missing, out)
             if out.error:
                 out.requeue = out.error
-            # The pods just created are not in the index yet: count them as waiting for the
-            # scheduler rather than "not created".
-            seen = dict(live)
-            for name in created:
-                seen[name] = _just_created(name, meta)
+            for n in created:
+                seen[n] = _just_created(n, meta)
+        if missing or just_made:
             diag = diagnose(expected, seen, self._event_lookup(meta))
 
         # 7. status from the diagnosis
@@ -314,6 +329,18 @@ class Reconciler:
                 self._cache.pop(next(iter(self._cache)))
             self._cache[key] = job
         return job
+
+    RECENT_SECONDS = 60.0
+
+    def _just_made(self, uid: str, name: str) -> bool:
+        """Created by this process less than RECENT_SECONDS ago (so not yet in the index)."""
+        t = self._recent.get((uid, name))
+        if t is None:
+            return False
+        if self.clock() - t > self.RECENT_SECONDS:
+            del self._recent[(uid, name)]  # the index should have it by now: look again
+            return False
+        return True
 
     def _event_lookup(self, meta: Mapping[str, Any]) -> Callable[[PodView], str | None]:
         def lookup(p: PodView) -> str | None:
@@ -359,8 +386,13 @@ class Reconciler:
         out: Outcome,
     ) -> list[str]:
         """Create the children and the missing pods; the names of the pods created."""
-        for child in m.static_children(job, self.settings, self.token()):
-            self._create(child, body, out)
+        uid = (body.get("metadata") or {}).get("uid", "")
+        if uid not in self._children_made:
+            before = out.error
+            for child in m.static_children(job, self.settings, self.token()):
+                self._create(child, body, out)
+            if out.error == before:
+                self._children_made.add(uid)
         by_name = {p["metadata"]["name"]: p for p in m.pods(job, self.settings)}
         created: list[str] = []
         for name in missing:
@@ -384,6 +416,7 @@ class Reconciler:
                 continue
             if self._create(by_name[name], body, out):
                 created.append(name)
+                self._recent[(uid, name)] = self.clock()
         if created:
             out.events.append(Event("Normal", "PodsCreated", f"created {len(created)} Ray pods"))
             out.requeue = out.requeue or "pods created"
@@ -394,6 +427,8 @@ class Reconciler:
     ) -> None:
         """Delete the job's pods (by uid: never a newer incarnation). With Kueue, the group is
         first marked not retriable so Kueue ends it and frees its quota."""
+        for p in pods.values():
+            self._recent.pop((p.owner_uid or "", p.name), None)
         live = [p for p in pods.values() if not p.deleting]
         if not live:
             return
@@ -406,6 +441,7 @@ class Reconciler:
     def _ttl(
         self,
         job: LLMTrainingJob,
+        uid: str,
         old: Mapping[str, Any],
         annotations: Mapping[str, str],
         out: Outcome,
@@ -421,6 +457,7 @@ class Reconciler:
             return
         ns = job.metadata.namespace or "default"
         name = job.metadata.name
+        self._children_made.discard(uid)
         for kind, child in (
             ("Service", m.service_name(name)),
             ("NetworkPolicy", m.network_policy_name(name)),

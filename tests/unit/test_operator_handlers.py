@@ -182,7 +182,7 @@ def test_settings_are_set_with_reasons() -> None:
     opmain.configure(settings, opmain.Options(namespaces=["a"], worker_limit=50))
     assert isinstance(settings.persistence.progress_storage, kopf.AnnotationsProgressStorage)
     assert isinstance(settings.persistence.diffbase_storage, kopf.AnnotationsDiffBaseStorage)
-    assert settings.queueing.worker_limit == 50
+    assert settings.queueing.worker_limit == 50 and settings.queueing.idle_timeout == 1.0
     assert settings.watching.server_timeout == 300 and settings.watching.client_timeout == 330
     assert settings.peering.mandatory and settings.peering.name == "llmtrain"
     assert settings.peering.clusterwide is False
