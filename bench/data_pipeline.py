@@ -186,8 +186,6 @@ noisy; CPU-second figures count the work. Encoders interleaved over 8 corpus sli
 `encode_batch` of the whole corpus alternated twice, best of each.
 `bench/data_pipeline.py`.
 
-| measure | value |
-| --- | --- |
 | measure | tokens per CPU-second | tokens/s wall |
 | --- | --- | --- |
 | raw `tokenizers` `encode_batch` | {cps["encode_batch"]:,.0f} | {tps["encode_batch"]:,.0f} |
