@@ -130,9 +130,9 @@ def free_port_block(n: int) -> int:
 
 
 def cpu_seconds() -> float:
-    """User + system CPU seconds of this process, all its threads (OpenMP pool, loader, metrics)."""
-    t = os.times()
-    return t.user + t.system
+    """User + system CPU seconds of this process, all its threads (OpenMP pool, loader, metrics);
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID), not os.times(), whose 10 ms ticks are too coarse."""
+    return time.process_time()
 
 
 # ------------------------------------------------------------------------------ data
@@ -399,25 +399,31 @@ def run_variant(variant: str, args: argparse.Namespace, data: Path, tmp: Path) -
     return out
 
 
+# Processes that share one step's work: CPU of the whole step = rank 0's × this (ranks are
+# symmetric). (d) stands for the ideal data-parallel step: 2 workers, each (d)'s work.
+RANKS = {"bare": 1, "ours": 1, "ray": 2, "bare1": 2, "fsdp2": 2}
+
+
 def report(
     runs: dict[str, list[dict[str, Any]]], tokens_per_step: int, flops_step: float
 ) -> tuple[str, list[str]]:
     """The markdown table and the ratio lines. Per variant: the median over rounds of the
-    per-round median step (wall and CPU)."""
+    per-round median step (wall and CPU); CPU ratios compare all ranks' CPU seconds per step."""
     wall = {v: statistics.median([o["median_s"] for o in rs]) for v, rs in runs.items()}
-    cpu = {v: statistics.median([o["cpu_median_s"] for o in rs]) for v, rs in runs.items()}
+    cpu0 = {v: statistics.median([o["cpu_median_s"] for o in rs]) for v, rs in runs.items()}
+    cpu = {v: cpu0[v] * RANKS[v] for v in runs}
     rows = [
-        f"| {LABELS[v]} | {wall[v]:.3f} | {cpu[v]:.3f} | {tokens_per_step / wall[v]:,.0f} | "
+        f"| {LABELS[v]} | {wall[v]:.3f} | {cpu0[v]:.3f} | {cpu[v]:.3f} | {tokens_per_step / wall[v]:,.0f} | "
         f"{flops_step / wall[v] / 1e9:.1f} | "
-        + ", ".join(f"{o['median_s']:.3f}" for o in rs)
+        + ", ".join(f"{o['median_s']:.3f} / {o['cpu_median_s']:.3f}" for o in rs)
         + f" | {statistics.median([o['process_wall_s'] for o in rs]):.1f} |"
         for v, rs in runs.items()
     ]
     table = "\n".join(
         [
-            "| variant | step wall s | step CPU s (rank-0 process) | tokens/s | GFLOP/s | per-round wall s "
-            "| process wall s |",
-            "| --- | --- | --- | --- | --- | --- | --- |",
+            "| variant | step wall s | step CPU s, rank 0 | step CPU s, all ranks | tokens/s (wall) "
+            "| GFLOP/s (wall) | per round: wall / rank-0 CPU s | process wall s |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
             *rows,
         ]
     )
@@ -535,7 +541,7 @@ def main() -> None:
             f"{flops_step / 1e12:.3f} TFLOP/step; (a)/(b) {args.threads} threads, (c)/(e) 2 ranks × 1 thread, "
             "(d) 1 thread. Step = median per-step wall time after the warm-up (median over rounds of the "
             "per-round medians); CPU = user + system seconds per step of the process running rank 0 "
-            "(all its threads); variants interleaved per round; "
+            "(all its threads), × ranks for the whole step (ranks are symmetric); variants interleaved per round; "
             f"OMP_WAIT_POLICY={args.omp_wait_policy or '(libgomp default)'} in every process.",
             *([f"- {args.note}"] if args.note else []),
             "",

@@ -50,10 +50,11 @@ def test_report_ratios(bench: ModuleType) -> None:
         "bare1": [run(1.0, 1.0)],
     }
     table, ratios = bench.report(runs, tokens_per_step=2048, flops_step=1e11)
-    assert "| (b) ours: train(), world 1 | 1.150 | 2.200 | 1,781 |" in table
+    assert "| (b) ours: train(), world 1 | 1.150 | 2.200 | 2.200 | 1,781 |" in table
+    assert "| (c) Ray Train, 2 FSDP2 workers | 1.500 | 1.200 | 2.400 |" in table  # 2 ranks
     assert "ours/bare = 1.045 wall, 1.048 CPU" in ratios
-    assert "ray/bare = 1.364 wall, 0.571 CPU" in ratios
-    assert "ray/ideal = 1.500 wall, 1.200 CPU" in ratios
+    assert "ray/bare = 1.364 wall, 1.143 CPU" in ratios  # all ranks' CPU: 2 × 1.2 vs 2.1
+    assert "ray/ideal = 1.500 wall, 1.200 CPU" in ratios  # ideal: 2 workers × (d)
     assert not any(r.startswith("fsdp2") for r in ratios)
 
 
