@@ -126,7 +126,9 @@ def _ray_map(fn: Callable[[list[Any]], list[Any]], items: list[Any], num_blocks:
     import ray.data
 
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False)
+        from llmtrain.runtime.ray_local import init_local_ray
+
+        init_local_ray()  # on loopback, never the machine's private address
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ds = ray.data.from_items([{"item": pickle.dumps(x)} for x in items], override_num_blocks=num_blocks)

@@ -29,7 +29,9 @@ def ray_local(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     os.environ.update(
         {"RAY_TMPDIR": str(tmp), "RAY_AUTH_MODE": "disabled", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
     )
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=str(tmp))
+    from llmtrain.runtime.ray_local import init_local_ray
+
+    init_local_ray(2, temp_dir=tmp)  # on loopback, never the machine's private address
     try:
         yield
     finally:
