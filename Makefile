@@ -10,10 +10,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # The torch build every environment uses; pyproject's `runtime` extra pins the same.
 TORCH := torch==2.11.0
-APT_PACKAGES := r-cran-janeaustenr prometheus openssl
+APT_PACKAGES := openssl
 PYTEST_ARGS ?=
 
-.PHONY: setup apt venv cluster-tools lint typecheck test quickstart clean
+.PHONY: setup apt venv austen cluster-tools lint typecheck test quickstart clean
 
 setup: apt venv
 
@@ -24,6 +24,12 @@ apt:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
+
+# English test text: Jane Austen's novels from Debian's r-cran-janeaustenr, fetched with
+# `apt-get download` and read without R (tests/data/janeausten.py), cached in ~/.cache/llmtrain.
+austen: venv
+	@$(PY) -c 'import sys; sys.path.insert(0, "tests/data"); import janeausten; print("Jane Austen:", len(janeausten.austen_books()), "novels cached")' \
+	  || { apt-get update -qq && $(PY) -c 'import sys; sys.path.insert(0, "tests/data"); import janeausten; janeausten.austen_books()'; }
 
 $(VENV)/.installed: pyproject.toml
 	@[ "$(PY_VERSION_OK)" = 1 ] || { echo "python3 >= 3.11 is required"; exit 1; }
@@ -45,7 +51,7 @@ lint: venv
 typecheck: venv
 	$(PY) tools/typecheck.py
 
-test: setup cluster-tools lint typecheck
+test: setup austen cluster-tools lint typecheck
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 quickstart: setup
