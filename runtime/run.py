@@ -312,6 +312,15 @@ def _train(
         run_name="train",
         job=summary.job,
         metrics_addr="127.0.0.1",
+        # S3 checkpoints find their endpoint the standard boto3 way.
+        env=tuple(
+            (k, v)
+            for k, v in (
+                ("AWS_ENDPOINT_URL", spec.storage.endpoint),
+                ("AWS_DEFAULT_REGION", spec.storage.region),
+            )
+            if v
+        ),
     )
     errors: list[BaseException] = []
 
