@@ -104,6 +104,7 @@ def operator(
     bind_address: Annotated[
         str, typer.Option(help="Address of the liveness and metrics servers.")
     ] = "0.0.0.0",
+    verbose: Annotated[bool, typer.Option("--verbose", help="Log every Kopf handler call.")] = False,
 ) -> None:
     """Run the LLMTrainingJob operator (Kopf) until SIGINT/SIGTERM."""
     import logging
@@ -120,6 +121,7 @@ def operator(
         kubeconfig=kubeconfig,
         operator_namespace=operator_namespace,
         bind_address=bind_address,
+        verbose=verbose,
     )
 
 
