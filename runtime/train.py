@@ -27,7 +27,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 import torch.distributed as dist
@@ -37,6 +37,9 @@ from torch import Tensor, nn
 from llmtrain.api.config import OptimizerConfig, RuntimeConfig, ScheduleConfig
 from llmtrain.api.loader import TokenLoader, rank_key
 from llmtrain.api.progress import ProgressEvent
+
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import FSDPModule
 
 # Test-only fault hooks (read once per run). KILL: SIGKILL this worker when it is about to
 # compute step N (on LLMTRAIN_FAULT_RANK, default the last rank). NAN: make step N's loss NaN.
@@ -426,7 +429,7 @@ def train(
                 window_wait += time.perf_counter() - waited
                 if use_fsdp:
                     # Reduce-scatter gradients only after the last micro batch.
-                    model.set_requires_gradient_sync(micro == accum - 1)
+                    cast("FSDPModule", model).set_requires_gradient_sync(micro == accum - 1)
                 inputs, targets = batch[:, :-1], batch[:, 1:]
                 with autocast:
                     logits = model(inputs)
