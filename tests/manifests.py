@@ -125,6 +125,46 @@ BASE: dict[str, Any] = {
 }
 
 
+def gpu_job(name: str, **over: Any) -> dict[str, Any]:
+    """A small valid job on the GPU pool (3 workers × 8 GPUs by default) for operator tests.
+
+    ``resources=`` is merged into the default resources; other keywords are spec fields.
+    """
+    resources = {
+        "workers": 3,
+        "gpusPerWorker": 8,
+        "worker": {"cpu": "8", "memory": "64Gi"},
+        "nodeSelector": {"llmtrain.dev/pool": "gpu"},
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        **over.pop("resources", {}),
+    }
+    return {
+        "apiVersion": "llmtrain.dev/v1alpha1",
+        "kind": "LLMTrainingJob",
+        "metadata": {"name": name},
+        "spec": {
+            "data": {
+                "sources": [{"name": "s", "pythonStdlib": {}}],
+                "tokenizer": {"train": {"vocabSize": 512}},
+                "outputUri": "s3://bucket/data",
+            },
+            "model": {
+                "architecture": {"layers": 2, "dModel": 64, "heads": 4, "contextLength": 64},
+                "init": {"random": {"seed": 0}},
+            },
+            "training": {
+                "optimizer": {"type": "adamw", "lr": 0.001},
+                "schedule": {"warmupSteps": 1},
+                # divisible by microBatchSize × workers for 1, 2 and 3 workers
+                "batch": {"globalBatchSize": 24, "microBatchSize": 4},
+                "duration": {"maxSteps": 10},
+            },
+            "resources": resources,
+            **over,
+        },
+    }
+
+
 @dataclass(frozen=True)
 class Case:
     id: str

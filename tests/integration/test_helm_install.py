@@ -31,6 +31,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from tests.manifests import gpu_job  # noqa: E402
 from tests.unit.test_helm_chart import Rule, operator_needs  # noqa: E402
 
 Cluster = Any  # conftest.Cluster (tests/integration is not a package)
@@ -157,38 +158,6 @@ def sa_kubeconfig(cluster: Cluster, ns: str, sa: str, path: Path) -> Path:
     path.write_text(yaml.safe_dump(cfg))
     path.chmod(0o600)
     return path
-
-
-def job_manifest(name: str) -> dict[str, Any]:
-    return {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "LLMTrainingJob",
-        "metadata": {"name": name},
-        "spec": {
-            "data": {
-                "sources": [{"name": "s", "pythonStdlib": {}}],
-                "tokenizer": {"train": {"vocabSize": 512}},
-                "outputUri": "s3://bucket/data",
-            },
-            "model": {
-                "architecture": {"layers": 2, "dModel": 64, "heads": 4, "contextLength": 64},
-                "init": {"random": {"seed": 0}},
-            },
-            "training": {
-                "optimizer": {"type": "adamw", "lr": 0.001},
-                "schedule": {"warmupSteps": 1},
-                "batch": {"globalBatchSize": 8, "microBatchSize": 4},
-                "duration": {"maxSteps": 10},
-            },
-            "resources": {
-                "workers": 1,
-                "gpusPerWorker": 8,
-                "worker": {"cpu": "8", "memory": "64Gi"},
-                "nodeSelector": {"llmtrain.dev/pool": "gpu"},
-                "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-            },
-        },
-    }
 
 
 class Release:
@@ -389,7 +358,9 @@ def test_namespaced_install_runs_the_operator_on_its_own_rules(
 
         cluster.wait_for(alive, timeout=60, what="operator liveness endpoint")
         ns = watch[0]
-        cluster.custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, job_manifest("helm-smoke"))
+        cluster.custom.create_namespaced_custom_object(
+            GROUP, VERSION, ns, PLURAL, gpu_job("helm-smoke", resources={"workers": 1})
+        )
 
         def job() -> dict[str, Any]:
             out: dict[str, Any] = cluster.custom.get_namespaced_custom_object(

@@ -20,6 +20,8 @@ from typing import Any
 
 import pytest
 
+from tests.manifests import gpu_job
+
 # conftest.Cluster (tests/integration is not a package, so it is not importable by name).
 Cluster = Any
 
@@ -37,39 +39,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def job_manifest(name: str, **over: Any) -> dict[str, Any]:
-    resources = {
-        "workers": 3,
-        "gpusPerWorker": 8,
-        "worker": {"cpu": "8", "memory": "64Gi"},
-        "nodeSelector": {"llmtrain.dev/pool": "gpu"},
-        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-        **over.pop("resources", {}),
-    }
-    return {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "LLMTrainingJob",
-        "metadata": {"name": name},
-        "spec": {
-            "data": {
-                "sources": [{"name": "s", "pythonStdlib": {}}],
-                "tokenizer": {"train": {"vocabSize": 512}},
-                "outputUri": "s3://bucket/data",
-            },
-            "model": {
-                "architecture": {"layers": 2, "dModel": 64, "heads": 4, "contextLength": 64},
-                "init": {"random": {"seed": 0}},
-            },
-            "training": {
-                "optimizer": {"type": "adamw", "lr": 0.001},
-                "schedule": {"warmupSteps": 1},
-                "batch": {"globalBatchSize": 24, "microBatchSize": 4},
-                "duration": {"maxSteps": 10},
-            },
-            "resources": resources,
-            **over,
-        },
-    }
+job_manifest = gpu_job
 
 
 # ----------------------------------------------------------------------------- fixtures
