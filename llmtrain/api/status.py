@@ -74,6 +74,17 @@ class Reason(StrEnum):
 # The Running condition is the one the printer column "Reason" shows: while a job is
 # not running it says why (Provisioning, Unschedulable, SuspendedByUser, …) and when a
 # job fails it turns False with the Failed condition's reason.
+FAILURE_REASONS: tuple[Reason, ...] = (
+    Reason.DeadlineExceeded,
+    Reason.PreRunningDeadlineExceeded,
+    Reason.BackoffLimitExceeded,
+    Reason.NonFiniteLoss,
+    Reason.InsufficientResources,
+    Reason.InvalidSpec,
+    Reason.WorkerFailed,
+    Reason.DataError,
+)
+
 CONDITION_REASONS: dict[ConditionType, tuple[Reason, ...]] = {
     ConditionType.Scheduled: (
         Reason.AllPodsScheduled,
@@ -92,26 +103,10 @@ CONDITION_REASONS: dict[ConditionType, tuple[Reason, ...]] = {
         Reason.Exporting,
         Reason.Completed,
         Reason.SuspendedByUser,
-        Reason.DeadlineExceeded,
-        Reason.PreRunningDeadlineExceeded,
-        Reason.BackoffLimitExceeded,
-        Reason.NonFiniteLoss,
-        Reason.InsufficientResources,
-        Reason.InvalidSpec,
-        Reason.WorkerFailed,
-        Reason.DataError,
+        *FAILURE_REASONS,
     ),
     ConditionType.Succeeded: (Reason.Completed,),
-    ConditionType.Failed: (
-        Reason.DeadlineExceeded,
-        Reason.PreRunningDeadlineExceeded,
-        Reason.BackoffLimitExceeded,
-        Reason.NonFiniteLoss,
-        Reason.InsufficientResources,
-        Reason.InvalidSpec,
-        Reason.WorkerFailed,
-        Reason.DataError,
-    ),
+    ConditionType.Failed: FAILURE_REASONS,
     ConditionType.Suspended: (Reason.SuspendedByUser, Reason.Resumed),
 }
 
