@@ -7,7 +7,11 @@
 SHELL := /bin/bash
 PY_VERSION_OK := $(shell python3 -c 'import sys; print(int(sys.version_info >= (3, 11)))')
 VENV := .venv
-PY := $(VENV)/bin/python
+# `-P` (Python >= 3.11): never put the working directory on sys.path. This repository's
+# root holds `operator/` (the source of llmtrain.operator), which would shadow the standard
+# library's `operator` for any `python -m ...` started here; in a fresh venv nothing has
+# imported the real one yet, and `python -m pip` dies with "cannot import name 'eq'".
+PY := $(VENV)/bin/python -P
 # The torch build every environment uses; pyproject's `runtime` extra pins the same.
 TORCH := torch==2.11.0
 APT_PACKAGES := openssl
@@ -33,7 +37,7 @@ austen: venv
 
 $(VENV)/.installed: pyproject.toml
 	@[ "$(PY_VERSION_OK)" = 1 ] || { echo "python3 >= 3.11 is required"; exit 1; }
-	[ -x $(PY) ] || python3 -m venv $(VENV)
+	[ -x $(VENV)/bin/python ] || python3 -P -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[operator,runtime,test]"

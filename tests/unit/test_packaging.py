@@ -42,6 +42,45 @@ def test_pyproject_lists_every_package() -> None:
     assert Path(operator.__file__).parent == Path(sysconfig.get_paths()["stdlib"])
 
 
+def _installed_recipe(venv: Path) -> list[str]:
+    """The commands `make` runs to create the virtualenv, for a venv at `venv` (dry run)."""
+    out = subprocess.run(
+        ["make", "-n", "-B", f"VENV={venv}", f"{venv}/.installed"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO,
+    ).stdout
+    return [line for line in out.splitlines() if "python" in line]
+
+
+def test_make_bootstraps_a_fresh_venv_from_the_repo_root(tmp_path: Path) -> None:
+    """CI's first command on a clean clone: create the venv and run pip from the repo root.
+
+    Nothing in a fresh venv has imported the standard library's `operator` before `python -m`
+    puts the working directory on sys.path, so the repo's operator/ folder shadows it and
+    pip dies ("cannot import name 'eq' from 'operator'"). The Makefile runs Python with -P.
+    """
+    venv = tmp_path / "venv"
+    recipe = _installed_recipe(venv)
+    create = next(line for line in recipe if " -m venv " in line)
+    pip_lines = [line for line in recipe if " -m pip " in line]
+    assert pip_lines, recipe
+    # Build the venv exactly as the recipe does (its `[ -x ... ] ||` guard included).
+    subprocess.run(["bash", "-c", create], check=True, cwd=REPO)
+    for line in pip_lines:
+        # The same interpreter and flags, asking pip for its version instead of installing.
+        probe = line.split(" -m pip ")[0] + " -m pip --version"
+        proc = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, cwd=REPO)
+        assert proc.returncode == 0, (probe, proc.stderr[-600:])
+        assert "pip " in proc.stdout
+    # Negative control: the same venv without -P, from the same directory, is broken.
+    bare = subprocess.run(
+        [str(venv / "bin" / "python"), "-m", "pip", "--version"], capture_output=True, text=True, cwd=REPO
+    )
+    assert bare.returncode != 0 and "operator" in bare.stderr
+
+
 @pytest.mark.slow
 def test_wheel_installs_every_module(tmp_path: Path) -> None:
     """A non-editable install must contain every subpackage and a working entry point."""
