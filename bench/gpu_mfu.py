@@ -12,7 +12,7 @@ would shadow the standard library's).
 Measured, in this order (the 760M compiled run is the goal: ≥ 50 % MFU on one H100):
 
     124m  GPT-2 small shape: 12 layers, d 768, 12 heads, ctx 1024, vocab 50304, tied (≈124 M)
-    760m  24 layers, d 1536, 16 heads, ctx 2048, vocab 50304, tied (≈756 M)
+    760m  24 layers, d 1536, 16 heads, ctx 2048, vocab 50304, tied (≈756 M), micro batch 12
 
 each with ``torch.compile`` of every block off and on, bf16 autocast (``train()``'s single-device
 path) or, with ``--fsdp``, FSDP2 on a 1-rank group with its bf16 MixedPrecisionPolicy (the
@@ -40,7 +40,7 @@ import sys
 import threading
 import time
 import types
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +92,9 @@ class Shape:
 
 SHAPES = (
     Shape("124m", 12, 768, 12, 1024, 50304, 2048, 16),
-    Shape("760m", 24, 1536, 16, 2048, 50304, 4096, 8),
+    # Micro batch 12: 24,576 tokens per step, 55 GiB peak on an H200 (fits an 80 GB H100);
+    # 8 gave 47.9 % MFU compiled, 12 50.5 %, 16 51.4 % at 70 GiB (bench/RESULTS.md).
+    Shape("760m", 24, 1536, 16, 2048, 50304, 4096, 12),
 )
 # --tiny: the same code paths in seconds on a CPU (CI).
 TINY_SHAPES = (
@@ -109,6 +111,7 @@ class Run:
     compile: bool
     fsdp: bool
     status: str  # ok | oom | error | skipped
+    adamw: str = "fused"  # fused | foreach (on CPU: torch's default, reported as foreach)
     params: int = 0
     flops_per_token: int = 0
     micro_batch: int = 0
@@ -141,6 +144,7 @@ def measure(
     steps: int,
     box_s: float,
     micro_batch: int,
+    adamw: str,
 ) -> Run:
     """Build the model as ``train()`` does, warm up, then time up to ``steps`` optimizer steps."""
     import torch
@@ -170,9 +174,19 @@ def measure(
         metrics_enabled=False,
     )
     cfg = RuntimeConfig(model_cfg, OptimizerConfig(lr=3e-4), ScheduleConfig(decay="constant"), train_cfg)
-    run = Run(shape.name, compile, fsdp, "ok", micro_batch=micro_batch, grad_accum=accum)
     model = build_model(cfg, device, use_fsdp=fsdp)
-    optimizer = build_optimizer(model, cfg.optimizer)
+    fused = adamw == "fused" and device.type == "cuda"
+    run = Run(
+        shape.name,
+        compile,
+        fsdp,
+        "ok",
+        "fused" if fused else "foreach",
+        micro_batch=micro_batch,
+        grad_accum=accum,
+    )
+    optimizer = build_optimizer(model, cfg.optimizer, fused=fused)
+    run.adamw = "fused" if optimizer.defaults.get("fused") else "foreach"  # what really runs
     run.params = model.num_params()
     run.flops_per_token = model.flops_per_token()
     tokens_per_step = micro_batch * accum * shape.context_length
@@ -250,20 +264,24 @@ def measure_with_retries(shape: Shape, **kw: Any) -> Run:
             oom = str(e)[:500]
         except Exception as e:  # one failing configuration must not cost the others
             error = f"{type(e).__name__}: {e}"[:2000]
-            failed = Run(shape.name, kw["compile"], kw["fsdp"], "error", micro_batch=micro, error=error)
+            failed = Run(
+                shape.name, kw["compile"], kw["fsdp"], "error", kw["adamw"], micro_batch=micro, error=error
+            )
         # Out of the except block: its traceback, whose frames hold the model and optimizer, is gone.
         release(kw["device"])
         if oom is None:
             return failed
         if micro <= max(1, shape.micro_batch // 4):
-            return Run(shape.name, kw["compile"], kw["fsdp"], "oom", micro_batch=micro, error=oom)
+            return Run(
+                shape.name, kw["compile"], kw["fsdp"], "oom", kw["adamw"], micro_batch=micro, error=oom
+            )
         micro //= 2
         print(f"  {shape.name}: out of memory, retrying with micro batch {micro}", flush=True)
 
 
 def describe(run: Run) -> str:
     """The line printed when a run finishes."""
-    mode = "compiled" if run.compile else "eager"
+    mode = ("compiled" if run.compile else "eager") + ("" if run.adamw == "fused" else f" {run.adamw}")
     if run.status != "ok" or run.step_s is None or run.tokens_per_s is None or run.tflops_per_s is None:
         return f"{run.shape:10s} {mode:8s} {run.status}: {run.error}"
     mfu = f"{100 * run.mfu:.1f} %" if run.mfu is not None else "n/a"
@@ -317,10 +335,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", choices=("both", "off", "on"), default="both")
     p.add_argument("--shapes", default=None, help="comma-separated subset of 124m,760m")
     p.add_argument("--fsdp", action="store_true", help="FSDP2 on a 1-rank group instead of autocast")
+    p.add_argument(
+        "--micro-batch",
+        type=int,
+        default=None,
+        help="sequences per step for every shape (default: the shape's)",
+    )
+    p.add_argument(
+        "--adamw",
+        choices=("fused", "foreach", "both"),
+        default="fused",
+        help="AdamW kernel on cuda (train()'s default is fused); both = each run twice, side by side",
+    )
     p.add_argument("--budget-s", type=float, default=330.0, help="wall budget of all runs together")
     args = p.parse_args(argv)
     if args.steps < 1:
         p.error("--steps must be ≥ 1")
+    if args.micro_batch is not None and args.micro_batch < 1:
+        p.error("--micro-batch must be ≥ 1")
     return args
 
 
@@ -357,8 +389,13 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 2
         shapes = tuple(s for s in shapes if s.name.removesuffix("-tiny") in wanted)
+    if args.micro_batch is not None:
+        # More sequences per optimizer step (tokens/step grow): the optimizer's and the
+        # per-step launch costs are spread over more tokens.
+        shapes = tuple(replace(s, micro_batch=args.micro_batch) for s in shapes)
     compiles = {"both": (False, True), "off": (False,), "on": (True,)}[args.compile]
-    plan = [(s, c) for s in shapes for c in compiles]
+    impls = ("fused", "foreach") if args.adamw == "both" else (args.adamw,)
+    plan = [(s, c, a) for s in shapes for c in compiles for a in impls]
     if args.fsdp:
         init_single_rank_group(device)
 
@@ -398,18 +435,19 @@ def main(argv: list[str] | None = None) -> int:
         f"· {len(plan)} runs in ≤ {args.budget_s:.0f} s",
         flush=True,
     )
-    for i, (shape, compile) in enumerate(plan):
+    for i, (shape, compile, adamw) in enumerate(plan):
         remaining = args.budget_s - (time.perf_counter() - started)
         box = remaining / (len(plan) - i)
         if remaining <= 0:
             report["runs"].append(
-                asdict(Run(shape.name, compile, args.fsdp, "skipped", error="budget spent"))
+                asdict(Run(shape.name, compile, args.fsdp, "skipped", adamw, error="budget spent"))
             )
             write()
             continue
         report["in_progress"] = {
             "shape": shape.name,
             "compile": compile,
+            "adamw": adamw,
             "since_s": round(time.perf_counter() - started, 1),
         }
         write()
@@ -422,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
             warmup=warmup,
             steps=args.steps,
             box_s=box,
+            adamw=adamw,
         )
         release(device)
         report["runs"].append(asdict(run))

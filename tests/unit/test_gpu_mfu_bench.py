@@ -9,6 +9,7 @@ The negative controls show the wrapper really refuses those imports.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -136,6 +137,19 @@ def test_cpu_tiny_fsdp_single_rank(tmp_path: Path) -> None:
     assert all(r["fsdp"] for r in report["runs"])
 
 
+def test_micro_batch_override_and_both_adamw_kernels(tmp_path: Path) -> None:
+    """--micro-batch sets sequences per step for every shape; --adamw both runs each twice."""
+    out = tmp_path / "out"
+    args = ["--device", "cpu", "--tiny", "--steps", "1", "--compile", "off", "--shapes", "124m"]
+    proc = run_blocked(SCRIPT, *args, "--micro-batch", "3", "--adamw", "both", "--out", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    runs = json.loads((out / "gpu_mfu.json").read_text())["runs"]
+    assert [r["status"] for r in runs] == ["ok", "ok"]
+    assert [(r["micro_batch"], r["grad_accum"], r["tokens_per_step"]) for r in runs] == [(3, 1, 3 * 64)] * 2
+    # No fused AdamW on a CPU: both runs say what actually ran.
+    assert [r["adamw"] for r in runs] == ["foreach", "foreach"]
+
+
 def test_cuda_requested_without_a_gpu_says_so(tmp_path: Path) -> None:
     pytest.importorskip("torch")
     import torch
@@ -167,8 +181,8 @@ def test_out_of_memory_halves_the_micro_batch_then_gives_up(monkeypatch: pytest.
         return bench.Run(shape.name, kw["compile"], kw["fsdp"], "ok", micro_batch=micro_batch)
 
     monkeypatch.setattr(bench, "measure", fake_measure)
-    shape = bench.SHAPES[1]  # 760m, micro batch 8
-    kw = {"compile": True, "fsdp": False, "device": torch.device("cpu")}
+    shape = dataclasses.replace(bench.SHAPES[1], micro_batch=8)  # 760m at micro batch 8
+    kw = {"compile": True, "fsdp": False, "device": torch.device("cpu"), "adamw": "fused"}
     limit = 4
     run = bench.measure_with_retries(shape, **kw)
     assert (run.status, run.micro_batch, tried) == ("ok", 4, [8, 4])
