@@ -25,7 +25,7 @@ import signal
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
@@ -509,7 +509,10 @@ def train(
                     "scheduler": scheduler.state_dict(),
                 }
                 state = _state_dict(model, optimizer, scheduler, loader, rank, train_state=train_state)
-                uri = lineage.save(step, state, {"tokens": tokens_seen, "epoch": loader.epoch})
+                # The architecture travels with the weights: `llmtrain export --checkpoint`
+                # then needs no job spec to rebuild the model.
+                meta = {"tokens": tokens_seen, "epoch": loader.epoch, "model": asdict(cfg.model)}
+                uri = lineage.save(step, state, meta)
                 result.checkpoints.append(uri)
                 emit(
                     ProgressEvent(

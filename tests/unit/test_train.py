@@ -27,7 +27,13 @@ from llmtrain.runtime.train import (
     train,
 )
 
-from llmtrain.api.config import OptimizerConfig, RuntimeConfig, ScheduleConfig, runtime_config_from_spec
+from llmtrain.api.config import (
+    ModelConfig,
+    OptimizerConfig,
+    RuntimeConfig,
+    ScheduleConfig,
+    runtime_config_from_spec,
+)
 from llmtrain.api.progress import ProgressEvent
 from llmtrain.api.spec import LLMTrainingJobSpec
 
@@ -301,6 +307,9 @@ def test_checkpoint_every_steps_keep_last_and_resume(tmp_path: Path) -> None:
     ck = [e for e in events if e.stage == "checkpoint"]
     assert [(e.checkpoint_step, e.checkpoint_uri) for e in ck][-1] == (5, f"{tmp_path}/step_00000005")
     assert run(cfg_from(**over, **{"training.duration.maxSteps": 5})).steps == []  # already done
+    # The marker carries the architecture, so export needs no job spec (export.py reads it).
+    marker = Lineage(str(tmp_path), 2).info(5).meta
+    assert ModelConfig(**marker["model"]) == cfg_from(**over).model
 
     # Exact resume with dropout and accumulation: drop the newest checkpoints, as if the job
     # died after step 3, and run again.
