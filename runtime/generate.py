@@ -4,9 +4,10 @@ The order of the logit transforms is Hugging Face's (temperature → top-k → t
 seeded run here and ``generate(do_sample=True)`` there differ only in the random stream,
 and greedy decoding matches token for token (``tests/unit/test_generate.py``).
 
-No KV cache: each new token re-runs the model over the window (≤ contextLength tokens), i.e.
-O(T²) work for T new tokens. Fine for checks and small models; a cache would need the model
-to take positions and past keys, which :class:`~llmtrain.runtime.model.GPT` does not.
+With our :class:`~llmtrain.runtime.model.GPT`, decoding keeps a :class:`KVCache`: the prompt
+is encoded once, then each new token costs one position. Once the sequence outgrows
+contextLength the window slides, every position's RoPE angle changes, and each step re-encodes
+the newest contextLength tokens (as any other model passed in is run on every step).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from llmtrain.runtime.model import GPT, KVCache
 from torch import Tensor, nn
 
 
@@ -82,15 +84,24 @@ def generate(model: nn.Module, prompt: list[int], s: Sampling) -> list[int]:
     was_training = model.training
     model.eval()
     ids = torch.tensor([prompt], dtype=torch.long, device=device)
+    kv = KVCache(len(model.layers), context) if isinstance(model, GPT) else None
     out: list[int] = []
     try:
+        if s.max_new_tokens:
+            window = ids[:, -context:]
+            logits = (model(window) if kv is None else model(window, kv=kv))[0, -1]
         for _ in range(s.max_new_tokens):
-            logits = model(ids[:, -context:])[0, -1]
             token = next_token(logits, s, generator)  # host sync: the loop needs the id to stop
             out.append(token)
-            if token in s.stop_ids:
+            if token in s.stop_ids or len(out) == s.max_new_tokens:
                 break
-            ids = torch.cat((ids, torch.tensor([[token]], device=device)), dim=1)
+            new = torch.tensor([[token]], device=device)
+            ids = torch.cat((ids, new), dim=1)
+            if kv is not None and kv.length < context:
+                logits = model(new, kv=kv)[0, -1]
+            else:  # no cache, or the window slides: every position moves, re-encode it
+                kv = None
+                logits = model(ids[:, -context:])[0, -1]
     finally:
         model.train(was_training)
     return out

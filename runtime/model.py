@@ -90,6 +90,33 @@ def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
     return x * cos + rotated * sin
 
 
+class KVCache:
+    """Keys and values (after RoPE) of the positions a sequence has seen, per layer: decoding
+    one new token then costs one position's projections instead of the whole window's.
+
+    Buffers are allocated at the first write, [B, kvHeads, contextLength, headDim] per layer in
+    the keys' dtype; ``length`` counts the positions written (the model advances it).
+    """
+
+    def __init__(self, n_layers: int, context_length: int) -> None:
+        self.context_length = context_length
+        self.length = 0
+        self.k: list[Tensor | None] = [None] * n_layers
+        self.v: list[Tensor | None] = [None] * n_layers
+
+    def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store this call's k/v [B, H, T, hd] at ``length…`` and return all positions so far."""
+        ck, cv = self.k[layer], self.v[layer]
+        if ck is None or cv is None:
+            shape = (k.shape[0], k.shape[1], self.context_length, k.shape[3])
+            ck = self.k[layer] = k.new_empty(shape)
+            cv = self.v[layer] = v.new_empty(shape)
+        end = self.length + k.shape[2]
+        ck[:, :, self.length : end] = k
+        cv[:, :, self.length : end] = v
+        return ck[:, :, :end], cv[:, :, :end]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -100,19 +127,23 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
 
-    def forward(self, x: Tensor, rope: Tensor) -> Tensor:
+    def forward(self, x: Tensor, rope: Tensor, kv: KVCache | None = None, layer: int = 0) -> Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
+        if kv is not None:
+            # Inference: this layer's keys/values of every earlier position come from the cache.
+            k, v = kv.append(layer, k, v)
         # softmax(q·kᵀ/√d + causal mask)·v; enable_gqa shares each kv head across
         # n_heads/n_kv_heads query heads without materialising repeated k/v. Flash kernel on GPU.
+        # One new query position (a cached decode step) may see every key: no mask.
         y = F.scaled_dot_product_attention(
             q,
             k,
             v,
-            is_causal=True,
+            is_causal=T > 1,
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_heads != self.n_heads,
         )
@@ -141,8 +172,8 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(cfg.d_model, cfg.ffn_hidden_size)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, rope: Tensor) -> Tensor:
-        x = x + self.dropout(self.attention(self.attention_norm(x), rope))
+    def forward(self, x: Tensor, rope: Tensor, kv: KVCache | None = None, layer: int = 0) -> Tensor:
+        x = x + self.dropout(self.attention(self.attention_norm(x), rope, kv, layer))
         return x + self.dropout(self.feed_forward(self.ffn_norm(x)))
 
 
@@ -176,15 +207,31 @@ class GPT(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def forward(self, tokens: Tensor) -> Tensor:
-        """tokens [B, T] int64 → logits [B, T, vocab]."""
+    def forward(self, tokens: Tensor, kv: KVCache | None = None) -> Tensor:
+        """tokens [B, T] int64 → logits [B, T, vocab].
+
+        With ``kv`` (inference), ``tokens`` continue the sequence the cache holds: they sit at
+        positions ``kv.length …`` and attend to every cached position before them.
+        """
+        rope = self.rope
+        if kv is not None:
+            start, T = kv.length, tokens.shape[1]
+            if start and T > 1:
+                raise ValueError("a KV cache takes a prompt once, then one token per call")
+            if start + T > self.cfg.context_length:
+                raise ValueError(f"{start + T} positions exceed contextLength {self.cfg.context_length}")
+            rope = rope[:, start : start + T]
         x = self.dropout(self.tok_embeddings(tokens))
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             if self.activation_checkpointing and self.training:
                 # Recompute the block in backward: ~1/3 more compute for O(1) activations per block.
-                x = checkpoint(layer, x, self.rope, use_reentrant=False)
+                x = checkpoint(layer, x, rope, use_reentrant=False)
+            elif kv is None:
+                x = layer(x, rope)  # training's call, unchanged (compiled blocks guard on it)
             else:
-                x = layer(x, self.rope)
+                x = layer(x, rope, kv, i)
+        if kv is not None:
+            kv.length += tokens.shape[1]
         return self.output(self.norm(x))
 
     # --------------------------------------------------------------------- init

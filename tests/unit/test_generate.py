@@ -174,6 +174,45 @@ def test_real_model_handles_prompts_longer_than_its_context(tokenizer: Tokenizer
     assert len(out) == 5
 
 
+class Uncached(nn.Module):
+    """The same GPT, seen by generate() as any other model: every step re-encodes the window."""
+
+    def __init__(self, gpt: nn.Module) -> None:
+        super().__init__()
+        self.gpt, self.cfg = gpt, gpt.cfg
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.gpt(ids)
+
+
+def test_kv_cache_decodes_exactly_what_the_full_window_does(tokenizer: TokenizerFiles) -> None:  # noqa: F811
+    """Cached decoding = re-encoding the window: logits per step, and tokens across the slide."""
+    from llmtrain.runtime.model import KVCache
+
+    cfg = model_config(tokenizer, tied=False, context_length=16)  # GQA: 4 query, 2 kv heads
+    gpt = random_gpt(cfg)
+    seq = torch.randint(0, cfg.vocab_size, (1, 16), generator=torch.Generator().manual_seed(3))
+    kv = KVCache(cfg.n_layers, cfg.context_length)
+    with torch.no_grad():
+        steps = [gpt(seq[:, :5], kv=kv)[0, -1]] + [gpt(seq[:, t : t + 1], kv=kv)[0, -1] for t in range(5, 16)]
+        full = gpt(seq)[0, 4:]
+    torch.testing.assert_close(torch.stack(steps), full, atol=1e-5, rtol=1e-5)
+    assert kv.length == 16
+    with pytest.raises(ValueError, match="exceed contextLength"):
+        gpt(seq[:, :1], kv=kv)
+    started = KVCache(cfg.n_layers, cfg.context_length)
+    with torch.no_grad():
+        gpt(seq[:, :3], kv=started)
+        with pytest.raises(ValueError, match="one token per call"):
+            gpt(seq[:, 3:5], kv=started)
+    # Prompt 5 + 30 new tokens crosses contextLength 16: the cache hands over to the sliding window.
+    for s in (
+        Sampling(max_new_tokens=30, temperature=0),
+        Sampling(max_new_tokens=30, temperature=0.9, seed=4),
+    ):
+        assert generate(gpt, seq[0, :5].tolist(), s) == generate(Uncached(gpt), seq[0, :5].tolist(), s)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "flag"),
     [
