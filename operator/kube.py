@@ -135,3 +135,53 @@ class KubernetesApi:
         items: list[dict[str, Any]] = (out or {}).get("items", [])
         items.sort(key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
         return items
+
+
+# Watches end server-side after this long (the client waits a bit longer): a silently
+# dropped connection costs at most this much staleness before the watch is re-opened.
+WATCH_SECONDS = 300
+
+
+class KubernetesPods:
+    """:class:`~llmtrain.operator.podwatch.PodSource` over the official client: raw JSON, no
+    model objects (a pod model is a deep tree of Python objects; these bodies are turned
+    into PodViews and dropped at once)."""
+
+    def __init__(self, api_client: Any) -> None:
+        from kubernetes import client
+
+        self._client = client
+        self.core = client.CoreV1Api(api_client)
+
+    def _list_fn(self, namespace: str | None) -> tuple[Any, tuple[Any, ...]]:
+        if namespace is None:
+            return self.core.list_pod_for_all_namespaces, ()
+        return self.core.list_namespaced_pod, (namespace,)
+
+    def list(self, namespace: str | None, selector: str, limit: int, cont: str | None) -> dict[str, Any]:
+        fn, args = self._list_fn(namespace)
+        kwargs: dict[str, Any] = {"label_selector": selector, "limit": limit}
+        if cont:
+            kwargs["_continue"] = cont
+        resp = fn(*args, _preload_content=False, _request_timeout=REQUEST_TIMEOUT, **kwargs)
+        out: dict[str, Any] = json.loads(resp.data)
+        return out
+
+    def watch(self, namespace: str | None, selector: str, resource_version: str) -> Any:
+        from llmtrain.operator.podwatch import iter_lines
+
+        fn, args = self._list_fn(namespace)
+        resp = fn(
+            *args,
+            label_selector=selector,
+            watch=True,
+            resource_version=resource_version,
+            allow_watch_bookmarks=True,
+            timeout_seconds=WATCH_SECONDS,
+            _preload_content=False,
+            _request_timeout=(REQUEST_TIMEOUT[0], WATCH_SECONDS + 30),
+        )
+        try:
+            yield from iter_lines(resp.stream(amt=None, decode_content=False))
+        finally:
+            resp.release_conn()

@@ -84,6 +84,7 @@ def operator_needs(namespaced: bool, peering: bool = True) -> tuple[set[Rule], s
     from llmtrain.operator import kube
     from llmtrain.operator.handlers import register
     from llmtrain.operator.metrics import OperatorMetrics
+    from llmtrain.operator.podwatch import PodStore
     from llmtrain.operator.reconcile import Reconciler
 
     ns: set[Rule] = set()
@@ -101,12 +102,14 @@ def operator_needs(namespaced: bool, peering: bool = True) -> tuple[set[Rule], s
         group, resource = KIND_RESOURCES[kind]
         ns.add((group, resource, "patch"))
     ns.add(("", "events", "list"))
+    # The operator's own pod watch (podwatch.PodWatch over kube.KubernetesPods).
+    ns |= {("", "pods", "list"), ("", "pods", "watch")}
 
     # Kopf lists + watches every resource a handler is registered on; handlers that are not
     # indexes patch the object (Kopf's annotations, finalizer) and, through write_outcome,
     # its status subresource.
     registry = kopf.OperatorRegistry()
-    register(registry, Reconciler(object()), OperatorMetrics())
+    register(registry, Reconciler(object()), OperatorMetrics(), PodStore())
     for reg, writes in (
         (registry._indexing, False),
         (registry._watching, True),

@@ -11,11 +11,11 @@ from typing import Any
 import kopf
 import pytest
 from llmtrain.operator import main as opmain
-from llmtrain.operator.diagnose import pod_view
-from llmtrain.operator.handlers import needs_action_now, pods_of, register, write_outcome
+from llmtrain.operator.handlers import FINALIZER, needs_action_now, register, write_outcome
 from llmtrain.operator.kube import ApiError
-from llmtrain.operator.manifests import LABEL_JOB, OperatorSettings
+from llmtrain.operator.manifests import OperatorSettings
 from llmtrain.operator.metrics import OperatorMetrics
+from llmtrain.operator.podwatch import PodStore
 from llmtrain.operator.reconcile import Event, Outcome, Reconciler
 from prometheus_client import generate_latest
 
@@ -34,16 +34,21 @@ def call(handler: Any, **kwargs: Any) -> Any:
     return asyncio.run(handler.fn(**kwargs))
 
 
-def build(api: FakeApi | None = None) -> tuple[kopf.OperatorRegistry, OperatorMetrics, list[tuple[Any, ...]]]:
+def build(
+    api: FakeApi | None = None, store: PodStore | None = None
+) -> tuple[kopf.OperatorRegistry, OperatorMetrics, list[tuple[Any, ...]]]:
     registry = kopf.OperatorRegistry()
     metrics = OperatorMetrics()
     events: list[tuple[Any, ...]] = []
     rec = Reconciler(api or FakeApi(), OperatorSettings(), token=lambda: "t" * 64)
+    if store is None:
+        store = PodStore()
+        store.mark_synced()
 
     def emit(body: Any, *, type: str, reason: str, message: str) -> None:
         events.append((type, reason, message))
 
-    register(registry, rec, metrics, interval=2.0, clock=lambda: NOW, emit=emit)
+    register(registry, rec, metrics, store, interval=2.0, clock=lambda: NOW, emit=emit)
     return registry, metrics, events
 
 
@@ -55,7 +60,7 @@ def handlers(registry: kopf.OperatorRegistry) -> dict[str, Any]:
     return out
 
 
-def test_one_timer_on_the_job_and_an_index_over_pods_without_finalizers() -> None:
+def test_one_timer_on_the_job_and_nothing_of_kopf_on_pods() -> None:
     registry, _, _ = build()
     hs = handlers(registry)
     timers = [h for h in registry._spawning.get_all_handlers()]
@@ -64,19 +69,10 @@ def test_one_timer_on_the_job_and_an_index_over_pods_without_finalizers() -> Non
     assert timer.selector is not None
     assert timer.selector.group == GROUP and timer.selector.any_name == PLURAL
     assert getattr(timer, "interval", None) == 2.0
-    (index,) = registry._indexing.get_all_handlers()
-    assert index.selector is not None
-    assert index.selector.any_name == "pods" and index.selector.group in (None, "")
-    assert index.labels == {LABEL_JOB: kopf.PRESENT}
-    # Kopf hands the index to the timer as the kwarg named by its id: the timer reads that name.
-    assert index.id == "pod_index"
-    pod = {"metadata": {"name": "demo-head", "namespace": "ns1", "labels": {LABEL_JOB: "demo"}}}
-    entry = call(index, body=_body(pod), namespace="ns1")
-    assert list(entry) == [("ns1", "demo")] and entry[("ns1", "demo")].name == "demo-head"
-    # Nothing on pods may need a finalizer (no daemons/timers/non-optional delete handlers).
-    for h in hs.values():
-        if "pods" in str(h.selector):
-            assert not getattr(h, "requires_finalizer", False)
+    # Pods are watched by the operator's own PodWatch: Kopf must not watch them at all
+    # (its per-object state and body copies were most of the RSS at 1000 jobs).
+    assert list(registry._indexing.get_all_handlers()) == []
+    assert not any("pods" in str(h.selector) for h in hs.values())
     # No change-detecting handlers: Kopf would write progress/diffbase annotations per change.
     assert list(registry._changing.get_all_handlers()) == []
     (react,) = registry._watching.get_all_handlers()
@@ -89,7 +85,7 @@ def test_timer_handler_runs_the_reconciler_and_writes_the_patch() -> None:
     (timer,) = registry._spawning.get_all_handlers()
     body = _body(job_body())
     patch = kopf.Patch()
-    call(timer, body=body, patch=patch, logger=LOG, pod_index={})
+    call(timer, body=body, patch=patch, logger=LOG)
     assert api.names("Pod") == {"demo-head", "demo-worker-0", "demo-worker-1"}
     assert patch["status"]["phase"] == "Pending"
     assert isinstance(patch["status"]["conditions"], list)
@@ -103,16 +99,18 @@ def test_timer_handler_runs_the_reconciler_and_writes_the_patch() -> None:
 
 def test_api_errors_become_temporary_errors() -> None:
     api = FakeApi()
-    registry, metrics, _ = build(api)
+    store = PodStore()
+    store.mark_synced()
+    registry, metrics, _ = build(api, store)
     (timer,) = registry._spawning.get_all_handlers()
     body = job_body()
-    call(timer, body=_body(body), patch=kopf.Patch(), logger=LOG, pod_index={})
+    call(timer, body=_body(body), patch=kopf.Patch(), logger=LOG)
     body["spec"]["suspend"] = True
     body["metadata"]["generation"] = 2
     api.fail["delete"] = ApiError(500, "etcdserver: request timed out")
-    index = {("ns1", "demo"): list(views(api).values())}
+    store.replace(views(api).values())
     with pytest.raises(kopf.TemporaryError) as e:
-        call(timer, body=_body(body), patch=kopf.Patch(), logger=LOG, pod_index=index)
+        call(timer, body=_body(body), patch=kopf.Patch(), logger=LOG)
     assert e.value.delay == 5
     assert (
         'llmtrain_operator_reconcile_errors_total{kind="http_500"} 1.0'
@@ -122,15 +120,17 @@ def test_api_errors_become_temporary_errors() -> None:
 
 def test_metrics_provisioning_restarts_and_forget() -> None:
     api = FakeApi()
-    registry, metrics, _ = build(api)
+    store = PodStore()
+    store.mark_synced()
+    registry, metrics, _ = build(api, store)
     (timer,) = registry._spawning.get_all_handlers()
     body = job_body()
-    call(timer, body=_body(body), patch=kopf.Patch(), logger=LOG, pod_index={})
+    call(timer, body=_body(body), patch=kopf.Patch(), logger=LOG)
     set_all(api, "running")
-    index = {("ns1", "demo"): list(views(api).values())}
+    store.replace(views(api).values())
     patch = kopf.Patch()
     body["metadata"]["annotations"]["llmtrain.dev/attempt-started-at"] = "2026-11-26T11:59:50Z"
-    call(timer, body=_body(body), patch=patch, logger=LOG, pod_index=index)
+    call(timer, body=_body(body), patch=patch, logger=LOG)
     text = generate_latest(metrics.registry).decode()
     assert "llmtrain_operator_provisioning_duration_seconds_count 1.0" in text
     assert "llmtrain_operator_provisioning_duration_seconds_sum 10.0" in text
@@ -138,16 +138,32 @@ def test_metrics_provisioning_restarts_and_forget() -> None:
     assert 'llmtrain_operator_jobs{phase="Pending"} 0.0' in generate_latest(metrics.registry).decode()
 
 
-def test_pods_of_reads_the_index_by_namespace_and_job() -> None:
-    pod = {"metadata": {"name": "demo-head", "namespace": "ns1", "labels": {LABEL_JOB: "demo"}}}
-    v = pod_view(pod)
-    index = {
-        ("ns1", "demo"): [v],
-        ("ns2", "demo"): [pod_view({**pod, "metadata": {**pod["metadata"], "name": "x"}})],
-    }
-    assert pods_of(index, "ns1", "demo") == {"demo-head": v}
-    assert pods_of(index, "ns3", "demo") == {}
-    assert pods_of(None, "ns1", "demo") == {}
+def test_handlers_wait_for_the_first_pod_list() -> None:
+    """Before the pod watch has listed, every pod would look missing: the reconcile must
+    wait, not recreate the pods (409s) and report a running job as Pending."""
+    api = FakeApi()
+    first, _, _ = build(api)
+    (timer,) = first._spawning.get_all_handlers()
+    body = job_body()
+    call(timer, body=_body(body), patch=kopf.Patch(), logger=LOG)
+    set_all(api, "running")
+    store = PodStore()  # not synced yet
+    registry, _, _ = build(api, store)
+    (timer,) = registry._spawning.get_all_handlers()
+    api.calls.clear()
+    patch = kopf.Patch()
+
+    async def tick_then_list() -> None:
+        task = asyncio.ensure_future(timer.fn(body=_body(body), patch=patch, logger=LOG))
+        await asyncio.sleep(0.2)
+        assert not task.done() and api.calls == []  # waiting for the list
+        store.replace(views(api).values())
+        store.mark_synced()
+        await asyncio.wait_for(task, 5)
+
+    asyncio.run(tick_then_list())
+    assert not [c for c in api.calls if c[0] == "create"]
+    assert patch["status"]["phase"] == "Provisioning"
 
 
 def test_write_outcome_replaces_conditions_whole() -> None:
@@ -225,16 +241,27 @@ def test_job_events_act_at_once_only_for_new_jobs_and_suspend_flips() -> None:
 
 def test_event_handler_creates_at_once_and_forgets_deleted_jobs() -> None:
     api = FakeApi()
-    registry, metrics, _ = build(api)
+    registry, metrics, events = build(api)
     (handler,) = registry._watching.get_all_handlers()
     react: Any = handler
     body = job_body()
     patch = kopf.Patch()
-    call(react, body=_body(body), patch=patch, type="ADDED", logger=LOG, pod_index={})
+    call(react, body=_body(body), patch=patch, type="ADDED", logger=LOG)
     assert api.names("Pod") == {"demo-head", "demo-worker-0", "demo-worker-1"}
+    # No status yet: Kopf adds its finalizer in this cycle, and a status PATCH beside it
+    # made Kopf add the finalizer twice (the status echo arrives without it).
+    assert not patch
+    assert ("Normal", "PodsCreated", "created 3 Ray pods") in events
+    # The finalizer's echo (still no phase) writes the status, creating nothing again.
+    api.calls.clear()
+    body["metadata"]["finalizers"] = [FINALIZER]
+    patch = kopf.Patch()
+    call(react, body=_body(body), patch=patch, type="MODIFIED", logger=LOG)
+    assert [c for c in api.calls if c[0] == "create"] == []
+    assert patch["status"]["phase"] == "Pending"
     body["status"] = dict(patch["status"])
     api.calls.clear()
-    call(react, body=_body(body), patch=kopf.Patch(), type="MODIFIED", logger=LOG, pod_index={})
+    call(react, body=_body(body), patch=kopf.Patch(), type="MODIFIED", logger=LOG)
     assert api.calls == []  # the echo of our own status write does nothing
-    call(react, body=_body(body), patch=kopf.Patch(), type="DELETED", logger=LOG, pod_index={})
+    call(react, body=_body(body), patch=kopf.Patch(), type="DELETED", logger=LOG)
     assert 'llmtrain_operator_jobs{phase="Pending"} 0.0' in generate_latest(metrics.registry).decode()
