@@ -10,8 +10,10 @@ started, so neither mode inherits the other's objects:
 * ``operator`` — the bench creates N LLMTrainingJob objects from 16 threads and the operator
   (a subprocess, ``python -m llmtrain.operator.main``, 16 executor threads) does the rest.
 
-A pod watch records when each pod is first Running. Per job: time from its submission
-until all its pods are Running (p50/p99); overall: time until every pod is Running. The
+A pod watch records when each pod is first seen and first Running. Per job: time from its
+submission until all its pods are Running (p50/p99) and until all exist ("pods created":
+the operator's own latency; in the direct mode, the submitting thread's); overall: time
+until every pod is Running. The
 operator's peak RSS is its VmHWM (the figure ``ru_maxrss`` reports). Extra KWOK nodes
 with room for 1000 pods each are registered so that scheduling, not capacity, is measured.
 
@@ -418,13 +420,14 @@ def markdown(results: list[dict[str, Any]], workers: int) -> str:
         "interval 5 s, 16 executor threads.",
         "",
         "| jobs | pods | mode | submit (s) | all pods Running (s) | per job p50 (s) | per job p99 (s) | "
-        "operator peak RSS (MB) |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|",
+        "pods created p50 / p99 (s) | operator peak RSS (MB) | operator CPU (s) |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         lines.append(
             f"| {r['jobs']} | {r['pods']} | {r['mode']} | {r['submit_s']} | {r['all_running_s']} | "
-            f"{r['p50_s']} | {r['p99_s']} | {r['operator_peak_rss_mb'] or '–'} |"
+            f"{r['p50_s']} | {r['p99_s']} | {r['created_p50_s']} / {r['created_p99_s']} | "
+            f"{r['operator_peak_rss_mb'] or '–'} | {r['operator_cpu_s'] or '–'} |"
         )
     lines.append("")
     by_n: dict[int, dict[str, dict[str, Any]]] = {}

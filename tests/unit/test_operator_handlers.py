@@ -265,3 +265,49 @@ def test_event_handler_creates_at_once_and_forgets_deleted_jobs() -> None:
     assert api.calls == []  # the echo of our own status write does nothing
     call(react, body=_body(body), patch=kopf.Patch(), type="DELETED", logger=LOG)
     assert 'llmtrain_operator_jobs{phase="Pending"} 0.0' in generate_latest(metrics.registry).decode()
+
+
+def test_kopf_session_has_a_connection_limit_above_its_watches() -> None:
+    """Kopf's own session opens a TLS connection per concurrent request (aiohttp limit=0),
+    each with a 256 KiB asyncio buffer: the login handler must hand it a limited one."""
+    opts = opmain.Options(namespaces=["a", "b"], kopf_requests=8)
+    info = kopf.ConnectionInfo(server="https://127.0.0.1:6443", token="t", scheme="Bearer")
+
+    async def make() -> Any:
+        ctx = opmain.limited_session(info, opmain.kopf_connection_limit(opts))
+        try:
+            return ctx.aiohttp_session.connector.limit, ctx.server
+        finally:
+            await ctx.aiohttp_session.close()
+
+    limit, server = asyncio.run(make())
+    # 8 requests in flight + jobs and peering watches in each of 2 namespaces + 2 spare.
+    assert limit == 8 + 4 + 2 and server == info.server
+    assert opmain.kopf_connection_limit(opmain.Options(namespaces=None)) > opmain.Options().kopf_requests
+
+
+def test_login_hands_kopf_the_limited_session(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    cfg = SimpleNamespace(
+        host="https://127.0.0.1:6443",
+        api_key={"authorization": "Bearer t"},
+        ssl_ca_cert=None,
+        verify_ssl=False,
+        cert_file=None,
+        key_file=None,
+    )
+    opts = opmain.Options(namespaces=["a"], kopf_requests=4)
+    registry, _ = opmain.build(opts, SimpleNamespace(configuration=cfg), PodStore())
+    (login,) = [h for h in registry._activities.get_all_handlers() if "login" in str(h.id)]
+
+    async def run() -> Any:
+        ctx = await login.fn(settings=kopf.OperatorSettings(), logger=LOG)
+        try:
+            return type(ctx), ctx.aiohttp_session.connector.limit
+        finally:
+            await ctx.aiohttp_session.close()
+
+    kind, limit = asyncio.run(run())
+    assert kind is kopf.AiohttpSession and limit == opmain.kopf_connection_limit(opts) == 8
