@@ -58,6 +58,16 @@ def tiny_job(tmp: Path, steps: int = 6) -> Path:
     return path
 
 
+def _interruptible() -> None:
+    """In the child before exec: Ctrl-C's default disposition, whatever the parent had.
+
+    A shell without job control starts background commands with SIGINT ignored, the ignore
+    survives exec, and Python then installs no KeyboardInterrupt handler: `llmtrain run` would
+    never see the test's Ctrl-C (a CI runner started as `make test &` does exactly that).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def llmtrain_run(job: Path, tmp: Path, **kw: object) -> subprocess.Popen[str]:
     env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="ray-"), "COLUMNS": "200"}
     return subprocess.Popen(
@@ -67,6 +77,7 @@ def llmtrain_run(job: Path, tmp: Path, **kw: object) -> subprocess.Popen[str]:
         text=True,
         env=env,
         cwd=tmp,
+        preexec_fn=_interruptible,
         **kw,  # type: ignore[call-overload]
     )
 
