@@ -105,11 +105,18 @@ def operator(
         str, typer.Option(help="Address of the liveness and metrics servers.")
     ] = "0.0.0.0",
     verbose: Annotated[bool, typer.Option("--verbose", help="Log every Kopf handler call.")] = False,
+    priority: Annotated[
+        str,
+        typer.Option(
+            envvar="LLMTRAIN_OPERATOR_PRIORITY",
+            help="Peering priority: an integer, or 'random' (one per replica: the highest acts).",
+        ),
+    ] = "0",
 ) -> None:
     """Run the LLMTrainingJob operator (Kopf) until SIGINT/SIGTERM."""
     import logging
 
-    from llmtrain.operator.main import PEERING_NAME, run
+    from llmtrain.operator.main import PEERING_NAME, parse_priority, run
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     run(
@@ -122,6 +129,7 @@ def operator(
         operator_namespace=operator_namespace,
         bind_address=bind_address,
         verbose=verbose,
+        priority=parse_priority(priority),
     )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -45,6 +46,33 @@ class Options:
     # Kopf's API requests in flight at once (status PATCHes, Events, finalizers): the API
     # server serves them at ~100/s on a small node, so a few connections keep it busy.
     kopf_requests: int = 16
+
+
+PRIORITY_ENV = "LLMTRAIN_OPERATOR_PRIORITY"
+
+
+def parse_priority(value: str | int | None) -> int:
+    """``--priority`` (or ``$LLMTRAIN_OPERATOR_PRIORITY``): an integer, or ``random``.
+
+    Kopf peering lets the live replica with the highest priority act and pauses the
+    others — and pauses *all* replicas that share the highest priority. Replicas of one
+    Deployment run the same arguments, so ``random`` draws a priority per process
+    (1 … 2**31-1) at start: one replica acts, the rest wait in the peering object and the
+    highest of them takes over when it goes. Two equal draws (1 in ~2**31 per pair) only
+    pause both until one restarts: never two acting at once.
+    """
+    if value is None or value == "":
+        return 0
+    if isinstance(value, int):
+        return value
+    if value.strip().lower() == "random":
+        import secrets
+
+        return 1 + secrets.randbelow(2**31 - 1)
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"priority must be an integer or 'random', not {value!r}") from None
 
 
 def configure(settings: kopf.OperatorSettings, opts: Options) -> None:
@@ -158,8 +186,6 @@ def limited_session(info: kopf.ConnectionInfo, limit: int) -> kopf.AiohttpSessio
 
 
 def _in_cluster() -> bool:
-    import os
-
     return bool(os.environ.get("KUBERNETES_SERVICE_HOST")) and os.path.exists(
         "/var/run/secrets/kubernetes.io/serviceaccount/token"
     )
@@ -240,6 +266,7 @@ def run(
     bind_address: str = "0.0.0.0",
     stop_flag: threading.Event | None = None,
     verbose: bool = False,
+    priority: int = 0,
 ) -> None:
     """Run the operator in this thread until SIGINT/SIGTERM (or ``stop_flag``)."""
     if not verbose:
@@ -253,9 +280,12 @@ def run(
         bind_address=bind_address,
         reconcile_interval=reconcile_interval,
         peering_name=peering_name,
+        priority=priority,
         kubeconfig=kubeconfig,
         settings=OperatorSettings(operator_namespace=operator_namespace),
     )
+    if peering_name is not None:
+        log.info("peering %r with priority %d", peering_name, priority)
     asyncio.run(serve(opts, stop_flag=stop_flag))
 
 
@@ -309,6 +339,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--operator-namespace", default="llmtrain-system")
     p.add_argument("--bind-address", default="0.0.0.0")
     p.add_argument("--verbose", "-v", action="store_true", help="log every handler run")
+    p.add_argument(
+        "--priority",
+        default=os.environ.get(PRIORITY_ENV, "0"),
+        help="peering priority: an integer or 'random' (one per replica; see parse_priority)",
+    )
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     run(
@@ -321,6 +356,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         operator_namespace=a.operator_namespace,
         bind_address=a.bind_address,
         verbose=a.verbose,
+        priority=parse_priority(a.priority),
     )
 
 

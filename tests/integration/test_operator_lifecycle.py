@@ -71,11 +71,14 @@ def crds(cluster: Cluster) -> None:
 class Operator:
     """One operator process; ``start()``/``kill()`` as often as a test likes."""
 
-    def __init__(self, cluster: Cluster, namespace: str, tmp: Path, peering: bool = False) -> None:
+    def __init__(
+        self, cluster: Cluster, namespace: str, tmp: Path, peering: bool = False, extra: tuple[str, ...] = ()
+    ) -> None:
         self.cluster = cluster
         self.namespace = namespace
         self.tmp = tmp
         self.peering = peering
+        self.extra = extra
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
         self.metrics_port = _free_port()
@@ -102,6 +105,7 @@ class Operator:
         ]
         if not self.peering:
             args.append("--standalone")
+        args.extend(self.extra)
         self.starts += 1
         log = open(self.tmp / f"operator-{self.starts}.log", "wb")
         # Not from the repository root: its operator/ folder would shadow the standard
@@ -297,7 +301,15 @@ def test_unschedulable_job_is_pending_with_the_reason_then_fails_at_the_deadline
     api: Api, operator: Operator, cluster: Cluster
 ) -> None:
     api.create(job_manifest("big", resources={"gpusPerWorker": 16}, preRunningDeadlineSeconds=6))
-    api.wait(lambda: api.cond("big", "Scheduled").get("reason") == "Unschedulable", "Scheduled=Unschedulable")
+    # Level-based: the scheduler marks the three workers one after another, and a status
+    # written between two of them says "1/4"; it must converge to all three.
+    api.wait(
+        lambda: (
+            api.cond("big", "Scheduled").get("reason") == "Unschedulable"
+            and "3/4 pods unschedulable" in api.cond("big", "Scheduled").get("message", "")
+        ),
+        "Scheduled=Unschedulable for all three workers",
+    )
     st = api.status("big")
     assert st["phase"] == "Pending"
     msg = api.cond("big", "Scheduled")["message"]
@@ -459,3 +471,59 @@ def test_operator_with_peering_heartbeats_and_reconciles(
         )
         a.kill(signal.SIGTERM)
     assert os.path.exists(tmp_path / "a" / "operator-1.log")
+
+
+def test_two_replicas_with_random_priorities_one_acts_and_the_other_takes_over(
+    cluster: Cluster, namespace: str, crds: None, tmp_path: Path, api: Api
+) -> None:
+    """What the chart runs with replicas: 2 (--priority=random): the replica with the lower
+    draw stays paused and reconciles nothing; when the active one leaves, it takes over."""
+    import re
+
+    peering = {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": "llmtrain"}}
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(peering))
+    ops = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        ops.append(
+            Operator(cluster, namespace, tmp_path / name, peering=True, extra=("--priority", "random"))
+        )
+    for op in ops:
+        op.start()
+
+    def full_log(op: Operator) -> str:
+        return (op.tmp / f"operator-{op.starts}.log").read_text(errors="replace")
+
+    def priority(op: Operator) -> int:
+        m = re.search(r"with priority (\d+)", full_log(op))
+        assert m, full_log(op)
+        return int(m.group(1))
+
+    def acting(op: Operator) -> bool:
+        # Kopf starts paused until peering is resolved and logs each change after that.
+        changes = re.findall(r"(Resuming operations|Pausing operations)", full_log(op))
+        return bool(changes) and changes[-1] == "Resuming operations"
+
+    def reconciles(op: Operator) -> float:
+        m = re.search(r"^llmtrain_operator_reconcile_duration_seconds_count (\S+)$", op.metrics(), re.M)
+        return float(m.group(1)) if m else 0.0
+
+    try:
+        prios = {op.tmp.name: priority(op) for op in ops}
+        assert len(set(prios.values())) == 2, prios  # drawn per process
+        active, standby = sorted(ops, key=priority, reverse=True)
+        api.wait(lambda: acting(active) and not acting(standby), "the higher draw acting, the lower paused")
+        api.create(job_manifest("ha1", resources={"workers": 1}))
+        api.wait(lambda: api.running("ha1", 2), "pods Running with one active replica")
+        assert reconciles(active) > 0 and reconciles(standby) == 0
+        active.kill(signal.SIGTERM)  # a clean exit takes its heartbeat out of the peering
+        api.wait(lambda: acting(standby), "the standby taking over")
+        api.create(job_manifest("ha2", resources={"workers": 1}))
+        api.wait(lambda: api.running("ha2", 2), "pods Running after the failover")
+        assert reconciles(standby) > 0
+    finally:
+        cluster.kubectl(
+            "delete", PLURAL, "--all", "-n", namespace, "--wait=true", "--timeout=60s", check=False
+        )
+        for op in ops:
+            op.kill(signal.SIGTERM)

@@ -331,6 +331,34 @@ def test_rbac_check_catches_a_missing_and_an_extra_rule() -> None:
     assert of_kind(docs, "ClusterKopfPeering") == []
     (dep,) = of_kind(docs, "Deployment")
     assert "--standalone" in dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert not any(
+        a.startswith("--priority") for a in dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    )
+
+
+@needs_helm
+def test_replicas_above_one_get_a_priority_per_pod(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kopf pauses every replica sharing the highest priority: with peering, each pod draws
+    its own (--priority=random), so replicas: 2 renders with one active replica."""
+    from llmtrain.operator import main as opmain
+    from typer.testing import CliRunner
+
+    from llmtrain.cli import app
+
+    (dep,) = of_kind(render("--set", "replicas=2"), "Deployment")
+    container = dep["spec"]["template"]["spec"]["containers"][0]
+    args = container["args"]
+    assert dep["spec"]["replicas"] == 2
+    assert "--priority=random" in args and "--standalone" not in args
+    # The command the chart runs (`llmtrain operator ARGS`) takes them and draws a priority.
+    seen: list[dict[str, Any]] = []
+    monkeypatch.setattr(opmain, "run", lambda *a, **k: seen.append(k))
+    assert container["command"] == ["llmtrain", "operator"]
+    for _ in range(2):
+        r = CliRunner().invoke(app, ["operator", *args])
+        assert r.exit_code == 0, r.output
+    assert seen[0]["peering_name"] == opmain.PEERING_NAME
+    assert seen[0]["priority"] != seen[1]["priority"] and all(1 <= k["priority"] < 2**31 for k in seen)
 
 
 @needs_helm
@@ -392,7 +420,9 @@ def test_service_monitor_and_bad_values_fail_with_a_clear_message() -> None:
         return r.stderr
 
     assert "install prometheus-operator first" in fails("--set", "metrics.serviceMonitor.enabled=true")
-    assert "replicas: 2 > 1 is not supported" in fails("--set", "replicas=2")
+    assert "replicas: 2 > 1 needs peering.enabled" in fails(
+        "--set", "replicas=2", "--set", "peering.enabled=false"
+    )
     assert "not a namespace name" in fails("--set", "watchNamespaces={Team_A}")
     assert "serviceAccount.name is required" in fails("--set", "serviceAccount.create=false")
 

@@ -311,3 +311,15 @@ def test_login_hands_kopf_the_limited_session(monkeypatch: pytest.MonkeyPatch) -
 
     kind, limit = asyncio.run(run())
     assert kind is kopf.AiohttpSession and limit == opmain.kopf_connection_limit(opts) == 8
+
+
+def test_priority_is_an_integer_or_drawn_per_process() -> None:
+    assert opmain.parse_priority("7") == 7 and opmain.parse_priority(None) == 0
+    assert opmain.parse_priority("") == 0 and opmain.parse_priority(3) == 3
+    draws = {opmain.parse_priority("random") for _ in range(50)}
+    assert len(draws) == 50 and all(1 <= d < 2**31 for d in draws)
+    with pytest.raises(ValueError, match="integer or 'random'"):
+        opmain.parse_priority("high")
+    settings = kopf.OperatorSettings()
+    opmain.configure(settings, opmain.Options(priority=opmain.parse_priority("41")))
+    assert settings.peering.priority == 41
