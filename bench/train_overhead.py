@@ -25,6 +25,13 @@ has more OpenMP threads than cores. On this shared, oversubscribed machine that 
 throttled (b)'s spinning but not (a)'s — an accident of thread counts, not overhead. PASSIVE
 (threads sleep at once) gives both the same footing; on a quiet machine it costs little.
 
+(f) ``--paired``: (a) and (b) in ONE process, a step of each in turn (the bare step runs inside
+train()'s per-step progress callback), ``--repeats`` processes pooled; ours/bare = Σ ours / Σ
+bare over the pairs. This is the figure for the ≤ 1.05× goal: load from other processes lands
+on both halves of a pair alike, where separate processes (below) scatter ±20 % on this machine.
+
+    .venv/bin/python -P bench/train_overhead.py --paired --steps 20 --warmup 2 --repeats 3
+
 Each variant runs in its own fresh process; the variants are interleaved ``--repeats`` times
 (a b c d e a b c d e …) so that load from other processes on the shared machine hits them all
 alike. Step time = median of the per-step wall times after ``--warmup`` steps (the median is
@@ -175,36 +182,122 @@ def write_shards(folder: Path) -> None:
 # ---------------------------------------------------------------------------- variants
 
 
-def run_bare(steps: int, threads: int, batch: int) -> dict[str, Any]:
+class BareLoop:
     """(a)/(d): the loop as one would write it by hand, same model class, same tokens."""
-    import torch
-    import torch.nn.functional as F
-    from llmtrain.runtime.model import GPT
 
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    model = GPT(MODEL)
-    model.init_weights()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.95), weight_decay=0.1)
-    tokens = token_stream()
-    L = MODEL.context_length
-    windows = torch.randperm((TOKENS - 1) // L, generator=torch.Generator().manual_seed(1))
-    offsets = torch.arange(L + 1)
-    model.train()
-    stamps, cpu = [time.perf_counter()], [cpu_seconds()]
-    for step in range(steps):
-        rows = windows[step * batch : (step + 1) * batch]
-        chunk = tokens[rows[:, None] * L + offsets]  # [batch, L + 1]
-        logits = model(chunk[:, :-1])
+    def __init__(self, batch: int) -> None:
+        import torch
+        from llmtrain.runtime.model import GPT
+
+        torch.manual_seed(0)
+        self.model = GPT(MODEL)
+        self.model.init_weights()
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=LR, betas=(0.9, 0.95), weight_decay=0.1
+        )
+        self.tokens = token_stream()
+        self.batch = batch
+        L = MODEL.context_length
+        self.windows = torch.randperm((TOKENS - 1) // L, generator=torch.Generator().manual_seed(1))
+        self.offsets = torch.arange(L + 1)
+        self.done = 0
+        self.model.train()
+
+    def step(self) -> float:
+        import torch
+        import torch.nn.functional as F
+
+        L, b = MODEL.context_length, self.batch
+        rows = self.windows[self.done * b : (self.done + 1) * b]
+        chunk = self.tokens[rows[:, None] * L + self.offsets]  # [batch, L + 1]
+        logits = self.model(chunk[:, :-1])
         loss = F.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten())
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss.item()  # what any loop does to print a loss; free on CPU (no device queue)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.done += 1
+        return loss.item()  # what any loop does to print a loss; free on CPU (no device queue)
+
+
+def run_bare(steps: int, threads: int, batch: int) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(threads)
+    loop = BareLoop(batch)
+    stamps, cpu = [time.perf_counter()], [cpu_seconds()]
+    for _ in range(steps):
+        loop.step()
         stamps.append(time.perf_counter())
         cpu.append(cpu_seconds())
     return {"stamps": stamps, "cpu": cpu}
+
+
+def run_paired(steps: int, threads: int, data: str) -> dict[str, Any]:
+    """(f) ours and bare in ONE process, a step of each in turn: train() runs, and at the end of
+    each of its steps (its progress event) the bare loop takes one step before train() goes on.
+
+    Both loops then see the same machine at the same moment: a neighbour's burst lands on a
+    pair, not on one side, and the ratio of the two sums is what train() adds over bare. What
+    shares the process: train()'s loader prefetch thread and metrics server may run during a
+    bare step (counted against bare, microseconds here); the two models evict each other's
+    weights from cache (30 MB + optimizer state each: neither fits in cache anyway).
+    """
+    import torch
+    from llmtrain.runtime.data.loader import open_loader
+    from llmtrain.runtime.train import RunContext, train
+
+    from llmtrain.api.config import RuntimeConfig
+    from llmtrain.api.progress import ProgressEvent
+
+    torch.set_num_threads(threads)
+    bare = BareLoop(GLOBAL_BATCH)
+    cfg = RuntimeConfig.from_dict(runtime_config(1, steps, free_port_block(1)))
+    out: dict[str, list[float]] = {"ours_wall": [], "ours_cpu": [], "bare_wall": [], "bare_cpu": []}
+    mark = [time.perf_counter(), cpu_seconds()]
+
+    def on_progress(event: ProgressEvent) -> None:
+        if event.stage != "training":
+            return
+        t0, c0 = time.perf_counter(), cpu_seconds()
+        out["ours_wall"].append(t0 - mark[0])  # the first one includes train()'s set-up: warm-up
+        out["ours_cpu"].append(c0 - mark[1])
+        bare.step()
+        t1, c1 = time.perf_counter(), cpu_seconds()
+        out["bare_wall"].append(t1 - t0)
+        out["bare_cpu"].append(c1 - c0)
+        mark[:] = [t1, c1]
+
+    result = train(
+        cfg,
+        functools.partial(open_loader, data),
+        on_progress=on_progress,
+        ctx=RunContext(metrics_addr="127.0.0.1"),
+    )
+    assert result.final_step == steps and len(out["ours_wall"]) == steps, (result.final_step, out)
+    return dict(out)
+
+
+def paired_summary(out: dict[str, list[float]], warmup: int) -> dict[str, float]:
+    """ours/bare from the interleaved steps after the warm-up: the ratio of the sums (the
+    estimate) and the quartiles of the per-pair ratios (how much single pairs scatter)."""
+    pick = {k: out[k][warmup:] for k in PAIR_KEYS}
+    if not pick["ours_wall"]:
+        raise ValueError("no timed steps: --steps must be ≥ 1")
+    summary: dict[str, float] = {"pairs": len(pick["ours_wall"])}
+    for kind in ("wall", "cpu"):
+        ours, bare = pick[f"ours_{kind}"], pick[f"bare_{kind}"]
+        per_pair = sorted(o / b for o, b in zip(ours, bare, strict=True))
+        q1, median, q3 = statistics.quantiles(per_pair, n=4) if len(per_pair) > 1 else [per_pair[0]] * 3
+        summary |= {
+            f"{kind}_ratio": sum(ours) / sum(bare),
+            f"{kind}_pair_q1": q1,
+            f"{kind}_pair_median": median,
+            f"{kind}_pair_q3": q3,
+            f"{kind}_ours_s": statistics.median(ours),
+            f"{kind}_bare_s": statistics.median(bare),
+        }
+    return summary
 
 
 def run_ours(steps: int, threads: int, data: str) -> dict[str, Any]:
@@ -339,6 +432,8 @@ def child(variant: str, steps: int, threads: int, data: str, tmp: str, tiny: boo
         out = run_fsdp2(steps, data, Path(tmp))
     elif variant == "ray":
         out = run_ray(steps, data, Path(tmp))
+    elif variant == "paired":
+        out = run_paired(steps, threads, data)
     else:
         raise ValueError(variant)
     out["wall_s"] = time.perf_counter() - started
@@ -393,10 +488,32 @@ def run_variant(variant: str, args: argparse.Namespace, data: Path, tmp: Path) -
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
         raise RuntimeError(f"variant {variant} failed with exit code {proc.returncode}")
     out: dict[str, Any] = json.loads(lines[-1][len("RESULT ") :])
-    out.update(
-        step_stats(out["stamps"], out["cpu"], args.warmup), process_wall_s=wall, load=os.getloadavg()[0]
-    )
+    out.update(process_wall_s=wall, load=os.getloadavg()[0])
+    if variant != "paired":  # (f) reports pairs, not one loop's stamps
+        out.update(step_stats(out["stamps"], out["cpu"], args.warmup))
     return out
+
+
+PAIR_KEYS = ("ours_wall", "ours_cpu", "bare_wall", "bare_cpu")
+
+
+def run_paired_rounds(args: argparse.Namespace, data: Path, tmp: Path) -> tuple[dict[str, float], list[str]]:
+    """(f) ``--repeats`` fresh processes; their timed pairs pooled into one summary."""
+    rounds, lines = [], []
+    for r in range(args.repeats):
+        work = tmp / f"paired-{r}"
+        work.mkdir()
+        out = run_variant("paired", args, data, work)
+        one = paired_summary(out, args.warmup)
+        rounds.append(out)
+        line = (
+            f"round {r + 1}: ours/bare {one['cpu_ratio']:.3f} CPU, {one['wall_ratio']:.3f} wall over "
+            f"{one['pairs']:.0f} pairs (bare {one['cpu_bare_s']:.3f} CPU-s/step), load {out['load']:.1f}"
+        )
+        lines.append(line)
+        print("  " + line, flush=True)
+    pooled = {k: [x for o in rounds for x in o[k][args.warmup :]] for k in PAIR_KEYS}
+    return paired_summary(pooled, 0), lines
 
 
 # Processes that share one step's work: CPU of the whole step = rank 0's × this (ranks are
@@ -446,6 +563,57 @@ def git_commit() -> str:
         return "unknown"
 
 
+def paired(
+    args: argparse.Namespace,
+    data: Path,
+    tmp: Path,
+    params: int,
+    tokens_per_step: int,
+    flops_step: float,
+    load_start: tuple[float, float, float],
+) -> None:
+    """--paired: (f) only, printed and (unless --no-append) appended to bench/RESULTS.md."""
+    summary, lines = run_paired_rounds(args, data, tmp)
+    load_end = os.getloadavg()
+    result = (
+        f"ours/bare = **{summary['cpu_ratio']:.3f} CPU, {summary['wall_ratio']:.3f} wall** (ratio of sums over "
+        f"{summary['pairs']:.0f} interleaved step pairs); per-pair CPU ratio quartiles {summary['cpu_pair_q1']:.3f} / "
+        f"{summary['cpu_pair_median']:.3f} / {summary['cpu_pair_q3']:.3f}, wall {summary['wall_pair_q1']:.3f} / "
+        f"{summary['wall_pair_median']:.3f} / {summary['wall_pair_q3']:.3f}; median step: ours "
+        f"{summary['cpu_ours_s']:.3f} / bare {summary['cpu_bare_s']:.3f} CPU-s, ours {summary['wall_ours_s']:.3f} / "
+        f"bare {summary['wall_bare_s']:.3f} s wall"
+    )
+    print()
+    print(result)
+    print(f"load average: {load_start[0]:.1f} at start, {load_end[0]:.1f} at end")
+    if args.no_append:
+        return
+    section = "\n".join(
+        [
+            "",
+            "## Training loop overhead on CPU (issue 7): ours vs bare, step-interleaved in one process",
+            "",
+            f"- Date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}. Commit: {git_commit()}. "
+            "Machine: 2 cores / 24 GiB, no GPU, shared "
+            f"(load average {load_start[0]:.1f} at start, {load_end[0]:.1f} at end).",
+            f"- `.venv/bin/python -P bench/train_overhead.py --paired --steps {args.steps} --warmup {args.warmup} "
+            f"--repeats {args.repeats}`. Model: {params / 1e6:.1f} M params, fp32, {tokens_per_step} tokens/step, "
+            f"{flops_step / 1e12:.3f} TFLOP/step, {args.threads} threads, "
+            f"OMP_WAIT_POLICY={args.omp_wait_policy or '(libgomp default)'}. (f): train() (world 1, ShardLoader, "
+            "metrics served, a ProgressEvent every step) and the bare loop in one process, one step each in turn "
+            f"({args.warmup} warm-up pairs dropped per process).",
+            *([f"- {args.note}"] if args.note else []),
+            *[f"- {line}" for line in lines],
+            "",
+            f"Pooled: {result}.",
+            "",
+        ]
+    )
+    with open(ROOT / "bench" / "RESULTS.md", "a") as f:
+        f.write(section)
+    print("appended to bench/RESULTS.md")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=8, help="timed steps per run (after the warm-up)")
@@ -460,9 +628,14 @@ def main() -> None:
         default="PASSIVE",
         help="OMP_WAIT_POLICY of every variant ('' = libgomp's default spin-then-sleep); see the docstring",
     )
+    p.add_argument(
+        "--paired",
+        action="store_true",
+        help="(f) only: ours and bare a step each in turn in one process, --repeats processes pooled",
+    )
     p.add_argument("--tiny", action="store_true", help="a tiny model: smoke test, never appended")
     p.add_argument("--note", default="", help="a line added to the RESULTS.md section")
-    p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=(*VARIANTS, "paired"), help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--tmp", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -496,6 +669,9 @@ def main() -> None:
     try:
         data = tmp / "data"
         write_shards(data)
+        if args.paired:
+            paired(args, data, tmp, params, tokens_per_step, flops_step, load_start)
+            return
         for r in range(args.repeats):
             for v in variants:
                 work = tmp / f"{v}-{r}"

@@ -89,3 +89,34 @@ def test_smoke_ray_variant_tiny() -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "| (c) Ray Train, 2 FSDP2 workers" in proc.stdout
     assert "ray/bare = " in proc.stdout and "Ray start-up" in proc.stdout
+
+
+def test_paired_summary_drops_warmup_and_divides_sums(bench: ModuleType) -> None:
+    """(f): the estimate is Σ ours / Σ bare over the pairs after the warm-up, not a mean of ratios."""
+    out = {
+        "ours_wall": [9.0, 1.0, 3.0],  # pair 1 (train()'s set-up) is warm-up
+        "bare_wall": [1.0, 2.0, 2.0],
+        "ours_cpu": [9.0, 2.0, 2.0],
+        "bare_cpu": [1.0, 1.0, 3.0],
+        "load": 1.0,  # other keys of a child's result are ignored
+    }
+    s = bench.paired_summary(out, warmup=1)
+    assert s["pairs"] == 2
+    assert s["wall_ratio"] == pytest.approx(4.0 / 4.0)
+    assert s["cpu_ratio"] == pytest.approx(4.0 / 4.0)
+    # The per-pair ratios scatter (0.5 and 1.5 in wall) although the sums agree; quartiles by
+    # statistics.quantiles' default (exclusive) method.
+    assert (s["wall_pair_q1"], s["wall_pair_median"], s["wall_pair_q3"]) == pytest.approx((0.25, 1.0, 1.75))
+    assert s["cpu_ours_s"] == 2.0 and s["cpu_bare_s"] == 2.0
+    with pytest.raises(ValueError, match="no timed steps"):
+        bench.paired_summary(out, warmup=3)
+
+
+@pytest.mark.slow
+def test_smoke_paired_tiny() -> None:
+    """--paired: train() and the bare loop a step each in turn in one process."""
+    proc = subprocess.run([*TINY, "--paired"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "round 1: ours/bare " in proc.stdout and "over 2 pairs" in proc.stdout
+    assert "ours/bare = **" in proc.stdout
+    assert "appended" not in proc.stdout  # --tiny never writes RESULTS.md
