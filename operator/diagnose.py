@@ -1,6 +1,6 @@
 """What the job's pods say about why the job waits: pure functions over pod bodies.
 
-The pod index (:mod:`llmtrain.operator.handlers`) keeps a :class:`PodView` per pod, a few
+The pod store (:mod:`llmtrain.operator.podwatch`) keeps a :class:`PodView` per pod, a few
 hundred bytes instead of the whole body, so the operator's memory stays flat at
 thousands of pods. The reconciler then asks :func:`diagnose` for the cluster's state and
 a message a user can act on — the scheduler's own words ("0/6 nodes are available:

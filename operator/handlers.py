@@ -2,8 +2,8 @@
 
 * The job's pods come from a :class:`~llmtrain.operator.podwatch.PodStore` (the operator's
   own label-selected pod watch, a small PodView per pod), not from Kopf: a Kopf index over
-  pods kept per-object state and whole bodies for every pod (most of the operator's RSS
-  at 1000 jobs). Pods get no handlers that write: no finalizers and no annotations on them.
+  pods kept per-object state, a worker task and body copies for every pod, all on the event
+  loop that also serves the jobs. Nothing writes to pods except the reconciler's own calls.
 * ``reconcile_tick`` — the ONE timer, on the LLMTrainingJob: the level-based loop.
 * ``on_job_event`` — a watch-event handler that reconciles at once when a job is new or
   its ``spec.suspend`` flipped (children created on create/resume without waiting for a

@@ -87,9 +87,10 @@ def configure(settings: kopf.OperatorSettings, opts: Options) -> None:
     # Kopf runs one worker (an asyncio task) per object with pending events, and a worker
     # keeps its slot for idle_timeout after the object's last event. The limit therefore
     # caps throughput at worker_limit / idle_timeout objects per second: the first value
-    # tried, 100 with the 5 s default, let the pod index fall minutes behind at 1000 jobs
-    # (4000 pods, ~5 events each). 2000 still bounds memory (a few KB per task) under an
-    # event storm, and a 1 s idle timeout frees slots as soon as an object is quiet.
+    # tried, 100 with the 5 s default, let Kopf (then also watching the pods) fall minutes
+    # behind at 1000 jobs (4000 pods, ~5 events each). 2000 still bounds memory (a few KB
+    # per task) under an event storm, and a 1 s idle timeout frees slots as soon as an
+    # object is quiet.
     # The blocking API calls run in the handlers' own pool (handlers.register).
     settings.queueing.worker_limit = opts.worker_limit
     settings.queueing.idle_timeout = 1.0
