@@ -167,6 +167,22 @@ def stdlib_files(include_tests: bool) -> list[tuple[str, Path]]:
     return out
 
 
+def glob_base(pattern: str) -> str:
+    """The directory of a glob up to its first wildcard part (``/data/corpus`` for
+    ``/data/corpus/**/*.txt``; a plain file's own folder). Local documents are keyed by their
+    path relative to it, so the train/validation split does not change when the same corpus
+    sits in another folder or on another machine."""
+    parts = Path(pattern).parts
+    fixed = []
+    for part in parts:
+        if any(c in part for c in "*?["):
+            break
+        fixed.append(part)
+    else:  # no wildcard: one file
+        fixed = fixed[:-1]
+    return str(Path(*fixed)) if fixed else "."
+
+
 def python_version() -> str:
     return ".".join(str(x) for x in sys.version_info[:3])
 
@@ -192,7 +208,10 @@ def plan_source(src: SourceConfig, s3: S3Options | None = None) -> list[WorkUnit
                 f"{src.spec_path}.glob: {src.glob!r} matches no files (nonexistent path or empty "
                 "directory); fix the pattern"
             )
-        return [WorkUnit(src, p, p, os.path.getsize(p)) for p in paths]
+        base = glob_base(os.path.expanduser(src.glob))
+        return [
+            WorkUnit(src, p, Path(os.path.relpath(p, base)).as_posix(), os.path.getsize(p)) for p in paths
+        ]
     if src.kind == "s3":
         store = S3Storage(src.uri, s3)
         try:

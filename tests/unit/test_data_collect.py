@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import shutil
 from pathlib import Path
 
 import pyarrow as pa
@@ -99,6 +100,16 @@ def test_local_glob_and_keys_are_stable(tmp_path: Path) -> None:
     again = [d for u in plan_source(src) for d in read_unit(u).docs]
     assert sorted(docs) == sorted(again)
     assert len({k for k, _ in docs}) == 3
+    # The same corpus in another folder: the same keys (so the same validation split).
+    moved = tmp_path / "elsewhere" / "copy"
+    shutil.copytree(tmp_path / "a", moved / "a")
+    shutil.copy(tmp_path / "b.txt", moved / "b.txt")
+    src2 = SourceConfig("loc", 0, "local", glob=str(moved / "**" / "*.txt"), text_unit="paragraph")
+    assert [u.ident for u in plan_source(src2)] == ["a/x.txt", "b.txt"]
+    assert sorted(d for u in plan_source(src2) for d in read_unit(u).docs) == sorted(docs)
+    # A glob naming one file: keyed by its name within its folder.
+    one = SourceConfig("loc", 0, "local", glob=str(tmp_path / "b.txt"), text_unit="paragraph")
+    assert [u.ident for u in plan_source(one)] == ["b.txt"]
 
 
 def test_nonexistent_glob_names_the_field(tmp_path: Path) -> None:
