@@ -129,7 +129,17 @@ def test_checkpoint_uri_forms_and_read_only_resolution(tmp_path: Path, tokenizer
 
 def test_export_needs_an_architecture_and_checks_it(tmp_path: Path, tokenizer: TokenizerFiles) -> None:  # noqa: F811
     raw = spec_dict(tmp_path / "ckpt")
-    run(config_of(raw, tokenizer.vocab_size))
+    trained = config_of(raw, tokenizer.vocab_size)
+    run(trained)
+    # train() records the architecture in each COMPLETE marker: no job needed.
+    export_checkpoint(str(tmp_path / "ckpt"), str(tmp_path / "from-marker"), tokenizer)
+    hf_config = json.loads((tmp_path / "from-marker" / "config.json").read_text())
+    assert hf_config["num_key_value_heads"] == trained.model.n_kv_heads
+    # A checkpoint whose markers do not (another writer's): the job must say it, and is checked.
+    for marker in (tmp_path / "ckpt").glob("step_*/COMPLETE"):
+        meta = json.loads(marker.read_text())
+        del meta["model"]
+        marker.write_text(json.dumps(meta))
     with pytest.raises(ExportError, match="--job"):
         export_checkpoint(str(tmp_path / "ckpt"), str(tmp_path / "a"), tokenizer)
     wrong = LLMTrainingJobSpec.model_validate(
