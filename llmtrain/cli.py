@@ -55,13 +55,17 @@ def validate(
                 bad += len(result.problems)
                 continue
             if not result.problems:
-                console.print(f"[green]✓[/] {result.file}: {result.name} is valid")
+                # One line per result whatever the width (rich wraps at 80 columns
+                # when piped): scripts and CI grep these lines.
+                console.print(f"[green]✓[/] {result.file}: {result.name} is valid", soft_wrap=True)
                 continue
             bad += len(result.problems)
             n = len(result.problems)
-            console.print(f"[red]✗[/] {result.file}: {result.name}: {n} problem{'s' * (n != 1)}")
+            console.print(
+                f"[red]✗[/] {result.file}: {result.name}: {n} problem{'s' * (n != 1)}", soft_wrap=True
+            )
             for p in result.problems:
-                console.print(f"    [bold]{p.path}[/]: {p.message}")
+                console.print(f"    [bold]{p.path}[/]: {p.message}", soft_wrap=True)
     raise typer.Exit(1 if bad else 0)
 
 

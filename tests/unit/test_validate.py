@@ -112,6 +112,27 @@ def test_cli_reports_every_problem_with_path(tmp_path: Path) -> None:
     assert paths == {"spec.model.architecture.kvHeads", "spec.training.optimizer.type"}
 
 
+def test_cli_prints_one_line_per_result_however_long_the_path(tmp_path: Path) -> None:
+    # CI clones into deeper folders than a laptop; rich wraps piped output at
+    # 80 columns, which once split "is valid" across two lines.
+    deep = tmp_path / ("a-rather-long-folder-name-" * 4) / "examples"
+    deep.mkdir(parents=True)
+    good, bad = deep / "good.yaml", deep / "bad.yaml"
+    good.write_text(yaml.safe_dump(base()))
+    doc = base()
+    doc["spec"]["model"]["architecture"]["kvHeads"] = 3
+    bad.write_text(yaml.safe_dump(doc))
+    assert len(f"✓ {good}: x is valid") > 80
+    result = runner.invoke(app, ["validate", str(good), str(bad)])
+    lines = result.output.splitlines()
+    assert any(line.startswith("✓ ") and str(good) in line and line.endswith("is valid") for line in lines), (
+        lines
+    )
+    assert any(line.startswith("✗ ") and str(bad) in line and line.endswith("1 problem") for line in lines), (
+        lines
+    )
+
+
 def test_cli_old_file_checks_update(tmp_path: Path) -> None:
     new, old = tmp_path / "new.yaml", tmp_path / "old.yaml"
     new.write_text(yaml.safe_dump(base()))
