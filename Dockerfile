@@ -2,7 +2,7 @@
 # Two images from one file:
 #   docker build --target operator -t ghcr.io/llmtrain/llmtrain-operator:0.1.0 .
 #   docker build --target runtime  -t ghcr.io/llmtrain/llmtrain:0.1.0 .
-# `operator` is what the Helm chart (charts/llmtrain) runs: Kopf and the Kubernetes client,
+# `operator` is what the Helm chart (charts/llmtrain) runs: Kopf and urllib3 (no Kubernetes client),
 # no torch (~150 MB instead of several GB, and no CUDA libraries to patch).
 # `runtime` is every Ray head/worker pod's image (spec.resources.image): torch pinned to the
 # Makefile's TORCH, then the project's `runtime` extra, with `ray` and `llmtrain` on PATH.
@@ -38,7 +38,7 @@ RUN pip wheel --no-deps --wheel-dir /wheels .
 # ----------------------------------------------------------------------------- operator
 FROM base AS operator
 COPY --from=wheel /wheels /wheels
-# The `operator` extra only: pydantic, Kopf, kubernetes, prometheus-client. No torch, no ray.
+# The `operator` extra only: pydantic, Kopf, urllib3, prometheus-client. No torch, no ray.
 RUN pip install "$(ls /wheels/llmtrain-*.whl)[operator]" \
  && rm -rf /wheels
 USER 65532:65532

@@ -8,7 +8,7 @@ started, so neither mode inherits the other's objects:
 * ``direct``   — the bench itself creates each job's Secret, ConfigMap, Service,
   NetworkPolicy and 4 pods (the operator's own manifests) from 16 threads;
 * ``operator`` — the bench creates N LLMTrainingJob objects from 16 threads and the operator
-  (a subprocess, ``python -m llmtrain.operator.main``, 16 executor threads) does the rest.
+  (a subprocess, ``python -m llmtrain.operator``, 16 executor threads) does the rest.
 
 A pod watch records when each pod is first seen and first Running. Per job: time from its
 submission until all its pods are Running (p50/p99) and until all exist ("pods created":
@@ -226,7 +226,7 @@ def measure(
             [
                 sys.executable,
                 "-m",
-                "llmtrain.operator.main",
+                "llmtrain.operator",
                 "--namespace",
                 namespace,
                 "--standalone",

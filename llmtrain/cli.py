@@ -120,9 +120,17 @@ def operator(
     """Run the LLMTrainingJob operator (Kopf) until SIGINT/SIGTERM."""
     import logging
 
+    from llmtrain.operator import forgo_kubernetes_client
+
+    forgo_kubernetes_client()
     from llmtrain.operator.main import PEERING_NAME, parse_priority, run
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        prio = parse_priority(priority)
+    except ValueError as e:
+        err_console.print(f"[red]--priority:[/] {e}")
+        raise typer.Exit(2) from None
     run(
         namespace,
         liveness_port,
@@ -133,7 +141,7 @@ def operator(
         operator_namespace=operator_namespace,
         bind_address=bind_address,
         verbose=verbose,
-        priority=parse_priority(priority),
+        priority=prio,
     )
 
 

@@ -1,20 +1,35 @@
-"""The few Kubernetes API calls the reconciler makes, behind a small protocol.
+"""The few Kubernetes API calls the operator makes itself, over plain HTTPS.
 
-The reconciler takes a :class:`KubeApi`; the operator passes :class:`KubernetesApi`
-(the official client, made once at start-up), unit tests pass an in-memory fake.
-Bodies go in and come out as plain dicts: responses are read with
-``_preload_content=False`` and ``json.loads`` so the client never builds its model
-objects (each is a deep tree of Python objects; at thousands of pods that costs both
-CPU and RSS).
+The reconciler takes a :class:`KubeApi`; the operator passes :class:`RestApi`, unit tests
+an in-memory fake. The pod watch reads through :class:`RestPods`. Both speak JSON over one
+urllib3 connection pool made at start-up, with the credentials Kopf uses too
+(:func:`load_connection` → a ``kopf.ConnectionInfo``).
+
+Why not the official ``kubernetes`` client: the operator creates five kinds, reads events
+and watches pods — a dozen REST paths. Importing the client costs ~40 MB of RSS (its
+thousands of model classes; the operator's whole import is ~55 MB without it, ~100 MB
+with it), and its model objects are deep trees of Python objects that the operator would
+only turn back into dicts. Bodies here go in and come out as plain dicts.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, Protocol
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import quote, urlencode
 
-# Seconds before an API call gives up; a hung call would otherwise hold a Kopf worker.
-REQUEST_TIMEOUT = (5.0, 30.0)  # (connect, read)
+import urllib3
+
+if TYPE_CHECKING:  # the reconciler imports this module; Kopf is only needed to connect
+    import kopf
+
+# Seconds before an API call gives up; a hung call would otherwise hold a reconcile thread.
+CONNECT_TIMEOUT = 5.0
+READ_TIMEOUT = 30.0
 
 
 class ApiError(Exception):
@@ -48,56 +63,184 @@ class KubeApi(Protocol):
         ...
 
 
-# kind → (API class attribute, method suffix)
+# kind → (API path prefix, resource): every kind the reconciler creates, reads or deletes.
+# The Helm chart's RBAC rules are checked against this table (tests/unit/test_helm_chart.py).
 _KINDS: dict[str, tuple[str, str]] = {
-    "Pod": ("core", "pod"),
-    "Service": ("core", "service"),
-    "Secret": ("core", "secret"),
-    "ConfigMap": ("core", "config_map"),
-    "NetworkPolicy": ("networking", "network_policy"),
+    "Pod": ("/api/v1", "pods"),
+    "Service": ("/api/v1", "services"),
+    "Secret": ("/api/v1", "secrets"),
+    "ConfigMap": ("/api/v1", "configmaps"),
+    "NetworkPolicy": ("/apis/networking.k8s.io/v1", "networkpolicies"),
 }
 
+# In a pod: the service account's files (the token is rotated by the kubelet).
+SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 
-class KubernetesApi:
-    """:class:`KubeApi` over the official ``kubernetes`` client (synchronous; Kopf runs sync
-    handlers in its thread pool)."""
 
-    def __init__(self, api_client: Any) -> None:
-        from kubernetes import client
+def in_cluster() -> bool:
+    return bool(os.environ.get("KUBERNETES_SERVICE_HOST")) and (SERVICE_ACCOUNT / "token").exists()
 
-        self._client = client
-        self.core = client.CoreV1Api(api_client)
-        self.networking = client.NetworkingV1Api(api_client)
 
-    def _method(self, verb: str, kind: str) -> Any:
-        try:
-            api, suffix = _KINDS[kind]
-        except KeyError:
-            raise ValueError(f"unsupported kind {kind!r}") from None
-        return getattr(getattr(self, api), f"{verb}_namespaced_{suffix}")
+def load_connection(kubeconfig: str | None = None) -> kopf.ConnectionInfo:
+    """The API server and credentials: the pod's service account in a cluster, else the
+    kubeconfig's current context (``kubeconfig``, else ``$KUBECONFIG``'s first file, else
+    ``~/.kube/config``). File paths in a kubeconfig are relative to the file, as kubectl
+    reads them. Exec and auth-provider plugins are refused with the reason."""
+    import kopf
 
-    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        try:
-            resp = fn(*args, _preload_content=False, _request_timeout=REQUEST_TIMEOUT, **kwargs)
-        except self._client.ApiException as e:
-            msg = e.reason or ""
-            if e.body:
-                try:
-                    msg = json.loads(e.body).get("message", msg)
-                except (ValueError, AttributeError):
-                    pass
-            raise ApiError(int(e.status or 0), str(msg)) from None
-        data = resp.data
-        return json.loads(data) if data else None
+    if kubeconfig is None and in_cluster():
+        host = os.environ["KUBERNETES_SERVICE_HOST"]
+        port = os.environ.get("KUBERNETES_SERVICE_PORT", "443")
+        ns = SERVICE_ACCOUNT / "namespace"
+        return kopf.ConnectionInfo(
+            server=f"https://{'[' + host + ']' if ':' in host else host}:{port}",
+            ca_path=str(SERVICE_ACCOUNT / "ca.crt"),
+            token=(SERVICE_ACCOUNT / "token").read_text().strip(),
+            default_namespace=ns.read_text().strip() if ns.exists() else None,
+        )
+    env = (os.environ.get("KUBECONFIG") or "").split(os.pathsep)[0]
+    path = Path(kubeconfig or env or "~/.kube/config").expanduser()
+    if not path.exists():
+        raise ValueError(
+            f"no Kubernetes credentials: kubeconfig {path} does not exist and this is not a pod "
+            "(pass --kubeconfig or set KUBECONFIG)"
+        )
+    import yaml
+
+    cfg = yaml.safe_load(path.read_text()) or {}
+
+    def named(section: str, name: str | None) -> dict[str, Any]:
+        for item in cfg.get(section) or []:
+            if item.get("name") == name:
+                return dict(item.get(section[:-1]) or {})
+        raise ValueError(f"kubeconfig {path}: no {section[:-1]} named {name!r}")
+
+    ctx = named("contexts", cfg.get("current-context"))
+    cluster, user = named("clusters", ctx.get("cluster")), named("users", ctx.get("user"))
+    for plugin in ("exec", "auth-provider"):
+        if plugin in user:
+            raise ValueError(
+                f"kubeconfig {path}: user {ctx.get('user')!r} authenticates with an {plugin} plugin, "
+                "which the operator does not run; run it in the cluster (service account) or use a "
+                "kubeconfig with a token or client certificate"
+            )
+
+    def rel(value: str | None) -> str | None:
+        return str((path.parent / value).resolve()) if value else None
+
+    return kopf.ConnectionInfo(
+        server=str(cluster["server"]),
+        ca_path=rel(cluster.get("certificate-authority")),
+        ca_data=cluster.get("certificate-authority-data"),
+        insecure=bool(cluster.get("insecure-skip-tls-verify")) or None,
+        certificate_path=rel(user.get("client-certificate")),
+        certificate_data=user.get("client-certificate-data"),
+        private_key_path=rel(user.get("client-key")),
+        private_key_data=user.get("client-key-data"),
+        username=user.get("username"),
+        password=user.get("password"),
+        token=user.get("token"),
+        default_namespace=ctx.get("namespace"),
+        proxy_url=cluster.get("proxy-url"),
+    )
+
+
+class Http:
+    """JSON requests to one API server over a pool of keep-alive connections.
+
+    ``pool`` connections at most (one per thread that calls at once; a caller over the
+    limit waits for a free one rather than opening a new TCP + TLS connection). With
+    ``token_file`` (a pod's service account) the token is re-read from it once a minute:
+    the kubelet rotates it.
+    """
+
+    TOKEN_REFRESH_S = 60.0
+
+    def __init__(self, info: kopf.ConnectionInfo, pool: int, token_file: Path | None = None) -> None:
+        self.server = info.server.rstrip("/")
+        self.token_file = token_file
+        kwargs: dict[str, Any] = {"maxsize": pool, "block": True}
+        if self.server.startswith("https://"):
+            kwargs["ssl_context"] = info.as_ssl_context()
+            if info.insecure:
+                kwargs["cert_reqs"] = "CERT_NONE"
+                kwargs["assert_hostname"] = False
+        self._pool = urllib3.connection_from_url(self.server, **kwargs)
+        self._headers = info.as_http_headers()
+        self._token_read = time.monotonic()
+
+    def _auth(self) -> dict[str, str]:
+        if self.token_file is not None and time.monotonic() - self._token_read > self.TOKEN_REFRESH_S:
+            self._headers = {"Authorization": f"Bearer {self.token_file.read_text().strip()}"}
+            self._token_read = time.monotonic()
+        return self._headers
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        query: dict[str, Any] | None = None,
+        content_type: str = "application/json",
+        stream: bool = False,
+        read_timeout: float = READ_TIMEOUT,
+    ) -> Any:
+        """The decoded JSON response (``stream``: the open urllib3 response). ApiError on ≥ 400."""
+        url = path + ("?" + urlencode(query) if query else "")
+        headers = {**self._auth(), "Accept": "application/json"}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = content_type
+        resp = self._pool.urlopen(
+            method,
+            url,
+            body=data,
+            headers=headers,
+            preload_content=not stream,
+            timeout=urllib3.Timeout(connect=CONNECT_TIMEOUT, read=read_timeout),
+            # Only connection failures are retried (the request never reached the server):
+            # a retried POST after a read error could create twice.
+            retries=urllib3.Retry(total=2, connect=2, read=0, status=0, redirect=0),
+        )
+        if resp.status >= 400:
+            raw = resp.data if not stream else resp.read()
+            if stream:
+                resp.release_conn()
+            msg = resp.reason or ""
+            try:
+                msg = json.loads(raw).get("message", msg)
+            except (ValueError, AttributeError):
+                pass
+            raise ApiError(resp.status, str(msg))
+        if stream:
+            return resp
+        return json.loads(resp.data) if resp.data else None
+
+
+def _path(kind: str, namespace: str, name: str | None = None) -> str:
+    try:
+        prefix, resource = _KINDS[kind]
+    except KeyError:
+        raise ValueError(f"unsupported kind {kind!r}") from None
+    base = f"{prefix}/namespaces/{quote(namespace, safe='')}/{resource}"
+    return f"{base}/{quote(name, safe='')}" if name else base
+
+
+class RestApi:
+    """:class:`KubeApi` over :class:`Http` (synchronous: the handlers call it from their pool)."""
+
+    def __init__(self, http: Http) -> None:
+        self.http = http
 
     def create(self, obj: dict[str, Any]) -> dict[str, Any]:
-        ns = obj["metadata"]["namespace"]
-        out: dict[str, Any] = self._call(self._method("create", obj["kind"]), ns, obj)
+        out: dict[str, Any] = self.http.request("POST", _path(obj["kind"], obj["metadata"]["namespace"]), obj)
         return out
 
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         try:
-            out: dict[str, Any] = self._call(self._method("read", kind), name, namespace)
+            out: dict[str, Any] = self.http.request("GET", _path(kind, namespace, name))
             return out
         except ApiError as e:
             if e.status == 404:
@@ -105,11 +248,15 @@ class KubernetesApi:
             raise
 
     def delete(self, kind: str, namespace: str, name: str, uid: str | None = None) -> bool:
-        body: dict[str, Any] = {"propagationPolicy": "Background"}
+        body: dict[str, Any] = {
+            "kind": "DeleteOptions",
+            "apiVersion": "v1",
+            "propagationPolicy": "Background",
+        }
         if uid:
             body["preconditions"] = {"uid": uid}
         try:
-            self._call(self._method("delete", kind), name, namespace, body=body)
+            self.http.request("DELETE", _path(kind, namespace, name), body)
             return True
         except ApiError as e:
             # 404: already gone; 409 with a uid precondition: a newer incarnation, not ours.
@@ -119,18 +266,23 @@ class KubernetesApi:
 
     def annotate(self, kind: str, namespace: str, name: str, annotations: dict[str, str]) -> None:
         try:
-            self._call(
-                self._method("patch", kind), name, namespace, {"metadata": {"annotations": annotations}}
+            self.http.request(
+                "PATCH",
+                _path(kind, namespace, name),
+                {"metadata": {"annotations": annotations}},
+                content_type="application/merge-patch+json",
             )
         except ApiError as e:
             if e.status != 404:
                 raise
 
     def scheduler_events(self, namespace: str, pod: str) -> list[dict[str, Any]]:
-        out = self._call(
-            self.core.list_namespaced_event,
-            namespace,
-            field_selector=f"involvedObject.kind=Pod,involvedObject.name={pod},reason=FailedScheduling",
+        out = self.http.request(
+            "GET",
+            f"/api/v1/namespaces/{quote(namespace, safe='')}/events",
+            query={
+                "fieldSelector": f"involvedObject.kind=Pod,involvedObject.name={pod},reason=FailedScheduling"
+            },
         )
         items: list[dict[str, Any]] = (out or {}).get("items", [])
         items.sort(key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
@@ -142,46 +294,41 @@ class KubernetesApi:
 WATCH_SECONDS = 300
 
 
-class KubernetesPods:
-    """:class:`~llmtrain.operator.podwatch.PodSource` over the official client: raw JSON, no
-    model objects (a pod model is a deep tree of Python objects; these bodies are turned
-    into PodViews and dropped at once)."""
+class RestPods:
+    """:class:`~llmtrain.operator.podwatch.PodSource` over :class:`Http`: raw JSON pages and
+    watch lines, turned into PodViews by the watch and dropped at once."""
 
-    def __init__(self, api_client: Any) -> None:
-        from kubernetes import client
+    def __init__(self, http: Http) -> None:
+        self.http = http
 
-        self._client = client
-        self.core = client.CoreV1Api(api_client)
-
-    def _list_fn(self, namespace: str | None) -> tuple[Any, tuple[Any, ...]]:
-        if namespace is None:
-            return self.core.list_pod_for_all_namespaces, ()
-        return self.core.list_namespaced_pod, (namespace,)
+    @staticmethod
+    def _pods_path(namespace: str | None) -> str:
+        return "/api/v1/pods" if namespace is None else f"/api/v1/namespaces/{quote(namespace, safe='')}/pods"
 
     def list(self, namespace: str | None, selector: str, limit: int, cont: str | None) -> dict[str, Any]:
-        fn, args = self._list_fn(namespace)
-        kwargs: dict[str, Any] = {"label_selector": selector, "limit": limit}
+        query: dict[str, Any] = {"labelSelector": selector, "limit": limit}
         if cont:
-            kwargs["_continue"] = cont
-        resp = fn(*args, _preload_content=False, _request_timeout=REQUEST_TIMEOUT, **kwargs)
-        out: dict[str, Any] = json.loads(resp.data)
+            query["continue"] = cont
+        out: dict[str, Any] = self.http.request("GET", self._pods_path(namespace), query=query)
         return out
 
-    def watch(self, namespace: str | None, selector: str, resource_version: str) -> Any:
+    def watch(self, namespace: str | None, selector: str, resource_version: str) -> Iterator[dict[str, Any]]:
         from llmtrain.operator.podwatch import iter_lines
 
-        fn, args = self._list_fn(namespace)
-        resp = fn(
-            *args,
-            label_selector=selector,
-            watch=True,
-            resource_version=resource_version,
-            allow_watch_bookmarks=True,
-            timeout_seconds=WATCH_SECONDS,
-            _preload_content=False,
-            _request_timeout=(REQUEST_TIMEOUT[0], WATCH_SECONDS + 30),
+        resp = self.http.request(
+            "GET",
+            self._pods_path(namespace),
+            query={
+                "labelSelector": selector,
+                "watch": "true",
+                "resourceVersion": resource_version,
+                "allowWatchBookmarks": "true",
+                "timeoutSeconds": WATCH_SECONDS,
+            },
+            stream=True,
+            read_timeout=WATCH_SECONDS + 30,
         )
         try:
-            yield from iter_lines(resp.stream(amt=None, decode_content=False))
+            yield from iter_lines(resp.stream(amt=None, decode_content=True))
         finally:
             resp.release_conn()

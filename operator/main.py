@@ -16,7 +16,7 @@ from typing import Any
 
 import kopf
 from llmtrain.operator.handlers import FINALIZER, register
-from llmtrain.operator.kube import KubernetesApi, KubernetesPods
+from llmtrain.operator.kube import SERVICE_ACCOUNT, Http, RestApi, RestPods, in_cluster, load_connection
 from llmtrain.operator.manifests import OperatorSettings
 from llmtrain.operator.metrics import OperatorMetrics
 from llmtrain.operator.podwatch import PodStore, PodWatch, start_watches
@@ -116,11 +116,11 @@ def configure(settings: kopf.OperatorSettings, opts: Options) -> None:
 
 
 def build(
-    opts: Options, api_client: Any, store: PodStore | None = None
+    opts: Options, http: Http, info: kopf.ConnectionInfo, store: PodStore | None = None
 ) -> tuple[kopf.OperatorRegistry, OperatorMetrics]:
     registry = kopf.OperatorRegistry()
     metrics = OperatorMetrics()
-    reconciler = Reconciler(KubernetesApi(api_client), opts.settings)
+    reconciler = Reconciler(RestApi(http), opts.settings)
     register(
         registry,
         reconciler,
@@ -136,12 +136,12 @@ def build(
 
     @kopf.on.login(registry=registry)
     async def _login(**kwargs: Any) -> kopf.AiohttpSession | None:
-        # Kopf's watches use the same credentials as our client; in a pod the service
+        # Kopf's watches use the same credentials as our own calls; in a pod the service
         # account token is re-read on every re-login (tokens are rotated).
-        info = kopf.login_with_service_account(**kwargs) if _in_cluster() else connection_info(api_client)
-        if info is None:
+        fresh = kopf.login_with_service_account(**kwargs) if _uses_service_account(opts) else info
+        if fresh is None:
             return None
-        return limited_session(info, kopf_connection_limit(opts))
+        return limited_session(fresh, kopf_connection_limit(opts))
 
     return registry, metrics
 
@@ -186,58 +186,26 @@ def limited_session(info: kopf.ConnectionInfo, limit: int) -> kopf.AiohttpSessio
     )
 
 
-def _in_cluster() -> bool:
-    return bool(os.environ.get("KUBERNETES_SERVICE_HOST")) and os.path.exists(
-        "/var/run/secrets/kubernetes.io/serviceaccount/token"
-    )
+def _uses_service_account(opts: Options) -> bool:
+    return opts.kubeconfig is None and in_cluster()
 
 
-def connection_info(api_client: Any) -> kopf.ConnectionInfo:
-    """Kopf's connection from the kubernetes client's configuration (kubeconfig already parsed)."""
-    c = api_client.configuration
-    auth = (c.api_key or {}).get("authorization") or (c.api_key or {}).get("BearerToken")
-    scheme, token = (
-        (auth.split(" ", 1) if auth and " " in auth else ("Bearer", auth)) if auth else (None, None)
-    )
-    return kopf.ConnectionInfo(
-        server=c.host,
-        ca_path=c.ssl_ca_cert,
-        insecure=not c.verify_ssl,
-        certificate_path=c.cert_file,
-        private_key_path=c.key_file,
-        scheme=scheme,
-        token=token,
-    )
-
-
-def _api_client(kubeconfig: str | None, pool: int) -> Any:
-    """The Kubernetes API client, made once: in-cluster credentials, else a kubeconfig.
-
-    Its connection pool holds one connection per executor thread: the client's default
-    (5 × CPUs) is smaller than that on small nodes, and every call over the limit would
-    pay a new TCP + TLS handshake and log "Connection pool is full".
-    """
-    from kubernetes import client, config
-
-    cfg = client.Configuration()
-    if _in_cluster():
-        config.load_incluster_config(client_configuration=cfg)
-    else:
-        config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
-    cfg.connection_pool_maxsize = max(pool, cfg.connection_pool_maxsize)
-    return client.ApiClient(configuration=cfg)
-
-
-async def serve(opts: Options, stop_flag: Any = None, ready_flag: Any = None) -> None:
+async def serve(
+    opts: Options, info: kopf.ConnectionInfo, stop_flag: Any = None, ready_flag: Any = None
+) -> None:
     """Run until ``stop_flag`` (an asyncio.Event/threading.Event/Future) is set."""
-    api_client = _api_client(opts.kubeconfig, opts.executor_threads + 4)
+    token_file = SERVICE_ACCOUNT / "token" if _uses_service_account(opts) else None
+    # One connection per reconcile thread. The pod watches get pools of their own: each
+    # holds its connection for a whole watch stream, and must never starve the reconcilers.
+    http = Http(info, opts.executor_threads, token_file=token_file)
+    watch_http = Http(info, len(opts.namespaces or [None]), token_file=token_file)
     store = PodStore()
-    registry, metrics = build(opts, api_client, store)
+    registry, metrics = build(opts, http, info, store)
     if opts.metrics_port is not None:
         metrics.serve(opts.metrics_port, opts.bind_address)
     # The pod watch runs while this replica is paused by peering too: it only reads, and a
     # replica that takes over then starts with its pods already known.
-    watches: list[PodWatch] = start_watches(KubernetesPods(api_client), store, opts.namespaces)
+    watches: list[PodWatch] = start_watches(RestPods(watch_http), store, opts.namespaces)
     try:
         await kopf.operator(
             registry=registry,
@@ -285,9 +253,13 @@ def run(
         kubeconfig=kubeconfig,
         settings=OperatorSettings(operator_namespace=operator_namespace),
     )
+    try:
+        info = load_connection(kubeconfig)
+    except (ValueError, OSError, KeyError) as e:
+        raise SystemExit(f"llmtrain operator: {e}") from None
     if peering_name is not None:
         log.info("peering %r with priority %d", peering_name, priority)
-    asyncio.run(serve(opts, stop_flag=stop_flag))
+    asyncio.run(serve(opts, info, stop_flag=stop_flag))
 
 
 def peering_crds() -> list[dict[str, Any]]:
@@ -327,7 +299,7 @@ def peering_crds() -> list[dict[str, Any]]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m llmtrain.operator.main``: the same as ``llmtrain operator`` (used by tests)."""
+    """``python -m llmtrain.operator``: the same as ``llmtrain operator`` (used by tests)."""
     import argparse
 
     p = argparse.ArgumentParser(prog="llmtrain-operator")
@@ -359,7 +331,3 @@ def main(argv: Sequence[str] | None = None) -> None:
         verbose=a.verbose,
         priority=parse_priority(a.priority),
     )
-
-
-if __name__ == "__main__":
-    main()

@@ -331,7 +331,7 @@ def test_namespaced_install_runs_the_operator_on_its_own_rules(
         # The operator, with peering, on exactly these rights: a token of its ServiceAccount.
         kcfg = sa_kubeconfig(cluster, release_ns, sa_name, tmp_path / "operator.kubeconfig")
         live = _free_port()
-        args = [sys.executable, "-m", "llmtrain.operator.main", "--interval", "0.5"]
+        args = [sys.executable, "-m", "llmtrain.operator", "--interval", "0.5"]
         args += [a for ns in watch for a in ("--namespace", ns)]
         args += [
             "--liveness-port",

@@ -1,6 +1,6 @@
 """The operator on the real control plane with KWOK GPU nodes (tests/cluster).
 
-The operator runs as a subprocess (``python -m llmtrain.operator.main``), watching one
+The operator runs as a subprocess (``python -m llmtrain.operator``), watching one
 test namespace, so it can be killed and restarted like a pod. Nothing here connects to a
 pod or service IP: everything is observed through the API server on 127.0.0.1.
 """
@@ -89,7 +89,7 @@ class Operator:
         args = [
             sys.executable,
             "-m",
-            "llmtrain.operator.main",
+            "llmtrain.operator",
             "--namespace",
             self.namespace,
             "--interval",

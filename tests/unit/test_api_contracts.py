@@ -8,6 +8,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -271,12 +272,41 @@ def test_api_and_operator_never_import_torch_or_ray() -> None:
         import llmtrain.api, llmtrain.operator, llmtrain.cli
         for pkg in (llmtrain.api, llmtrain.operator):
             for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + "."):
-                importlib.import_module(m.name)
+                if not m.name.endswith(".__main__"):  # that one runs the operator
+                    importlib.import_module(m.name)
         heavy = sorted(m for m in ("torch", "ray", "tokenizers", "boto3") if m in sys.modules)
         print(heavy)
     """)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    "module,args",
+    [("llmtrain.operator", []), ("llmtrain.cli", ["operator", "--standalone"])],
+    ids=["python-m", "llmtrain-operator"],
+)
+def test_operator_process_never_imports_the_kubernetes_client(
+    module: str, args: list[str], tmp_path: Path
+) -> None:
+    # Kopf imports the official client's ~thousand model classes whenever it is installed
+    # (~40 MB of RSS); the operator's entry points keep it out even in this venv, which has
+    # it for the tests. Both stop right after the imports: the kubeconfig does not exist,
+    # which must be a one-line error naming the file, not a traceback.
+    missing = tmp_path / "absent-kubeconfig"
+    proc = _run(f"""
+        import runpy, sys
+        sys.argv = ["llmtrain", *{args!r}, "--kubeconfig", {str(missing)!r}]
+        try:
+            runpy.run_module({module!r}, run_name="__main__", alter_sys=True)
+        except SystemExit as e:
+            print("exit:", e.code if isinstance(e.code, int) else e.code, file=sys.stderr)
+        loaded = sorted(m for m, mod in sys.modules.items() if m.split(".")[0] == "kubernetes" and mod)
+        print("kopf" in sys.modules, loaded)
+    """)
+    assert proc.stdout.strip() == "True []", (proc.stdout, proc.stderr[-2000:])
+    assert f"kubeconfig {missing} does not exist" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_contracts_import_without_pydantic() -> None:

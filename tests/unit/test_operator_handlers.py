@@ -287,19 +287,12 @@ def test_kopf_session_has_a_connection_limit_above_its_watches() -> None:
 
 
 def test_login_hands_kopf_the_limited_session(monkeypatch: pytest.MonkeyPatch) -> None:
-    from types import SimpleNamespace
+    from llmtrain.operator.kube import Http
 
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-    cfg = SimpleNamespace(
-        host="https://127.0.0.1:6443",
-        api_key={"authorization": "Bearer t"},
-        ssl_ca_cert=None,
-        verify_ssl=False,
-        cert_file=None,
-        key_file=None,
-    )
+    info = kopf.ConnectionInfo(server="https://127.0.0.1:6443", token="t", insecure=True)
     opts = opmain.Options(namespaces=["a"], kopf_requests=4)
-    registry, _ = opmain.build(opts, SimpleNamespace(configuration=cfg), PodStore())
+    registry, _ = opmain.build(opts, Http(info, 2), info, PodStore())
     (login,) = [h for h in registry._activities.get_all_handlers() if "login" in str(h.id)]
 
     async def run() -> Any:
