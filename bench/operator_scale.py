@@ -391,10 +391,12 @@ def fresh_crd(cp: controlplane.ControlPlane) -> None:
         time.sleep(0.1)
 
 
-def run(jobs: list[int], workers: int, timeout: float) -> list[dict[str, Any]]:
+def run(
+    jobs: list[int], workers: int, timeout: float, modes: tuple[str, ...] = ("direct", "operator")
+) -> list[dict[str, Any]]:
     results = []
     for n in jobs:
-        for mode in ("direct", "operator"):
+        for mode in modes:
             with tempfile.TemporaryDirectory(prefix="llmtrain-bench-cp-") as d:
                 cp = fresh_control_plane(Path(d))
                 try:
@@ -453,11 +455,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--workers", type=int, default=3)
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--no-results", action="store_true", help="do not append to bench/RESULTS.md")
+    ap.add_argument(
+        "--modes",
+        nargs="+",
+        choices=["direct", "operator"],
+        default=["direct", "operator"],
+        help="one mode alone is for diagnosis (no ratio; with --no-results)",
+    )
     a = ap.parse_args(argv)
     missing = controlplane.missing_binaries()
     if missing:
         sys.exit("control-plane binaries missing (run tests/cluster/build.sh): " + ", ".join(missing))
-    results = run(a.jobs, a.workers, a.timeout)
+    results = run(a.jobs, a.workers, a.timeout, tuple(a.modes))
     text = markdown(results, a.workers)
     print(text)
     if not a.no_results:
