@@ -14,6 +14,7 @@ only turn back into dicts. Bodies here go in and come out as plain dicts.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import time
@@ -23,6 +24,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import quote, urlencode
 
 import urllib3
+
+from llmtrain.api.spec import GROUP, PLURAL, VERSION
 
 if TYPE_CHECKING:  # the reconciler imports this module; Kopf is only needed to connect
     import kopf
@@ -72,6 +75,12 @@ _KINDS: dict[str, tuple[str, str]] = {
     "ConfigMap": ("/api/v1", "configmaps"),
     "NetworkPolicy": ("/apis/networking.k8s.io/v1", "networkpolicies"),
 }
+
+JOBS_PATH = f"/apis/{GROUP}/{VERSION}"
+JOBS = PLURAL
+REPORTING_COMPONENT = "llmtrain-operator"
+# `kubectl describe` shows it; the pod name in a cluster (the chart sets POD_NAME), else the host.
+REPORTING_INSTANCE = os.environ.get("POD_NAME") or os.uname().nodename
 
 # In a pod: the service account's files (the token is rotated by the kubelet).
 SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
@@ -287,6 +296,66 @@ class RestApi:
         items: list[dict[str, Any]] = (out or {}).get("items", [])
         items.sort(key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
         return items
+
+    # -- the jobs themselves (what Kopf's patches did before: see llmtrain.operator.controller)
+
+    def patch_job(self, namespace: str, name: str, patch: dict[str, Any], *, status: bool) -> dict[str, Any]:
+        """Merge-patch an LLMTrainingJob (``status``: its status subresource); the object
+        as written, or {} when it is gone."""
+        path = f"{JOBS_PATH}/namespaces/{quote(namespace, safe='')}/{JOBS}/{quote(name, safe='')}"
+        try:
+            out: dict[str, Any] = self.http.request(
+                "PATCH",
+                path + ("/status" if status else ""),
+                patch,
+                content_type="application/merge-patch+json",
+            )
+            return out
+        except ApiError as e:
+            if e.status == 404:
+                return {}
+            raise
+
+    def post_event(self, involved: dict[str, Any], type: str, reason: str, message: str) -> None:
+        """A core v1 Event about ``involved`` (what ``kubectl describe`` lists under Events)."""
+        now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        ns = involved.get("namespace") or "default"
+        self.http.request(
+            "POST",
+            f"/api/v1/namespaces/{quote(ns, safe='')}/events",
+            {
+                "apiVersion": "v1",
+                "kind": "Event",
+                "metadata": {"generateName": f"{involved.get('name')}.", "namespace": ns},
+                "involvedObject": involved,
+                "type": type,
+                "reason": reason,
+                "message": message,
+                "action": reason,
+                "source": {"component": REPORTING_COMPONENT},
+                "reportingComponent": REPORTING_COMPONENT,
+                "reportingInstance": REPORTING_INSTANCE,
+                "firstTimestamp": now[:19] + "Z",
+                "lastTimestamp": now[:19] + "Z",
+                "eventTime": now,
+                "count": 1,
+            },
+        )
+
+    def peering_status(self, name: str, namespace: str | None) -> dict[str, Any] | None:
+        """The status (peer → heartbeat) of Kopf's peering object ``name``, None if absent.
+        A LIST by name, not a GET: the operator's RBAC grants Kopf list/watch/patch only."""
+        path = (
+            "/apis/kopf.dev/v1/clusterkopfpeerings"
+            if namespace is None
+            else f"/apis/kopf.dev/v1/namespaces/{quote(namespace, safe='')}/kopfpeerings"
+        )
+        out = self.http.request("GET", path, query={"fieldSelector": f"metadata.name={name}"})
+        items = (out or {}).get("items") or []
+        if not items:
+            return None
+        status: dict[str, Any] = items[0].get("status") or {}
+        return status
 
 
 # Watches end server-side after this long (the client waits a bit longer): a silently

@@ -12,10 +12,11 @@ import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import kopf
-from llmtrain.operator.handlers import FINALIZER, register
+from llmtrain.operator.controller import AlwaysActive, Controller, KopfPeering, PeeringState
+from llmtrain.operator.handlers import register
 from llmtrain.operator.kube import SERVICE_ACCOUNT, Http, RestApi, RestPods, in_cluster, load_connection
 from llmtrain.operator.manifests import OperatorSettings
 from llmtrain.operator.metrics import OperatorMetrics
@@ -83,18 +84,17 @@ def configure(settings: kopf.OperatorSettings, opts: Options) -> None:
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=PREFIX, key="last-handled-configuration"
     )
-    settings.persistence.finalizer = FINALIZER
     # Kopf runs one worker (an asyncio task) per object with pending events, and a worker
     # keeps its slot for idle_timeout after the object's last event. The limit therefore
-    # caps throughput at worker_limit / idle_timeout objects per second: the first value
-    # tried, 100 with the 5 s default, let Kopf (then also watching the pods) fall minutes
-    # behind at 1000 jobs (4000 pods, ~5 events each). 2000 still bounds memory (a few KB
-    # per task) under an event storm, and a 1 s idle timeout frees slots as soon as an
-    # object is quiet.
-    # The blocking API calls run in the handlers' own pool (handlers.register).
+    # caps throughput at worker_limit / idle_timeout objects per second: 100 with the 5 s
+    # default let Kopf fall minutes behind at 1000 jobs. The only handler hands the body
+    # to the controller and returns, so a worker lives ~1 s per burst of events: 2000
+    # never binds, and a 1 s idle timeout frees each as soon as its job is quiet.
     settings.queueing.worker_limit = opts.worker_limit
     settings.queueing.idle_timeout = 1.0
-    settings.execution.max_workers = opts.executor_threads
+    # Kopf's thread pool runs sync handlers only (the start-up one); the blocking API calls
+    # run on the controller's own threads.
+    settings.execution.max_workers = 2
     # A watch on a silently dropped TCP connection never ends by itself; the apiserver
     # closes ours after 5 min (server_timeout) and the client gives up 30 s later, so a
     # dead stream costs at most ~5.5 min of missed events (the inactivity timeout, with
@@ -102,7 +102,7 @@ def configure(settings: kopf.OperatorSettings, opts: Options) -> None:
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.watching.connect_timeout = 10
-    # Events are posted explicitly (kopf.event) for transitions and problems; logs are not.
+    # Events are posted by the controller for transitions and problems; logs are not.
     settings.posting.loggers = False
     settings.posting.reporting_component = "llmtrain-operator"
     settings.networking.request_timeout = 60
@@ -116,19 +116,25 @@ def configure(settings: kopf.OperatorSettings, opts: Options) -> None:
 
 
 def build(
-    opts: Options, http: Http, info: kopf.ConnectionInfo, store: PodStore | None = None
-) -> tuple[kopf.OperatorRegistry, OperatorMetrics]:
+    opts: Options,
+    http: Http,
+    info: kopf.ConnectionInfo,
+    store: PodStore | None = None,
+    peering: PeeringState | None = None,
+) -> tuple[kopf.OperatorRegistry, OperatorMetrics, Controller]:
     registry = kopf.OperatorRegistry()
     metrics = OperatorMetrics()
-    reconciler = Reconciler(RestApi(http), opts.settings)
-    register(
-        registry,
-        reconciler,
-        metrics,
+    api = RestApi(http)
+    controller = Controller(
+        Reconciler(api, opts.settings),
+        api,
         store if store is not None else PodStore(),
+        metrics,
         interval=opts.reconcile_interval,
         threads=opts.executor_threads,
+        peering=peering,
     )
+    register(registry, controller)
 
     @kopf.on.startup(registry=registry)
     def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
@@ -143,7 +149,7 @@ def build(
             return None
         return limited_session(fresh, kopf_connection_limit(opts))
 
-    return registry, metrics
+    return registry, metrics, controller
 
 
 def kopf_connection_limit(opts: Options) -> int:
@@ -200,14 +206,29 @@ async def serve(
     http = Http(info, opts.executor_threads, token_file=token_file)
     watch_http = Http(info, len(opts.namespaces or [None]), token_file=token_file)
     store = PodStore()
-    registry, metrics = build(opts, http, info, store)
+    identity = own_identity()
+    peering: PeeringState = (
+        AlwaysActive()
+        if opts.peering_name is None
+        else KopfPeering(
+            RestApi(http),
+            name=opts.peering_name,
+            identity=identity,
+            priority=opts.priority,
+            namespaces=opts.namespaces,
+            ttl=min(opts.reconcile_interval, 5.0),
+        )
+    )
+    registry, metrics, controller = build(opts, http, info, store, peering)
     if opts.metrics_port is not None:
         metrics.serve(opts.metrics_port, opts.bind_address)
     # The pod watch runs while this replica is paused by peering too: it only reads, and a
     # replica that takes over then starts with its pods already known.
     watches: list[PodWatch] = start_watches(RestPods(watch_http), store, opts.namespaces)
+    controller.start()
     try:
         await kopf.operator(
+            identity=cast(Any, identity),  # Kopf's Identity is a NewType of str
             registry=registry,
             clusterwide=opts.namespaces is None,
             namespaces=opts.namespaces or (),
@@ -219,8 +240,24 @@ async def serve(
             ready_flag=ready_flag,
         )
     finally:
+        controller.stop()
         for w in watches:
             w.stop()
+
+
+def own_identity() -> str:
+    """This replica's peering identity, as Kopf makes one: the pod's name in a cluster
+    (the chart sets POD_NAME), else user@host/start-time/random. Passed to Kopf, so the
+    controller knows which heartbeat in the peering object is its own."""
+    pod = os.environ.get("POD_NAME") or os.environ.get("POD_ID")
+    if pod:
+        return pod
+    import getpass
+    import secrets
+    import socket
+    import time
+
+    return f"{getpass.getuser()}@{socket.gethostname()}/{time.strftime('%Y%m%d%H%M%S', time.gmtime())}/{secrets.token_hex(2)}"
 
 
 def run(

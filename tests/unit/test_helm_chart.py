@@ -3,7 +3,7 @@
 The chart is rendered by the real ``helm`` binary (built by tests/cluster/build.sh; the
 tests are skipped with the reason when it is missing). What the operator needs from RBAC
 is derived from the operator's own code, not restated here: the kinds of
-``llmtrain.operator.kube._KINDS`` and the verbs of its ``KubernetesApi``, the resources
+``llmtrain.operator.kube._KINDS`` and the calls of its ``RestApi``, the resources
 its Kopf handlers are registered on, and what Kopf itself calls. The chart must grant
 exactly that: a missing rule would fail at run time with a 403, an extra one would be a
 needless privilege. tests/integration/test_helm_install.py then runs the operator on the
@@ -47,7 +47,7 @@ Rule = tuple[str, str, str]  # (apiGroup, resource, verb)
 
 # ------------------------------------------------------------------- what the operator needs
 
-# The REST resource of each kind the operator's KubernetesApi handles.
+# The REST resource of each kind the operator's RestApi handles.
 KIND_RESOURCES: dict[str, tuple[str, str]] = {
     "Pod": ("", "pods"),
     "Service": ("", "services"),
@@ -93,7 +93,7 @@ def operator_needs(namespaced: bool, peering: bool = True) -> tuple[set[Rule], s
         f"operator/kube.py handles {sorted(unknown)}: add their REST resource to KIND_RESOURCES "
         "here and a rule to charts/llmtrain/templates/_helpers.tpl"
     )
-    # KubernetesApi.create/get/delete take any kind of _KINDS (reconcile passes them through
+    # RestApi.create/get/delete take any kind of _KINDS (reconcile passes them through
     # variables); annotate is a merge patch; scheduler_events lists Events.
     for kind in kube._KINDS:
         group, resource = KIND_RESOURCES[kind]
@@ -102,14 +102,30 @@ def operator_needs(namespaced: bool, peering: bool = True) -> tuple[set[Rule], s
         group, resource = KIND_RESOURCES[kind]
         ns.add((group, resource, "patch"))
     ns.add(("", "events", "list"))
-    # The operator's own pod watch (podwatch.PodWatch over kube.KubernetesPods).
+    # The operator's own pod watch (podwatch.PodWatch over kube.RestPods).
     ns |= {("", "pods", "list"), ("", "pods", "watch")}
 
-    # Kopf lists + watches every resource a handler is registered on; handlers that are not
-    # indexes patch the object (Kopf's annotations, finalizer) and, through write_outcome,
-    # its status subresource.
+    # What RestApi can do, verb by verb: a new method must be added here (and its rule to
+    # the chart), or this fails.
+    methods = {n for n in vars(kube.RestApi) if not n.startswith("_")}
+    assert methods == {
+        "create",
+        "get",
+        "delete",
+        "annotate",
+        "scheduler_events",
+        "patch_job",
+        "post_event",
+        "peering_status",
+    }, f"operator/kube.py RestApi has new calls {sorted(methods)}: derive their RBAC rules here"
+
+    # Kopf lists + watches every resource a handler is registered on (the jobs); the
+    # controller patches those jobs (annotations, an old finalizer: RestApi.patch_job) and
+    # their status subresource, and posts core v1 Events about them (RestApi.post_event).
+    from llmtrain.operator.controller import Controller
+
     registry = kopf.OperatorRegistry()
-    register(registry, Reconciler(object()), OperatorMetrics(), PodStore())
+    register(registry, Controller(Reconciler(object()), object(), PodStore(), OperatorMetrics()))  # type: ignore[arg-type]
     for reg, writes in (
         (registry._indexing, False),
         (registry._watching, True),
@@ -123,7 +139,6 @@ def operator_needs(namespaced: bool, peering: bool = True) -> tuple[set[Rule], s
             ns |= {(group, plural, "list"), (group, plural, "watch")}
             if writes:
                 ns |= {(group, plural, "patch"), (group, f"{plural}/status", "patch")}
-    # Kopf: kopf.event() posts core v1 Events.
     ns.add(("", "events", "create"))
 
     cluster: set[Rule] = {

@@ -1,0 +1,365 @@
+"""The controller (llmtrain.operator.controller): job cache, work queue, resync, writes,
+peering — without a cluster (the integration tests run it against the real one)."""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import threading
+import time
+from typing import Any
+
+import pytest
+from llmtrain.operator.controller import (
+    LEGACY_FINALIZER,
+    Controller,
+    JobCache,
+    KopfPeering,
+    WorkQueue,
+    needs_action_now,
+    slim,
+)
+from llmtrain.operator.kube import ApiError
+from llmtrain.operator.manifests import OperatorSettings
+from llmtrain.operator.metrics import OperatorMetrics
+from llmtrain.operator.podwatch import PodStore
+from llmtrain.operator.reconcile import Event, Outcome, Reconciler
+from prometheus_client import generate_latest
+
+from tests.unit.test_operator_fakes import NOW, FakeApi, job_body, set_all, views
+
+KEY = ("ns1", "demo")
+
+
+def _merge(target: dict[str, Any], patch: dict[str, Any]) -> None:
+    for k, v in patch.items():
+        if v is None:
+            target.pop(k, None)
+        elif isinstance(v, dict) and isinstance(target.get(k), dict):
+            _merge(target[k], v)
+        else:
+            target[k] = copy.deepcopy(v)
+
+
+class FakeWriter:
+    """The job writes (:class:`~llmtrain.operator.controller.JobWriter`), applied as JSON
+    merge patches to the jobs it holds, each response as the API server would send it."""
+
+    def __init__(self) -> None:
+        self.jobs: dict[tuple[str, str], dict[str, Any]] = {}
+        self.patches: list[tuple[str, dict[str, Any]]] = []  # ("status" | "main", patch)
+        self.events: list[tuple[str, str, str]] = []
+        self.fail: ApiError | None = None
+
+    def patch_job(self, namespace: str, name: str, patch: dict[str, Any], *, status: bool) -> dict[str, Any]:
+        self.patches.append(("status" if status else "main", copy.deepcopy(patch)))
+        if self.fail is not None:
+            err, self.fail = self.fail, None
+            raise err
+        job = self.jobs.get((namespace, name))
+        if job is None:
+            return {}
+        _merge(
+            job, {"status": patch["status"]} if status else {k: v for k, v in patch.items() if k != "status"}
+        )
+        job["metadata"]["managedFields"] = [{"manager": "x", "fieldsV1": {"f:status": {}}}]
+        return copy.deepcopy(job)
+
+    def post_event(self, involved: dict[str, Any], type: str, reason: str, message: str) -> None:
+        assert involved["kind"] == "LLMTrainingJob" and involved["uid"]
+        self.events.append((type, reason, message))
+
+
+class Setup:
+    def __init__(self, synced: bool = True, peering: Any = None) -> None:
+        self.api = FakeApi()
+        self.writer = FakeWriter()
+        self.store = PodStore()
+        if synced:
+            self.store.mark_synced()
+        self.metrics = OperatorMetrics()
+        self.controller = Controller(
+            Reconciler(self.api, OperatorSettings(), token=lambda: "t" * 64),
+            self.writer,
+            self.store,
+            self.metrics,
+            interval=0.05,
+            threads=2,
+            clock=lambda: NOW,
+            peering=peering,
+        )
+
+    def add(self, body: dict[str, Any], event: str = "ADDED") -> None:
+        self.writer.jobs[(body["metadata"]["namespace"], body["metadata"]["name"])] = copy.deepcopy(body)
+        self.controller.observe(event, body)
+
+    def metrics_text(self) -> str:
+        return generate_latest(self.metrics.registry).decode()
+
+
+# ------------------------------------------------------------------ cache and queue
+
+
+def test_cache_keeps_compact_json_without_managed_fields() -> None:
+    body = job_body()
+    body["metadata"]["managedFields"] = [{"manager": "kubectl", "fieldsV1": {"f:spec": {"f:x": {}}}}] * 20
+    body["status"] = {"phase": "Pending"}
+    cache = JobCache()
+    assert cache.put(body) == KEY
+    got = cache.get(KEY)
+    assert got == slim(body) and "managedFields" not in got["metadata"]
+    assert got["spec"] == body["spec"] and got["status"] == {"phase": "Pending"}
+    assert cache.nbytes() < 1500  # ~3 KB for a real job; the managedFields alone were more
+    got["spec"]["suspend"] = True  # a copy: reconciles cannot corrupt the cache
+    assert "suspend" not in (cache.get(KEY) or {})["spec"]
+    cache.forget(KEY)
+    assert cache.get(KEY) is None and len(cache) == 0
+
+
+def test_work_queue_dedups_and_never_hands_a_key_to_two_threads() -> None:
+    q = WorkQueue()
+    q.add(KEY)
+    q.add(KEY)
+    q.add(("ns1", "other"))
+    assert len(q) == 2
+    assert q.get(timeout=0) == KEY
+    q.add(KEY)  # changed while being reconciled: not handed out now…
+    assert q.get(timeout=0) == ("ns1", "other")
+    assert q.get(timeout=0) is None
+    q.done(KEY)  # …but queued again when the first reconcile is done
+    assert q.get(timeout=0) == KEY
+    q.done(KEY)
+    assert q.get(timeout=0) is None
+    got: list[Any] = []
+    t = threading.Thread(target=lambda: got.append(q.get(timeout=5)))
+    t.start()
+    q.close()
+    t.join(2)
+    assert got == [None]
+
+
+def test_events_queue_new_jobs_and_suspend_flips_only() -> None:
+    new = job_body()
+    assert needs_action_now(new)
+    running = {**job_body(), "status": {"phase": "Provisioning"}}
+    assert not needs_action_now(running)  # the echo of our own status write
+    suspending = {**running, "spec": {**running["spec"], "suspend": True}}
+    assert needs_action_now(suspending)
+    suspended = {**suspending, "status": {"phase": "Suspended"}}
+    assert not needs_action_now(suspended)
+    resumed = {**suspended, "spec": {**suspended["spec"], "suspend": False}}
+    assert needs_action_now(resumed)
+    assert not needs_action_now({**suspending, "status": {"phase": "Failed"}})
+    deleting = {**new, "metadata": {**new["metadata"], "deletionTimestamp": "2026-11-26T12:00:00Z"}}
+    assert not needs_action_now(deleting)
+    stuck = {**deleting, "metadata": {**deleting["metadata"], "finalizers": [LEGACY_FINALIZER]}}
+    assert needs_action_now(stuck)
+
+    s = Setup()
+    s.controller.observe("ADDED", new)
+    s.controller.observe("MODIFIED", running)
+    assert s.controller.queue.get(timeout=0) == KEY and s.controller.queue.get(timeout=0) is None
+    assert (s.controller.cache.get(KEY) or {})["status"] == {"phase": "Provisioning"}  # newest kept
+    s.controller.observe("DELETED", running)
+    assert s.controller.cache.keys() == []
+
+
+# ------------------------------------------------------------------ one reconcile
+
+
+def test_reconcile_creates_and_writes_status_events_and_metrics() -> None:
+    s = Setup()
+    s.add(job_body())
+    out = s.controller.reconcile_key(KEY)
+    assert out is not None
+    assert s.api.names("Pod") == {"demo-head", "demo-worker-0", "demo-worker-1"}
+    # The common path writes the status subresource only: one PATCH per change.
+    assert [kind for kind, _ in s.writer.patches] == ["status"]
+    status = s.writer.patches[0][1]["status"]
+    assert status["phase"] == "Pending" and isinstance(status["conditions"], list)
+    assert ("Normal", "PodsCreated", "created 3 Ray pods") in s.writer.events
+    text = s.metrics_text()
+    assert 'llmtrain_operator_jobs{phase="Pending"} 1.0' in text
+    assert "llmtrain_operator_reconcile_duration_seconds_count 1.0" in text
+    # The response went into the cache: the next pass, before any watch echo, sees the
+    # status it wrote and writes nothing again.
+    assert (s.controller.cache.get(KEY) or {})["status"]["phase"] == "Pending"
+    s.api.calls.clear()
+    s.writer.patches.clear()
+    s.controller.reconcile_key(KEY)
+    assert s.writer.patches == [] and not s.api.verbs("create")
+
+
+def test_outcome_writes_annotations_and_cuts_event_messages() -> None:
+    s = Setup()
+    s.add(job_body())
+    s.controller.write(
+        job_body(),
+        Outcome(
+            status={"phase": "Pending", "conditions": []},
+            annotations={"llmtrain.dev/a": "1", "llmtrain.dev/b": None},
+            events=[Event("Warning", "Unschedulable", "x" * 5000)],
+        ),
+    )
+    assert [k for k, _ in s.writer.patches] == ["status", "main"]
+    assert s.writer.patches[1][1] == {
+        "metadata": {"annotations": {"llmtrain.dev/a": "1", "llmtrain.dev/b": None}}
+    }
+    assert len(s.writer.events[0][2]) == 1024
+
+
+def test_api_errors_are_counted_and_retried_by_the_next_pass() -> None:
+    s = Setup()
+    s.add(job_body())
+    s.writer.fail = ApiError(500, "etcdserver: request timed out")
+    assert s.controller.reconcile_key(KEY) is None  # logged, not raised
+    assert 'llmtrain_operator_reconcile_errors_total{kind="http_500"} 1.0' in s.metrics_text()
+    s.store.replace(views(s.api).values())
+    out = s.controller.reconcile_key(KEY)
+    assert out is not None and out.status is not None
+    assert not s.api.verbs("create", "Pod")[3:]  # the pods were not created twice
+
+
+def test_provisioning_metric_and_forget_on_delete() -> None:
+    s = Setup()
+    body = job_body()
+    s.add(body)
+    s.controller.reconcile_key(KEY)
+    set_all(s.api, "running")
+    s.store.replace(views(s.api).values())
+    s.writer.jobs[KEY]["metadata"]["annotations"]["llmtrain.dev/attempt-started-at"] = "2026-11-26T11:59:50Z"
+    s.controller.observe("MODIFIED", s.writer.jobs[KEY])
+    s.controller.reconcile_key(KEY)
+    text = s.metrics_text()
+    assert "llmtrain_operator_provisioning_duration_seconds_count 1.0" in text
+    assert "llmtrain_operator_provisioning_duration_seconds_sum 10.0" in text
+    s.controller.observe("DELETED", body)
+    assert 'llmtrain_operator_jobs{phase="Provisioning"} 0.0' in s.metrics_text()
+
+
+def test_a_job_with_the_old_kopf_finalizer_has_it_removed() -> None:
+    s = Setup()
+    body = job_body()
+    body["metadata"].update(finalizers=["other.io/keep", LEGACY_FINALIZER], resourceVersion="41")
+    body["metadata"]["deletionTimestamp"] = "2026-11-26T12:00:00Z"
+    s.add(body, "MODIFIED")
+    assert s.controller.queue.get(timeout=0) == KEY
+    assert s.controller.reconcile_key(KEY) is None  # being deleted: nothing else to do
+    kind, patch = s.writer.patches[0]
+    # A compare-and-swap on the list: never drops a finalizer someone else just added.
+    assert kind == "main" and patch == {
+        "metadata": {"finalizers": ["other.io/keep"], "resourceVersion": "41"}
+    }
+    assert s.api.calls == []
+
+
+# ------------------------------------------------------------------ the loop
+
+
+def _wait(cond: Any, timeout: float = 5.0) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError("timed out")
+        time.sleep(0.01)
+
+
+def test_threads_wait_for_the_first_pod_list_then_resync_converges() -> None:
+    """Before the pod watch has listed, every pod would look missing: the reconcile must
+    wait, not recreate the pods (409s) and report a running job as Pending."""
+    first = Setup()
+    first.add(job_body())
+    first.controller.reconcile_key(KEY)
+    set_all(first.api, "running")
+
+    s = Setup(synced=False)
+    s.api = first.api
+    s.controller.reconciler.api = first.api
+    s.writer.jobs = first.writer.jobs
+    s.controller.observe("MODIFIED", first.writer.jobs[KEY])
+    s.controller.queue.add(KEY)
+    first.api.calls.clear()
+    s.controller.start()
+    try:
+        time.sleep(0.3)
+        assert first.api.calls == [] and s.writer.patches == []  # waiting for the list
+        s.store.replace(views(first.api).values())
+        s.store.mark_synced()
+        _wait(lambda: any(k == "status" for k, _ in s.writer.patches))
+        assert not first.api.verbs("create")
+        assert s.writer.patches[-1][1]["status"]["phase"] == "Provisioning"
+        # The resync keeps looking (level-based) without writing what did not change.
+        n = len(s.writer.patches)
+        time.sleep(0.3)
+        assert len(s.writer.patches) == n
+    finally:
+        s.controller.stop()
+
+
+def test_resync_only_while_synced_and_active() -> None:
+    class Switch:
+        on = False
+
+        def active(self) -> bool:
+            return self.on
+
+    sw = Switch()
+    s = Setup(peering=sw)
+    s.add(job_body())
+    s.controller.queue.done(s.controller.queue.get(timeout=0) or KEY)  # the ADDED event's entry, handled
+    assert s.controller.resync_once() == 0 and len(s.controller.queue) == 0  # paused by peering
+    sw.on = True
+    assert s.controller.resync_once() == 1 and len(s.controller.queue) == 1
+    unsynced = Setup(synced=False)
+    unsynced.add(job_body())
+    assert unsynced.controller.resync_once() == 0
+
+
+# ------------------------------------------------------------------ peering
+
+
+class Peers:
+    def __init__(self, status: dict[str, Any] | None) -> None:
+        self.status = status
+        self.reads = 0
+        self.fail: Exception | None = None
+
+    def peering_status(self, name: str, namespace: str | None) -> dict[str, Any] | None:
+        self.reads += 1
+        if self.fail is not None:
+            raise self.fail
+        return self.status
+
+
+def _peer(priority: int, seconds_ago: float, lifetime: int = 60) -> dict[str, Any]:
+    seen = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=seconds_ago)
+    return {"priority": priority, "lifetime": lifetime, "lastseen": seen.isoformat()}
+
+
+@pytest.mark.parametrize(
+    "others,active",
+    [
+        ({}, True),
+        ({"b": _peer(5, 1)}, True),  # a lower priority waits for us
+        ({"b": _peer(20, 1)}, False),  # a higher one is active
+        ({"b": _peer(10, 1)}, False),  # Kopf pauses both on a tie
+        ({"b": _peer(20, 120)}, True),  # dead: its heartbeat expired
+    ],
+    ids=["alone", "lower", "higher", "tie", "dead"],
+)
+def test_peering_follows_kopfs_rule(others: dict[str, Any], active: bool) -> None:
+    peers = Peers({"me": _peer(10, 0), **others})
+    state = KopfPeering(peers, name="llmtrain", identity="me", priority=10, namespaces=["a"], ttl=0)
+    assert state.active() is active
+
+
+def test_peering_missing_object_pauses_and_answers_are_cached() -> None:
+    peers = Peers(None)
+    state = KopfPeering(peers, name="llmtrain", identity="me", priority=1, namespaces=["a", "b"], ttl=60)
+    assert state.active() is False
+    peers.status = {"me": _peer(1, 0)}
+    assert state.active() is False and peers.reads == 1  # cached for ttl
+    state.ttl = 0
+    assert state.active() is True and peers.reads == 3  # one read per namespace
+    peers.fail = OSError("connection refused")
+    assert state.active() is True  # a failed read keeps the last answer
