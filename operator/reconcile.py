@@ -5,8 +5,8 @@ status computed from observation.
 pod index, now) over an injected :class:`~llmtrain.operator.kube.KubeApi`. It returns an
 :class:`Outcome` — the status patch (only the fields the operator owns, only when they
 change), annotations for the job, the Events to emit and the reason to look again —
-which the thin Kopf handlers write. Every step is idempotent, so the same call after an
-operator crash, a lost watch event or a duplicate timer tick converges to the same
+which the controller writes. Every step is idempotent, so the same call after an
+operator crash, a lost watch event or a duplicate resync converges to the same
 objects and status.
 
 Order of steps:

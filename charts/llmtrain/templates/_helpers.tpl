@@ -69,12 +69,13 @@ tests/unit/test_helm_chart.py checks the rules against operator/kube.py, the Kop
 handlers and Kopf's own needs, and the cluster test runs the operator on these rules.
 */}}
 {{- define "llmtrain.rules.namespaced" -}}
-# Kopf: lists and watches jobs (on.event handler + timer) and merge-patches its
-# annotations and finalizer on them; it never GETs or PUTs a job.
+# Kopf lists and watches jobs (its on.event handler feeds the controller's cache); the
+# controller merge-patches their annotations (and removes an old version's finalizer).
+# Nothing GETs or PUTs a job.
 - apiGroups: ["llmtrain.dev"]
   resources: ["llmtrainingjobs"]
   verbs: ["list", "watch", "patch"]
-# The reconciler's outcome: Kopf merge-patches the status subresource (phase, conditions).
+# The reconciler's outcome: the controller merge-patches the status subresource.
 - apiGroups: ["llmtrain.dev"]
   resources: ["llmtrainingjobs/status"]
   verbs: ["patch"]
@@ -92,7 +93,7 @@ handlers and Kopf's own needs, and the cluster test runs the operator on these r
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
   verbs: ["get", "create", "delete"]
-# kopf.event() posts Events on jobs; the diagnosis lists the scheduler's FailedScheduling.
+# The controller posts Events on jobs; the diagnosis lists the scheduler's FailedScheduling.
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create", "list"]
