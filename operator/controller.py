@@ -76,13 +76,22 @@ class JobCache:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._raw: dict[Key, bytes] = {}
+        self._version: dict[Key, str] = {}
 
-    def put(self, body: Mapping[str, Any]) -> Key:
+    def put(self, body: Mapping[str, Any], *, replacing: str | None = None) -> bool:
+        """Store ``body``. With ``replacing`` (a resourceVersion) only if the cached job is
+        still that version: a write's response must not overwrite a newer watch event
+        that arrived meanwhile (a spec change would be lost until the next event).
+        resourceVersions are compared for equality only, as the API allows."""
         key = key_of(body)
         raw = json.dumps(slim(body), separators=(",", ":")).encode()
+        rv = _version(body)
         with self._lock:
+            if replacing is not None and self._version.get(key) != replacing:
+                return False
             self._raw[key] = raw
-        return key
+            self._version[key] = rv
+        return True
 
     def get(self, key: Key) -> dict[str, Any] | None:
         with self._lock:
@@ -92,6 +101,7 @@ class JobCache:
     def forget(self, key: Key) -> None:
         with self._lock:
             self._raw.pop(key, None)
+            self._version.pop(key, None)
 
     def keys(self) -> list[Key]:
         with self._lock:
@@ -309,9 +319,9 @@ class Controller:
             self.cache.forget(key)
             self.metrics.forget(*key)
             return
-        key = self.cache.put(body)
+        self.cache.put(body)
         if needs_action_now(body):
-            self.queue.add(key)
+            self.queue.add(key_of(body))
 
     # -- the loop
 
@@ -407,21 +417,27 @@ class Controller:
 
     def write(self, body: Mapping[str, Any], out: Outcome) -> None:
         """The outcome onto the job: status (its subresource), annotations, Events. The
-        cache takes each response, so a resync before the watch echo sees what was written
-        (and does not write it again)."""
+        cache takes each response (unless a newer event arrived meanwhile), so a resync
+        before the watch echo sees what was written and does not write it again."""
         ns, name = key_of(body)
+        version: str | None = _version(body)
         if out.status is not None:
             resp = self.writer.patch_job(ns, name, {"status": out.status}, status=True)
-            if resp:
-                self.cache.put(resp)
+            version = self._took(resp, version)
         if out.annotations:
             resp = self.writer.patch_job(
                 ns, name, {"metadata": {"annotations": out.annotations}}, status=False
             )
-            if resp:
-                self.cache.put(resp)
+            version = self._took(resp, version)
         for ev in out.events:
             self._event(body, ev)
+
+    def _took(self, resp: Mapping[str, Any], version: str | None) -> str | None:
+        """Cache a write's response if the cache still holds the version it was made from;
+        the version the next write of this reconcile may replace (None: stop caching)."""
+        if resp and version is not None and self.cache.put(resp, replacing=version):
+            return _version(resp)
+        return None
 
     def _event(self, body: Mapping[str, Any], ev: Event) -> None:
         try:
@@ -439,5 +455,8 @@ class Controller:
             {"metadata": {"finalizers": keep, "resourceVersion": meta.get("resourceVersion")}},
             status=False,
         )
-        if resp:
-            self.cache.put(resp)
+        self._took(resp, _version(body))
+
+
+def _version(body: Mapping[str, Any]) -> str:
+    return str((body.get("metadata") or {}).get("resourceVersion") or "")

@@ -50,6 +50,7 @@ class FakeWriter:
         self.patches: list[tuple[str, dict[str, Any]]] = []  # ("status" | "main", patch)
         self.events: list[tuple[str, str, str]] = []
         self.fail: ApiError | None = None
+        self.during_patch: Any = None  # called inside a PATCH: a watch event racing the write
 
     def patch_job(self, namespace: str, name: str, patch: dict[str, Any], *, status: bool) -> dict[str, Any]:
         self.patches.append(("status" if status else "main", copy.deepcopy(patch)))
@@ -63,6 +64,9 @@ class FakeWriter:
             job, {"status": patch["status"]} if status else {k: v for k, v in patch.items() if k != "status"}
         )
         job["metadata"]["managedFields"] = [{"manager": "x", "fieldsV1": {"f:status": {}}}]
+        job["metadata"]["resourceVersion"] = str(int(job["metadata"].get("resourceVersion") or 0) + 1)
+        if self.during_patch is not None:
+            self.during_patch()
         return copy.deepcopy(job)
 
     def post_event(self, involved: dict[str, Any], type: str, reason: str, message: str) -> None:
@@ -105,7 +109,7 @@ def test_cache_keeps_compact_json_without_managed_fields() -> None:
     body["metadata"]["managedFields"] = [{"manager": "kubectl", "fieldsV1": {"f:spec": {"f:x": {}}}}] * 20
     body["status"] = {"phase": "Pending"}
     cache = JobCache()
-    assert cache.put(body) == KEY
+    assert cache.put(body) and cache.keys() == [KEY]
     got = cache.get(KEY)
     assert got == slim(body) and "managedFields" not in got["metadata"]
     assert got["spec"] == body["spec"] and got["status"] == {"phase": "Pending"}
@@ -188,6 +192,29 @@ def test_reconcile_creates_and_writes_status_events_and_metrics() -> None:
     s.writer.patches.clear()
     s.controller.reconcile_key(KEY)
     assert s.writer.patches == [] and not s.api.verbs("create")
+
+
+def test_a_write_response_never_overwrites_a_newer_watch_event() -> None:
+    """A spec change seen while a status PATCH is in flight must survive that PATCH's
+    response (it would be lost until the job's next event)."""
+    s = Setup()
+    body = job_body()
+    body["metadata"]["resourceVersion"] = "1"
+    s.add(body)
+    s.controller.queue.get(timeout=0)  # being reconciled now
+    newer = copy.deepcopy(body)
+    newer["spec"]["suspend"] = True
+    newer["metadata"].update(resourceVersion="7", generation=2)
+    s.writer.during_patch = lambda: s.controller.observe("MODIFIED", newer)
+    s.controller.reconcile_key(KEY)
+    assert (s.controller.cache.get(KEY) or {})["spec"].get("suspend") is True
+    s.controller.queue.done(KEY)
+    assert s.controller.queue.get(timeout=0) == KEY  # and it is reconciled again for it
+    # Without a race, the response is cached (the next pass sees what was written).
+    s.writer.during_patch = None
+    s.writer.jobs[KEY] = copy.deepcopy(newer)
+    s.controller.reconcile_key(KEY)
+    assert (s.controller.cache.get(KEY) or {})["status"]["phase"] == "Suspended"
 
 
 def test_outcome_writes_annotations_and_cuts_event_messages() -> None:
