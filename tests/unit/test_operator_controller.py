@@ -367,15 +367,16 @@ def _peer(priority: int, seconds_ago: float, lifetime: int = 60) -> dict[str, An
     "others,active",
     [
         ({}, True),
-        ({"b": _peer(5, 1)}, True),  # a lower priority waits for us
-        ({"b": _peer(20, 1)}, False),  # a higher one is active
-        ({"b": _peer(10, 1)}, False),  # Kopf pauses both on a tie
-        ({"b": _peer(20, 120)}, True),  # dead: its heartbeat expired
+        ({"b": (5, 1)}, True),  # a lower priority waits for us
+        ({"b": (20, 1)}, False),  # a higher one is active
+        ({"b": (10, 1)}, False),  # Kopf pauses both on a tie
+        ({"b": (20, 120)}, True),  # dead: its heartbeat expired
     ],
     ids=["alone", "lower", "higher", "tie", "dead"],
 )
-def test_peering_follows_kopfs_rule(others: dict[str, Any], active: bool) -> None:
-    peers = Peers({"me": _peer(10, 0), **others})
+def test_peering_follows_kopfs_rule(others: dict[str, tuple[int, float]], active: bool) -> None:
+    # Heartbeats made here, not at collection: a full suite runs this minutes after that.
+    peers = Peers({"me": _peer(10, 0), **{k: _peer(*v) for k, v in others.items()}})
     state = KopfPeering(peers, name="llmtrain", identity="me", priority=10, namespaces=["a"], ttl=0)
     assert state.active() is active
 
