@@ -36,7 +36,7 @@ from typing import Any, Protocol
 from llmtrain.operator.kube import ApiError
 from llmtrain.operator.metrics import OperatorMetrics
 from llmtrain.operator.podwatch import PodStore
-from llmtrain.operator.reconcile import Event, Outcome, Reconciler
+from llmtrain.operator.reconcile import Event, Outcome, Reconciler, parse_time
 
 from llmtrain.api.spec import GROUP, KIND, VERSION
 
@@ -267,22 +267,18 @@ class KopfPeering:
         for identity, info in status.items():
             if identity == self.identity or not isinstance(info, dict):
                 continue
-            lastseen = _parse_time(info.get("lastseen"))
-            if lastseen is None or lastseen + dt.timedelta(seconds=int(info.get("lifetime", 60))) <= now:
-                continue  # dead
+            try:
+                lastseen = parse_time(info.get("lastseen"))
+                dead = (
+                    lastseen is None or lastseen + dt.timedelta(seconds=int(info.get("lifetime", 60))) <= now
+                )
+            except (ValueError, TypeError):  # an unreadable heartbeat counts for nothing
+                dead = True
+            if dead:
+                continue
             if int(info.get("priority", 0)) >= self.priority:
                 return False
         return True
-
-
-def _parse_time(value: Any) -> dt.datetime | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        t = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return t if t.tzinfo else t.replace(tzinfo=dt.UTC)
 
 
 class Controller:
@@ -364,7 +360,7 @@ class Controller:
             try:
                 # Until the first full pod list every job's pods would look missing
                 # (recreated as 409s, the job reported Pending).
-                while not self.pods.synced and not self._stop.wait(0.05):
+                while not self.pods.wait_synced(timeout=0.5) and not self._stop.is_set():
                     pass
                 if self.peering.active():
                     self.reconcile_key(key)

@@ -169,17 +169,11 @@ def limited_session(info: kopf.ConnectionInfo, limit: int) -> kopf.AiohttpSessio
     gc/malloc_stats dump), plus a TLS handshake each for the API server. Requests over
     the limit wait for a free connection instead.
     """
-    import warnings
-
     import aiohttp
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        auth = info.as_aiohttp_basic_auth()
     session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=limit, ssl=info.as_ssl_context()),
-        headers=info.as_http_headers(),
-        auth=auth,
+        headers=info.as_http_headers(),  # token or basic auth, as Kopf sends them
         proxy=info.proxy_url,
         trust_env=info.trust_env,
     )

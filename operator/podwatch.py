@@ -13,14 +13,13 @@ into a :class:`~llmtrain.operator.diagnose.PodView` at once and drops the body.
   on 410 Gone or a broken stream, watch again from the last version seen, relisting
   when the version is too old. Over a :class:`PodSource`, so it is tested without a server.
 
-The reconcile handlers wait for the first full list (:meth:`PodStore.wait_synced`):
+The reconcile threads wait for the first full list (:meth:`PodStore.wait_synced`):
 before it a job's pods would look missing, and the reconciler would try to recreate
 them (409s) and report the job as Pending.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import threading
@@ -110,10 +109,9 @@ class PodStore:
     def synced(self) -> bool:
         return self._synced.is_set()
 
-    async def wait_synced(self, poll: float = 0.05) -> None:
-        # Polled rather than awaited on an asyncio.Event: the setter is another thread.
-        while not self._synced.is_set():
-            await asyncio.sleep(poll)
+    def wait_synced(self, timeout: float | None = None) -> bool:
+        """Block until the first full list (True), or ``timeout`` (False)."""
+        return self._synced.wait(timeout)
 
 
 class PodSource(Protocol):
