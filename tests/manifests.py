@@ -369,6 +369,10 @@ def rule_cases() -> list[Case]:
         ),
         # Quantities (int-or-string: the pattern lives in CEL)
         _case("worker cpu quantity", "spec.resources.worker.cpu", _set("resources.worker.cpu", "lots")),
+        _case(
+            "worker memory quantity", "spec.resources.worker.memory", _set("resources.worker.memory", "64 GB")
+        ),
+        _case("head cpu quantity", "spec.resources.head.cpu", _set("resources.head.cpu", "two")),
         _case("head memory quantity", "spec.resources.head.memory", _set("resources.head.memory", "8 GB")),
         _case("shm quantity", "spec.resources.shmSize", _set("resources.shmSize", "-1Gi")),
         # Inline secrets

@@ -47,6 +47,39 @@ def test_case_library_covers_every_kind_of_check() -> None:
     assert len(rule_cases()) >= rules(spec_schema())
 
 
+def test_every_cel_rule_has_its_own_invalid_case() -> None:
+    """Each CEL rule, at the object that carries it, is violated by at least one case.
+
+    A count of rules against cases is not enough: rules that share a message (the quantity
+    rules on resources.worker and resources.head) must each be hit where they live.
+    """
+    import re
+
+    from llmtrain.api.crd import spec_schema
+
+    rules: list[tuple[str, str]] = []  # (object path without list indices, message)
+
+    def walk(node: object, path: str) -> None:
+        if isinstance(node, dict):
+            for rule in node.get("x-kubernetes-validations", []):
+                rules.append((path, rule.get("message") or rule["rule"]))
+            for key, sub in node.get("properties", {}).items():
+                walk(sub, f"{path}.{key}")
+            walk(node.get("items"), path)
+
+    walk(spec_schema(), "spec")
+    hits = {
+        (re.sub(r"\[\d+\]", "", p.path), p.message) for c in CASES for p in validate_object(c.manifest, c.old)
+    }
+    missing = [
+        (where, msg)
+        for where, msg in rules
+        if not any(msg in m and (path == where or path.startswith(f"{where}.")) for path, m in hits)
+    ]
+    assert len(rules) >= 20
+    assert missing == []
+
+
 def test_transition_rules_only_on_update() -> None:
     doc = base()
     old = base()
