@@ -75,6 +75,9 @@ class RunContext:
     # Test switches (negative controls of the exact-resume test).
     skip_rng_restore: bool = False
     skip_loader_restore: bool = False
+    # torch.use_deterministic_algorithms(True) for the run, restored after (the exact-resume
+    # tests: a bitwise match must not rest on a kernel that merely happened to be stable).
+    deterministic: bool = False
     # Gather the full (unsharded) weights into TrainResult.weights at the end (tests, export).
     gather_weights: bool = False
 
@@ -255,6 +258,23 @@ def train(
     ctx: RunContext | None = None,
 ) -> TrainResult:
     ctx = ctx or RunContext()
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    if ctx.deterministic:
+        # cuBLAS needs a fixed workspace for deterministic matmuls (read when it starts).
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    try:
+        return _train(cfg, make_loader, on_progress, ctx)
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+
+
+def _train(
+    cfg: RuntimeConfig,
+    make_loader: LoaderFactory,
+    on_progress: Callable[[ProgressEvent], None] | None,
+    ctx: RunContext,
+) -> TrainResult:
     t, m = cfg.train, cfg.model
     distributed = dist.is_available() and dist.is_initialized()
     rank = dist.get_rank() if distributed else 0

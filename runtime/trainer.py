@@ -36,6 +36,7 @@ class LaunchOptions:
     metrics_addr: str = "0.0.0.0"
     env: tuple[tuple[str, str], ...] = ()  # extra environment of every worker
     resource_timeout_s: float = 10.0  # wait this long for autoscaled/joining nodes
+    deterministic: bool = False  # torch.use_deterministic_algorithms on every worker (tests)
 
 
 def check_resources(workers: int, opts: LaunchOptions) -> None:
@@ -85,6 +86,7 @@ def _ray_worker(config: dict[str, Any]) -> None:
             job=config["job"],
             metrics_addr=config["metrics_addr"],
             local_rank=context.get_local_rank(),
+            deterministic=config["deterministic"],
             report=lambda metrics: ray.train.report(metrics),
         ),
     )
@@ -131,6 +133,7 @@ def launch(
             "namespace": opts.namespace,
             "job": opts.job,
             "metrics_addr": opts.metrics_addr,
+            "deterministic": opts.deterministic,
         },
         scaling_config=ScalingConfig(
             num_workers=workers, use_gpu=opts.gpus_per_worker > 0, resources_per_worker=resources

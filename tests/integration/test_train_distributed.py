@@ -91,7 +91,8 @@ def _copy_prefix(s3: S3Server, bucket: str, src: str, dst: str) -> None:
 def test_exact_resume_after_sigkill(s3_server: S3Server, s3_env: dict[str, str], tmp_path: Path) -> None:  # noqa: F811
     """Rank 1 is SIGKILLed before step 6 (checkpoints every 4): the rerun resumes from step 4,
     replays 5-6, crosses into epoch 1 at step 7, and every later loss is bitwise equal to the
-    uninterrupted run. Skipping the RNG or the loader restore breaks the equality."""
+    uninterrupted run, with deterministic algorithms on. Skipping the RNG or the loader restore
+    breaks the equality."""
     bucket = s3_server.bucket("resume")
     model = dataclasses.replace(MODEL, dropout=0.1)
     # 24 windows / (2 ranks × micro 1) = 12 micro batches per epoch = 6 steps of accum 2.
@@ -103,29 +104,32 @@ def test_exact_resume_after_sigkill(s3_server: S3Server, s3_env: dict[str, str],
             checkpoint_keep_last=3, checkpoint_uri=f"s3://{bucket}/{prefix}",
         )  # fmt: skip
 
-    whole = run_ranks(2, train_worker, cfg("whole"), loader, env=s3_env)[0]
+    det = {"deterministic": True}  # torch.use_deterministic_algorithms in every run
+    whole = run_ranks(2, train_worker, cfg("whole"), loader, det, env=s3_env)[0]
     assert whole.resumed_from is None and len(whole.losses) == 10
 
     sentinel = tmp_path / "killed"
     fault = {**s3_env, "LLMTRAIN_FAULT_KILL_AT_STEP": "6", "LLMTRAIN_FAULT_SENTINEL": str(sentinel)}
     with pytest.raises(RankFailure) as failure:
-        run_ranks(2, train_worker, cfg("run"), loader, env=fault)
+        run_ranks(2, train_worker, cfg("run"), loader, det, env=fault)
     assert failure.value.exitcodes[1] == -9  # SIGKILL
     assert sentinel.exists()
     assert Lineage(f"s3://{bucket}/run", 3).complete_steps() == [4]
     _copy_prefix(s3_server, bucket, "run", "no-rng")
     _copy_prefix(s3_server, bucket, "run", "no-loader")
 
-    resumed = run_ranks(2, train_worker, cfg("run"), loader, env=fault)[0]  # sentinel: no second kill
+    resumed = run_ranks(2, train_worker, cfg("run"), loader, det, env=fault)[0]  # sentinel: no second kill
     assert resumed.resumed_from == 4
     assert resumed.steps == list(range(5, 11))
     assert resumed.losses == whole.losses[4:]  # bitwise, across the epoch boundary at step 7
     assert resumed.grad_norms == whole.grad_norms[4:]
 
-    no_rng = run_ranks(2, train_worker, cfg("no-rng"), loader, {"skip_rng_restore": True}, env=s3_env)[0]
+    no_rng = run_ranks(2, train_worker, cfg("no-rng"), loader, {**det, "skip_rng_restore": True}, env=s3_env)[
+        0
+    ]
     assert no_rng.resumed_from == 4 and no_rng.losses[0] != whole.losses[4]
     no_loader = run_ranks(
-        2, train_worker, cfg("no-loader"), loader, {"skip_loader_restore": True}, env=s3_env
+        2, train_worker, cfg("no-loader"), loader, {**det, "skip_loader_restore": True}, env=s3_env
     )[0]
     assert no_loader.resumed_from == 4 and no_loader.losses[0] != whole.losses[4]
 

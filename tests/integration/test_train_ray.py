@@ -75,7 +75,8 @@ def test_sigkilled_worker_restarts_and_resumes_bitwise(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """2 workers, dropout 0.1, accumulation 2, warmup + cosine; rank 1 is SIGKILLed before step
+    """2 workers, deterministic algorithms, dropout 0.1, accumulation 2, warmup + cosine; rank 1
+    is SIGKILLed before step
     6 (checkpoints every 4). Ray restarts the group, which resumes from step 4 in the S3
     lineage, crosses the epoch boundary at step 7, and matches an uninterrupted run bitwise."""
     bucket = s3_server.bucket("ray-resume")
@@ -97,7 +98,7 @@ def test_sigkilled_worker_restarts_and_resumes_bitwise(
         )  # fmt: skip
 
     # The uninterrupted reference, on the plain gloo harness (same ops, same reductions).
-    whole = run_ranks(2, train_worker, cfg("whole"), loader_kwargs, env=env)[0]
+    whole = run_ranks(2, train_worker, cfg("whole"), loader_kwargs, {"deterministic": True}, env=env)[0]
 
     events, result_file, sentinel = tmp_path / "events.jsonl", tmp_path / "result.pkl", tmp_path / "killed"
     fault_env = {**env, "LLMTRAIN_FAULT_KILL_AT_STEP": "6", "LLMTRAIN_FAULT_SENTINEL": str(sentinel)}
@@ -110,6 +111,7 @@ def test_sigkilled_worker_restarts_and_resumes_bitwise(
             max_failures=1,
             storage_path=str(ray_local / "results"),
             run_name="resume",
+            deterministic=True,
             env=tuple({**fault_env, **RAY_ENV}.items()),
         ),
     )

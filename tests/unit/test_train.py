@@ -447,3 +447,37 @@ def test_compiled_loss_equals_eager_in_value_and_gradient() -> None:
     compiled = run(cfg_from(**{"training.compile": True, "training.duration.maxSteps": 2}))
     plain = run(cfg_from(**{"training.duration.maxSteps": 2}))
     assert compiled.losses == pytest.approx(plain.losses, rel=1e-5)
+
+
+def test_report_only_at_validation_and_checkpoint_steps(tmp_path: Path) -> None:
+    """ctx.report (Ray Train: ray.train.report, ~blocking) is called at validation and
+    checkpoint steps only; RunContext.deterministic holds for the run and is undone after."""
+    reports: list[dict[str, Any]] = []
+    deterministic: list[bool] = []
+
+    def report(metrics: dict[str, Any]) -> None:
+        reports.append(metrics)
+        deterministic.append(torch.are_deterministic_algorithms_enabled())
+
+    over = {
+        "training.duration.maxSteps": 7,
+        "training.logEverySteps": 1,
+        "validation.everySteps": 3,
+        "checkpoint.uri": str(tmp_path),
+        "checkpoint.everySteps": 2,
+    }
+    assert not torch.are_deterministic_algorithms_enabled()
+    run(cfg_from(**over), report=report, deterministic=True)
+    assert [r["step"] for r in reports] == [2, 3, 4, 6, 7]
+    assert [("val_loss" in r, "checkpoint_uri" in r) for r in reports] == [
+        (False, True), (True, False), (False, True), (True, True), (True, True),
+    ]  # fmt: skip
+    assert deterministic == [True] * 5
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_metrics_port_is_offset_by_the_local_rank() -> None:
+    """Several workers on one host: local rank r serves /metrics on spec.metrics.port + r."""
+    port = _free_port()
+    res = run(cfg_from(**{"metrics.enabled": True, "metrics.port": port - 1}), local_rank=1)
+    assert res.metrics_port == port
