@@ -55,7 +55,14 @@ import torch
 from llmtrain.runtime.data.storage import S3Options, Storage, StorageError, open_storage
 
 from llmtrain.api.loader import LoaderResumeError, rank_key
-from llmtrain.api.shards import MANIFEST_NAME, Manifest, ShardFormatError, ShardHeader, ShardInfo
+from llmtrain.api.shards import (
+    MANIFEST_NAME,
+    Manifest,
+    ShardFormatError,
+    ShardHeader,
+    ShardInfo,
+    dtype_for_vocab,
+)
 
 _STOP = object()
 
@@ -103,6 +110,15 @@ def read_verified_shard(storage: Storage, info: ShardInfo, manifest: Manifest) -
     if header.dtype != manifest.dtype or header.eot_id != manifest.tokenizer.eot_id:
         raise ShardFormatError(
             f"{name}: header (dtype {header.dtype}, eot {header.eot_id}) disagrees with the manifest"
+        )
+    if (
+        header.vocab_size != manifest.tokenizer.vocab_size
+        or dtype_for_vocab(header.vocab_size) != header.dtype
+    ):
+        raise ShardFormatError(
+            f"{name}: vocab size {header.vocab_size} (manifest: {manifest.tokenizer.vocab_size}) does not fit "
+            f"dtype {header.dtype}: the ids cannot be read; re-run `llmtrain data prepare --overwrite` "
+            "(spec.data.tokenizer)"
         )
     from llmtrain.api.shards import HEADER_SIZE
 

@@ -17,7 +17,14 @@ from llmtrain.runtime.data.storage import LocalStorage
 from llmtrain.runtime.data.tokenize import TokenizerConfig, TokenizerError
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from llmtrain.api.shards import HEADER_SIZE, Manifest, ShardFormatError, TokenizerInfo, dtype_for_vocab
+from llmtrain.api.shards import (
+    HEADER_SIZE,
+    Manifest,
+    ShardFormatError,
+    ShardInfo,
+    TokenizerInfo,
+    dtype_for_vocab,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
 from datahelpers import stdlib_sample
@@ -188,6 +195,20 @@ def test_truncated_and_corrupt_shards_are_caught(tmp_path: Path) -> None:
     path.write_bytes(bytes(flipped))
     with pytest.raises(ShardFormatError, match=r"train-00000\.bin: sha256"):
         read_verified_shard(store, w.info, m)
+
+
+def test_shard_whose_vocab_is_too_large_for_its_dtype_is_rejected(tmp_path: Path) -> None:
+    """Bad input "vocab too large for the dtype": a uint16 shard claiming vocab 70000 (forged with
+    struct, since ShardHeader.pack refuses it) is rejected by the reader, naming the object."""
+    tokens = np.arange(10, dtype="<u2")
+    head = struct.pack("<8sIIIIQ", b"LLMTSHRD", 1, 1, 70_000, 0, tokens.size)
+    data = head + b"\0" * (HEADER_SIZE - len(head)) + tokens.tobytes()
+    (tmp_path / "train-00000.bin").write_bytes(data)
+    info = ShardInfo("train-00000.bin", "train", tokens.size, 1, len(data), hashlib.sha256(data).hexdigest())
+    with pytest.raises(
+        ShardFormatError, match=r"train-00000\.bin: vocab size 70000.*uint16.*spec\.data\.tokenizer"
+    ):
+        read_verified_shard(LocalStorage(tmp_path), info, _manifest(info, 70_000, 0, "uint16"))
 
 
 def test_tokenizer_config_from_spec_maps_every_field() -> None:
