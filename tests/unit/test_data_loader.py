@@ -109,6 +109,38 @@ def test_resume_across_shard_and_epoch_boundary_is_exact(data: Path) -> None:
         del it
 
 
+def test_two_rank_resume_across_shard_and_epoch_boundary_is_exact(data: Path) -> None:
+    """Per-rank: two ranks save (queues full) and merge their states as DCP does; each resumed rank
+    continues its own uninterrupted sequence; without the state the sequences differ."""
+    mb, world, total = 2, 2, 70
+
+    def loaders() -> list[ShardLoader]:
+        return [
+            ShardLoader(str(data), "train", r, world, mb, L, seed=5, prefetch_batches=4) for r in range(world)
+        ]
+
+    refs = loaders()
+    steps = refs[0].steps_per_epoch  # 125 // 4 = 31
+    references = [_take(ld, total)[0] for ld in refs]
+    first_shard_steps = refs[0].epoch_order(0)[0][0].windows // (mb * world)
+    for stop in (first_shard_steps + 2, steps + 5):  # past a shard boundary; past an epoch end
+        lds = loaders()
+        taken = [_take(ld, stop) for ld in lds]
+        time.sleep(0.3)
+        assert all(ld._queue is not None and ld._queue.full() for ld in lds)
+        merged = {k: v for ld in lds for k, v in ld.state_dict().items()}
+        assert sorted(merged) == ["rank_0", "rank_1"]
+        for r in range(world):
+            resumed = loaders()[r]
+            resumed.load_state_dict(merged)
+            rest, _ = _take(resumed, total - stop)
+            got = taken[r][0] + rest
+            assert all(torch.equal(a, b) for a, b in zip(got, references[r], strict=True)), (r, stop)
+            fresh, _ = _take(loaders()[r], total - stop)
+            assert not all(torch.equal(a, b) for a, b in zip(taken[r][0] + fresh, references[r], strict=True))
+        del taken
+
+
 def test_epoch_counter_and_state_is_keyed_per_rank(data: Path) -> None:
     ld = ShardLoader(str(data), "train", 1, 2, 4, L, seed=0)
     assert ld.epoch == 0
