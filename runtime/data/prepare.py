@@ -367,7 +367,10 @@ def prepare(
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     out = open_storage(cfg.output_uri, cfg.s3)
-    reusable = _check_output(out, cfg, overwrite)
+    try:
+        reusable = _check_output(out, cfg, overwrite)
+    except StorageError as e:  # missing bucket, no credentials: name the spec field too
+        raise PrepareError(f"spec.data.outputUri: {e}") from e
     if reusable is not None:
         say(f"reusing {out.describe(MANIFEST_NAME)} (same input fingerprint)")
         return PrepareResult(out.describe(MANIFEST_NAME), reusable, True, _summary(reusable), 0.0)

@@ -20,8 +20,8 @@ import torch
 from llmtrain.runtime.data import shard
 from llmtrain.runtime.data.collect import SourceError, split_text
 from llmtrain.runtime.data.loader import ShardLoader, read_verified_shard
-from llmtrain.runtime.data.prepare import PrepareConfig, prepare_data
-from llmtrain.runtime.data.storage import S3Options, S3Storage, StorageError
+from llmtrain.runtime.data.prepare import PrepareConfig, PrepareError, prepare_data
+from llmtrain.runtime.data.storage import S3Options, S3Storage
 from tokenizers import Tokenizer
 
 from llmtrain.api.shards import MANIFEST_NAME, TOKENIZER_NAME, Manifest
@@ -182,7 +182,7 @@ def test_missing_bucket_and_missing_credentials(
         prepare_data(spec)
     out_missing = make_spec({**data, "sources": [{"name": "s", "pythonStdlib": {}}], "outputUri": "s3://no-such-out/p"},
                             storage={"endpoint": s3_server.endpoint})  # fmt: skip
-    with pytest.raises(StorageError, match="no-such-out"):
+    with pytest.raises(PrepareError, match=r"spec\.data\.outputUri: bucket 'no-such-out' does not exist"):
         prepare_data(out_missing)
     for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
         monkeypatch.delenv(var, raising=False)
