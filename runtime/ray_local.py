@@ -64,3 +64,17 @@ def init_local_ray(
         configure_logging=True,
         logging_level=logging.WARNING,
     )
+
+
+def session_logs_dir() -> Path | None:
+    """The logs directory of the Ray session this process is connected to (raylet, GCS and
+    every worker's stdout/stderr), or None when not connected or Ray no longer says."""
+    from ray._private import worker
+
+    node = getattr(worker, "_global_node", None)
+    if node is None:
+        return None
+    try:
+        return Path(node.get_logs_dir_path())
+    except AttributeError:  # pragma: no cover - a private API of Ray's
+        return None

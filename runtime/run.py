@@ -168,6 +168,21 @@ def _quiet_ray_logs(run_dir: Path) -> None:
         logger.setLevel(logging.INFO)
 
 
+def _link_ray_session_logs(run_dir: Path) -> None:
+    """<run dir>/logs/ray-session → the Ray session's logs (workers' output included). They
+    stay in Ray's short temp dir (its unix socket paths must stay < 108 bytes); the link puts
+    them with the run's other files."""
+    from llmtrain.runtime.ray_local import session_logs_dir
+
+    logs = session_logs_dir()
+    link = run_dir / "logs" / "ray-session"
+    if logs is None or (link.exists() and not link.is_symlink()):
+        return
+    if link.is_symlink():
+        link.unlink()
+    link.symlink_to(logs, target_is_directory=True)
+
+
 def _absolute(uri: str | None) -> str | None:
     if uri is None or "://" in uri:
         return uri
@@ -250,6 +265,7 @@ def run_job(
     _quiet_ray_logs(run_dir)
     ncpu = opts.num_cpus or os.cpu_count() or 1
     init_local_ray(ncpu, log_to_driver=False)
+    _link_ray_session_logs(run_dir)
     try:
         _train(cfg, spec, data_uri, storage_options, run_dir, ncpu, summary, on_event)
     finally:

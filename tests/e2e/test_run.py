@@ -94,6 +94,8 @@ def test_run_end_to_end_then_resume(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step_00000003", "step_00000006"]
     # Ray's own chatter went to the run directory, not the terminal.
     assert (tmp_path / "run" / "logs" / "ray.log").exists()
+    session_logs = tmp_path / "run" / "logs" / "ray-session"  # raylet, GCS, workers' output
+    assert session_logs.is_symlink() and any(session_logs.glob("raylet*")), list(session_logs.iterdir())
     assert "Ray Train" not in out and "View detailed results" not in out
 
     # The same command again: data reused, training resumes from the last checkpoint.

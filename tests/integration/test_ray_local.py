@@ -25,6 +25,8 @@ CODE = textwrap.dedent(
         return ray.util.get_node_ip_address(), os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
 
     print(ray.get(where.remote()), [n["NodeManagerAddress"] for n in ray.nodes()])
+    from llmtrain.runtime.ray_local import session_logs_dir
+    print(session_logs_dir())
     ray.shutdown()
     """
 )
@@ -37,4 +39,7 @@ def test_local_ray_binds_loopback(tmp_path: Path) -> None:
     )
     shutil.rmtree(ray_tmp, ignore_errors=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip() == "('127.0.0.1', '0.1') ['127.0.0.1']"
+    where, logs = proc.stdout.strip().splitlines()
+    assert where == "('127.0.0.1', '0.1') ['127.0.0.1']"
+    # The session's logs live under the temp dir we chose (llmtrain run links them).
+    assert logs.startswith(ray_tmp) and logs.endswith("/logs"), logs
