@@ -124,6 +124,11 @@ def test_finetune_starts_from_the_validation_loss_it_ended_with(
     assert r.exit_code == 0, r.output
     keys = {o["Key"] for o in s3.client().list_objects_v2(Bucket=bucket, Prefix="model-a/")["Contents"]}
     assert {"model-a/model.safetensors", "model-a/config.json", "model-a/tokenizer.json"} <= keys
+    # llmtrain generate --model s3://…: reads the export straight from S3 (greedy: reproducible).
+    gen = ["generate", "--model", f"s3://{bucket}/model-a", "--prompt", "ab", "--temperature", "0"]
+    outputs = [CliRunner().invoke(cli(), [*gen, "--max-tokens", "5", "--ids"]) for _ in range(2)]
+    assert outputs[0].exit_code == 0, outputs[0].output
+    assert len(json.loads(outputs[0].output)["new"]) <= 5 and outputs[0].output == outputs[1].output
 
     # spec.model.init.pretrained.uri: the exported directory on S3.
     fresh = {"model.init.random": None, "checkpoint.uri": f"s3://{bucket}/run-b"}
