@@ -17,6 +17,7 @@ Imports only torch, the standard library and the torch-free ``llmtrain.api`` con
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import pickle
@@ -37,6 +38,8 @@ from torch import Tensor, nn
 from llmtrain.api.config import OptimizerConfig, RuntimeConfig, ScheduleConfig
 from llmtrain.api.loader import TokenLoader, rank_key
 from llmtrain.api.progress import ProgressEvent
+
+_log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from torch.distributed.fsdp import FSDPModule
@@ -96,6 +99,7 @@ class TrainResult:
     best_val_loss: float | None = None
     metrics_port: int | None = None
     weights: dict[str, Tensor] | None = None
+    dropped_windows: int = 0  # per epoch, all ranks: the remainder that does not fill a step
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -332,12 +336,23 @@ def _train(
             "optimizer step needs: lower spec.training.batch.globalBatchSize or add data"
         )
     total_steps = t.total_steps(loader.steps_per_epoch, m.context_length)
+    # Every rank yields exactly steps_per_epoch batches (no rank waits alone in a collective):
+    # the windows that do not fill a step are left out of each epoch, and said so here.
+    dropped = int(getattr(loader, "dropped_windows", 0))
+    if dropped and rank == 0:
+        _log.warning(
+            "%d of each epoch's training windows do not fill a step across %d ranks × micro batch %d "
+            "and are dropped per epoch",
+            dropped,
+            world_size,
+            t.micro_batch_size,
+        )
     tokens_per_step = t.tokens_per_step(m.context_length)
     tokens_per_rank_step = tokens_per_step / world_size  # equal on every rank (loader contract)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_at(s, cfg.optimizer, cfg.schedule, total_steps) / cfg.optimizer.lr
     )
-    result = TrainResult(total_steps=total_steps)
+    result = TrainResult(total_steps=total_steps, dropped_windows=dropped)
     step, tokens_seen, best_val = 0, 0, math.inf
 
     # ----------------------------------------------------------------- resume

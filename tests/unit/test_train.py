@@ -481,3 +481,16 @@ def test_metrics_port_is_offset_by_the_local_rank() -> None:
     port = _free_port()
     res = run(cfg_from(**{"metrics.enabled": True, "metrics.port": port - 1}), local_rank=1)
     assert res.metrics_port == port
+
+
+def test_dropped_remainder_is_reported(caplog: pytest.LogCaptureFixture) -> None:
+    """Windows that do not fill a step are dropped per epoch, and the run says how many."""
+    cfg = cfg_from(**{"training.duration.maxSteps": 1})
+    mb = cfg.train.micro_batch_size
+    assert mb >= 2
+    loader = functools.partial(SyntheticLoader, vocab_size=60, windows=5 * mb - 1)
+    with caplog.at_level("WARNING", logger="llmtrain.runtime.train"):
+        res = train(cfg, loader, ctx=RunContext(metrics_addr="127.0.0.1"))
+    assert res.dropped_windows == mb - 1
+    assert any(f"{mb - 1} of each epoch's training windows" in r.getMessage() for r in caplog.records)
+    assert run(cfg).dropped_windows == 32 % mb
