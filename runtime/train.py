@@ -338,7 +338,7 @@ def _train(
     total_steps = t.total_steps(loader.steps_per_epoch, m.context_length)
     # Every rank yields exactly steps_per_epoch batches (no rank waits alone in a collective):
     # the windows that do not fill a step are left out of each epoch, and said so here.
-    dropped = int(getattr(loader, "dropped_windows", 0))
+    dropped = loader.dropped_windows
     if dropped and rank == 0:
         _log.warning(
             "%d of each epoch's training windows do not fill a step across %d ranks × micro batch %d "

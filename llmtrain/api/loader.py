@@ -39,6 +39,7 @@ class TokenLoader(Protocol):
     world_size: int
     micro_batch: int
     context_length: int
+    dropped_windows: int  # windows of each epoch (all ranks) left out: they do not fill a step
 
     @property
     def steps_per_epoch(self) -> int:

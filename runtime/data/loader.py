@@ -56,6 +56,7 @@ from llmtrain.runtime.data.storage import S3Options, Storage, StorageError, open
 
 from llmtrain.api.loader import LoaderResumeError, rank_key
 from llmtrain.api.shards import (
+    HEADER_SIZE,
     MANIFEST_NAME,
     Manifest,
     ShardFormatError,
@@ -120,8 +121,6 @@ def read_verified_shard(storage: Storage, info: ShardInfo, manifest: Manifest) -
             f"dtype {header.dtype}: the ids cannot be read; re-run `llmtrain data prepare --overwrite` "
             "(spec.data.tokenizer)"
         )
-    from llmtrain.api.shards import HEADER_SIZE
-
     return _decode_tokens(data[HEADER_SIZE:], header.dtype)
 
 
