@@ -116,6 +116,17 @@ def operator(
             help="Peering priority: an integer, or 'random' (one per replica: the highest acts).",
         ),
     ] = "0",
+    ray_head_host: Annotated[
+        str | None,
+        typer.Option(
+            help="Reach every job's Ray head at this host (a stand-in Ray cluster; default: its Service)."
+        ),
+    ] = None,
+    ray_dashboard_port: Annotated[int, typer.Option(help="Port of the heads' Jobs API.")] = 8265,
+    ray_progress_port: Annotated[int, typer.Option(help="Port of the drivers' progress endpoint.")] = 8266,
+    ray_token_file: Annotated[
+        str | None, typer.Option(help="New jobs' Ray token from this file (a stand-in's fixed token).")
+    ] = None,
 ) -> None:
     """Run the LLMTrainingJob operator (Kopf) until SIGINT/SIGTERM."""
     import logging
@@ -123,7 +134,7 @@ def operator(
     from llmtrain.operator import forgo_kubernetes_client
 
     forgo_kubernetes_client()
-    from llmtrain.operator.main import PEERING_NAME, parse_priority, run
+    from llmtrain.operator.main import PEERING_NAME, RayHeadOptions, parse_priority, run
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -142,6 +153,7 @@ def operator(
         bind_address=bind_address,
         verbose=verbose,
         priority=prio,
+        ray=RayHeadOptions(ray_head_host, ray_dashboard_port, ray_progress_port, ray_token_file),
     )
 
 
@@ -176,6 +188,68 @@ def run(
     from llmtrain.cli_run import run_with_display
 
     raise typer.Exit(run_with_display(job, run_dir=run_dir, cpus=cpus, prompt=prompt, console=console))
+
+
+@app.command()
+def driver(
+    spec: Annotated[
+        Path | None, typer.Option(help="File holding one LLMTrainingJob (e.g. the mounted spec ConfigMap).")
+    ] = None,
+    spec_env: Annotated[
+        str | None,
+        typer.Option(help="Read the job from this environment variable instead (what the operator submits)."),
+    ] = None,
+    submission_id: Annotated[
+        str | None, typer.Option(help="The Ray job's submission id (names the log copied to S3).")
+    ] = None,
+    progress_port: Annotated[
+        int | None,
+        typer.Option(help="Serve the run's progress here for the operator (behind $RAY_AUTH_TOKEN)."),
+    ] = None,
+    progress_host: Annotated[str, typer.Option(help="Address the progress endpoint binds.")] = "0.0.0.0",
+    debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
+) -> None:
+    """Run every stage of a job on the Ray cluster this process runs on (a Ray job).
+
+    What the operator submits to the job's head through Ray's Jobs API; it works by hand on any Ray cluster too (`ray job submit -- llmtrain driver --spec job.yaml`).
+
+    Prints the final snapshot as its last line; exits 0 on success, 2 on a permanent failure, 1 on a retriable one.
+    """
+    import logging
+
+    from pydantic import ValidationError
+
+    from llmtrain.api.progress import RESULT_PREFIX, RunFailure, RunSnapshot
+    from llmtrain.api.status import Reason
+    from llmtrain.runtime.driver import load_job, run_submitted
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        job = load_job(str(spec) if spec else None, spec_env)
+    except (ValueError, OSError) as e:  # pydantic's ValidationError is a ValueError
+        if debug:
+            raise
+        message = _spec_problem(e) if isinstance(e, ValidationError) else str(e)
+        err_console.print(f"[red]✗[/] llmtrain driver: {message}")
+        failure = RunFailure(Reason.InvalidSpec.value, message, permanent=True)
+        print(
+            RESULT_PREFIX
+            + RunSnapshot(stage="failed", submission_id=submission_id, failure=failure).to_json()
+        )
+        raise typer.Exit(2) from None
+    code = run_submitted(
+        job, submission_id=submission_id, progress_host=progress_host, progress_port=progress_port
+    )
+    raise typer.Exit(code)
+
+
+def _spec_problem(e: Exception) -> str:
+    from pydantic import ValidationError
+
+    assert isinstance(e, ValidationError)
+    return "; ".join(
+        "spec." + ".".join(str(x) for x in err["loc"]) + f": {err['msg']}" for err in e.errors()[:5]
+    )
 
 
 def _mount_subcommands() -> None:

@@ -12,6 +12,7 @@ import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, cast
 
 import kopf
@@ -47,6 +48,9 @@ class Options:
     # Kopf's own requests in flight at once besides its watches: peering heartbeats and
     # re-lists only (the controller makes the writes, over its own pool), so a few.
     kopf_requests: int = 4
+    # New jobs' Ray token from this file instead of drawn at random: for a stand-in Ray
+    # cluster started with a fixed token (tests, `make k8s-demo`), never in production.
+    ray_token_file: str | None = None
 
 
 PRIORITY_ENV = "LLMTRAIN_OPERATOR_PRIORITY"
@@ -125,8 +129,12 @@ def build(
     registry = kopf.OperatorRegistry()
     metrics = OperatorMetrics()
     api = RestApi(http)
+    reconciler = Reconciler(api, opts.settings)
+    if opts.ray_token_file:
+        path = Path(opts.ray_token_file)
+        reconciler.token = lambda: path.read_text().strip()
     controller = Controller(
-        Reconciler(api, opts.settings),
+        reconciler,
         api,
         store if store is not None else PodStore(),
         metrics,
@@ -267,6 +275,7 @@ def run(
     stop_flag: threading.Event | None = None,
     verbose: bool = False,
     priority: int = 0,
+    ray: RayHeadOptions | None = None,
 ) -> None:
     """Run the operator in this thread until SIGINT/SIGTERM (or ``stop_flag``)."""
     if not verbose:
@@ -282,7 +291,13 @@ def run(
         peering_name=peering_name,
         priority=priority,
         kubeconfig=kubeconfig,
-        settings=OperatorSettings(operator_namespace=operator_namespace),
+        settings=OperatorSettings(
+            operator_namespace=operator_namespace,
+            head_host=ray.head_host if ray else None,
+            dashboard_port=ray.dashboard_port if ray else 8265,
+            progress_port=ray.progress_port if ray else 8266,
+        ),
+        ray_token_file=ray.token_file if ray else None,
     )
     try:
         info = load_connection(kubeconfig)
@@ -291,6 +306,23 @@ def run(
     if peering_name is not None:
         log.info("peering %r with priority %d", peering_name, priority)
     asyncio.run(serve(opts, info, stop_flag=stop_flag))
+
+
+@dataclass(frozen=True)
+class RayHeadOptions:
+    """Where the operator reaches jobs' heads; the defaults are the in-cluster ones."""
+
+    head_host: str | None = None  # None: <job>-head-svc.<ns>.svc.<domain>
+    dashboard_port: int = 8265
+    progress_port: int = 8266
+    token_file: str | None = None
+
+
+def add_ray_head_arguments(p: Any) -> None:
+    p.add_argument("--ray-head-host", help="reach every job's head here (a stand-in Ray cluster)")
+    p.add_argument("--ray-dashboard-port", type=int, default=8265)
+    p.add_argument("--ray-progress-port", type=int, default=8266)
+    p.add_argument("--ray-token-file", help="new jobs' Ray token from this file (a stand-in's fixed token)")
 
 
 def peering_crds() -> list[dict[str, Any]]:
@@ -348,6 +380,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=os.environ.get(PRIORITY_ENV, "0"),
         help="peering priority: an integer or 'random' (one per replica; see parse_priority)",
     )
+    add_ray_head_arguments(p)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     run(
@@ -361,4 +394,5 @@ def main(argv: Sequence[str] | None = None) -> None:
         bind_address=a.bind_address,
         verbose=a.verbose,
         priority=parse_priority(a.priority),
+        ray=RayHeadOptions(a.ray_head_host, a.ray_dashboard_port, a.ray_progress_port, a.ray_token_file),
     )

@@ -57,6 +57,7 @@ PORT_DASHBOARD = 8265  # dashboard + Jobs API
 PORT_CLIENT = 10001  # Ray client
 PORT_METRICS = 8080  # --metrics-export-port
 PORT_DASHBOARD_AGENT = 52365  # health checks (/api/healthz)
+PORT_PROGRESS = 8266  # the driver's progress endpoint (llmtrain driver --progress-port)
 
 AUTH_TOKEN_KEY = "token"
 SPEC_FILE = "job.yaml"
@@ -102,6 +103,13 @@ class OperatorSettings:
         default_factory=lambda: {"app.kubernetes.io/name": "prometheus"}
     )
     cluster_domain: str = "cluster.local"
+    # Where the operator reaches a job's head: its Service's DNS name (None), or one fixed
+    # host, for a stand-in Ray cluster on 127.0.0.1 (tests, `make k8s-demo`).
+    head_host: str | None = None
+    dashboard_port: int = 8265
+    progress_port: int = 8266
+    # A head that does not answer for this long ends the attempt (KubeRay: 300 s).
+    head_timeout_seconds: float = 300.0
 
 
 # -------------------------------------------------------------------------------- names
@@ -537,14 +545,19 @@ def auth_secret(job: LLMTrainingJob, token: str) -> dict[str, Any]:
     }
 
 
-def spec_configmap(job: LLMTrainingJob) -> dict[str, Any]:
-    """The job spec as the pods read it (``LLMTRAIN_SPEC_PATH``)."""
-    doc = {
+def spec_document(job: LLMTrainingJob) -> dict[str, Any]:
+    """The job as its driver reads it: the spec ConfigMap's file, and the Ray job's runtime env."""
+    return {
         "apiVersion": API_VERSION,
         "kind": KIND,
         "metadata": {"name": job.metadata.name, "namespace": _namespace(job)},
         "spec": job.spec.model_dump(by_alias=True, exclude_none=True, mode="json"),
     }
+
+
+def spec_configmap(job: LLMTrainingJob) -> dict[str, Any]:
+    """The job spec as the pods read it (``LLMTRAIN_SPEC_PATH``)."""
+    doc = spec_document(job)
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -555,7 +568,7 @@ def spec_configmap(job: LLMTrainingJob) -> dict[str, Any]:
 
 def network_policy(job: LLMTrainingJob, settings: OperatorSettings) -> dict[str, Any]:
     """Ingress to the job's pods: its own pods (all ports: Ray's object and worker ports are
-    dynamic), the operator's namespace (dashboard/Jobs API) and Prometheus (metrics ports).
+    dynamic), the operator's namespace (Jobs API, driver progress) and Prometheus (metrics ports).
 
     It only narrows what a namespace default-deny lets through and is enforced by the CNI;
     the default-deny itself is the cluster admin's part.
@@ -581,7 +594,11 @@ def network_policy(job: LLMTrainingJob, settings: OperatorSettings) -> dict[str,
                             }
                         }
                     ],
-                    "ports": [{"protocol": "TCP", "port": PORT_DASHBOARD}],
+                    # The Jobs API and the driver's progress endpoint: the operator polls both.
+                    "ports": [
+                        {"protocol": "TCP", "port": PORT_DASHBOARD},
+                        {"protocol": "TCP", "port": PORT_PROGRESS},
+                    ],
                 },
                 {
                     "from": [

@@ -18,7 +18,10 @@ Order of steps:
 5. a terminated pod: restart the whole Ray cluster (``status.restarts``) up to ``backoffLimit``;
 6. create what is missing: Secret, ConfigMap, Service, NetworkPolicy, then the pods;
 7. diagnose the pods → phase and conditions; ``preRunningDeadlineSeconds`` fails a job
-   whose pods are not all Running in time, with the diagnosis as its message.
+   whose pods are not all Running in time, with the diagnosis as its message;
+8. the cluster is Ready: submit the attempt's Ray job (once: ``<job>-<attempt>``), poll it,
+   mirror the driver's snapshot into status; an ended Ray job ends the attempt — success,
+   a permanent failure (no retry), or a restart as attempt N+1 from the newest checkpoint.
 """
 
 from __future__ import annotations
@@ -31,11 +34,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llmtrain.operator import manifests as m
+from llmtrain.operator import rayjobs as rj
 from llmtrain.operator.diagnose import ClusterState, Diagnosis, PodView, diagnose
 from llmtrain.operator.kube import ApiError, KubeApi
+from llmtrain.operator.rayjobs import HeadError, RayJobs
 from pydantic import ValidationError
 
 from llmtrain.api.job import LLMTrainingJob
+from llmtrain.api.progress import STAGE_PHASE, RunSnapshot, snapshot_from_log
 from llmtrain.api.status import ConditionType, Phase, Reason
 
 # Job annotations: the operator's own memory, kept on the object so a restarted operator
@@ -45,17 +51,33 @@ ANN_SUSPENDED_SECONDS = "llmtrain.dev/suspended-seconds"  # excluded from active
 ANN_RESTARTED_PODS = "llmtrain.dev/restarted-pod-uids"  # failures already counted
 ANN_CLEANED_UP = "llmtrain.dev/cleaned-up-at"  # ttlSecondsAfterFinished done
 
-# Phases written by the training run's progress mirror (a later issue): kept as they are.
+# Phases written from the training run's snapshot (step 8).
 RUN_PHASES = (Phase.Preprocessing, Phase.Training, Phase.Exporting)
 OWNED_STATUS_FIELDS = (
     "phase",
     "conditions",
     "restarts",
+    "attempt",
+    "rayJob",
     "rayClusterName",
     "startTime",
     "completionTime",
     "observedGeneration",
+    # mirrored from the driver's RunSnapshot
+    "progress",
+    "metrics",
+    "checkpoint",
+    "data",
+    "exportUri",
 )
+STAGE_REASON = {
+    "starting": Reason.PreparingData,
+    "data": Reason.PreparingData,
+    "training": Reason.TrainingRunning,
+    "export": Reason.Exporting,
+    "done": Reason.Exporting,
+    "failed": Reason.TrainingRunning,
+}
 WARNING_REASONS = frozenset(
     {
         Reason.Unschedulable,
@@ -66,6 +88,10 @@ WARNING_REASONS = frozenset(
         Reason.InvalidSpec,
         Reason.WorkerFailed,
         Reason.InsufficientResources,
+        Reason.HeadUnreachable,
+        Reason.RunFailed,
+        Reason.DataError,
+        Reason.NonFiniteLoss,
     }
 )
 
@@ -187,11 +213,14 @@ class Reconciler:
         *,
         adopt: Callable[[dict[str, Any], Mapping[str, Any]], None] | None = None,
         token: Callable[[], str] = lambda: secrets.token_hex(32),
+        ray: RayJobs | None = None,
     ) -> None:
         self.api = api
         self.settings = settings or m.OperatorSettings()
         self.adopt = adopt or _adopt
         self.token = token
+        self.ray = ray if ray is not None else RayJobs()
+        self._tokens: dict[str, str] = {}  # job uid → its Ray token (read once from its Secret)
         self._cache: dict[tuple[str, int | None], JobFacts] = {}
         # What this process created recently, by (job uid, pod name) → monotonic time, and
         # the jobs whose Secret/ConfigMap/Service/NetworkPolicy it made. The pod index lags
@@ -241,6 +270,8 @@ class Reconciler:
 
         # 3. suspend / resume
         if job.suspend:
+            if mine:
+                self._stop_ray_job(meta, st, out)
             self._delete_pods(meta, mine, out)
             if not conds.is_true(ConditionType.Suspended):
                 out.events.append(
@@ -261,10 +292,13 @@ class Reconciler:
             out.annotations[ANN_SUSPENDED_SECONDS] = f"{suspended_total:.0f}"
             out.annotations[ANN_ATTEMPT_STARTED] = rfc3339(now)
             conds.set(ConditionType.Suspended, False, Reason.Resumed, "resumed: Ray pods recreated")
+            st["attempt"] = int(st.get("attempt") or 0) + 1
             out.events.append(Event("Normal", Reason.Resumed.value, "resumed: recreating the Ray pods"))
 
         if not st.get("startTime"):
             st["startTime"] = rfc3339(now)
+        if not st.get("attempt"):
+            st["attempt"] = 1
 
         # 4. activeDeadlineSeconds: wall time since start minus time suspended
         deadline = job.active_deadline_seconds
@@ -290,32 +324,7 @@ class Reconciler:
         # training group die with any one node), up to spec.backoffLimit times.
         diag = diagnose(expected, live, self._event_lookup(meta))
         if diag.state == ClusterState.Failed:
-            restarts = int(st.get("restarts") or 0)
-            if restarts >= job.backoff_limit:
-                self._fail(
-                    st,
-                    conds,
-                    out,
-                    Reason.BackoffLimitExceeded,
-                    f"{diag.message}; {restarts} restarts reached spec.backoffLimit={job.backoff_limit}",
-                    now,
-                )
-                self._delete_pods(meta, mine, out)
-                return self._finish(st, conds, old_owned, out)
-            st["restarts"] = restarts + 1
-            out.restarted = True
-            out.annotations[ANN_RESTARTED_PODS] = ",".join(sorted(p.uid for p in mine.values()))
-            out.annotations[ANN_ATTEMPT_STARTED] = rfc3339(now)
-            msg = (
-                f"{diag.message}; restarting the Ray cluster (restart {restarts + 1} of {job.backoff_limit})"
-            )
-            self._delete_pods(meta, mine, out, end_group=False)
-            out.events.append(Event("Warning", Reason.Restarting.value, msg))
-            conds.set(ConditionType.Running, False, Reason.Restarting, msg)
-            conds.set(ConditionType.Scheduled, False, Reason.WaitingForPods, "restarting: pods recreated")
-            st["phase"] = Phase.Provisioning.value
-            out.phase = Phase.Provisioning
-            out.requeue = "restarting: waiting for the old pods to go"
+            self._restart(job, meta, mine, st, conds, out, now, diag.message, Reason.BackoffLimitExceeded)
             return self._finish(st, conds, old_owned, out)
 
         # 6. create what is missing (children before pods: pods mount the ConfigMap and
@@ -341,7 +350,10 @@ class Reconciler:
 
         # 7. status from the diagnosis
         self._apply_diagnosis(job, diag, st, conds, old_phase, annotations, out, now)
-        if Phase(st["phase"]) == Phase.Failed:
+        # 8. the training run on the Ready cluster
+        if diag.state == ClusterState.Ready and Phase(st["phase"]) != Phase.Failed:
+            self._run_attempt(job, body, mine, st, conds, out, now)
+        if Phase(st["phase"]).terminal:
             self._delete_pods(meta, mine, out)
         return self._finish(st, conds, old_owned, out)
 
@@ -463,6 +475,228 @@ class Reconciler:
             out.events.append(Event("Normal", "PodsCreated", f"created {len(created)} Ray pods"))
             out.requeue = out.requeue or "pods created"
         return created
+
+    def _restart(
+        self,
+        job: JobFacts,
+        meta: Mapping[str, Any],
+        mine: Mapping[str, PodView],
+        st: dict[str, Any],
+        conds: Conditions,
+        out: Outcome,
+        now: dt.datetime,
+        why: str,
+        fail_reason: Reason,
+    ) -> None:
+        """A new attempt on a new Ray cluster (its GCS state and the training group die with
+        any one node), resuming from the newest checkpoint; up to spec.backoffLimit times."""
+        restarts = int(st.get("restarts") or 0)
+        if restarts >= job.backoff_limit:
+            self._fail(
+                st,
+                conds,
+                out,
+                fail_reason,
+                f"{why}; {restarts} restarts reached spec.backoffLimit={job.backoff_limit}",
+                now,
+            )
+            self._delete_pods(meta, mine, out)
+            return
+        st["restarts"] = restarts + 1
+        st["attempt"] = int(st.get("attempt") or 1) + 1
+        out.restarted = True
+        out.annotations[ANN_RESTARTED_PODS] = ",".join(sorted(p.uid for p in mine.values()))
+        out.annotations[ANN_ATTEMPT_STARTED] = rfc3339(now)
+        msg = f"{why}; restarting the Ray cluster as attempt {st['attempt']} (restart {restarts + 1} of {job.backoff_limit})"
+        self._delete_pods(meta, mine, out, end_group=False)
+        out.events.append(Event("Warning", Reason.Restarting.value, msg))
+        conds.set(ConditionType.Running, False, Reason.Restarting, msg)
+        conds.set(ConditionType.Scheduled, False, Reason.WaitingForPods, "restarting: pods recreated")
+        st["phase"] = Phase.Provisioning.value
+        out.phase = Phase.Provisioning
+        out.requeue = "restarting: waiting for the old pods to go"
+
+    def _ray_token(self, namespace: str, name: str, uid: str) -> str:
+        """The job's Ray token, from the Secret this operator made (kept per job uid)."""
+        token = self._tokens.get(uid)
+        if token is not None:
+            return token
+        secret = self.api.get("Secret", namespace, m.auth_secret_name(name))
+        data = ((secret or {}).get("data") or {}).get(m.AUTH_TOKEN_KEY)
+        if not data:
+            raise HeadError(f"Secret {m.auth_secret_name(name)} holds no Ray token")
+        import base64
+
+        token = base64.b64decode(data).decode()
+        if len(self._tokens) >= self.CACHE_SIZE:
+            self._tokens.pop(next(iter(self._tokens)))
+        self._tokens[uid] = token
+        return token
+
+    def _run_attempt(
+        self,
+        job: JobFacts,
+        body: Mapping[str, Any],
+        mine: Mapping[str, PodView],
+        st: dict[str, Any],
+        conds: Conditions,
+        out: Outcome,
+        now: dt.datetime,
+    ) -> None:
+        """8. Submit this attempt's Ray job once, poll it, mirror the driver's snapshot;
+        an ended Ray job ends the attempt."""
+        meta = body.get("metadata") or {}
+        ns, name, uid = job.namespace, job.name, str(meta.get("uid", ""))
+        sid = rj.submission_id(name, int(st.get("attempt") or 1))
+        head = rj.head_of(self.settings, ns, name)
+        ray_job: dict[str, Any] = dict(st.get("rayJob") or {})
+        try:
+            token = self._ray_token(ns, name, uid)
+            if ray_job.get("submissionId") != sid:
+                doc = m.spec_document(self._model(body))
+                created = self.ray.submit(head, token, rj.submission(doc, sid, self.settings.progress_port))
+                st["rayJob"] = {"submissionId": sid, "status": "PENDING"}
+                what = "submitted" if created else "found already submitted"
+                out.events.append(
+                    Event("Normal", "RayJobSubmitted", f"Ray job {sid} {what} to {head.dashboard}")
+                )
+                self._set_stage(st, conds, "starting", f"Ray job {sid} {what}; the driver starts")
+                out.requeue = f"Ray job {sid} submitted"
+                return
+            info = self.ray.status(head, token, sid)
+        except (HeadError, ApiError) as e:
+            self._unreachable(job, meta, mine, st, conds, out, now, ray_job, str(e))
+            return
+        ray_job.pop("unreachableSince", None)
+        if info is None:  # the head has no memory of the job: it is a new head
+            st["rayJob"] = ray_job
+            self._restart(
+                job,
+                meta,
+                mine,
+                st,
+                conds,
+                out,
+                now,
+                f"the Ray head lost job {sid} (it restarted)",
+                Reason.RunFailed,
+            )
+            return
+        ray_job["status"] = info.status
+        st["rayJob"] = ray_job
+        if info.status not in rj.TERMINAL:
+            try:
+                self._mirror(self.ray.progress(head, token), st, conds)
+            except HeadError as e:  # the driver is starting, or busy: the next poll will tell
+                out.requeue = f"no progress from the driver yet: {e}"
+            return
+        # The Ray job ended: its log's last line is the driver's final snapshot.
+        try:
+            text = self.ray.logs(head, token, sid)
+        except HeadError as e:
+            text = f"(the driver's log could not be read: {e})"
+        snap = snapshot_from_log(text)
+        if snap is not None:
+            self._mirror(snap, st, conds)
+        tail = rj.log_tail(text)
+        if info.status == "SUCCEEDED":
+            st["phase"] = Phase.Succeeded.value
+            st["completionTime"] = rfc3339(now)
+            msg = f"Ray job {sid} succeeded" + (
+                f"; model exported to {st['exportUri']}" if st.get("exportUri") else ""
+            )
+            conds.set(ConditionType.Succeeded, True, Reason.Completed, msg)
+            conds.set(ConditionType.Running, False, Reason.Completed, msg)
+            out.events.append(Event("Normal", Reason.Completed.value, msg))
+            return
+        failure = snap.failure if snap is not None else None
+        why = failure.message if failure is not None else (info.message or f"Ray job {sid} {info.status}")
+        if failure is not None and failure.permanent:
+            reason = Reason(failure.reason) if failure.reason in Reason.__members__ else Reason.RunFailed
+            self._fail(st, conds, out, reason, f"{why}\n--- driver log, last lines ---\n{tail}", now)
+            return
+        self._restart(
+            job,
+            meta,
+            mine,
+            st,
+            conds,
+            out,
+            now,
+            f"Ray job {sid} {info.status.lower()}: {why}",
+            Reason.RunFailed,
+        )
+
+    def _set_stage(self, st: dict[str, Any], conds: Conditions, stage: str, message: str) -> None:
+        st["phase"] = STAGE_PHASE.get(stage, Phase.Training.value)
+        conds.set(ConditionType.Running, True, STAGE_REASON.get(stage, Reason.TrainingRunning), message)
+
+    def _mirror(self, snap: RunSnapshot, st: dict[str, Any], conds: Conditions) -> None:
+        """The driver's snapshot into status: progress, metrics, lineage, data, export."""
+        for key, value in snap.status_patch().items():
+            st[key] = {**(st.get(key) or {}), **value} if isinstance(value, dict) else value
+        p = snap.progress
+        where = f"step {p.step}/{p.total_steps}" if p is not None and p.total_steps else snap.stage
+        if snap.stage not in ("done", "failed"):
+            self._set_stage(st, conds, snap.stage, f"{snap.stage}: {where}")
+        if snap.data is not None:
+            reason = Reason.DataReused if snap.data.reused else Reason.DataPrepared
+            conds.set(
+                ConditionType.DataReady,
+                True,
+                reason,
+                f"{snap.data.train_tokens:,} train / {snap.data.validation_tokens:,} validation tokens "
+                f"at {snap.data.manifest_uri}",
+            )
+
+    def _unreachable(
+        self,
+        job: JobFacts,
+        meta: Mapping[str, Any],
+        mine: Mapping[str, PodView],
+        st: dict[str, Any],
+        conds: Conditions,
+        out: Outcome,
+        now: dt.datetime,
+        ray_job: dict[str, Any],
+        error: str,
+    ) -> None:
+        """A failed poll is not a failed job: the attempt ends only after
+        ``head_timeout_seconds`` of failed polls (KubeRay's 300 s)."""
+        since = parse_time(ray_job.get("unreachableSince")) or now
+        waited = (now - since).total_seconds()
+        limit = self.settings.head_timeout_seconds
+        if waited >= limit:
+            self._restart(
+                job,
+                meta,
+                mine,
+                st,
+                conds,
+                out,
+                now,
+                f"the Ray head did not answer for {waited:.0f}s (limit {limit:.0f}s): {error}",
+                Reason.HeadUnreachable,
+            )
+            return
+        if "unreachableSince" not in ray_job:
+            ray_job["unreachableSince"] = rfc3339(now)
+        if ray_job.get("submissionId"):
+            st["rayJob"] = ray_job
+        out.requeue = f"the Ray head does not answer ({waited:.0f}s of {limit:.0f}s): {error}"
+
+    def _stop_ray_job(self, meta: Mapping[str, Any], st: Mapping[str, Any], out: Outcome) -> None:
+        """Stop the running Ray job before its pods go (best effort: the pods go anyway)."""
+        ray_job = st.get("rayJob") or {}
+        if not ray_job.get("submissionId") or ray_job.get("status") in rj.TERMINAL:
+            return
+        ns, name = meta.get("namespace", ""), meta.get("name", "")
+        try:
+            token = self._ray_token(ns, name, str(meta.get("uid", "")))
+            self.ray.stop(rj.head_of(self.settings, ns, name), token, ray_job["submissionId"])
+            out.events.append(Event("Normal", "RayJobStopped", f"Ray job {ray_job['submissionId']} stopped"))
+        except (HeadError, ApiError) as e:
+            out.events.append(Event("Warning", "RayJobStopFailed", f"cannot stop the Ray job: {e}"))
 
     def _delete_pods(
         self, meta: Mapping[str, Any], pods: Mapping[str, PodView], out: Outcome, end_group: bool = True

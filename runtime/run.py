@@ -8,18 +8,15 @@ The same code runs inside the cluster on Kubernetes; only the Ray cluster differ
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import os
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmtrain.api.config import RuntimeConfig, runtime_config_from_spec
 from llmtrain.api.job import LLMTrainingJob
 from llmtrain.api.progress import ProgressEvent
 from llmtrain.api.shards import Manifest
@@ -211,175 +208,88 @@ def run_job(
     on_event: Callable[[ProgressEvent], None] | None = None,
     on_stage: Callable[[str], None] | None = None,
 ) -> RunSummary:
-    """Run every stage of ``job`` locally; ``on_event``/``on_stage`` drive the display."""
+    """The local launcher: :func:`~llmtrain.runtime.driver.drive` on a local Ray cluster
+    (started only when training needs it, so data preparation has every core), then a
+    sample from the exported model."""
+    from llmtrain.runtime.driver import DriverError, Place, Reporter, drive
     from llmtrain.runtime.ray_local import init_local_ray
 
     opts = opts or RunOptions()
     job = with_absolute_paths(job)
-    spec = job.spec
     run_dir = _run_dir(job, opts)
     run_dir.mkdir(parents=True, exist_ok=True)
-    stage = on_stage or (lambda _s: None)
-    seconds: dict[str, float] = {}
+    ncpu = opts.num_cpus or os.cpu_count() or 1
 
-    # ---- data (in-process; Ray is not started before training needs it)
-    stage("data")
-    t0 = time.perf_counter()
-    from llmtrain.runtime.data.prepare import PrepareConfig, prepare
+    def connect() -> None:
+        _quiet_ray_logs(run_dir)
+        init_local_ray(ncpu, log_to_driver=False)
+        _link_ray_session_logs(run_dir)
 
-    prep_cfg = PrepareConfig.from_spec(spec, None)
-    prepared = prepare(prep_cfg, log=lambda m: log.info("data: %s", m))
-    manifest = prepared.manifest
-    data_uri = prepared.manifest_uri.rsplit("/", 1)[0]
-    storage_options = prep_cfg.s3
-    unigram = unigram_cross_entropy(manifest, data_uri, storage_options)
-    seconds["data"] = time.perf_counter() - t0
+    place = Place(
+        run_dir=run_dir,
+        output_prefix=str(run_dir),
+        connect=connect,
+        # Every core to the workers: torch's intra-op threads follow the CPUs Ray grants.
+        cpus_per_worker=max(1, ncpu // job.spec.resources.workers),
+        metrics_addr="127.0.0.1",
+    )
+    report = Reporter(on_event=on_event, on_stage=on_stage)
+    try:
+        result = drive(job, place, report)
+    except DriverError as e:
+        raise RunError(e.failure.message) from e
+    finally:
+        import sys
 
+        if "ray" in sys.modules:
+            import ray
+
+            ray.shutdown()
+    snap = result.snapshot
+    assert snap.data is not None
+    progress = snap.progress
     summary = RunSummary(
         job=job.metadata.name,
         run_dir=str(run_dir),
-        data_uri=data_uri,
-        data_reused=prepared.reused,
-        train_tokens=manifest.split_tokens("train"),
-        val_tokens=manifest.split_tokens("validation"),
-        vocab_size=manifest.tokenizer.vocab_size,
-        unigram_cross_entropy=unigram,
+        data_uri=result.data_uri,
+        data_reused=snap.data.reused,
+        train_tokens=snap.data.train_tokens,
+        val_tokens=snap.data.validation_tokens,
+        vocab_size=snap.data.vocab_size,
+        unigram_cross_entropy=result.unigram_cross_entropy,
+        resumed_from=snap.resumed_from.step if snap.resumed_from else None,
+        checkpoint_uri=snap.latest_checkpoint.uri if snap.latest_checkpoint else None,
+        export_uri=snap.export_uri,
         sample_prompt=opts.sample_prompt,
-        stage_seconds=seconds,
+        stage_seconds=result.stage_seconds,
     )
-
-    # ---- training on the local Ray cluster
-    stage("training")
-    t0 = time.perf_counter()
-    cfg = runtime_config_from_spec(
-        spec, vocab_size=manifest.tokenizer.vocab_size, checkpoint_uri=str(run_dir / "checkpoints")
+    if progress is not None:
+        summary.final_train_loss = _finite_or_none(progress.train_loss)
+        summary.val_loss = progress.val_loss
+        summary.val_perplexity = progress.val_perplexity
+        summary.val_accuracy = progress.val_accuracy
+        summary.tokens_per_second = progress.tokens_per_second
+        summary.mfu = progress.mfu
+    summary.steps = max(
+        progress.step if progress else 0, snap.latest_checkpoint.step if snap.latest_checkpoint else 0
     )
-    from llmtrain.runtime.checkpoint import Lineage
-
-    # The train loop resumes from the newest complete checkpoint by itself; say so up front.
-    lineage = Lineage(cfg.train.checkpoint_uri or "", keep_last=cfg.train.checkpoint_keep_last)
-    complete = lineage.complete_steps()
-    summary.resumed_from = complete[-1] if complete else None
-    if summary.resumed_from is not None:
-        stage(f"resume from step {summary.resumed_from}")
-    _quiet_ray_logs(run_dir)
-    ncpu = opts.num_cpus or os.cpu_count() or 1
-    init_local_ray(ncpu, log_to_driver=False)
-    _link_ray_session_logs(run_dir)
-    try:
-        _train(cfg, spec, data_uri, storage_options, run_dir, ncpu, summary, on_event)
-    finally:
-        import ray
-
-        ray.shutdown()
-    seconds["training"] = time.perf_counter() - t0
-    # The lineage, not the events, says what exists (a resumed run that was already done
-    # trains no step and reports no checkpoint).
-    complete = lineage.complete_steps()
-    if not complete:
-        raise RunError(f"training wrote no checkpoint under {cfg.train.checkpoint_uri}")
-    summary.checkpoint_uri = lineage.uri_of(complete[-1])
-    summary.steps = max(summary.steps, complete[-1])
-
-    # ---- export
-    stage("export")
-    t0 = time.perf_counter()
-    from llmtrain.runtime.export import export_checkpoint, export_for_job, tokenizer_from_data
-
-    checkpoints = cfg.train.checkpoint_uri or ""
-    export_uri = export_for_job(spec, checkpoints, s3=storage_options)
-    if export_uri is None:
-        # No spec.export: the run directory still gets a model, so the sample below can load it.
-        export_uri = str(run_dir / "model")
-        tokenizer = tokenizer_from_data(data_uri, storage_options)
-        export_checkpoint(checkpoints, export_uri, tokenizer, job=spec, s3=storage_options)
-    summary.export_uri = export_uri
-    seconds["export"] = time.perf_counter() - t0
 
     # ---- a sample from what was exported (proves the export loads)
-    stage("sample")
+    if on_stage is not None:
+        on_stage("sample")
     t0 = time.perf_counter()
-    summary.sample = sample_text(export_uri, opts.sample_prompt, opts.sample_tokens, storage_options)
-    seconds["sample"] = time.perf_counter() - t0
-    stage("done")
+    assert summary.export_uri is not None
+    summary.sample = sample_text(
+        summary.export_uri, opts.sample_prompt, opts.sample_tokens, result.storage_options
+    )
+    summary.stage_seconds["sample"] = time.perf_counter() - t0
+    if on_stage is not None:
+        on_stage("done")
     return summary
 
 
-def _train(
-    cfg: RuntimeConfig,
-    spec: Any,
-    data_uri: str,
-    storage_options: Any,
-    run_dir: Path,
-    ncpu: int,
-    summary: RunSummary,
-    on_event: Callable[[ProgressEvent], None] | None,
-) -> None:
-    from llmtrain.runtime.trainer import LaunchOptions, launch
-
-    events = EventQueue()
-    workers = cfg.train.world_size
-    options = LaunchOptions(
-        gpus_per_worker=spec.resources.gpus_per_worker,
-        # Every core to the workers: torch's intra-op threads follow the CPUs Ray grants.
-        cpus_per_worker=max(1, ncpu // workers),
-        max_failures=spec.backoff_limit,
-        storage_path=str(run_dir / "ray"),
-        run_name="train",
-        job=summary.job,
-        metrics_addr="127.0.0.1",
-        # S3 checkpoints find their endpoint the standard boto3 way.
-        env=tuple(
-            (k, v)
-            for k, v in (
-                ("AWS_ENDPOINT_URL", spec.storage.endpoint),
-                ("AWS_DEFAULT_REGION", spec.storage.region),
-            )
-            if v
-        ),
-    )
-    errors: list[BaseException] = []
-
-    def fit() -> None:
-        try:
-            launch(
-                cfg,
-                functools.partial(make_shard_loader, data_uri, storage_options),
-                on_progress=functools.partial(_put_event, events.queue),
-                options=options,
-            )
-        except BaseException as e:  # re-raised in the caller's thread
-            errors.append(e)
-
-    thread = threading.Thread(target=fit, name="llmtrain-fit", daemon=True)
-    thread.start()
-    done = False
-    while not done:
-        done = not thread.is_alive()  # drain once more after the thread ends
-        for event in events.drain(timeout=0.01 if done else 0.5):
-            _absorb(summary, event)
-            if on_event is not None:
-                on_event(event)
-    if errors:
-        raise RunError(f"training failed: {errors[0]}") from errors[0]
-
-
-def _absorb(summary: RunSummary, e: ProgressEvent) -> None:
-    summary.steps = max(summary.steps, e.step)
-    if e.train_loss is not None and math.isfinite(e.train_loss):
-        summary.final_train_loss = e.train_loss
-    if e.val_loss is not None:
-        summary.val_loss, summary.val_perplexity, summary.val_accuracy = (
-            e.val_loss,
-            e.val_perplexity,
-            e.val_accuracy,
-        )
-    if e.tokens_per_second is not None:
-        summary.tokens_per_second = e.tokens_per_second
-    if e.mfu is not None:
-        summary.mfu = e.mfu
-    if e.checkpoint_uri is not None:
-        summary.checkpoint_uri = e.checkpoint_uri
+def _finite_or_none(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
 
 
 def sample_text(

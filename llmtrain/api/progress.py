@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 Stage = Literal["data", "training", "validation", "checkpoint", "export", "done"]
@@ -124,3 +124,217 @@ class ProgressEvent:
         if self.checkpoint_uri is not None:
             patch["checkpoint"] = {"latestUri": self.checkpoint_uri, "latestStep": self.checkpoint_step}
         return patch
+
+
+def merge(prev: ProgressEvent | None, event: ProgressEvent) -> ProgressEvent:
+    """``event`` on top of ``prev``: what ``event`` leaves unknown (``None``) keeps its last
+    value, so a checkpoint event does not erase the train loss, nor a log step the val loss."""
+    if prev is None:
+        return event
+    return ProgressEvent(
+        **{
+            f.name: (getattr(event, f.name) if getattr(event, f.name) is not None else getattr(prev, f.name))
+            for f in fields(ProgressEvent)
+        }
+    )
+
+
+# ------------------------------------------------------------------ the run's snapshot
+
+RunStage = Literal["starting", "data", "training", "export", "done", "failed"]
+RUN_STAGES: tuple[str, ...] = ("starting", "data", "training", "export", "done", "failed")
+# The status phase each stage shows (the operator writes Succeeded/Failed from the Ray job).
+STAGE_PHASE: dict[str, str] = {
+    "starting": "Preprocessing",
+    "data": "Preprocessing",
+    "training": "Training",
+    "export": "Exporting",
+    "done": "Exporting",
+    "failed": "Training",
+}
+# A snapshot is small; anything bigger is not one of ours (the operator reads it from a
+# pod that runs user code, so it bounds what it parses).
+MAX_SNAPSHOT_BYTES = 64 * 1024
+# What the driver prints as its last line: the snapshot the operator reads from the log
+# when the Ray job has ended (the progress endpoint ends with the driver).
+RESULT_PREFIX = "LLMTRAIN_RESULT "
+
+
+@dataclass(frozen=True)
+class CheckpointEntry:
+    """A complete checkpoint (its completion marker is written)."""
+
+    step: int
+    uri: str
+    time: float | None = None  # unix seconds
+    val_loss: float | None = None  # the validation at the same step, if any
+
+    def status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"uri": self.uri, "step": self.step}
+        if self.time is not None:
+            out["time"] = _rfc3339(self.time)
+        if _finite(self.val_loss) is not None:
+            out["valLoss"] = round(float(self.val_loss or 0.0), 4)
+        return out
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """The prepared data set the run trains on."""
+
+    manifest_uri: str
+    train_tokens: int
+    validation_tokens: int
+    vocab_size: int
+    reused: bool = False
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "manifestUri": self.manifest_uri,
+            "trainTokens": self.train_tokens,
+            "validationTokens": self.validation_tokens,
+            "vocabSize": self.vocab_size,
+            "reused": self.reused,
+        }
+
+
+@dataclass(frozen=True)
+class RunFailure:
+    """Why a run stopped. ``permanent``: another attempt would fail the same way (bad data,
+    a spec that cannot train), so the job fails without retrying."""
+
+    reason: str  # a llmtrain.api.status.Reason value
+    message: str
+    permanent: bool
+
+
+@dataclass
+class RunSnapshot:
+    """Everything a run has to say about itself, whole: the driver serves the latest one
+    (and prints it last), the operator mirrors it into ``status``. Whole rather than a
+    stream of events, so a lost or repeated read loses and duplicates nothing."""
+
+    stage: str = "starting"
+    submission_id: str | None = None
+    progress: ProgressEvent | None = None
+    data: DataInfo | None = None
+    checkpoints: list[CheckpointEntry] = field(default_factory=list)  # oldest first
+    keep_last: int = 3
+    resumed_from: CheckpointEntry | None = None
+    best_val_loss: float | None = None
+    export_uri: str | None = None
+    failure: RunFailure | None = None
+    updated: float | None = None  # unix seconds of the last change
+
+    def absorb(self, event: ProgressEvent) -> None:
+        """One event from rank 0 into the snapshot."""
+        self.progress = merge(self.progress, event)
+        val = _finite(event.val_loss)
+        if val is not None:
+            self.best_val_loss = val if self.best_val_loss is None else min(self.best_val_loss, val)
+        if event.checkpoint_uri is not None and event.checkpoint_step is not None:
+            last_val = self.progress.val_loss if self.progress.step == event.checkpoint_step else None
+            self.add_checkpoint(
+                CheckpointEntry(event.checkpoint_step, event.checkpoint_uri, event.time, last_val)
+            )
+        self.updated = event.time
+
+    def add_checkpoint(self, entry: CheckpointEntry) -> None:
+        kept = [c for c in self.checkpoints if c.step != entry.step] + [entry]
+        kept.sort(key=lambda c: c.step)
+        self.checkpoints = kept[-max(1, self.keep_last) :]
+
+    @property
+    def latest_checkpoint(self) -> CheckpointEntry | None:
+        return self.checkpoints[-1] if self.checkpoints else None
+
+    # ---- wire format
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> RunSnapshot:
+        """Parse a snapshot; ValueError for anything that is not one (bounded, typed)."""
+        if len(text) > MAX_SNAPSHOT_BYTES:
+            raise ValueError(f"a run snapshot is at most {MAX_SNAPSHOT_BYTES} bytes, this is {len(text)}")
+        raw = json.loads(text)
+        if not isinstance(raw, dict):
+            raise ValueError("a run snapshot is a JSON object")
+        try:
+            stage = str(raw.get("stage", "starting"))
+            if stage not in RUN_STAGES:
+                raise ValueError(f"unknown stage {stage!r}")
+            return cls(
+                stage=stage,
+                submission_id=_opt_str(raw.get("submission_id")),
+                progress=_known(ProgressEvent, raw.get("progress")),
+                data=_known(DataInfo, raw.get("data")),
+                checkpoints=[_known(CheckpointEntry, c) for c in raw.get("checkpoints") or []][-1000:],
+                keep_last=int(raw.get("keep_last", 3)),
+                resumed_from=_known(CheckpointEntry, raw.get("resumed_from")),
+                best_val_loss=_opt_float(raw.get("best_val_loss")),
+                export_uri=_opt_str(raw.get("export_uri")),
+                failure=_known(RunFailure, raw.get("failure")),
+                updated=_opt_float(raw.get("updated")),
+            )
+        except (TypeError, AttributeError) as e:
+            raise ValueError(f"not a run snapshot: {e}") from None
+
+    # ---- into status
+
+    def status_patch(self) -> dict[str, Any]:
+        """The ``status`` fields this snapshot fills (camelCase): progress, metrics,
+        checkpoint lineage, data and export. Unknown values are left out."""
+        patch: dict[str, Any] = self.progress.status_patch() if self.progress is not None else {}
+        patch.pop("checkpoint", None)  # the lineage below says it, only from complete checkpoints
+        if self.best_val_loss is not None:
+            patch.setdefault("metrics", {})["bestValLoss"] = round(self.best_val_loss, 4)
+        checkpoint: dict[str, Any] = {"lineage": [c.status() for c in self.checkpoints]}
+        latest = self.latest_checkpoint
+        if latest is not None:
+            checkpoint["latestUri"] = latest.uri
+            checkpoint["latestStep"] = latest.step
+        if self.resumed_from is not None:
+            checkpoint["resumedFrom"] = self.resumed_from.status()
+        patch["checkpoint"] = checkpoint
+        if self.data is not None:
+            patch["data"] = self.data.status()
+        if self.export_uri is not None:
+            patch["exportUri"] = self.export_uri
+        return patch
+
+
+def _rfc3339(t: float) -> str:
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _opt_str(x: Any) -> str | None:
+    return None if x is None else str(x)[:4096]
+
+
+def _opt_float(x: Any) -> float | None:
+    return None if x is None else float(x)
+
+
+def _known(cls: Any, raw: Any) -> Any:
+    """A dataclass from a dict, ignoring keys it does not know (a newer driver may add some)."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise TypeError(f"{cls.__name__} must be an object")
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in raw.items() if k in names})
+
+
+def snapshot_from_log(text: str) -> RunSnapshot | None:
+    """The last snapshot a driver printed in ``text`` (its log), if any readable one."""
+    for line in reversed(text.splitlines()):
+        if line.startswith(RESULT_PREFIX):
+            try:
+                return RunSnapshot.from_json(line[len(RESULT_PREFIX) :])
+            except ValueError:  # json.JSONDecodeError is one
+                return None
+    return None

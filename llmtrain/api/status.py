@@ -65,6 +65,8 @@ class Reason(StrEnum):
     InsufficientResources = "InsufficientResources"
     InvalidSpec = "InvalidSpec"
     WorkerFailed = "WorkerFailed"
+    HeadUnreachable = "HeadUnreachable"
+    RunFailed = "RunFailed"
     # Suspended
     SuspendedByUser = "SuspendedByUser"
     Resumed = "Resumed"
@@ -83,6 +85,8 @@ FAILURE_REASONS: tuple[Reason, ...] = (
     Reason.InvalidSpec,
     Reason.WorkerFailed,
     Reason.DataError,
+    Reason.HeadUnreachable,
+    Reason.RunFailed,
 )
 
 CONDITION_REASONS: dict[ConditionType, tuple[Reason, ...]] = {
@@ -160,6 +164,7 @@ class CheckpointRecord(ApiModel):
     uri: str = Field(max_length=1024, description="Checkpoint directory.")
     step: int = Field(ge=0, description="Optimizer step it holds.")
     time: str | None = Field(None, description="When it completed (RFC 3339).")
+    val_loss: float | None = Field(None, description="Validation loss at its step, if validated there.")
 
 
 class CheckpointStatus(ApiModel):
@@ -172,6 +177,28 @@ class CheckpointStatus(ApiModel):
     )
     lineage: list[CheckpointRecord] = Field(
         default_factory=list, max_length=100, description="Complete checkpoints kept, oldest first."
+    )
+
+
+class DataStatus(ApiModel):
+    """The prepared data set the run trains on (its manifest lists every shard)."""
+
+    manifest_uri: str = Field(max_length=1024, description="The data manifest (manifest.json).")
+    train_tokens: int = Field(ge=0, description="Tokens in the training split.")
+    validation_tokens: int = Field(ge=0, description="Tokens in the validation split.")
+    vocab_size: int = Field(ge=1, description="Tokenizer vocabulary size.")
+    reused: bool = Field(False, description="Reused from an earlier run (same fingerprint).")
+
+
+class RayJobStatus(ApiModel):
+    """The training run as a Ray job on the job's head (Ray's Jobs API)."""
+
+    submission_id: str = Field(max_length=253, description="<job>-<attempt>: one Ray job per attempt.")
+    status: str | None = Field(
+        None, max_length=32, description="Ray's job status: PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED."
+    )
+    unreachable_since: str | None = Field(
+        None, description="When polls of the head started failing (RFC 3339); unset while it answers."
     )
 
 
@@ -190,6 +217,12 @@ class LLMTrainingJobStatus(ApiModel):
     metrics: LatestMetrics = Field(default_factory=LatestMetrics, description="Latest metrics.")
     checkpoint: CheckpointStatus = Field(default_factory=CheckpointStatus, description="Checkpoint lineage.")
     restarts: int = Field(0, ge=0, description="Times the run restarted from a checkpoint.")
+    attempt: int = Field(
+        0, ge=0, description="Current attempt: 1 for the first Ray cluster, +1 per restart or resume."
+    )
+    ray_job: RayJobStatus | None = Field(None, description="The current attempt's Ray job.")
+    data: DataStatus | None = Field(None, description="The prepared data the run trains on.")
+    export_uri: str | None = Field(None, max_length=1024, description="Where the exported model is.")
     ray_cluster_name: str | None = Field(None, max_length=253, description="Name of the job's Ray cluster.")
     start_time: str | None = Field(None, description="When the job started (RFC 3339).")
     completion_time: str | None = Field(None, description="When the job finished (RFC 3339).")

@@ -117,7 +117,7 @@ def test_network_policy_admits_own_pods_operator_and_prometheus_only() -> None:
     assert operator["from"][0]["namespaceSelector"]["matchLabels"] == {
         "kubernetes.io/metadata.name": "llmtrain-system"
     }
-    assert operator["ports"] == [{"protocol": "TCP", "port": 8265}]
+    assert operator["ports"] == [{"protocol": "TCP", "port": 8265}, {"protocol": "TCP", "port": 8266}]
     assert prom["from"][0]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "prometheus"}
     assert {p["port"] for p in prom["ports"]} == {8080, 9400}
 

@@ -1,0 +1,232 @@
+"""The training run as a Ray job on the job's head: Ray's Jobs REST API and the driver's
+progress endpoint, both behind the job's Ray token.
+
+KubeRay's HTTP mode: the operator POSTs the job to the head's dashboard (port 8265) itself —
+no submitter pod, no ``ray`` import — with a deterministic ``submission_id``
+(``<job>-<attempt>``), so a POST repeated after an operator restart is answered "already
+exists" and means "submitted". Requests are built by pure functions (unit-tested without a
+head); :class:`RayJobs` sends them over one urllib3 pool made at start-up.
+
+What goes where (the driver side is ``llmtrain/runtime/driver.py``)::
+
+    POST /api/jobs/              submit the attempt (entrypoint: llmtrain driver …)
+    GET  /api/jobs/<id>          PENDING | RUNNING | SUCCEEDED | FAILED | STOPPED
+    GET  /api/jobs/<id>/logs     once, when the job has ended: the final snapshot + log tail
+    POST /api/jobs/<id>/stop     before the pods are deleted (suspend, deadline, failure)
+    GET  :8266/progress          the running driver's RunSnapshot (every resync)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import urllib3
+import yaml
+from llmtrain.operator.manifests import OperatorSettings, service_name
+
+from llmtrain.api.progress import MAX_SNAPSHOT_BYTES, RESULT_PREFIX, RunSnapshot
+
+SPEC_ENV = "LLMTRAIN_SPEC"  # the job document travels with the submission
+TERMINAL = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
+# A failed driver's log can be long; the tail is what a reader (and the Failed
+# condition) needs, and all the operator ever reads of it.
+LOG_TAIL_BYTES = 256 * 1024
+CONNECT_TIMEOUT = 3.0
+READ_TIMEOUT = 10.0
+
+
+class HeadError(Exception):
+    """The head did not answer usefully (connection refused, timeout, 5xx, auth)."""
+
+
+@dataclass(frozen=True)
+class Head:
+    """Where one job's head answers: the dashboard (Jobs API) and the driver's progress."""
+
+    dashboard: str  # http://host:8265
+    progress: str  # http://host:8266
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    url: str
+    headers: dict[str, str]
+    body: bytes | None = None
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    status: str
+    message: str = ""
+    exit_code: int | None = None
+
+
+# ---------------------------------------------------------------------- pure functions
+
+
+def submission_id(job: str, attempt: int) -> str:
+    return f"{job}-{attempt}"
+
+
+def entrypoint(sid: str, progress_port: int) -> str:
+    return f"llmtrain driver --spec-env {SPEC_ENV} --submission-id {sid} --progress-port {progress_port}"
+
+
+def submission(job_document: Mapping[str, Any], sid: str, progress_port: int) -> dict[str, Any]:
+    """The body of ``POST /api/jobs/``. The entrypoint runs on the head (no entrypoint
+    resources: the head advertises none), the spec rides in the runtime env."""
+    meta = job_document.get("metadata") or {}
+    return {
+        "entrypoint": entrypoint(sid, progress_port),
+        "submission_id": sid,
+        "runtime_env": {
+            "env_vars": {
+                SPEC_ENV: yaml.safe_dump(dict(job_document), sort_keys=False),
+                "PYTHONUNBUFFERED": "1",
+            }
+        },
+        "metadata": {
+            "llmtrain.dev/job": str(meta.get("name", "")),
+            "llmtrain.dev/namespace": str(meta.get("namespace", "")),
+        },
+    }
+
+
+def _auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def submit_request(head: Head, token: str, body: Mapping[str, Any]) -> Request:
+    return Request(
+        "POST",
+        f"{head.dashboard}/api/jobs/",
+        {**_auth(token), "Content-Type": "application/json"},
+        json.dumps(body).encode(),
+    )
+
+
+def status_request(head: Head, token: str, sid: str) -> Request:
+    return Request("GET", f"{head.dashboard}/api/jobs/{quote(sid)}", _auth(token))
+
+
+def logs_request(head: Head, token: str, sid: str) -> Request:
+    return Request("GET", f"{head.dashboard}/api/jobs/{quote(sid)}/logs", _auth(token))
+
+
+def stop_request(head: Head, token: str, sid: str) -> Request:
+    return Request("POST", f"{head.dashboard}/api/jobs/{quote(sid)}/stop", _auth(token))
+
+
+def progress_request(head: Head, token: str) -> Request:
+    return Request("GET", f"{head.progress}/progress", _auth(token))
+
+
+def already_submitted(status: int, text: str) -> bool:
+    """Ray's answer to a reused submission_id (HTTP 400/500 with this wording)."""
+    return status in (400, 409, 500) and ("already exists" in text or "different submission_id" in text)
+
+
+def parse_job_info(text: str) -> JobInfo:
+    raw = json.loads(text)
+    if not isinstance(raw, dict) or not isinstance(raw.get("status"), str):
+        raise HeadError(f"not a Ray job: {text[:200]!r}")
+    code = raw.get("driver_exit_code")
+    return JobInfo(
+        status=raw["status"],
+        message=str(raw.get("message") or "")[:4000],
+        exit_code=int(code) if isinstance(code, int) else None,
+    )
+
+
+def log_tail(text: str, lines: int = 20, max_chars: int = 4000) -> str:
+    """The last ``lines`` lines of a log (without the final snapshot line), bounded."""
+    kept = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith(RESULT_PREFIX)]
+    return "\n".join(kept[-lines:])[-max_chars:]
+
+
+def head_of(settings: OperatorSettings, namespace: str, name: str) -> Head:
+    """A job's head: its Service's DNS name in a cluster, or ``settings.head_host`` (a
+    stand-in Ray cluster on 127.0.0.1 in tests and ``make k8s-demo``)."""
+    host = settings.head_host or f"{service_name(name)}.{namespace}.svc.{settings.cluster_domain}"
+    return Head(f"http://{host}:{settings.dashboard_port}", f"http://{host}:{settings.progress_port}")
+
+
+# ------------------------------------------------------------------------------ client
+
+
+class RayJobs:
+    """Sends the requests above; every failure to get an answer is a :class:`HeadError`."""
+
+    def __init__(self, maxsize: int = 16) -> None:
+        self.pool = urllib3.PoolManager(
+            maxsize=maxsize,
+            timeout=urllib3.Timeout(connect=CONNECT_TIMEOUT, read=READ_TIMEOUT),
+            retries=False,
+        )
+        self.submissions = 0  # POSTs that created a Ray job (tests count them)
+
+    def _send(self, req: Request, *, limit: int = MAX_SNAPSHOT_BYTES) -> tuple[int, str]:
+        try:
+            resp = self.pool.request(
+                req.method, req.url, headers=req.headers, body=req.body, preload_content=False
+            )
+            try:
+                data = resp.read(limit + 1, decode_content=True)
+            finally:
+                resp.release_conn()
+        except urllib3.exceptions.HTTPError as e:
+            raise HeadError(f"{req.method} {req.url}: {e}") from None
+        if resp.status in (401, 403):
+            raise HeadError(f"{req.method} {req.url}: HTTP {resp.status}: the job's Ray token was refused")
+        if resp.status >= 500 and not already_submitted(resp.status, data.decode(errors="replace")):
+            raise HeadError(f"{req.method} {req.url}: HTTP {resp.status}: {data[:300]!r}")
+        return resp.status, data[:limit].decode(errors="replace")
+
+    def submit(self, head: Head, token: str, body: Mapping[str, Any]) -> bool:
+        """True if this POST created the Ray job, False if it existed already."""
+        status, text = self._send(submit_request(head, token, body))
+        if already_submitted(status, text):
+            return False
+        if status != 200:
+            raise HeadError(f"submitting {body.get('submission_id')}: HTTP {status}: {text[:300]}")
+        self.submissions += 1
+        return True
+
+    def status(self, head: Head, token: str, sid: str) -> JobInfo | None:
+        """The Ray job's state, or None if the head has no such job (a new head)."""
+        status, text = self._send(status_request(head, token, sid))
+        if status == 404:
+            return None
+        if status != 200:
+            raise HeadError(f"GET job {sid}: HTTP {status}: {text[:300]}")
+        try:
+            return parse_job_info(text)
+        except ValueError as e:
+            raise HeadError(f"GET job {sid}: {e}") from None
+
+    def logs(self, head: Head, token: str, sid: str) -> str:
+        status, text = self._send(logs_request(head, token, sid), limit=16 * 1024 * 1024)
+        if status != 200:
+            raise HeadError(f"GET logs of {sid}: HTTP {status}: {text[:300]}")
+        try:
+            logs = json.loads(text).get("logs", "")
+        except (ValueError, AttributeError):
+            raise HeadError(f"GET logs of {sid}: not JSON") from None
+        return str(logs)[-LOG_TAIL_BYTES:]
+
+    def stop(self, head: Head, token: str, sid: str) -> None:
+        self._send(stop_request(head, token, sid))
+
+    def progress(self, head: Head, token: str) -> RunSnapshot:
+        status, text = self._send(progress_request(head, token))
+        if status != 200:
+            raise HeadError(f"GET progress: HTTP {status}: {text[:300]}")
+        try:
+            return RunSnapshot.from_json(text)
+        except ValueError as e:
+            raise HeadError(f"GET progress: {e}") from None

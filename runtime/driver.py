@@ -1,0 +1,480 @@
+"""The one driver: every stage of an ``LLMTrainingJob``, in order, on a Ray cluster.
+
+Two launchers run it and nothing else runs the workflow:
+
+* ``llmtrain run job.yaml`` (``runtime/run.py``) starts a local Ray cluster, calls
+  :func:`drive` and prints a report;
+* on Kubernetes the operator submits ``llmtrain driver`` as a Ray job on the job's head
+  (Ray's Jobs API); :func:`run_submitted` joins that cluster, serves the run's
+  :class:`~llmtrain.api.progress.RunSnapshot` to the operator and calls :func:`drive`.
+  Anyone can run the same command by hand on any Ray cluster.
+
+The stages, one call per stage module::
+
+    prepare_data   collect → clean → tokenize → shard        (data/prepare.py)
+    train          train → validate → checkpoint, Ray Train   (trainer.py, train.py)
+    export         newest checkpoint → Hugging Face model     (export.py)
+"""
+
+from __future__ import annotations
+
+import functools
+import hmac
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from llmtrain.api.config import RuntimeConfig, runtime_config_from_spec
+from llmtrain.api.job import LLMTrainingJob
+from llmtrain.api.progress import (
+    RESULT_PREFIX,
+    CheckpointEntry,
+    DataInfo,
+    ProgressEvent,
+    RunFailure,
+    RunSnapshot,
+)
+from llmtrain.api.status import Reason
+
+log = logging.getLogger("llmtrain.driver")
+
+
+class DriverError(RuntimeError):
+    """The run stopped; :attr:`failure` says why and whether another attempt could help."""
+
+    def __init__(self, failure: RunFailure) -> None:
+        super().__init__(failure.message)
+        self.failure = failure
+
+
+# ------------------------------------------------------------------------------ where
+
+
+@dataclass
+class Place:
+    """What differs between the launchers: where local files and defaults go, how Ray is
+    reached, how much of each node a training worker takes."""
+
+    run_dir: Path  # local scratch: Ray Train's run directory, logs
+    output_prefix: str  # the default checkpoint/model location: <prefix>/checkpoints, /model
+    connect: Callable[[], None]  # start or join Ray: called once, right before training
+    cpus_per_worker: float
+    metrics_addr: str = "0.0.0.0"
+
+
+@dataclass
+class Reporter:
+    """The run's snapshot, updated by the stages; callbacks for a terminal display."""
+
+    snapshot: RunSnapshot = field(default_factory=RunSnapshot)
+    on_event: Callable[[ProgressEvent], None] | None = None
+    on_stage: Callable[[str], None] | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def stage(self, stage: str) -> None:
+        with self.lock:
+            self.snapshot.stage = stage
+            self.snapshot.updated = time.time()
+        if self.on_stage is not None:
+            self.on_stage(stage)
+
+    def event(self, event: ProgressEvent) -> None:
+        with self.lock:
+            self.snapshot.absorb(event)
+        if self.on_event is not None:
+            self.on_event(event)
+
+    def update(self, **changes: Any) -> None:
+        with self.lock:
+            for k, v in changes.items():
+                setattr(self.snapshot, k, v)
+            self.snapshot.updated = time.time()
+
+    def json(self) -> str:
+        with self.lock:
+            return self.snapshot.to_json()
+
+
+@dataclass
+class DriveResult:
+    snapshot: RunSnapshot
+    data_uri: str
+    storage_options: Any
+    unigram_cross_entropy: float
+    stage_seconds: dict[str, float]
+
+
+# ------------------------------------------------------------------------------ the run
+
+
+def drive(job: LLMTrainingJob, place: Place, report: Reporter) -> DriveResult:
+    """Every stage of ``job``, in order. Reruns are cheap: the data is reused when its
+    fingerprint matches and training resumes from the newest complete checkpoint."""
+    spec = job.spec
+    seconds: dict[str, float] = {}
+    checkpoints = spec.checkpoint.uri or f"{place.output_prefix}/checkpoints"
+    report.update(keep_last=spec.checkpoint.keep_last)
+
+    report.stage("data")
+    t0 = time.perf_counter()
+    data_uri, storage_options, unigram = prepare_data(job, report)
+    seconds["data"] = time.perf_counter() - t0
+
+    report.stage("training")
+    t0 = time.perf_counter()
+    data = report.snapshot.data
+    assert data is not None
+    cfg = runtime_config_from_spec(spec, vocab_size=data.vocab_size, checkpoint_uri=checkpoints)
+    train(job, cfg, data_uri, storage_options, place, report)
+    seconds["training"] = time.perf_counter() - t0
+
+    report.stage("export")
+    t0 = time.perf_counter()
+    export(job, checkpoints, data_uri, storage_options, place, report)
+    seconds["export"] = time.perf_counter() - t0
+
+    report.stage("done")
+    return DriveResult(report.snapshot, data_uri, storage_options, unigram, seconds)
+
+
+def prepare_data(job: LLMTrainingJob, report: Reporter) -> tuple[str, Any, float]:
+    """collect → clean → tokenize → shard (reused when the fingerprint matches); the data
+    URI, its storage options and the validation split's unigram cross-entropy."""
+    from llmtrain.runtime.data.prepare import PrepareConfig, PrepareError, prepare
+    from llmtrain.runtime.run import RunError, unigram_cross_entropy
+
+    cfg = PrepareConfig.from_spec(job.spec, None)
+    try:
+        prepared = prepare(cfg, log=lambda m: log.info("data: %s", m))
+    except (PrepareError, ValueError) as e:  # a missing source, unreadable data: no retry helps
+        raise DriverError(RunFailure(Reason.DataError.value, f"data: {e}", permanent=True)) from e
+    manifest = prepared.manifest
+    data_uri = prepared.manifest_uri.rsplit("/", 1)[0]
+    report.update(
+        data=DataInfo(
+            manifest_uri=prepared.manifest_uri,
+            train_tokens=manifest.split_tokens("train"),
+            validation_tokens=manifest.split_tokens("validation"),
+            vocab_size=manifest.tokenizer.vocab_size,
+            reused=prepared.reused,
+        )
+    )
+    try:
+        unigram = unigram_cross_entropy(manifest, data_uri, cfg.s3)
+    except (ValueError, RunError) as e:  # a shard that does not match its manifest, no validation split
+        raise DriverError(RunFailure(Reason.DataError.value, f"data: {e}", permanent=True)) from e
+    return data_uri, cfg.s3, unigram
+
+
+def train(
+    job: LLMTrainingJob,
+    cfg: RuntimeConfig,
+    data_uri: str,
+    storage_options: Any,
+    place: Place,
+    report: Reporter,
+) -> None:
+    """train → validate → checkpoint on Ray Train. Resumes from the newest complete
+    checkpoint by itself; rank 0's events reach ``report`` through a Ray queue."""
+    from llmtrain.runtime.checkpoint import Lineage
+    from llmtrain.runtime.trainer import LaunchOptions, launch
+
+    spec = job.spec
+    lineage = Lineage(cfg.train.checkpoint_uri or "", keep_last=cfg.train.checkpoint_keep_last)
+    for step in lineage.complete_steps()[-cfg.train.checkpoint_keep_last :]:
+        report.snapshot.add_checkpoint(CheckpointEntry(step, lineage.uri_of(step)))
+    latest = report.snapshot.latest_checkpoint
+    if latest is not None:
+        report.update(resumed_from=latest)
+        if report.on_stage is not None:
+            report.on_stage(f"resume from step {latest.step}")
+    place.connect()
+    from llmtrain.runtime.run import EventQueue, _put_event, make_shard_loader
+
+    events = EventQueue()
+    options = LaunchOptions(
+        gpus_per_worker=spec.resources.gpus_per_worker,
+        cpus_per_worker=place.cpus_per_worker,
+        max_failures=spec.backoff_limit,
+        storage_path=str(place.run_dir / "ray"),
+        run_name="train",
+        namespace=job.metadata.namespace or "default",
+        job=job.metadata.name,
+        metrics_addr=place.metrics_addr,
+        # S3 checkpoints find their endpoint the standard boto3 way.
+        env=tuple(
+            (k, v)
+            for k, v in (
+                ("AWS_ENDPOINT_URL", spec.storage.endpoint),
+                ("AWS_DEFAULT_REGION", spec.storage.region),
+            )
+            if v
+        ),
+    )
+    errors: list[BaseException] = []
+
+    def fit() -> None:
+        try:
+            launch(
+                cfg,
+                functools.partial(make_shard_loader, data_uri, storage_options),
+                on_progress=functools.partial(_put_event, events.queue),
+                options=options,
+            )
+        except BaseException as e:  # re-raised in the caller's thread
+            errors.append(e)
+
+    thread = threading.Thread(target=fit, name="llmtrain-fit", daemon=True)
+    thread.start()
+    done = False
+    while not done:
+        done = not thread.is_alive()  # drain once more after the thread ends
+        for event in events.drain(timeout=0.01 if done else 0.5):
+            report.event(event)
+    if errors:
+        raise DriverError(classify(errors[0], has_checkpoint=report.snapshot.latest_checkpoint is not None))
+    # The lineage, not the events, says what exists (a resumed run that was already done
+    # trains no step and reports no checkpoint).
+    complete = lineage.complete_steps()
+    if not complete:
+        raise DriverError(
+            RunFailure(
+                Reason.RunFailed.value,
+                f"training wrote no checkpoint under {cfg.train.checkpoint_uri}",
+                False,
+            )
+        )
+    if report.snapshot.latest_checkpoint is None or report.snapshot.latest_checkpoint.step != complete[-1]:
+        report.snapshot.add_checkpoint(CheckpointEntry(complete[-1], lineage.uri_of(complete[-1])))
+
+
+def export(
+    job: LLMTrainingJob, checkpoints: str, data_uri: str, storage_options: Any, place: Place, report: Reporter
+) -> None:
+    """The newest complete checkpoint → a Hugging Face Llama directory: ``spec.export.uri``,
+    else ``<output prefix>/model``."""
+    from llmtrain.runtime.export import ExportError, export_checkpoint, export_for_job, tokenizer_from_data
+
+    spec = job.spec
+    try:
+        uri = export_for_job(spec, checkpoints, s3=storage_options)
+        if uri is None:
+            uri = f"{place.output_prefix}/model"
+            tokenizer = tokenizer_from_data(data_uri, storage_options)
+            export_checkpoint(checkpoints, uri, tokenizer, job=spec, s3=storage_options)
+    except ExportError as e:
+        raise DriverError(RunFailure(Reason.InvalidSpec.value, f"export: {e}", permanent=True)) from e
+    report.update(export_uri=uri)
+
+
+def classify(error: BaseException, *, has_checkpoint: bool) -> RunFailure:
+    """Why training failed, from the exception Ray Train raised (the worker's error is in
+    its cause chain or its ``worker_failures``)."""
+    from llmtrain.runtime.data.loader import LoaderError
+    from llmtrain.runtime.train import NonFiniteError
+    from llmtrain.runtime.trainer import InsufficientResourcesError
+
+    for e in _causes(error):
+        if isinstance(e, NonFiniteError):
+            # From a checkpoint another attempt may get past it (data order, a restart);
+            # without one it would only repeat.
+            return RunFailure(Reason.NonFiniteLoss.value, str(e), permanent=not has_checkpoint)
+        if isinstance(e, LoaderError | ValueError):  # bad shards, a spec the data cannot train
+            return RunFailure(Reason.DataError.value, str(e), permanent=True)
+        if isinstance(e, InsufficientResourcesError):
+            return RunFailure(Reason.InsufficientResources.value, str(e), permanent=False)
+    return RunFailure(Reason.RunFailed.value, f"training failed: {error}", permanent=False)
+
+
+def _causes(error: BaseException) -> list[BaseException]:
+    out: list[BaseException] = []
+    todo = [error]
+    while todo and len(out) < 50:
+        e = todo.pop(0)
+        if e in out:
+            continue
+        out.append(e)
+        todo += [c for c in (e.__cause__, e.__context__) if c is not None]
+        todo += [
+            c for c in (getattr(e, "worker_failures", None) or {}).values() if isinstance(c, BaseException)
+        ]
+    return out
+
+
+# ----------------------------------------------------------- launched as a Ray job
+
+
+PROGRESS_PATH = "/progress"
+
+
+class ProgressServer:
+    """``GET /progress`` → the run's snapshot as JSON, for the operator, behind the job's
+    Ray token (``Authorization: Bearer``; 401 without it, 403 with another).
+
+    The operator pulls (KubeRay's way for job state) rather than the driver pushing: the
+    operator makes every connection, so no endpoint of the control plane is reachable from
+    pods that run user code, the poll rate is the operator's to bound, and a lost read loses
+    nothing (each answer is the whole snapshot). One GET of ~2 KB per job per resync.
+    The standard library's threaded server: one path, one header, no framework needed.
+    """
+
+    def __init__(self, report: Reporter, token: str, host: str, port: int) -> None:
+        reporter, expected = report, f"Bearer {token}".encode()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                given = (self.headers.get("Authorization") or "").encode()
+                if self.path != PROGRESS_PATH:
+                    self._send(404, b'{"error":"not found"}')
+                elif not given:
+                    self._send(401, b'{"error":"missing token"}')
+                elif not hmac.compare_digest(given, expected):
+                    self._send(403, b'{"error":"wrong token"}')
+                else:
+                    self._send(200, reporter.json().encode())
+
+            def _send(self, code: int, body: bytes) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:  # one line per poll: none
+                pass
+
+        ThreadingHTTPServer.allow_reuse_address = True
+        self.server = ThreadingHTTPServer((host, port), Handler)
+        self.port = int(self.server.server_address[1])
+        self.thread = threading.Thread(target=self.server.serve_forever, name="progress", daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def output_prefix(job: LLMTrainingJob) -> str:
+    """Where a job's outputs go when the spec names no place for them: beside its
+    checkpoints (``s3://b/jobs/x/checkpoints`` → ``s3://b/jobs/x``)."""
+    uri = job.spec.checkpoint.uri
+    if not uri:
+        raise DriverError(
+            RunFailure(
+                Reason.InvalidSpec.value,
+                "spec.checkpoint.uri is required on a Ray cluster (the workers share no disk): "
+                "set it to an s3:// prefix",
+                permanent=True,
+            )
+        )
+    return uri.rstrip("/").rsplit("/", 1)[0]
+
+
+def run_submitted(
+    job: LLMTrainingJob, *, submission_id: str | None, progress_host: str, progress_port: int | None
+) -> int:
+    """``llmtrain driver``: join the Ray cluster this process runs on, serve progress, run
+    every stage, print the final snapshot (the operator reads it from the job's log), copy
+    the log next to the job's outputs. Exit code 0 on success, 2 on a permanent failure
+    (the operator does not retry), 1 otherwise."""
+    report = Reporter(RunSnapshot(submission_id=submission_id))
+    token = os.environ.get("RAY_AUTH_TOKEN", "")
+    server = None
+    if progress_port is not None:
+        if not token:
+            print("llmtrain driver: RAY_AUTH_TOKEN is unset; progress is not served", file=sys.stderr)
+        else:
+            server = ProgressServer(report, token, progress_host, progress_port)
+            print(f"llmtrain driver: progress on {progress_host}:{server.port}{PROGRESS_PATH}", flush=True)
+    code = 1
+    try:
+        prefix = output_prefix(job)
+        run_dir = Path(
+            os.environ.get("LLMTRAIN_RUN_DIR") or Path.home() / "llmtrain-runs" / job.metadata.name
+        )
+        run_dir.mkdir(parents=True, exist_ok=True)
+        place = Place(
+            run_dir=run_dir,
+            output_prefix=prefix,
+            connect=_join_ray,
+            cpus_per_worker=_worker_cpus(job),
+        )
+        drive(job, place, report)
+        code = 0
+    except DriverError as e:
+        report.update(stage="failed", failure=e.failure)
+        code = 2 if e.failure.permanent else 1
+        print(f"llmtrain driver: {e.failure.reason}: {e.failure.message}", file=sys.stderr, flush=True)
+    except Exception as e:  # anything else: retriable, with its traceback in the log
+        log.exception("the run failed")
+        report.update(stage="failed", failure=RunFailure(Reason.RunFailed.value, str(e)[:2000], False))
+    finally:
+        print(RESULT_PREFIX + report.json(), flush=True)
+        _copy_log(job, submission_id)
+        if server is not None:
+            server.close()
+    return code
+
+
+def _join_ray() -> None:
+    """Join the Ray cluster the driver was submitted to (RAY_ADDRESS, set by Ray's job supervisor)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="auto", log_to_driver=True)
+
+
+def _worker_cpus(job: LLMTrainingJob) -> float:
+    """A worker takes its whole pod's CPUs (the pod runs nothing else)."""
+    from llmtrain.operator.manifests import ray_num_cpus
+
+    return float(ray_num_cpus(job.spec.resources.worker.cpu))
+
+
+def _copy_log(job: LLMTrainingJob, submission_id: str | None) -> None:
+    """The driver's log (Ray keeps it on the head, which goes with the cluster) →
+    ``<output prefix>/logs/<submission id>.log``. Best effort: never the reason a run fails."""
+    try:
+        from llmtrain.runtime.data.storage import S3Options, open_storage
+        from llmtrain.runtime.ray_local import session_logs_dir
+
+        logs = session_logs_dir()
+        if logs is None or submission_id is None:
+            return
+        path = logs / f"job-driver-{submission_id}.log"
+        if not path.exists():
+            return
+        sys.stdout.flush()
+        store = open_storage(f"{output_prefix(job)}/logs", S3Options.from_spec(job.spec.storage))
+        store.put(f"{submission_id}.log", path.read_bytes())
+        print(f"llmtrain driver: log copied to {output_prefix(job)}/logs/{submission_id}.log", flush=True)
+    except Exception as e:
+        print(f"llmtrain driver: cannot copy the log: {e}", file=sys.stderr, flush=True)
+
+
+def load_job(path: str | None, env: str | None) -> LLMTrainingJob:
+    """The job from ``--spec FILE`` or from the environment variable ``--spec-env`` names
+    (what the operator submits: the spec travels with the Ray job)."""
+    import yaml
+
+    if env:
+        text = os.environ.get(env)
+        if text is None:
+            raise ValueError(f"--spec-env {env}: the variable is not set")
+        docs = [yaml.safe_load(text)]
+    elif path:
+        from llmtrain.api.job import read_manifests
+
+        docs = [d for d in read_manifests(Path(path)) if d.get("kind") == "LLMTrainingJob"]
+    else:
+        raise ValueError("give --spec FILE or --spec-env NAME")
+    if len(docs) != 1:
+        raise ValueError(f"expected exactly one LLMTrainingJob, found {len(docs)}")
+    return LLMTrainingJob.model_validate(docs[0])

@@ -1,0 +1,146 @@
+"""A real local Ray cluster standing in for a job's KWOK pods (which run no processes).
+
+``ray start --head`` on 127.0.0.1 with the dashboard (Ray's Jobs API) and token auth
+(``RAY_AUTH_MODE=token``), as the head pod runs it; the operator reaches it through its
+head resolver (``--ray-head-host 127.0.0.1 --ray-dashboard-port … --ray-progress-port …``)
+and the job's Secret holds the same token (the operator's ``--ray-token-file``).
+
+Used by the operator integration tests and ``make k8s-demo``; run it by hand with
+``python -m tests.raystandin`` (prints the addresses, stops on Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RayStandIn:
+    """One Ray head (and its CPUs as the worker nodes) on loopback, token-authenticated."""
+
+    def __init__(self, num_cpus: int = 2, token: str | None = None, workdir: Path | None = None) -> None:
+        self.num_cpus = num_cpus
+        self.token = token or secrets.token_hex(32)
+        # Short: Ray's unix socket paths under it must stay below 108 bytes.
+        self.tmp = Path(tempfile.mkdtemp(prefix="rsi-", dir="/tmp"))
+        self.workdir = workdir or self.tmp
+        self.gcs_port = free_port()
+        self.dashboard_port = free_port()
+        self.progress_port = free_port()
+        self.token_file = self.workdir / "ray-token"
+        self.token_file.write_text(self.token)
+
+    @property
+    def dashboard(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def env(self) -> dict[str, str]:
+        bindir = str(Path(sys.executable).parent)
+        return {
+            **os.environ,
+            # The driver runs `llmtrain driver` from the job's entrypoint: the venv's bin first.
+            "PATH": f"{bindir}:{os.environ.get('PATH', '')}",
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": self.token,
+            # Every Ray socket on loopback (see llmtrain.runtime.ray_local).
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
+            "RAY_TMPDIR": str(self.tmp),
+            "LLMTRAIN_RUN_DIR": str(self.workdir / "driver-runs"),
+        }
+
+    def ray(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        ray_bin = str(Path(sys.executable).parent / "ray")
+        return subprocess.run(
+            [ray_bin, *args], env=self.env(), capture_output=True, text=True, timeout=timeout, cwd=self.tmp
+        )
+
+    def start(self) -> RayStandIn:
+        r = self.ray(
+            "start",
+            "--head",
+            "--node-ip-address=127.0.0.1",
+            f"--port={self.gcs_port}",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={self.dashboard_port}",
+            f"--num-cpus={self.num_cpus}",
+            "--num-gpus=0",
+            f"--temp-dir={self.tmp}",
+            "--disable-usage-stats",
+        )
+        if r.returncode != 0:
+            raise RuntimeError(f"ray start failed:\n{r.stdout}\n{r.stderr}")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                self.get("/api/jobs/")
+                return self
+            except (OSError, urllib.error.HTTPError):
+                time.sleep(0.5)
+        raise RuntimeError("the Ray dashboard did not answer within 60 s")
+
+    def stop(self) -> None:
+        self.ray("stop", "--force", timeout=60)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    # ---- the Jobs API, as a user (or a test) calls it
+
+    def get(self, path: str, token: str | None = "") -> Any:
+        headers = {} if token is None else {"Authorization": f"Bearer {token or self.token}"}
+        req = urllib.request.Request(self.dashboard + path, headers=headers)
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.loads(r.read())
+
+    def jobs(self) -> list[dict[str, Any]]:
+        """Every Ray job this head has run (submissions, by submission_id)."""
+        return [j for j in self.get("/api/jobs/") if j.get("submission_id")]
+
+    def kill_head(self) -> None:
+        """SIGKILL the head's processes (GCS, raylet, dashboard, driver): a lost head pod."""
+        subprocess.run(["pkill", "-9", "-f", str(self.tmp)], check=False)
+
+
+def main() -> None:
+    standin = RayStandIn().start()
+    print(
+        json.dumps(
+            {
+                "dashboard": standin.dashboard,
+                "progress_port": standin.progress_port,
+                "token_file": str(standin.token_file),
+            }
+        ),
+        flush=True,
+    )
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        while True:
+            time.sleep(3600)
+    except (KeyboardInterrupt, SystemExit):
+        pass
+    finally:
+        standin.stop()
+
+
+if __name__ == "__main__":
+    main()
