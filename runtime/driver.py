@@ -385,6 +385,14 @@ def run_submitted(
     the log next to the job's outputs. Exit code 0 on success, 2 on a permanent failure
     (the operator does not retry), 1 otherwise."""
     report = Reporter(RunSnapshot(submission_id=submission_id))
+    # Checkpoints find their S3 endpoint the standard boto3 way, in this process as in the
+    # workers (LaunchOptions.env); a pod has these from the operator, a hand-run may not.
+    for key, value in (
+        ("AWS_ENDPOINT_URL", job.spec.storage.endpoint),
+        ("AWS_DEFAULT_REGION", job.spec.storage.region),
+    ):
+        if value:
+            os.environ.setdefault(key, value)
     token = os.environ.get("RAY_AUTH_TOKEN", "")
     server = None
     if progress_port is not None:
@@ -445,8 +453,11 @@ def _copy_log(job: LLMTrainingJob, submission_id: str | None) -> None:
         from llmtrain.runtime.data.storage import S3Options, open_storage
         from llmtrain.runtime.ray_local import session_logs_dir
 
+        if submission_id is None:
+            return
+        _join_ray()  # a run that failed before training never joined: Ray knows where its log is
         logs = session_logs_dir()
-        if logs is None or submission_id is None:
+        if logs is None:
             return
         path = logs / f"job-driver-{submission_id}.log"
         if not path.exists():

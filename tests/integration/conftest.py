@@ -35,6 +35,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "cluster"))
+# `tests.*` importable when only this folder (no __init__.py) is collected; appended, so the
+# repository's operator/ folder never shadows the standard library's `operator`.
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))
 
 import controlplane  # noqa: E402
 

@@ -1,0 +1,277 @@
+# ruff: noqa: F811  (pytest fixtures imported from other modules are redefined as arguments)
+"""``kubectl apply`` → a trained, exported model: the operator submits the run to the job's
+Ray head, mirrors its progress into status, and ends the job from the run's outcome.
+
+Real everything: the control plane with KWOK nodes for the pods (tests/cluster), a real
+local Ray cluster standing in for their processes (tests/raystandin.py: `ray start --head`
+with the dashboard and ``RAY_AUTH_MODE=token``), moto's S3 server for data, checkpoints,
+logs and the export, the operator as a subprocess, `transformers` on the export.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_operator_lifecycle import PLURAL, Api, Operator, crds  # noqa: F401 (fixture)
+
+from tests.data.datahelpers import S3Server, s3_server  # noqa: F401 (fixture)
+from tests.raystandin import RayStandIn
+
+Cluster = Any
+pytestmark = [pytest.mark.cluster, pytest.mark.ray]
+
+BUCKET = "llmtrain"
+
+
+@pytest.fixture(scope="module")
+def corpus(s3_server: S3Server) -> str:
+    """~150 KB of English-ish text in S3: the standard library's email package source."""
+    import email
+
+    s3 = s3_server.client()
+    for b in ("corpus", BUCKET):
+        s3.create_bucket(Bucket=b)
+    for i, f in enumerate(sorted(Path(email.__file__).parent.glob("*.py"))):
+        s3.put_object(Bucket="corpus", Key=f"text/{i:03d}.txt", Body=f.read_bytes())
+    return "s3://corpus/text/"
+
+
+@pytest.fixture(scope="module")
+def standin(s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayStandIn]:
+    # After s3_server: the Ray processes inherit its (dummy) credentials, as pods get them.
+    s = RayStandIn(num_cpus=2, workdir=tmp_path_factory.mktemp("standin")).start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def run_operator(
+    cluster: Cluster,
+    namespace: str,
+    crds: None,
+    tmp_path: Path,
+    standin: RayStandIn,
+) -> Iterator[Operator]:
+    op = Operator(
+        cluster,
+        namespace,
+        tmp_path,
+        extra=(
+            "--ray-head-host",
+            "127.0.0.1",
+            "--ray-dashboard-port",
+            str(standin.dashboard_port),
+            "--ray-progress-port",
+            str(standin.progress_port),
+            "--ray-token-file",
+            str(standin.token_file),
+        ),
+    )
+    op.start()
+    yield op
+    if op.proc is None:
+        op.start()
+    cluster.kubectl("delete", PLURAL, "--all", "-n", namespace, "--wait=true", "--timeout=60s", check=False)
+    op.kill(signal.SIGTERM)
+
+
+@pytest.fixture
+def api(cluster: Cluster, namespace: str) -> Api:
+    return Api(cluster, namespace)
+
+
+def tiny_job(name: str, source: str, endpoint: str, **over: Any) -> dict[str, Any]:
+    """A job that trains in ~20 s on the stand-in: 2 layers × 64, 120 steps, S3 everything."""
+    prefix = f"s3://{BUCKET}/{name}"
+    spec: dict[str, Any] = {
+        "data": {
+            "sources": [{"name": "text", "s3": {"uri": source, "format": "text"}}],
+            "tokenizer": {"train": {"vocabSize": 512}},
+            "outputUri": f"{prefix}/data",
+            "validationFraction": 0.05,
+        },
+        "model": {
+            "architecture": {"layers": 2, "dModel": 64, "heads": 4, "contextLength": 64},
+            "init": {"random": {"seed": 0}},
+        },
+        "training": {
+            "optimizer": {"type": "adamw", "lr": 0.003},
+            "batch": {"globalBatchSize": 8, "microBatchSize": 8},
+            "duration": {"maxSteps": 120},
+            "logEverySteps": 5,
+        },
+        "validation": {"everySteps": 40, "batches": 2},
+        "checkpoint": {"uri": f"{prefix}/checkpoints", "everySteps": 40, "keepLast": 2},
+        "export": {"uri": f"{prefix}/model"},
+        "storage": {"endpoint": endpoint, "region": "us-east-1"},
+        "resources": {"workers": 1, "worker": {"cpu": "1", "memory": "2Gi"}},
+        "backoffLimit": 1,
+    }
+    for k, v in over.items():
+        spec[k] = v
+    return {
+        "apiVersion": "llmtrain.dev/v1alpha1",
+        "kind": "LLMTrainingJob",
+        "metadata": {"name": name},
+        "spec": spec,
+    }
+
+
+def _why(st: dict[str, Any], op: Operator) -> str:
+    conds = "\n".join(
+        f"{c['type']}={c['status']} {c['reason']}: {c['message']}" for c in st.get("conditions", [])
+    )
+    return f"{conds}\n--- operator log ---\n{op.log()[-3000:]}"
+
+
+def _sample_progress(api: Api, name: str, timeout: float) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Status samples while the job runs (distinct steps), then the final status."""
+    samples: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        st = api.status(name)
+        if st.get("phase") in ("Succeeded", "Failed"):
+            return samples, st
+        step = (st.get("progress") or {}).get("step")
+        if st.get("phase") == "Training" and step and all(s["progress"]["step"] != step for s in samples):
+            samples.append(st)
+        time.sleep(0.2)
+    raise AssertionError(f"{name} did not finish in {timeout}s: {api.status(name)}")
+
+
+def test_apply_trains_exports_and_mirrors_progress(
+    api: Api, run_operator: Operator, standin: RayStandIn, corpus: str, s3_server: S3Server, tmp_path: Path
+) -> None:
+    api.create(tiny_job("tiny", corpus, s3_server.endpoint))
+    samples, st = _sample_progress(api, "tiny", timeout=300)
+    assert st["phase"] == "Succeeded", _why(st, run_operator)
+
+    # ---- live progress: at least two samples with different steps, each with figures
+    assert len(samples) >= 2, f"progress was seen at {len(samples)} distinct steps only"
+    for s in samples:
+        assert 0 < s["progress"]["step"] <= 120 and s["progress"]["totalSteps"] == 120
+        assert s["metrics"]["trainLoss"] > 0 and s["metrics"]["tokensPerSecond"] > 0
+        assert s["progress"].get("eta")
+    assert any("valPerplexity" in s["metrics"] for s in samples) or "valPerplexity" in st["metrics"]
+
+    # ---- final status: metrics, data, lineage, export
+    assert st["progress"]["step"] == 120 and st["progress"]["percent"] == 100
+    assert st["metrics"]["valPerplexity"] > 1 and 0 <= st["metrics"]["valAccuracy"] <= 1
+    assert st["data"]["manifestUri"] == f"s3://{BUCKET}/tiny/data/manifest.json"
+    assert st["data"]["trainTokens"] > 0 and st["data"]["validationTokens"] > 0
+    lineage = st["checkpoint"]["lineage"]
+    assert [c["step"] for c in lineage] == [80, 120]  # keepLast: 2
+    assert st["checkpoint"]["latestStep"] == 120 and st["checkpoint"]["latestUri"] == lineage[-1]["uri"]
+    assert all("valLoss" in c and c["time"].endswith("Z") for c in lineage)
+    assert st["exportUri"] == f"s3://{BUCKET}/tiny/model"
+    assert st["attempt"] == 1 and st["restarts"] == 0
+    assert st["rayJob"] == {"submissionId": "tiny-1", "status": "SUCCEEDED"}
+    conds = {c["type"]: c for c in st["conditions"]}
+    assert conds["Succeeded"]["status"] == "True" and conds["DataReady"]["status"] == "True"
+
+    # ---- one Ray job for the one attempt; the pods are gone at once (GPUs freed)
+    assert [j["submission_id"] for j in standin.jobs() if j["submission_id"].startswith("tiny-")] == [
+        "tiny-1"
+    ]
+    api.wait(lambda: not api.pods("tiny"), "Ray pods deleted after success", timeout=30)
+
+    # ---- kubectl get ltj: the printer columns filled
+    out = api.c.kubectl("get", "ltj", "tiny", "-n", api.ns).stdout
+    header, row = out.splitlines()[:2]
+    cols = dict(zip(header.split(), row.split(), strict=False))
+    assert cols["PHASE"] == "Succeeded" and cols["STEP"] == "120" and cols["PROGRESS"] == "100"
+    assert float(cols["LOSS"]) > 0 and float(cols["VAL"]) > 1  # "VAL PPL" splits in two
+
+    # ---- the driver's log outlived the cluster
+    log = s3_server.client().get_object(Bucket=BUCKET, Key="tiny/logs/tiny-1.log")["Body"].read().decode()
+    assert "LLMTRAIN_RESULT" in log
+
+    # ---- the export loads with transformers; its greedy output equals llmtrain generate's
+    _assert_export_matches_generate(s3_server, f"s3://{BUCKET}/tiny/model", tmp_path)
+
+
+def _assert_export_matches_generate(s3: S3Server, model_uri: str, tmp: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    env = {"AWS_ENDPOINT_URL": s3.endpoint}
+    import os
+
+    r = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "llmtrain"),
+            "generate",
+            "--model",
+            model_uri,
+            "--prompt",
+            "def ",
+            "--max-tokens",
+            "12",
+            "--temperature",
+            "0",
+            "--ids",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    ours = json.loads(r.stdout)
+    local = tmp / "model"
+    client = s3.client()
+    bucket, _, prefix = model_uri[len("s3://") :].partition("/")
+    for obj in client.list_objects_v2(Bucket=bucket, Prefix=prefix + "/")["Contents"]:
+        dest = local / obj["Key"][len(prefix) + 1 :]
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        client.download_file(bucket, obj["Key"], str(dest))
+    model = AutoModelForCausalLM.from_pretrained(local)
+    prompt = torch.tensor([ours["prompt"]])
+    hf = model.generate(prompt, max_new_tokens=len(ours["new"]), do_sample=False, pad_token_id=0)
+    assert hf[0, prompt.shape[1] :].tolist() == ours["new"]
+
+
+def test_submission_without_the_token_is_refused(standin: RayStandIn) -> None:
+    body = json.dumps({"entrypoint": "echo pwned", "submission_id": "intruder-1"}).encode()
+    for headers in ({}, {"Authorization": "Bearer " + "0" * 64}):
+        req = urllib.request.Request(
+            standin.dashboard + "/api/jobs/",
+            data=body,
+            headers={"Content-Type": "application/json", **headers},
+        )
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=10)
+        assert e.value.code in (401, 403)
+    assert "intruder-1" not in [j["submission_id"] for j in standin.jobs()]
+
+
+def test_missing_source_fails_at_once_with_the_reason_and_the_log(
+    api: Api, run_operator: Operator, standin: RayStandIn, corpus: str, s3_server: S3Server
+) -> None:
+    job = tiny_job("nodata", "s3://corpus/no-such-prefix/", s3_server.endpoint)
+    api.create(job)
+    st = api.wait_phase("nodata", "Failed", timeout=180)
+    failed = api.cond("nodata", "Failed")
+    assert failed["reason"] == "DataError", failed
+    assert "no-such-prefix" in failed["message"]
+    assert "driver log, last lines" in failed["message"]  # the log tail rides along
+    assert st["restarts"] == 0 and st["attempt"] == 1  # permanent: no retry
+    assert [j["submission_id"] for j in standin.jobs() if j["submission_id"].startswith("nodata-")] == [
+        "nodata-1"
+    ]
+    reasons = [e.reason for e in api.events("nodata")]
+    assert "DataError" in reasons
+    log = s3_server.client().get_object(Bucket=BUCKET, Key="nodata/logs/nodata-1.log")["Body"].read().decode()
+    assert "no-such-prefix" in log
