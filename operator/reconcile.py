@@ -550,9 +550,11 @@ class Reconciler:
         sid = rj.submission_id(name, int(st.get("attempt") or 1))
         head = rj.head_of(self.settings, ns, name)
         ray_job: dict[str, Any] = dict(st.get("rayJob") or {})
+        if ray_job.get("submissionId") != sid:  # a new attempt: nothing submitted yet
+            ray_job = {"submissionId": sid}
         try:
             token = self._ray_token(ns, name, uid)
-            if ray_job.get("submissionId") != sid:
+            if not ray_job.get("status"):  # status is set once the head took the job
                 doc = m.spec_document(self._model(body))
                 created = self.ray.submit(head, token, rj.submission(doc, sid, self.settings.progress_port))
                 st["rayJob"] = {"submissionId": sid, "status": "PENDING"}
@@ -681,8 +683,7 @@ class Reconciler:
             return
         if "unreachableSince" not in ray_job:
             ray_job["unreachableSince"] = rfc3339(now)
-        if ray_job.get("submissionId"):
-            st["rayJob"] = ray_job
+        st["rayJob"] = ray_job
         out.requeue = f"the Ray head does not answer ({waited:.0f}s of {limit:.0f}s): {error}"
 
     def _stop_ray_job(self, meta: Mapping[str, Any], st: Mapping[str, Any], out: Outcome) -> None:

@@ -287,9 +287,9 @@ class RunSnapshot:
         """The ``status`` fields this snapshot fills (camelCase): progress, metrics,
         checkpoint lineage, data and export. Unknown values are left out."""
         patch: dict[str, Any] = self.progress.status_patch() if self.progress is not None else {}
-        patch.pop("checkpoint", None)  # the lineage below says it, only from complete checkpoints
         if self.best_val_loss is not None:
             patch.setdefault("metrics", {})["bestValLoss"] = round(self.best_val_loss, 4)
+        # Only complete checkpoints (the lineage), never a progress event's checkpoint field.
         checkpoint: dict[str, Any] = {"lineage": [c.status() for c in self.checkpoints]}
         latest = self.latest_checkpoint
         if latest is not None:

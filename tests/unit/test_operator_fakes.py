@@ -217,3 +217,66 @@ def test_fake_api_conflict_and_uid_guarded_delete() -> None:
     assert e.value.status == 409
     assert api.delete("Pod", "n", "p", uid="other") is False
     assert api.delete("Pod", "n", "p", uid=created["metadata"]["uid"]) is True
+
+
+class FakeRayJobs:
+    """Ray's Jobs API and the driver's progress endpoint of one head, in memory
+    (:class:`~llmtrain.operator.rayjobs.RayJobs`'s interface). ``down`` makes every call
+    fail as a head that does not answer — the state right after the pods turn Running."""
+
+    def __init__(self, down: bool = True) -> None:
+        from llmtrain.operator.rayjobs import JobInfo
+
+        self.JobInfo = JobInfo
+        self.down = down
+        self.jobs: dict[str, Any] = {}  # submission id → JobInfo
+        self.posts: list[str] = []  # every submission POST, created or not
+        self.bodies: dict[str, dict[str, Any]] = {}
+        self.tokens: list[str] = []
+        self.snapshot: Any = None  # RunSnapshot the driver serves, None: not serving
+        self.logs_text: dict[str, str] = {}
+        self.stopped: list[str] = []
+
+    def _check(self, token: str) -> None:
+        from llmtrain.operator.rayjobs import HeadError
+
+        if self.down:
+            raise HeadError("connection refused")
+        self.tokens.append(token)
+
+    def submit(self, head: Any, token: str, body: dict[str, Any]) -> bool:
+        self._check(token)
+        sid = body["submission_id"]
+        self.posts.append(sid)
+        if sid in self.jobs:
+            return False
+        self.jobs[sid] = self.JobInfo("PENDING")
+        self.bodies[sid] = body
+        return True
+
+    def status(self, head: Any, token: str, sid: str) -> Any:
+        self._check(token)
+        return self.jobs.get(sid)
+
+    def progress(self, head: Any, token: str) -> Any:
+        from llmtrain.operator.rayjobs import HeadError
+
+        self._check(token)
+        if self.snapshot is None:
+            raise HeadError("connection refused (the driver is not serving yet)")
+        return self.snapshot
+
+    def logs(self, head: Any, token: str, sid: str) -> str:
+        self._check(token)
+        return self.logs_text.get(sid, "")
+
+    def stop(self, head: Any, token: str, sid: str) -> None:
+        self._check(token)
+        self.stopped.append(sid)
+        self.jobs[sid] = self.JobInfo("STOPPED")
+
+    def end(self, sid: str, status: str, log: str = "") -> None:
+        """The driver exits: the Ray job ends with ``status`` and ``log``."""
+        self.jobs[sid] = self.JobInfo(status)
+        self.logs_text[sid] = log
+        self.snapshot = None

@@ -24,6 +24,7 @@ from tests.unit.test_operator_fakes import (
     TAINT_MSG,
     UNSCHEDULABLE_MSG,
     FakeApi,
+    FakeRayJobs,
     job_body,
     set_all,
     set_status,
@@ -36,7 +37,8 @@ class Harness:
 
     def __init__(self, **top: Any) -> None:
         self.api = FakeApi()
-        self.rec = Reconciler(self.api, m.OperatorSettings(), token=lambda: "t" * 64)
+        self.ray = FakeRayJobs()
+        self.rec = Reconciler(self.api, m.OperatorSettings(), token=lambda: "t" * 64, ray=self.ray)  # type: ignore[arg-type]
         self.body = job_body(**top)
         self.now = NOW
         self.outs: list[Outcome] = []

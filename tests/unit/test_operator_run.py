@@ -1,0 +1,325 @@
+"""Reconcile step 8 — the training run as a Ray job — over the in-memory API and Jobs API,
+and the requests it sends (pure functions). The real head: tests/integration/test_operator_run.py."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import yaml
+from llmtrain.operator import rayjobs as rj
+from llmtrain.operator.manifests import OperatorSettings
+
+from llmtrain.api.progress import (
+    RESULT_PREFIX,
+    CheckpointEntry,
+    DataInfo,
+    ProgressEvent,
+    RunFailure,
+    RunSnapshot,
+    snapshot_from_log,
+)
+from llmtrain.api.status import ConditionType, Phase
+from tests.unit.test_operator_fakes import set_all, set_status
+from tests.unit.test_operator_reconcile import Harness
+
+TOKEN = "t" * 64
+
+
+def running(**top: object) -> Harness:
+    """A job whose Ray cluster is Ready and whose head answers."""
+    h = Harness(**top)
+    h.tick()
+    set_all(h.api, "running")
+    h.ray.down = False
+    return h
+
+
+def snapshot(step: int, stage: str = "training", **kw: object) -> RunSnapshot:
+    snap = RunSnapshot(stage=stage, submission_id="demo-1", keep_last=2)
+    snap.data = DataInfo("s3://bucket/data/manifest.json", 1000, 50, 512)
+    snap.absorb(
+        ProgressEvent(
+            step=step,
+            total_steps=10,
+            tokens=step * 100,
+            train_loss=3.0,
+            tokens_per_second=99.0,
+            eta_seconds=60.0,
+            time=1.8e9,
+        )
+    )
+    for k, v in kw.items():
+        setattr(snap, k, v)
+    return snap
+
+
+# --------------------------------------------------------------------------- submit
+
+
+def test_ready_cluster_submits_one_ray_job_with_the_jobs_token() -> None:
+    h = running()
+    out = h.tick(1)
+    assert h.ray.posts == ["demo-1"]
+    assert h.ray.tokens == [TOKEN]  # read from the job's Secret, not invented
+    body = h.ray.bodies["demo-1"]
+    assert body["entrypoint"].startswith("llmtrain driver --spec-env LLMTRAIN_SPEC --submission-id demo-1")
+    doc = yaml.safe_load(body["runtime_env"]["env_vars"]["LLMTRAIN_SPEC"])
+    assert (
+        doc["metadata"] == {"name": "demo", "namespace": "ns1"} and doc["spec"]["resources"]["workers"] == 2
+    )
+    assert h.status["rayJob"] == {"submissionId": "demo-1", "status": "PENDING"}
+    assert h.status["attempt"] == 1 and h.status["phase"] == Phase.Preprocessing
+    assert "RayJobSubmitted" in [e.reason for e in out.events]
+    for _ in range(3):
+        h.tick(1)
+    assert h.ray.posts == ["demo-1"]  # submitted once, then polled
+
+
+def test_an_operator_restart_between_post_and_status_write_submits_nothing_new() -> None:
+    h = running()
+    h.tick(1)
+    h.body["status"].pop("rayJob")  # the status write was lost with the operator
+    h.rec = type(h.rec)(h.api, OperatorSettings(), token=lambda: "x" * 64, ray=h.ray)  # type: ignore[arg-type]
+    out = h.tick(1)
+    assert h.ray.posts == ["demo-1", "demo-1"] and list(h.ray.jobs) == ["demo-1"]
+    assert any("found already submitted" in e.message for e in out.events)
+
+
+def test_progress_is_mirrored_into_status() -> None:
+    h = running()
+    h.tick(1)
+    h.ray.jobs["demo-1"] = h.ray.JobInfo("RUNNING")
+    snap = snapshot(4)
+    snap.add_checkpoint(CheckpointEntry(2, "s3://b/ck/step_2", 1.8e9, 3.5))
+    h.ray.snapshot = snap
+    h.tick(5)
+    st = h.status
+    assert st["phase"] == Phase.Training
+    assert st["progress"] == {
+        "step": 4,
+        "epoch": 0,
+        "tokensSeen": 400,
+        "totalSteps": 10,
+        "percent": 40.0,
+        "eta": "1m00s",
+    }
+    assert st["metrics"]["trainLoss"] == 3.0 and st["metrics"]["tokensPerSecond"] == 99.0
+    assert st["checkpoint"]["latestStep"] == 2 and st["checkpoint"]["lineage"][0]["valLoss"] == 3.5
+    assert st["data"]["trainTokens"] == 1000
+    assert h.cond(ConditionType.DataReady)["reason"] == "DataPrepared"
+    assert h.cond(ConditionType.Running)["reason"] == "TrainingRunning"
+    assert "step 4/10" in h.cond(ConditionType.Running)["message"]
+    h.ray.snapshot = snapshot(8)
+    h.tick(5)
+    assert h.status["progress"]["step"] == 8
+
+
+def test_success_keeps_the_final_snapshot_and_frees_the_pods() -> None:
+    h = running()
+    h.tick(1)
+    final = snapshot(10, stage="done", export_uri="s3://b/model")
+    h.ray.end("demo-1", "SUCCEEDED", "line 1\n" + RESULT_PREFIX + final.to_json() + "\n")
+    out = h.tick(5)
+    assert h.status["phase"] == Phase.Succeeded
+    assert h.status["exportUri"] == "s3://b/model" and h.status["progress"]["step"] == 10
+    assert h.cond(ConditionType.Succeeded)["status"] == "True"
+    assert h.api.names("Pod") == set()
+    assert "Completed" in [e.reason for e in out.events]
+
+
+def test_permanent_failure_fails_at_once_with_the_reason_and_log_tail() -> None:
+    h = running(backoffLimit=3)
+    h.tick(1)
+    failed = RunSnapshot(
+        stage="failed", failure=RunFailure("DataError", "data: no objects under s3://x/", True)
+    )
+    log = "\n".join(f"log line {i}" for i in range(40)) + "\n" + RESULT_PREFIX + failed.to_json()
+    h.ray.end("demo-1", "FAILED", log)
+    h.tick(5)
+    assert h.status["phase"] == Phase.Failed and h.status["restarts"] == 0
+    msg = h.cond(ConditionType.Failed)["message"]
+    assert h.cond(ConditionType.Failed)["reason"] == "DataError"
+    assert (
+        msg.startswith("data: no objects under s3://x/") and "log line 39" in msg and "log line 19" not in msg
+    )
+    assert RESULT_PREFIX not in msg
+    assert h.ray.posts == ["demo-1"]
+
+
+def test_retriable_failure_is_a_new_attempt_until_the_backoff_limit() -> None:
+    h = running(backoffLimit=1)
+    h.tick(1)
+    h.ray.end("demo-1", "FAILED", "Traceback ...\nRuntimeError: worker died\n")
+    out = h.tick(5)
+    assert out.restarted and h.status["attempt"] == 2 and h.status["restarts"] == 1
+    assert h.cond(ConditionType.Running)["reason"] == "Restarting"
+    assert h.api.names("Pod") == set()
+    h.tick(1)
+    set_all(h.api, "running")
+    h.tick(1)
+    assert h.ray.posts == ["demo-1", "demo-2"]
+    h.ray.end("demo-2", "FAILED", "again\n")
+    h.tick(5)
+    assert h.status["phase"] == Phase.Failed
+    assert h.cond(ConditionType.Failed)["reason"] == "RunFailed"
+    assert "spec.backoffLimit=1" in h.cond(ConditionType.Failed)["message"]
+
+
+def test_a_failed_poll_is_not_a_failed_job_until_the_timeout() -> None:
+    h = running()
+    h.tick(1)
+    h.ray.down = True
+    out = h.tick(5)
+    assert h.status["phase"] == Phase.Preprocessing and h.status["rayJob"]["unreachableSince"]
+    assert out.requeue and "does not answer" in out.requeue
+    h.tick(200)
+    assert h.status["attempt"] == 1
+    h.ray.down = False
+    h.tick(5)  # it answers again: the clock resets
+    assert "unreachableSince" not in h.status["rayJob"]
+    h.ray.down = True
+    h.tick(5)
+    out = h.tick(301)
+    assert out.restarted and h.status["attempt"] == 2
+    assert "did not answer for 301s" in h.cond(ConditionType.Running)["message"]
+
+
+def test_a_head_that_forgot_the_job_is_a_new_attempt() -> None:
+    h = running()
+    h.tick(1)
+    h.ray.jobs.clear()  # a new head process: the GCS lost its jobs
+    out = h.tick(5)
+    assert out.restarted and h.status["attempt"] == 2
+
+
+def test_suspend_stops_the_ray_job_before_deleting_pods_and_resume_is_a_new_attempt() -> None:
+    h = running()
+    h.tick(1)
+    h.ray.jobs["demo-1"] = h.ray.JobInfo("RUNNING")
+    h.body["spec"]["suspend"] = True
+    h.tick(1)
+    assert h.ray.stopped == ["demo-1"] and h.api.names("Pod") == set()
+    h.body["spec"]["suspend"] = False
+    h.tick(1)
+    assert h.status["attempt"] == 2
+    set_all(h.api, "running")
+    h.tick(1)
+    assert h.ray.posts == ["demo-1", "demo-2"]
+
+
+def test_worker_pod_failure_after_submission_still_restarts_when_the_head_fails() -> None:
+    h = running(backoffLimit=2)
+    h.tick(1)
+    set_status(h.api.pods()["demo-head"], "failed", exit_code=137)
+    out = h.tick(1)
+    assert out.restarted and h.status["attempt"] == 2
+
+
+# -------------------------------------------------------------------- pure functions
+
+
+def test_requests_carry_the_token_and_deterministic_ids() -> None:
+    head = rj.head_of(OperatorSettings(), "research", "big")
+    assert head == rj.Head(
+        "http://big-head-svc.research.svc.cluster.local:8265",
+        "http://big-head-svc.research.svc.cluster.local:8266",
+    )
+    assert rj.head_of(
+        OperatorSettings(head_host="127.0.0.1", dashboard_port=1, progress_port=2), "a", "b"
+    ) == rj.Head("http://127.0.0.1:1", "http://127.0.0.1:2")
+    body = rj.submission({"metadata": {"name": "big", "namespace": "research"}, "spec": {}}, "big-3", 8266)
+    r = rj.submit_request(head, "secret", body)
+    assert (r.method, r.url) == ("POST", "http://big-head-svc.research.svc.cluster.local:8265/api/jobs/")
+    assert r.headers["Authorization"] == "Bearer secret"
+    assert json.loads(r.body or b"")["submission_id"] == "big-3"
+    assert rj.status_request(head, "s", "big-3").url.endswith("/api/jobs/big-3")
+    assert rj.stop_request(head, "s", "big-3").method == "POST"
+    assert (
+        rj.progress_request(head, "s").url == "http://big-head-svc.research.svc.cluster.local:8266/progress"
+    )
+    assert rj.already_submitted(
+        500, "Job with submission_id big-3 already exists. Please use a different submission_id."
+    )
+    assert not rj.already_submitted(500, "internal error")
+
+
+def test_job_info_and_log_tail_parsing() -> None:
+    assert rj.parse_job_info('{"status": "RUNNING", "driver_exit_code": null}') == rj.JobInfo("RUNNING")
+    assert rj.parse_job_info('{"status": "FAILED", "driver_exit_code": 2, "message": "m"}').exit_code == 2
+    with pytest.raises(rj.HeadError):
+        rj.parse_job_info('{"detail": "nope"}')
+    tail = rj.log_tail("\n".join(str(i) for i in range(100)) + "\n" + RESULT_PREFIX + "{}", lines=3)
+    assert tail == "97\n98\n99"
+
+
+# ---------------------------------------------------------------------- the snapshot
+
+
+def test_snapshot_merges_events_bounds_lineage_and_round_trips() -> None:
+    snap = RunSnapshot(keep_last=2)
+    snap.absorb(ProgressEvent(step=5, train_loss=2.0, time=1.0))
+    snap.absorb(ProgressEvent(step=5, stage="validation", val_loss=1.5, val_perplexity=4.48, time=2.0))
+    snap.absorb(ProgressEvent(step=5, stage="checkpoint", checkpoint_uri="u5", checkpoint_step=5, time=3.0))
+    for s in (10, 15):
+        snap.absorb(
+            ProgressEvent(step=s, stage="checkpoint", checkpoint_uri=f"u{s}", checkpoint_step=s, time=s)
+        )
+    assert snap.progress is not None and snap.progress.train_loss == 2.0 and snap.progress.val_loss == 1.5
+    assert [c.step for c in snap.checkpoints] == [10, 15]  # keepLast
+    again = RunSnapshot.from_json(snap.to_json())
+    assert again == snap
+    patch = again.status_patch()
+    assert patch["checkpoint"]["latestUri"] == "u15" and patch["metrics"]["bestValLoss"] == 1.5
+    # The lineage says only what is complete: a checkpoint URI on a log event is not a record.
+    assert (
+        "latestUri"
+        not in RunSnapshot(progress=ProgressEvent(step=1, checkpoint_uri="half")).status_patch()["checkpoint"]
+    )
+
+
+@pytest.mark.parametrize("bad", ["[]", '{"stage": "exploding"}', '{"progress": 3}', "x" * 70_000])
+def test_snapshot_parsing_refuses_what_is_not_one(bad: str) -> None:
+    with pytest.raises(ValueError):
+        RunSnapshot.from_json(bad)
+
+
+def test_snapshot_from_log_takes_the_last_result_line() -> None:
+    a, b = RunSnapshot(stage="training"), RunSnapshot(stage="done")
+    text = f"{RESULT_PREFIX}{a.to_json()}\nnoise\n{RESULT_PREFIX}{b.to_json()}\ntrailing\n"
+    assert snapshot_from_log(text) == b
+    assert snapshot_from_log("no result here") is None
+
+
+# --------------------------------------------------------------- the driver's endpoint
+
+
+def test_progress_server_answers_only_the_jobs_token() -> None:
+    import urllib.error
+    import urllib.request
+
+    from llmtrain.runtime.driver import ProgressServer, Reporter
+
+    report = Reporter()
+    report.event(ProgressEvent(step=3, total_steps=9, train_loss=1.0, time=time.time()))
+    server = ProgressServer(report, TOKEN, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.port}/progress"
+    try:
+        codes = []
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=5)
+            codes.append(e.value.code)
+        assert codes == [401, 403]
+        req = urllib.request.Request(url, headers={"Authorization": f"Bearer {TOKEN}"})
+        with urllib.request.urlopen(req, timeout=5) as r:
+            snap = RunSnapshot.from_json(r.read())
+        assert snap.progress is not None and snap.progress.step == 3
+        # The operator's client reads it the same way.
+        head = rj.Head("http://unused", f"http://127.0.0.1:{server.port}")
+        assert rj.RayJobs().progress(head, TOKEN).progress == snap.progress
+        with pytest.raises(rj.HeadError, match="token was refused"):
+            rj.RayJobs().progress(head, "nope")
+    finally:
+        server.close()
