@@ -17,7 +17,7 @@ TORCH := torch==2.11.0
 APT_PACKAGES := openssl
 PYTEST_ARGS ?=
 
-.PHONY: setup apt venv austen cluster-tools lint typecheck test quickstart clean
+.PHONY: setup apt venv austen cluster-tools lint typecheck test quickstart k8s-demo clean
 
 setup: apt venv
 
@@ -60,6 +60,12 @@ test: setup austen cluster-tools lint typecheck
 
 quickstart: setup
 	$(VENV)/bin/llmtrain run examples/quickstart.yaml
+
+# The operator end to end on this machine: local control plane + Helm chart + moto S3 + a
+# token-auth Ray cluster standing in for the KWOK pods; applies examples/k8s-demo.yaml and
+# prints `kubectl get ltj -w` until it ends (tools/k8s_demo.py).
+k8s-demo: setup cluster-tools
+	$(PY) tools/k8s_demo.py
 
 clean:
 	rm -rf $(VENV) runs .mypy_cache .pytest_cache .ruff_cache

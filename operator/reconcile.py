@@ -324,7 +324,15 @@ class Reconciler:
         # training group die with any one node), up to spec.backoffLimit times.
         diag = diagnose(expected, live, self._event_lookup(meta))
         if diag.state == ClusterState.Failed:
-            self._restart(job, meta, mine, st, conds, out, now, diag.message, Reason.BackoffLimitExceeded)
+            failed = live.get(diag.failed_pod or "")
+            in_flight = (st.get("rayJob") or {}).get("status") in ("PENDING", "RUNNING")
+            if failed is not None and failed.role == m.ROLE_WORKER and in_flight:
+                # The head and the Ray job live on: a new pod for the lost worker, and Ray
+                # Train's FailureConfig restarts the worker group from the newest checkpoint
+                # in the same attempt.
+                self._recreate_worker(job, meta, failed, mine, st, conds, out, now, diag.message, handled)
+            else:
+                self._restart(job, meta, mine, st, conds, out, now, diag.message, Reason.BackoffLimitExceeded)
             return self._finish(st, conds, old_owned, out)
 
         # 6. create what is missing (children before pods: pods mount the ConfigMap and
@@ -502,6 +510,7 @@ class Reconciler:
             )
             self._delete_pods(meta, mine, out)
             return
+        self._stop_ray_job(meta, st, out)  # a head that still runs must not train on
         st["restarts"] = restarts + 1
         st["attempt"] = int(st.get("attempt") or 1) + 1
         out.restarted = True
@@ -515,6 +524,38 @@ class Reconciler:
         st["phase"] = Phase.Provisioning.value
         out.phase = Phase.Provisioning
         out.requeue = "restarting: waiting for the old pods to go"
+
+    def _recreate_worker(
+        self,
+        job: JobFacts,
+        meta: Mapping[str, Any],
+        failed: PodView,
+        mine: Mapping[str, PodView],
+        st: dict[str, Any],
+        conds: Conditions,
+        out: Outcome,
+        now: dt.datetime,
+        why: str,
+        handled: set[str],
+    ) -> None:
+        """A worker pod ended while its Ray job runs: delete it (the next tick creates it
+        again, it rejoins the head); the run resumes in the same attempt. Counts against
+        spec.backoffLimit like a cluster restart."""
+        restarts = int(st.get("restarts") or 0)
+        if restarts >= job.backoff_limit:
+            self._restart(job, meta, mine, st, conds, out, now, why, Reason.BackoffLimitExceeded)
+            return
+        st["restarts"] = restarts + 1
+        out.restarted = True
+        out.annotations[ANN_RESTARTED_PODS] = ",".join(sorted(handled | {failed.uid}))
+        self.api.delete("Pod", failed.namespace, failed.name, uid=failed.uid)
+        msg = (
+            f"{why}; pod {failed.name} recreated, the run resumes from the newest checkpoint in attempt "
+            f"{st.get('attempt') or 1} (restart {restarts + 1} of {job.backoff_limit})"
+        )
+        out.events.append(Event("Warning", Reason.Restarting.value, msg))
+        conds.set(ConditionType.Running, True, Reason.Restarting, msg)
+        out.requeue = f"worker {failed.name} recreated"
 
     def _ray_token(self, namespace: str, name: str, uid: str) -> str:
         """The job's Ray token, from the Secret this operator made (kept per job uid)."""
@@ -696,8 +737,8 @@ class Reconciler:
             token = self._ray_token(ns, name, str(meta.get("uid", "")))
             self.ray.stop(rj.head_of(self.settings, ns, name), token, ray_job["submissionId"])
             out.events.append(Event("Normal", "RayJobStopped", f"Ray job {ray_job['submissionId']} stopped"))
-        except (HeadError, ApiError) as e:
-            out.events.append(Event("Warning", "RayJobStopFailed", f"cannot stop the Ray job: {e}"))
+        except (HeadError, ApiError):  # a head that is gone has stopped it: the pods go anyway
+            pass
 
     def _delete_pods(
         self, meta: Mapping[str, Any], pods: Mapping[str, PodView], out: Outcome, end_group: bool = True
@@ -814,7 +855,10 @@ class Reconciler:
                 ClusterState.Queued: Reason.QueuedByKueue,
                 ClusterState.Unschedulable: Reason.Unschedulable,
             }.get(diag.state, Reason.Provisioning)
-            st["phase"] = Phase.Provisioning.value if scheduled else Phase.Pending.value
+            # Pending: waiting for capacity (unschedulable, queued by Kueue); otherwise the
+            # pods are on their way (being created, scheduled or started): Provisioning.
+            waiting_for_capacity = diag.state in (ClusterState.Unschedulable, ClusterState.Queued)
+            st["phase"] = Phase.Pending.value if waiting_for_capacity else Phase.Provisioning.value
             conds.set(ConditionType.Running, False, reason, diag.message)
             limit = job.pre_running_deadline_seconds
             started = _attempt_started(annotations, out, st)

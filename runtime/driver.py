@@ -399,8 +399,13 @@ def run_submitted(
         if not token:
             print("llmtrain driver: RAY_AUTH_TOKEN is unset; progress is not served", file=sys.stderr)
         else:
-            server = ProgressServer(report, token, progress_host, progress_port)
-            print(f"llmtrain driver: progress on {progress_host}:{server.port}{PROGRESS_PATH}", flush=True)
+            try:
+                server = ProgressServer(report, token, progress_host, progress_port)
+                print(
+                    f"llmtrain driver: progress on {progress_host}:{server.port}{PROGRESS_PATH}", flush=True
+                )
+            except OSError as e:  # the run matters more than its progress report
+                print(f"llmtrain driver: cannot serve progress on port {progress_port}: {e}", file=sys.stderr)
     code = 1
     try:
         prefix = output_prefix(job)

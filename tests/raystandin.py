@@ -26,6 +26,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+STANDIN_ENV = "LLMTRAIN_RAY_STANDIN"
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -66,6 +68,9 @@ class RayStandIn:
             "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
             "RAY_TMPDIR": str(self.tmp),
             "LLMTRAIN_RUN_DIR": str(self.workdir / "driver-runs"),
+            # Every process of this stand-in (GCS, raylet, dashboard, workers, the driver)
+            # inherits it: how kill_head() finds them all, and only them.
+            STANDIN_ENV: str(self.tmp),
         }
 
     def ray(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -83,6 +88,7 @@ class RayStandIn:
             "--include-dashboard=true",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={self.dashboard_port}",
+            f"--ray-client-server-port={free_port()}",
             f"--num-cpus={self.num_cpus}",
             "--num-gpus=0",
             f"--temp-dir={self.tmp}",
@@ -100,7 +106,7 @@ class RayStandIn:
         raise RuntimeError("the Ray dashboard did not answer within 60 s")
 
     def stop(self) -> None:
-        self.ray("stop", "--force", timeout=60)
+        self.kill_head()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     # ---- the Jobs API, as a user (or a test) calls it
@@ -115,9 +121,43 @@ class RayStandIn:
         """Every Ray job this head has run (submissions, by submission_id)."""
         return [j for j in self.get("/api/jobs/") if j.get("submission_id")]
 
+    def pids(self) -> list[int]:
+        """This stand-in's processes (never another Ray cluster's on the machine)."""
+        marker = f"{STANDIN_ENV}={self.tmp}".encode()
+        out = []
+        for environ in Path("/proc").glob("[0-9]*/environ"):
+            try:
+                if marker in environ.read_bytes().split(b"\0"):
+                    out.append(int(environ.parent.name))
+            except OSError:  # gone meanwhile, or not ours to read
+                continue
+        return [p for p in out if p != os.getpid()]
+
     def kill_head(self) -> None:
-        """SIGKILL the head's processes (GCS, raylet, dashboard, driver): a lost head pod."""
-        subprocess.run(["pkill", "-9", "-f", str(self.tmp)], check=False)
+        """SIGKILL every process of the stand-in (GCS, raylet, dashboard, workers, the
+        driver): what losing the head pod does to a Ray cluster."""
+        for _ in range(5):
+            pids = self.pids()
+            if not pids:
+                return
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.2)
+
+    def kill_training_worker(self) -> int:
+        """SIGKILL the Ray Train worker process: what losing a worker pod does to the run."""
+        for pid in self.pids():
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"RayTrainWorker" in cmd:
+                os.kill(pid, signal.SIGKILL)
+                return pid
+        raise RuntimeError("no RayTrainWorker process is running")
 
 
 def main() -> None:

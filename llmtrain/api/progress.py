@@ -117,7 +117,10 @@ class ProgressEvent:
         for name in ("train_loss", "val_loss", "val_perplexity", "val_accuracy", "tokens_per_second", "mfu"):
             value = _finite(getattr(self, name))
             if value is not None:
-                metrics[STATUS_FIELDS[name].split(".", 1)[1]] = round(value, 4)
+                # tokens/s to the token (a printer column); losses to 4 decimals
+                metrics[STATUS_FIELDS[name].split(".", 1)[1]] = round(
+                    value, 0 if name == "tokens_per_second" else 4
+                )
         patch: dict[str, Any] = {"progress": progress}
         if metrics:
             patch["metrics"] = metrics

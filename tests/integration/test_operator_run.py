@@ -275,3 +275,139 @@ def test_missing_source_fails_at_once_with_the_reason_and_the_log(
     assert "DataError" in reasons
     log = s3_server.client().get_object(Bucket=BUCKET, Key="nodata/logs/nodata-1.log")["Body"].read().decode()
     assert "no-such-prefix" in log
+
+
+# ------------------------------------------------------------------------- recovery
+
+LONG = {
+    "training": {
+        "optimizer": {"type": "adamw", "lr": 0.003},
+        "batch": {"globalBatchSize": 8, "microBatchSize": 8},
+        "duration": {"maxSteps": 240},
+        "logEverySteps": 5,
+        "seed": 0,
+    },
+    "checkpoint": {"uri": "", "everySteps": 40, "keepLast": 3},
+    "backoffLimit": 2,
+}
+
+
+def long_job(name: str, corpus: str, endpoint: str) -> dict[str, Any]:
+    job = tiny_job(name, corpus, endpoint, **LONG)
+    job["spec"]["checkpoint"]["uri"] = f"s3://{BUCKET}/{name}/checkpoints"
+    return job
+
+
+def _after_first_checkpoint(api: Api, name: str, timeout: float = 240) -> dict[str, Any]:
+    """Status once a checkpoint is recorded and training has steps left to run."""
+    st: dict[str, Any] = api.wait(
+        lambda: (
+            (s := api.status(name)).get("checkpoint", {}).get("latestStep", 0) >= 40
+            and s.get("progress", {}).get("step", 240) < 200
+            and s
+        ),
+        f"{name}: a checkpoint, mid-training",
+        timeout,
+    )
+    return st
+
+
+def _final_losses(st: dict[str, Any]) -> tuple[float, float]:
+    return st["metrics"]["trainLoss"], st["metrics"]["valLoss"]
+
+
+def _exit(api: Api, pod: str, code: int) -> None:
+    """What the kubelet reports when a pod's container dies (KWOK plays it)."""
+    api.c.kubectl("annotate", "pod", pod, "-n", api.ns, f"llmtrain.dev/test-exit={code}", "--overwrite")
+
+
+@pytest.mark.slow
+def test_lost_head_then_lost_worker_resume_from_the_latest_checkpoint(
+    api: Api, run_operator: Operator, standin: RayStandIn, corpus: str, s3_server: S3Server
+) -> None:
+    # The uninterrupted run, for its losses.
+    api.create(long_job("ref", corpus, s3_server.endpoint))
+    ref = api.wait_phase("ref", "Succeeded", timeout=300)
+
+    # ---- the head dies mid-training (every Ray process of it, the driver too)
+    api.create(long_job("crash", corpus, s3_server.endpoint))
+    before = _after_first_checkpoint(api, "crash")
+    standin.kill_head()
+    _exit(api, "crash-head", 137)
+    standin.start()  # the new head pod's Ray
+    st = api.wait_phase("crash", "Succeeded", timeout=300)
+    assert st["attempt"] == 2 and st["restarts"] == 1, _why(st, run_operator, api, "crash")
+    assert st["rayJob"]["submissionId"] == "crash-2"
+    resumed = st["checkpoint"]["resumedFrom"]["step"]
+    assert resumed >= before["checkpoint"]["latestStep"]
+    assert st["progress"]["step"] == 240
+    # The steps after the resume reproduce the uninterrupted run (fixed seed, exact resume).
+    assert _final_losses(st) == pytest.approx(_final_losses(ref), rel=1e-5)
+    assert [j["submission_id"] for j in standin.jobs() if j["submission_id"].startswith("crash-")] == [
+        "crash-2"
+    ]
+    reasons = [e.reason for e in api.events("crash")]
+    assert "Restarting" in reasons
+    print(api.c.kubectl("describe", "ltj", "crash", "-n", api.ns).stdout)
+
+    # ---- a worker dies mid-training: its pod is recreated, the same attempt resumes
+    api.create(long_job("worker", corpus, s3_server.endpoint))
+    _after_first_checkpoint(api, "worker")
+    standin.kill_training_worker()
+    _exit(api, "worker-worker-0", 137)
+    st = api.wait_phase("worker", "Succeeded", timeout=300)
+    assert st["attempt"] == 1 and st["restarts"] == 1, _why(st, run_operator, api, "worker")
+    assert [j["submission_id"] for j in standin.jobs() if j["submission_id"].startswith("worker-")] == [
+        "worker-1"
+    ]
+    assert _final_losses(st) == pytest.approx(_final_losses(ref), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_suspend_mid_training_then_resume_continues_from_the_checkpoint(
+    api: Api, run_operator: Operator, standin: RayStandIn, corpus: str, s3_server: S3Server
+) -> None:
+    api.create(long_job("pause", corpus, s3_server.endpoint))
+    _after_first_checkpoint(api, "pause")
+    api.patch_spec("pause", {"suspend": True})
+    st = api.wait_phase("pause", "Suspended", timeout=60)
+    api.wait(lambda: not api.pods("pause"), "pods deleted on suspend", timeout=30)
+    job = next(j for j in standin.jobs() if j["submission_id"] == "pause-1")
+    api.wait(
+        lambda: (
+            next(j for j in standin.jobs() if j["submission_id"] == "pause-1")["status"]
+            in ("STOPPED", "SUCCEEDED")
+        ),
+        "the Ray job stopped",
+        timeout=60,
+    )
+    at_suspend = api.status("pause")["checkpoint"]["latestStep"]
+    api.patch_spec("pause", {"suspend": False})
+    st = api.wait_phase("pause", "Succeeded", timeout=300)
+    assert st["attempt"] == 2 and st["rayJob"]["submissionId"] == "pause-2", _why(st, run_operator)
+    assert st["checkpoint"]["resumedFrom"]["step"] == at_suspend
+    assert st["progress"]["step"] == 240  # maxSteps optimizer steps in all: none twice, none lost
+    del job
+
+
+@pytest.mark.slow
+def test_operator_restarted_five_times_during_a_run_submits_once(
+    api: Api, run_operator: Operator, standin: RayStandIn, corpus: str, s3_server: S3Server
+) -> None:
+    import random
+
+    rng = random.Random(7)
+    api.create(long_job("bumpy", corpus, s3_server.endpoint))
+    for _ in range(5):
+        time.sleep(rng.uniform(0.5, 4.0))
+        run_operator.kill()
+        time.sleep(rng.uniform(0.0, 1.0))
+        run_operator.start()
+    st = api.wait_phase("bumpy", "Succeeded", timeout=300)
+    assert st["attempt"] == 1 and st["restarts"] == 0, _why(st, run_operator)
+    assert [j["submission_id"] for j in standin.jobs() if j["submission_id"].startswith("bumpy-")] == [
+        "bumpy-1"
+    ]
+    steps = [c["step"] for c in st["checkpoint"]["lineage"]]
+    assert steps == sorted(set(steps)) and steps[-1] == 240  # nothing duplicated
+    assert st["progress"]["step"] == 240

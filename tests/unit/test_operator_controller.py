@@ -180,14 +180,14 @@ def test_reconcile_creates_and_writes_status_events_and_metrics() -> None:
     # The common path writes the status subresource only: one PATCH per change.
     assert [kind for kind, _ in s.writer.patches] == ["status"]
     status = s.writer.patches[0][1]["status"]
-    assert status["phase"] == "Pending" and isinstance(status["conditions"], list)
+    assert status["phase"] == "Provisioning" and isinstance(status["conditions"], list)
     assert ("Normal", "PodsCreated", "created 3 Ray pods") in s.writer.events
     text = s.metrics_text()
-    assert 'llmtrain_operator_jobs{phase="Pending"} 1.0' in text
+    assert 'llmtrain_operator_jobs{phase="Provisioning"} 1.0' in text
     assert "llmtrain_operator_reconcile_duration_seconds_count 1.0" in text
     # The response went into the cache: the next pass, before any watch echo, sees the
     # status it wrote and writes nothing again.
-    assert (s.controller.cache.get(KEY) or {})["status"]["phase"] == "Pending"
+    assert (s.controller.cache.get(KEY) or {})["status"]["phase"] == "Provisioning"
     s.api.calls.clear()
     s.writer.patches.clear()
     s.controller.reconcile_key(KEY)

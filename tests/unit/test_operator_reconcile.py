@@ -95,7 +95,7 @@ def test_create_makes_every_child_owned_by_the_job() -> None:
     creates = h.api.verbs("create")
     assert creates.index("demo-ray-auth") < creates.index("demo-head")
     assert creates.index("demo-spec") < creates.index("demo-head")
-    assert h.status["phase"] == Phase.Pending
+    assert h.status["phase"] == Phase.Provisioning
     assert h.cond(ConditionType.Scheduled)["message"] == "3 pods waiting for the scheduler"
     assert h.status["rayClusterName"] == "demo"
     assert h.status["startTime"] == rfc3339(NOW)
@@ -527,6 +527,6 @@ def test_pods_of_a_previous_incarnation_are_not_ours() -> None:
     h.api.objects.clear()
     h.body.pop("status")
     out = h.tick(1, pods=old)  # old pods still in the index, being GC'd
-    assert h.status["phase"] == Phase.Pending
+    assert h.status["phase"] == Phase.Provisioning
     assert out.requeue and "not owned by this job" in out.requeue
     assert h.api.names("Pod") == set()  # nothing created under the old pods' names

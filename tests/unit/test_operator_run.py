@@ -21,7 +21,7 @@ from llmtrain.api.progress import (
     snapshot_from_log,
 )
 from llmtrain.api.status import ConditionType, Phase
-from tests.unit.test_operator_fakes import set_all, set_status
+from tests.unit.test_operator_fakes import set_all, set_status, views
 from tests.unit.test_operator_reconcile import Harness
 
 TOKEN = "t" * 64
@@ -323,3 +323,34 @@ def test_progress_server_answers_only_the_jobs_token() -> None:
             rj.RayJobs().progress(head, "nope")
     finally:
         server.close()
+
+
+def test_a_lost_worker_is_recreated_and_the_attempt_goes_on() -> None:
+    h = running(backoffLimit=2)
+    h.tick(1)
+    h.ray.jobs["demo-1"] = h.ray.JobInfo("RUNNING")
+    h.tick(1)
+    head_uid = h.api.pods()["demo-head"]["metadata"]["uid"]
+    set_status(h.api.pods()["demo-worker-0"], "failed", exit_code=137)
+    stale = views(h.api)
+    out = h.tick(1)
+    assert out.restarted and h.status["restarts"] == 1 and h.status["attempt"] == 1
+    assert h.api.names("Pod") == {"demo-head", "demo-worker-1"}  # only the lost worker went
+    assert "demo-worker-0 recreated" in h.cond(ConditionType.Running)["message"]
+    h.tick(1, pods=stale)  # the index still shows the failed pod: counted once
+    assert h.status["restarts"] == 1
+    h.tick(1)
+    assert h.api.names("Pod") == {"demo-head", "demo-worker-0", "demo-worker-1"}
+    assert h.api.pods()["demo-head"]["metadata"]["uid"] == head_uid
+    set_all(h.api, "running")
+    h.tick(1)
+    assert h.ray.posts == ["demo-1"] and h.ray.stopped == []  # the same Ray job goes on
+
+
+def test_a_lost_worker_before_submission_restarts_the_whole_cluster() -> None:
+    h = Harness(backoffLimit=2)
+    h.tick()
+    set_all(h.api, "running")
+    set_status(h.api.pods()["demo-worker-0"], "failed", exit_code=1)
+    out = h.tick(1)
+    assert out.restarted and h.status["attempt"] == 2 and h.api.names("Pod") == set()
