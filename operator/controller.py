@@ -306,6 +306,7 @@ class Controller:
         self.queue = WorkQueue()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._said: dict[Key, str] = {}  # the last requeue reason logged per job
 
     # -- fed by the Kopf event handler (on the event loop: cheap, never blocks)
 
@@ -314,6 +315,7 @@ class Controller:
             key = key_of(body)
             self.cache.forget(key)
             self.metrics.forget(*key)
+            self._said.pop(key, None)
             return
         self.cache.put(body)
         if needs_action_now(body):
@@ -408,7 +410,13 @@ class Controller:
         if out.restarted:
             self.metrics.restarts.inc()
         if out.requeue:
-            log.debug("%s/%s: %s", ns, name, out.requeue)
+            # Every requeue states its reason; logged when it changes, not on every tick.
+            said = out.requeue.split(" (")[0]
+            if self._said.get(key) != said:
+                log.info("%s/%s: %s", ns, name, out.requeue)
+            self._said[key] = said
+        else:
+            self._said.pop(key, None)
         return out
 
     def write(self, body: Mapping[str, Any], out: Outcome) -> None:

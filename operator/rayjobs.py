@@ -37,6 +37,7 @@ TERMINAL = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
 LOG_TAIL_BYTES = 256 * 1024
 CONNECT_TIMEOUT = 3.0
 READ_TIMEOUT = 10.0
+SUBMIT_TIMEOUT = 60.0  # the first submission on a new head starts its job manager: slow
 
 
 class HeadError(Exception):
@@ -170,10 +171,17 @@ class RayJobs:
         )
         self.submissions = 0  # POSTs that created a Ray job (tests count them)
 
-    def _send(self, req: Request, *, limit: int = MAX_SNAPSHOT_BYTES) -> tuple[int, str]:
+    def _send(
+        self, req: Request, *, limit: int = MAX_SNAPSHOT_BYTES, read_timeout: float = READ_TIMEOUT
+    ) -> tuple[int, str]:
         try:
             resp = self.pool.request(
-                req.method, req.url, headers=req.headers, body=req.body, preload_content=False
+                req.method,
+                req.url,
+                headers=req.headers,
+                body=req.body,
+                preload_content=False,
+                timeout=urllib3.Timeout(connect=CONNECT_TIMEOUT, read=read_timeout),
             )
             try:
                 data = resp.read(limit + 1, decode_content=True)
@@ -189,7 +197,7 @@ class RayJobs:
 
     def submit(self, head: Head, token: str, body: Mapping[str, Any]) -> bool:
         """True if this POST created the Ray job, False if it existed already."""
-        status, text = self._send(submit_request(head, token, body))
+        status, text = self._send(submit_request(head, token, body), read_timeout=SUBMIT_TIMEOUT)
         if already_submitted(status, text):
             return False
         if status != 200:

@@ -393,6 +393,9 @@ class Reconciler:
         )
 
     RECENT_SECONDS = 60.0
+    # Ray's dashboard answers ~5-20 s after the head pod runs: a Jobs API that is silent
+    # longer than this is worth a word in the Running condition.
+    JOBS_API_GRACE_SECONDS = 30.0
 
     def _just_made(self, uid: str, name: str) -> bool:
         """Created by this process less than RECENT_SECONDS ago (so not yet in the index)."""
@@ -611,19 +614,12 @@ class Reconciler:
             self._unreachable(job, meta, mine, st, conds, out, now, ray_job, str(e))
             return
         ray_job.pop("unreachableSince", None)
-        if info is None:  # the head has no memory of the job: it is a new head
-            st["rayJob"] = ray_job
-            self._restart(
-                job,
-                meta,
-                mine,
-                st,
-                conds,
-                out,
-                now,
-                f"the Ray head lost job {sid} (it restarted)",
-                Reason.RunFailed,
-            )
+        if info is None:
+            # The head does not know the job (deleted by hand, or lost): submit it again under
+            # the same id, as KubeRay's HTTP mode does; the driver resumes from the newest
+            # checkpoint. A lost head *pod* is step 5's business (a new attempt).
+            st["rayJob"] = {"submissionId": sid}
+            out.requeue = f"the Ray head does not know Ray job {sid}: submitting it again"
             return
         ray_job["status"] = info.status
         st["rayJob"] = ray_job
@@ -725,7 +721,16 @@ class Reconciler:
         if "unreachableSince" not in ray_job:
             ray_job["unreachableSince"] = rfc3339(now)
         st["rayJob"] = ray_job
-        out.requeue = f"the Ray head does not answer ({waited:.0f}s of {limit:.0f}s): {error}"
+        # Stable while it lasts (no seconds counter): a waiting job costs no status write per tick.
+        why = (
+            f"the Ray head has not answered since {ray_job['unreachableSince']} (the attempt ends "
+            f"{limit:.0f}s after): {error}"
+        )
+        if ray_job.get("status"):
+            conds.set(ConditionType.Running, False, Reason.HeadUnreachable, why)
+        elif waited >= self.JOBS_API_GRACE_SECONDS:  # before that, Ray is still starting: no news
+            conds.set(ConditionType.Running, False, Reason.Provisioning, f"Ray cluster ready; but {why}")
+        out.requeue = f"{why} ({waited:.0f}s so far)"
 
     def _stop_ray_job(self, meta: Mapping[str, Any], st: Mapping[str, Any], out: Outcome) -> None:
         """Stop the running Ray job before its pods go (best effort: the pods go anyway)."""
@@ -893,10 +898,41 @@ class Reconciler:
     ) -> Outcome:
         st["conditions"] = conds.as_list()
         new = {k: v for k, v in st.items() if v is not None}
-        if new != {k: v for k, v in old_owned.items() if v is not None}:
-            out.status = new
+        patch = merge_patch({k: v for k, v in old_owned.items() if v is not None}, new)
+        if patch:
+            out.status = patch
         out.phase = Phase(st["phase"])
         return out
+
+
+def merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON merge patch (RFC 7386) that turns ``old`` into ``new``: changed keys, and
+    ``None`` for a key ``new`` dropped — a merge patch keeps what it does not name, so a
+    nested field left out (``rayJob.unreachableSince``) would otherwise live on. Lists and
+    scalars are replaced whole."""
+    patch: dict[str, Any] = {k: None for k in old if k not in new}
+    for k, v in new.items():
+        o = old.get(k)
+        if isinstance(v, dict) and isinstance(o, dict):
+            sub = merge_patch(o, v)
+            if sub:
+                patch[k] = sub
+        elif v != o:
+            patch[k] = v
+    return patch
+
+
+def apply_merge_patch(target: dict[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
+    """What the API server does with a merge patch (RFC 7386), in place; for tests and benches."""
+    for k, v in patch.items():
+        if v is None:
+            target.pop(k, None)
+        elif isinstance(v, dict):
+            current = target.get(k)
+            target[k] = apply_merge_patch(current if isinstance(current, dict) else {}, v)
+        else:
+            target[k] = v
+    return target
 
 
 def _attempt_started(

@@ -89,6 +89,8 @@ class RayStandIn:
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={self.dashboard_port}",
             f"--ray-client-server-port={free_port()}",
+            # Not Ray's fixed default (52365): an agent left over elsewhere must not block ours.
+            f"--dashboard-agent-listen-port={free_port()}",
             f"--num-cpus={self.num_cpus}",
             "--num-gpus=0",
             f"--temp-dir={self.tmp}",
@@ -125,10 +127,13 @@ class RayStandIn:
         """This stand-in's processes (never another Ray cluster's on the machine)."""
         marker = f"{STANDIN_ENV}={self.tmp}".encode()
         out = []
-        for environ in Path("/proc").glob("[0-9]*/environ"):
+        for proc in Path("/proc").glob("[0-9]*"):
             try:
-                if marker in environ.read_bytes().split(b"\0"):
-                    out.append(int(environ.parent.name))
+                # Ray's agents retitle themselves (setproctitle overwrites their environment
+                # block): those are found by their working directory, where `ray start` ran.
+                cwd = os.readlink(proc / "cwd")
+                if cwd.startswith(str(self.tmp)) or marker in (proc / "environ").read_bytes().split(b"\0"):
+                    out.append(int(proc.name))
             except OSError:  # gone meanwhile, or not ours to read
                 continue
         return [p for p in out if p != os.getpid()]

@@ -127,11 +127,13 @@ def tiny_job(name: str, source: str, endpoint: str, **over: Any) -> dict[str, An
     }
 
 
-def _why(st: dict[str, Any], op: Operator) -> str:
+def _why(st: dict[str, Any], op: Operator, api: Api | None = None, name: str = "") -> str:
+    """A failed assertion's story: conditions, the job's Events, the operator's log."""
     conds = "\n".join(
         f"{c['type']}={c['status']} {c['reason']}: {c['message']}" for c in st.get("conditions", [])
     )
-    return f"{conds}\n--- operator log ---\n{op.log()[-3000:]}"
+    events = "\n".join(f"{e.reason}: {e.message}" for e in api.events(name)) if api is not None else ""
+    return f"{conds}\n--- events ---\n{events}\n--- operator log ---\n{op.log()[-3000:]}"
 
 
 def _sample_progress(api: Api, name: str, timeout: float) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -298,6 +300,19 @@ def long_job(name: str, corpus: str, endpoint: str) -> dict[str, Any]:
     return job
 
 
+def _succeeded(api: Api, name: str, op: Operator, timeout: float = 300) -> dict[str, Any]:
+    """The job's final status, which must be Succeeded (else: conditions, events, operator log)."""
+    deadline = time.monotonic() + timeout
+    st = api.status(name)
+    while st.get("phase") not in ("Succeeded", "Failed") and time.monotonic() < deadline:
+        time.sleep(0.5)
+        st = api.status(name)
+    assert st.get("phase") == "Succeeded", f"{name}: {st.get('phase')}, {st.get('rayJob')}\n" + _why(
+        st, op, api, name
+    )
+    return st
+
+
 def _after_first_checkpoint(api: Api, name: str, timeout: float = 240) -> dict[str, Any]:
     """Status once a checkpoint is recorded and training has steps left to run."""
     st: dict[str, Any] = api.wait(
@@ -327,15 +342,17 @@ def test_lost_head_then_lost_worker_resume_from_the_latest_checkpoint(
 ) -> None:
     # The uninterrupted run, for its losses.
     api.create(long_job("ref", corpus, s3_server.endpoint))
-    ref = api.wait_phase("ref", "Succeeded", timeout=300)
+    ref = _succeeded(api, "ref", run_operator)
 
     # ---- the head dies mid-training (every Ray process of it, the driver too)
     api.create(long_job("crash", corpus, s3_server.endpoint))
     before = _after_first_checkpoint(api, "crash")
     standin.kill_head()
     _exit(api, "crash-head", 137)
-    standin.start()  # the new head pod's Ray
-    st = api.wait_phase("crash", "Succeeded", timeout=300)
+    # The new head pod's Ray starts once the operator has made the new pods (as in a cluster).
+    api.wait(lambda: api.status("crash").get("attempt") == 2, "attempt 2", timeout=60)
+    standin.start()
+    st = _succeeded(api, "crash", run_operator)
     assert st["attempt"] == 2 and st["restarts"] == 1, _why(st, run_operator, api, "crash")
     assert st["rayJob"]["submissionId"] == "crash-2"
     resumed = st["checkpoint"]["resumedFrom"]["step"]
@@ -355,7 +372,7 @@ def test_lost_head_then_lost_worker_resume_from_the_latest_checkpoint(
     _after_first_checkpoint(api, "worker")
     standin.kill_training_worker()
     _exit(api, "worker-worker-0", 137)
-    st = api.wait_phase("worker", "Succeeded", timeout=300)
+    st = _succeeded(api, "worker", run_operator)
     assert st["attempt"] == 1 and st["restarts"] == 1, _why(st, run_operator, api, "worker")
     assert [j["submission_id"] for j in standin.jobs() if j["submission_id"].startswith("worker-")] == [
         "worker-1"
@@ -383,7 +400,7 @@ def test_suspend_mid_training_then_resume_continues_from_the_checkpoint(
     )
     at_suspend = api.status("pause")["checkpoint"]["latestStep"]
     api.patch_spec("pause", {"suspend": False})
-    st = api.wait_phase("pause", "Succeeded", timeout=300)
+    st = _succeeded(api, "pause", run_operator)
     assert st["attempt"] == 2 and st["rayJob"]["submissionId"] == "pause-2", _why(st, run_operator)
     assert st["checkpoint"]["resumedFrom"]["step"] == at_suspend
     assert st["progress"]["step"] == 240  # maxSteps optimizer steps in all: none twice, none lost
@@ -403,7 +420,7 @@ def test_operator_restarted_five_times_during_a_run_submits_once(
         run_operator.kill()
         time.sleep(rng.uniform(0.0, 1.0))
         run_operator.start()
-    st = api.wait_phase("bumpy", "Succeeded", timeout=300)
+    st = _succeeded(api, "bumpy", run_operator)
     assert st["attempt"] == 1 and st["restarts"] == 0, _why(st, run_operator)
     assert [j["submission_id"] for j in standin.jobs() if j["submission_id"].startswith("bumpy-")] == [
         "bumpy-1"

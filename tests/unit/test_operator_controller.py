@@ -23,22 +23,12 @@ from llmtrain.operator.kube import ApiError
 from llmtrain.operator.manifests import OperatorSettings
 from llmtrain.operator.metrics import OperatorMetrics
 from llmtrain.operator.podwatch import PodStore
-from llmtrain.operator.reconcile import Event, Outcome, Reconciler
+from llmtrain.operator.reconcile import Event, Outcome, Reconciler, apply_merge_patch
 from prometheus_client import generate_latest
 
 from tests.unit.test_operator_fakes import NOW, FakeApi, job_body, set_all, views
 
 KEY = ("ns1", "demo")
-
-
-def _merge(target: dict[str, Any], patch: dict[str, Any]) -> None:
-    for k, v in patch.items():
-        if v is None:
-            target.pop(k, None)
-        elif isinstance(v, dict) and isinstance(target.get(k), dict):
-            _merge(target[k], v)
-        else:
-            target[k] = copy.deepcopy(v)
 
 
 class FakeWriter:
@@ -60,7 +50,7 @@ class FakeWriter:
         job = self.jobs.get((namespace, name))
         if job is None:
             return {}
-        _merge(
+        apply_merge_patch(
             job, {"status": patch["status"]} if status else {k: v for k, v in patch.items() if k != "status"}
         )
         job["metadata"]["managedFields"] = [{"manager": "x", "fieldsV1": {"f:status": {}}}]
@@ -314,7 +304,7 @@ def test_threads_wait_for_the_first_pod_list_then_resync_converges() -> None:
         s.store.mark_synced()
         _wait(lambda: any(k == "status" for k, _ in s.writer.patches))
         assert not first.api.verbs("create")
-        assert s.writer.patches[-1][1]["status"]["phase"] == "Provisioning"
+        assert s.writer.jobs[KEY]["status"]["phase"] == "Provisioning"
         # The resync keeps looking (level-based) without writing what did not change.
         n = len(s.writer.patches)
         time.sleep(0.3)

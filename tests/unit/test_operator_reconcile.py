@@ -14,6 +14,7 @@ from llmtrain.operator.reconcile import (
     ANN_SUSPENDED_SECONDS,
     Outcome,
     Reconciler,
+    apply_merge_patch,
     rfc3339,
 )
 
@@ -53,8 +54,8 @@ class Harness:
                 self.body["metadata"]["generation"] += 1
             self._spec = spec
         out = self.rec.reconcile(self.body, views(self.api) if pods is None else pods, self.now)
-        if out.status is not None:
-            self.body.setdefault("status", {}).update(out.status)
+        if out.status is not None:  # a merge patch, applied as the API server does
+            apply_merge_patch(self.body.setdefault("status", {}), out.status)
         ann = self.body["metadata"]["annotations"]
         for k, v in out.annotations.items():
             if v is None:

@@ -173,7 +173,8 @@ def test_a_failed_poll_is_not_a_failed_job_until_the_timeout() -> None:
     h.ray.down = True
     out = h.tick(5)
     assert h.status["phase"] == Phase.Preprocessing and h.status["rayJob"]["unreachableSince"]
-    assert out.requeue and "does not answer" in out.requeue
+    assert out.requeue and "has not answered since" in out.requeue
+    assert h.cond(ConditionType.Running)["reason"] == "HeadUnreachable"
     h.tick(200)
     assert h.status["attempt"] == 1
     h.ray.down = False
@@ -186,12 +187,27 @@ def test_a_failed_poll_is_not_a_failed_job_until_the_timeout() -> None:
     assert "did not answer for 301s" in h.cond(ConditionType.Running)["message"]
 
 
-def test_a_head_that_forgot_the_job_is_a_new_attempt() -> None:
+def test_a_jobs_api_that_never_answers_is_said_after_a_grace_then_ends_the_attempt() -> None:
+    h = Harness()
+    h.tick()
+    set_all(h.api, "running")
+    h.tick(1)  # down: nothing submitted
+    assert h.cond(ConditionType.Running)["message"].startswith("Ray cluster ready: 1 head + 2 workers")
+    h.tick(31)
+    assert "Ray Jobs API" not in h.cond(ConditionType.Running)["message"]
+    assert "has not answered since" in h.cond(ConditionType.Running)["message"]
+    out = h.tick(300)
+    assert out.restarted and h.status["attempt"] == 2
+
+
+def test_a_job_the_head_does_not_know_is_submitted_again_under_its_id() -> None:
     h = running()
     h.tick(1)
-    h.ray.jobs.clear()  # a new head process: the GCS lost its jobs
+    h.ray.jobs.clear()  # deleted by hand through the Jobs API
     out = h.tick(5)
-    assert out.restarted and h.status["attempt"] == 2
+    assert not out.restarted and h.status["attempt"] == 1
+    h.tick(1)
+    assert h.ray.posts == ["demo-1", "demo-1"] and "demo-1" in h.ray.jobs
 
 
 def test_suspend_stops_the_ray_job_before_deleting_pods_and_resume_is_a_new_attempt() -> None:
