@@ -143,8 +143,9 @@ def main() -> int:
                 "--standalone",
                 "--kubeconfig",
                 str(kubeconfig),
+                # Polls each head every second: the demo's export stage lasts ~2 s.
                 "--interval",
-                "2",
+                "1",
                 "--liveness-port",
                 str(free_port()),
                 "--metrics-port",
