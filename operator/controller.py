@@ -36,7 +36,7 @@ from typing import Any, Protocol
 from llmtrain.operator.kube import ApiError
 from llmtrain.operator.metrics import OperatorMetrics
 from llmtrain.operator.podwatch import PodStore
-from llmtrain.operator.reconcile import Event, Outcome, Reconciler, parse_time
+from llmtrain.operator.reconcile import FINALIZER, Event, Outcome, Reconciler, parse_time
 
 from llmtrain.api.spec import GROUP, KIND, VERSION
 
@@ -186,7 +186,7 @@ def needs_action_now(body: Mapping[str, Any]) -> bool:
     Everything else (including the echo of our own status writes) waits for the resync."""
     meta = body.get("metadata") or {}
     if meta.get("deletionTimestamp"):
-        return LEGACY_FINALIZER in (meta.get("finalizers") or ())
+        return bool({LEGACY_FINALIZER, FINALIZER} & set(meta.get("finalizers") or ()))
     phase = (body.get("status") or {}).get("phase")
     if phase is None:
         return True
@@ -385,7 +385,12 @@ class Controller:
             if LEGACY_FINALIZER in (meta.get("finalizers") or ()):
                 self._drop_legacy_finalizer(body)
             if meta.get("deletionTimestamp"):
-                return None  # children go through ownerReferences
+                # Children go through ownerReferences; a Ray job that may run is stopped first.
+                if FINALIZER not in (meta.get("finalizers") or ()):
+                    return None
+                out = self.reconciler.stop_for_deletion(body)
+                self.write(body, out)
+                return out
             t0 = time.perf_counter()
             try:
                 out = self.reconciler.reconcile(body, self.pods.pods(ns, name), self.clock())
@@ -433,6 +438,8 @@ class Controller:
                 ns, name, {"metadata": {"annotations": out.annotations}}, status=False
             )
             version = self._took(resp, version)
+        if out.finalizer is not None:
+            self._set_finalizer(ns, name, out.finalizer, self.cache.get((ns, name)) or body)
         for ev in out.events:
             self._event(body, ev)
 
@@ -448,6 +455,23 @@ class Controller:
             self.writer.post_event(involved_object(body), ev.type, ev.reason, ev.message[:1024])
         except (ApiError, OSError) as e:  # an Event is informative: never fail a reconcile for it
             log.warning("cannot post event %s on %s/%s: %s", ev.reason, *key_of(body), e)
+
+    def _set_finalizer(self, ns: str, name: str, present: bool, body: Mapping[str, Any]) -> None:
+        """Add or remove FINALIZER. The resourceVersion makes the merge patch (which replaces
+        the list whole) a compare-and-swap: another controller's finalizer is never lost;
+        a conflict is retried by the next reconcile."""
+        meta = body.get("metadata") or {}
+        current = list(meta.get("finalizers") or ())
+        wanted = [f for f in current if f != FINALIZER] + ([FINALIZER] if present else [])
+        if wanted == current:
+            return
+        resp = self.writer.patch_job(
+            ns,
+            name,
+            {"metadata": {"finalizers": wanted, "resourceVersion": meta.get("resourceVersion")}},
+            status=False,
+        )
+        self._took(resp, _version(body))
 
     def _drop_legacy_finalizer(self, body: Mapping[str, Any]) -> None:
         meta = body.get("metadata") or {}

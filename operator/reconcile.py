@@ -50,6 +50,9 @@ ANN_ATTEMPT_STARTED = "llmtrain.dev/attempt-started-at"  # pre-running clock aft
 ANN_SUSPENDED_SECONDS = "llmtrain.dev/suspended-seconds"  # excluded from activeDeadlineSeconds
 ANN_RESTARTED_PODS = "llmtrain.dev/restarted-pod-uids"  # failures already counted
 ANN_CLEANED_UP = "llmtrain.dev/cleaned-up-at"  # ttlSecondsAfterFinished done
+# On a job while its Ray job may run (from the first submission to the end): deleting the
+# job stops the Ray job before the garbage collector takes the pods.
+FINALIZER = "llmtrain.dev/stop-ray-job"
 
 # Phases written from the training run's snapshot (step 8).
 RUN_PHASES = (Phase.Preprocessing, Phase.Training, Phase.Exporting)
@@ -125,6 +128,7 @@ class Outcome:
     provisioning_seconds: float | None = None  # set once per attempt: created → all Running
     restarted: bool = False
     error: str | None = None  # an API failure worth a TemporaryError
+    finalizer: bool | None = None  # add (True) or remove (False) FINALIZER
 
 
 class Conditions:
@@ -264,6 +268,8 @@ class Reconciler:
         # 2. finished: nothing runs any more; TTL removes the Ray cluster, the CR stays.
         if old_phase is not None and old_phase.terminal:
             out.phase = old_phase
+            if FINALIZER in (meta.get("finalizers") or ()):
+                out.finalizer = False
             self._delete_pods(meta, mine, out)
             self._ttl(job, uid, old, annotations, out, now)
             return self._finish(st, conds, old_owned, out)
@@ -313,6 +319,7 @@ class Reconciler:
                 f"active for {active:.0f}s, over spec.activeDeadlineSeconds={deadline}",
                 now,
             )
+            self._stop_ray_job(meta, st, out)
             self._delete_pods(meta, mine, out)
             return self._finish(st, conds, old_owned, out)
 
@@ -361,8 +368,13 @@ class Reconciler:
         # 8. the training run on the Ready cluster
         if diag.state == ClusterState.Ready and Phase(st["phase"]) != Phase.Failed:
             self._run_attempt(job, body, mine, st, conds, out, now)
+        has_finalizer = FINALIZER in (meta.get("finalizers") or ())
         if Phase(st["phase"]).terminal:
             self._delete_pods(meta, mine, out)
+            if has_finalizer:
+                out.finalizer = False
+        elif (st.get("rayJob") or {}).get("status") in ("PENDING", "RUNNING") and not has_finalizer:
+            out.finalizer = True  # from now on, deleting the job stops its Ray job first
         return self._finish(st, conds, old_owned, out)
 
     # --------------------------------------------------------------------- steps
@@ -731,6 +743,13 @@ class Reconciler:
         elif waited >= self.JOBS_API_GRACE_SECONDS:  # before that, Ray is still starting: no news
             conds.set(ConditionType.Running, False, Reason.Provisioning, f"Ray cluster ready; but {why}")
         out.requeue = f"{why} ({waited:.0f}s so far)"
+
+    def stop_for_deletion(self, body: Mapping[str, Any]) -> Outcome:
+        """The job is being deleted: stop its Ray job (best effort) so the run ends before
+        the garbage collector takes the pods; the caller then removes FINALIZER."""
+        out = Outcome(status=None, finalizer=False)
+        self._stop_ray_job(body.get("metadata") or {}, body.get("status") or {}, out)
+        return out
 
     def _stop_ray_job(self, meta: Mapping[str, Any], st: Mapping[str, Any], out: Outcome) -> None:
         """Stop the running Ray job before its pods go (best effort: the pods go anyway)."""

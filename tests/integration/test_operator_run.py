@@ -428,3 +428,15 @@ def test_operator_restarted_five_times_during_a_run_submits_once(
     steps = [c["step"] for c in st["checkpoint"]["lineage"]]
     assert steps == sorted(set(steps)) and steps[-1] == 240  # nothing duplicated
     assert st["progress"]["step"] == 240
+
+
+def test_deleting_a_running_job_stops_its_ray_job_first(
+    api: Api, run_operator: Operator, standin: RayStandIn, corpus: str, s3_server: S3Server
+) -> None:
+    api.create(long_job("gone", corpus, s3_server.endpoint))
+    api.wait(lambda: api.status("gone").get("progress", {}).get("step", 0) > 0, "gone: training", timeout=240)
+    assert "llmtrain.dev/stop-ray-job" in api.job("gone")["metadata"]["finalizers"]
+    api.c.kubectl("delete", "ltj", "gone", "-n", api.ns, "--wait=true", "--timeout=60s")
+    job = next(j for j in standin.jobs() if j["submission_id"] == "gone-1")
+    assert job["status"] in ("STOPPED", "SUCCEEDED"), job  # stopped, not left to the GC
+    assert job["status"] == "STOPPED"

@@ -370,3 +370,48 @@ def test_a_lost_worker_before_submission_restarts_the_whole_cluster() -> None:
     set_status(h.api.pods()["demo-worker-0"], "failed", exit_code=1)
     out = h.tick(1)
     assert out.restarted and h.status["attempt"] == 2 and h.api.names("Pod") == set()
+
+
+def test_a_running_ray_job_holds_a_finalizer_until_the_job_ends() -> None:
+    from llmtrain.operator.reconcile import FINALIZER
+
+    h = running()
+    out = h.tick(1)
+    assert out.finalizer is True  # submitted: from now on deletion stops the Ray job first
+    h.body["metadata"]["finalizers"] = [FINALIZER]
+    assert h.tick(1).finalizer is None  # there already
+    h.ray.end("demo-1", "SUCCEEDED", RESULT_PREFIX + snapshot(10, stage="done").to_json())
+    out = h.tick(1)
+    assert h.status["phase"] == Phase.Succeeded and out.finalizer is False
+
+
+def test_deleting_a_job_stops_its_ray_job_then_drops_the_finalizer() -> None:
+    from llmtrain.operator.reconcile import FINALIZER
+
+    from tests.unit.test_operator_controller import KEY, Setup
+    from tests.unit.test_operator_fakes import FakeRayJobs, job_body
+
+    s = Setup()
+    ray = FakeRayJobs(down=False)
+    ray.jobs["demo-1"] = ray.JobInfo("RUNNING")
+    s.controller.reconciler.ray = ray  # type: ignore[assignment]
+    body = job_body()
+    body["metadata"].update(
+        finalizers=["someone.else/keep", FINALIZER],
+        deletionTimestamp="2026-11-26T12:00:00Z",
+        resourceVersion="7",
+    )
+    body["status"] = {"phase": "Training", "rayJob": {"submissionId": "demo-1", "status": "RUNNING"}}
+    import base64
+
+    s.api.objects[("Secret", "ns1", "demo-ray-auth")] = {
+        "metadata": {"name": "demo-ray-auth", "namespace": "ns1"},
+        "data": {"token": base64.b64encode(TOKEN.encode()).decode()},
+    }
+    s.add(body, "MODIFIED")
+    s.controller.reconcile_key(KEY)
+    assert ray.stopped == ["demo-1"] and ray.tokens == [TOKEN]
+    assert s.writer.patches[-1] == (
+        "main",
+        {"metadata": {"finalizers": ["someone.else/keep"], "resourceVersion": "7"}},
+    )
