@@ -437,6 +437,9 @@ def test_deleting_a_running_job_stops_its_ray_job_first(
     api.wait(lambda: api.status("gone").get("progress", {}).get("step", 0) > 0, "gone: training", timeout=240)
     assert "llmtrain.dev/stop-ray-job" in api.job("gone")["metadata"]["finalizers"]
     api.c.kubectl("delete", "ltj", "gone", "-n", api.ns, "--wait=true", "--timeout=60s")
-    job = next(j for j in standin.jobs() if j["submission_id"] == "gone-1")
-    assert job["status"] in ("STOPPED", "SUCCEEDED"), job  # stopped, not left to the GC
-    assert job["status"] == "STOPPED"
+    # Ray's stop is asynchronous: the driver gets SIGTERM, then the job reads STOPPED.
+    api.wait(
+        lambda: next(j for j in standin.jobs() if j["submission_id"] == "gone-1")["status"] == "STOPPED",
+        "gone-1 STOPPED on the head (not left running, nor to the garbage collector)",
+        timeout=30,
+    )
