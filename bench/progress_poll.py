@@ -76,7 +76,7 @@ def serve(port: int, ready: Any) -> None:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive, as a real head's aiohttp server
 
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             if self.headers.get("Authorization") != f"Bearer {TOKEN}":
                 return self._send(401, b"{}")
             if self.path == "/progress":
@@ -86,7 +86,7 @@ def serve(port: int, ready: Any) -> None:
                 return self._send(200, b"{}")
             return self._send(200, b'{"status": "RUNNING", "message": "Job is currently running."}')
 
-        def do_POST(self) -> None:  # noqa: N802
+        def do_POST(self) -> None:
             self.rfile.read(int(self.headers.get("Content-Length") or 0))
             self._send(200, b'{"submission_id": "x"}')
 
@@ -120,28 +120,28 @@ class Fleet:
             body["metadata"]["uid"] = f"uid-{i}"
             self.bodies.append(body)
         self.patch_bytes: list[int] = []
+        self._pods: dict[str, dict[str, Any]] | None = None  # each job's pod views, once settled
 
     def tick(self, body: dict[str, Any]) -> None:
         name = body["metadata"]["name"]
-        pods = {k: v for k, v in views(self.api).items() if v.job == name} if self._slow else self._pods[name]
+        if self._pods is None:
+            pods = {k: v for k, v in views(self.api).items() if v.job == name}
+        else:
+            pods = self._pods[name]
         out = self.rec.reconcile(body, pods, self.now)
         if out.status is not None:
             self.patch_bytes.append(len(json.dumps({"status": out.status})))
             apply_merge_patch(body.setdefault("status", {}), out.status)
-
-    _slow = True
-    _pods: dict[str, Any] = {}
 
     def settle(self) -> None:
         """Create every job's pods, mark them Running, and index them once."""
         for b in self.bodies:
             self.tick(b)
         set_all(self.api, "running")
-        all_views = views(self.api)
-        self._pods = {b["metadata"]["name"]: {} for b in self.bodies}
-        for k, v in all_views.items():
-            self._pods[v.job][k] = v
-        self._slow = False
+        pods: dict[str, dict[str, Any]] = {b["metadata"]["name"]: {} for b in self.bodies}
+        for k, v in views(self.api).items():
+            pods[v.job][k] = v
+        self._pods = pods
 
     def round(self, pool: ThreadPoolExecutor) -> tuple[float, float, list[float]]:
         """One reconcile of every job: (wall s, process CPU s, per-reconcile wall s)."""
@@ -177,7 +177,9 @@ def main() -> None:
     import urllib.request
 
     def next_step() -> None:
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/next", headers={"Authorization": f"Bearer {TOKEN}"})
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/next", headers={"Authorization": f"Bearer {TOKEN}"}
+        )
         urllib.request.urlopen(req, timeout=5).read()
 
     rows = []
@@ -197,9 +199,13 @@ def main() -> None:
     heads.terminate()
 
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
-    print(f"{dt.date.today()} · commit {head.stdout.strip()} · {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores · {args.jobs} jobs × {args.rounds} rounds, {THREADS} threads")
-    print("| mode | CPU ms / job / update | wall ms p50 / p99 per reconcile | round wall s | status patch bytes | CPU share at 1000 jobs every 5 s |")
+    print(
+        f"{dt.date.today()} · commit {head.stdout.strip()} · {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores · {args.jobs} jobs × {args.rounds} rounds, {THREADS} threads"
+    )
+    print(
+        "| mode | CPU ms / job / update | wall ms p50 / p99 per reconcile | round wall s | status patch bytes | CPU share at 1000 jobs every 5 s |"
+    )
     print("|---|---:|---:|---:|---:|---:|")
     for name, res, patches in rows:
         cpu_per = statistics.median(c for _, c, _ in res) / args.jobs

@@ -443,3 +443,30 @@ def test_deleting_a_running_job_stops_its_ray_job_first(
         "gone-1 STOPPED on the head (not left running, nor to the garbage collector)",
         timeout=30,
     )
+
+
+def test_corrupt_shard_fails_at_once_as_bad_data(
+    api: Api, run_operator: Operator, standin: RayStandIn, corpus: str, s3_server: S3Server
+) -> None:
+    from llmtrain.runtime.data.prepare import PrepareConfig, prepare
+
+    from llmtrain.api.spec import LLMTrainingJobSpec
+
+    job = tiny_job("corrupt", corpus, s3_server.endpoint, backoffLimit=0)
+    # The data prepared beforehand (the run reuses it: same fingerprint), then one training
+    # shard's bytes flipped in place: same size, another sha256.
+    prepared = prepare(PrepareConfig.from_spec(LLMTrainingJobSpec.model_validate(job["spec"])))
+    shard = next(s for s in prepared.manifest.split_shards("train"))
+    key = f"corrupt/data/{shard.path}"
+    s3 = s3_server.client()
+    data = bytearray(s3.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+    data[-1] ^= 0xFF
+    s3.put_object(Bucket=BUCKET, Key=key, Body=bytes(data))
+
+    api.create(job)
+    st = api.wait_phase("corrupt", "Failed", timeout=240)
+    failed = api.cond("corrupt", "Failed")
+    assert failed["reason"] == "DataError", _why(st, run_operator, api, "corrupt")
+    assert "sha256" in failed["message"] and shard.path in failed["message"]
+    assert st["restarts"] == 0 and st["attempt"] == 1
+    assert st["data"]["reused"] is True  # it trained on the prepared data, and found the bad shard
