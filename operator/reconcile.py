@@ -170,6 +170,24 @@ class Conditions:
         return [self.by_type[t] for t in self.order]
 
 
+@dataclass
+class Tick:
+    """One reconcile's working set, handed to the steps that restart, recreate and run:
+    the job, its pods, the status being built and what to write."""
+
+    job: JobFacts
+    body: Mapping[str, Any]
+    mine: Mapping[str, PodView]
+    st: dict[str, Any]
+    conds: Conditions
+    out: Outcome
+    now: dt.datetime
+
+    @property
+    def meta(self) -> Mapping[str, Any]:
+        return self.body.get("metadata") or {}
+
+
 @dataclass(frozen=True, slots=True)
 class JobFacts:
     """What a tick reads from a job's spec, cached per (uid, generation).
@@ -324,6 +342,7 @@ class Reconciler:
             return self._finish(st, conds, old_owned, out)
 
         expected = list(job.pod_names)
+        tick = Tick(job, body, mine, st, conds, out, now)
         handled = set(filter(None, annotations.get(ANN_RESTARTED_PODS, "").split(",")))
         live = {n: p for n, p in mine.items() if p.uid not in handled}
 
@@ -337,9 +356,9 @@ class Reconciler:
                 # The head and the Ray job live on: a new pod for the lost worker, and Ray
                 # Train's FailureConfig restarts the worker group from the newest checkpoint
                 # in the same attempt.
-                self._recreate_worker(job, meta, failed, mine, st, conds, out, now, diag.message, handled)
+                self._recreate_worker(tick, failed, diag.message, handled)
             else:
-                self._restart(job, meta, mine, st, conds, out, now, diag.message, Reason.BackoffLimitExceeded)
+                self._restart(tick, diag.message, Reason.BackoffLimitExceeded)
             return self._finish(st, conds, old_owned, out)
 
         # 6. create what is missing (children before pods: pods mount the ConfigMap and
@@ -367,7 +386,7 @@ class Reconciler:
         self._apply_diagnosis(job, diag, st, conds, old_phase, annotations, out, now)
         # 8. the training run on the Ready cluster
         if diag.state == ClusterState.Ready and Phase(st["phase"]) != Phase.Failed:
-            self._run_attempt(job, body, mine, st, conds, out, now)
+            self._run_attempt(tick)
         has_finalizer = FINALIZER in (meta.get("finalizers") or ())
         if Phase(st["phase"]).terminal:
             self._delete_pods(meta, mine, out)
@@ -499,20 +518,10 @@ class Reconciler:
             out.requeue = out.requeue or "pods created"
         return created
 
-    def _restart(
-        self,
-        job: JobFacts,
-        meta: Mapping[str, Any],
-        mine: Mapping[str, PodView],
-        st: dict[str, Any],
-        conds: Conditions,
-        out: Outcome,
-        now: dt.datetime,
-        why: str,
-        fail_reason: Reason,
-    ) -> None:
+    def _restart(self, t: Tick, why: str, fail_reason: Reason) -> None:
         """A new attempt on a new Ray cluster (its GCS state and the training group die with
         any one node), resuming from the newest checkpoint; up to spec.backoffLimit times."""
+        job, meta, mine, st, conds, out, now = t.job, t.meta, t.mine, t.st, t.conds, t.out, t.now
         restarts = int(st.get("restarts") or 0)
         if restarts >= job.backoff_limit:
             self._fail(
@@ -540,25 +549,14 @@ class Reconciler:
         out.phase = Phase.Provisioning
         out.requeue = "restarting: waiting for the old pods to go"
 
-    def _recreate_worker(
-        self,
-        job: JobFacts,
-        meta: Mapping[str, Any],
-        failed: PodView,
-        mine: Mapping[str, PodView],
-        st: dict[str, Any],
-        conds: Conditions,
-        out: Outcome,
-        now: dt.datetime,
-        why: str,
-        handled: set[str],
-    ) -> None:
+    def _recreate_worker(self, t: Tick, failed: PodView, why: str, handled: set[str]) -> None:
         """A worker pod ended while its Ray job runs: delete it (the next tick creates it
         again, it rejoins the head); the run resumes in the same attempt. Counts against
         spec.backoffLimit like a cluster restart."""
+        job, st, conds, out = t.job, t.st, t.conds, t.out
         restarts = int(st.get("restarts") or 0)
         if restarts >= job.backoff_limit:
-            self._restart(job, meta, mine, st, conds, out, now, why, Reason.BackoffLimitExceeded)
+            self._restart(t, why, Reason.BackoffLimitExceeded)
             return
         st["restarts"] = restarts + 1
         out.restarted = True
@@ -589,19 +587,10 @@ class Reconciler:
         self._tokens[uid] = token
         return token
 
-    def _run_attempt(
-        self,
-        job: JobFacts,
-        body: Mapping[str, Any],
-        mine: Mapping[str, PodView],
-        st: dict[str, Any],
-        conds: Conditions,
-        out: Outcome,
-        now: dt.datetime,
-    ) -> None:
+    def _run_attempt(self, t: Tick) -> None:
         """8. Submit this attempt's Ray job once, poll it, mirror the driver's snapshot;
         an ended Ray job ends the attempt."""
-        meta = body.get("metadata") or {}
+        job, body, meta, st, conds, out, now = t.job, t.body, t.meta, t.st, t.conds, t.out, t.now
         ns, name, uid = job.namespace, job.name, str(meta.get("uid", ""))
         sid = rj.submission_id(name, int(st.get("attempt") or 1))
         head = rj.head_of(self.settings, ns, name)
@@ -623,7 +612,7 @@ class Reconciler:
                 return
             info = self.ray.status(head, token, sid)
         except (HeadError, ApiError) as e:
-            self._unreachable(job, meta, mine, st, conds, out, now, ray_job, str(e))
+            self._unreachable(t, ray_job, str(e))
             return
         ray_job.pop("unreachableSince", None)
         if info is None:
@@ -666,17 +655,7 @@ class Reconciler:
             reason = Reason(failure.reason) if failure.reason in Reason.__members__ else Reason.RunFailed
             self._fail(st, conds, out, reason, f"{why}\n--- driver log, last lines ---\n{tail}", now)
             return
-        self._restart(
-            job,
-            meta,
-            mine,
-            st,
-            conds,
-            out,
-            now,
-            f"Ray job {sid} {info.status.lower()}: {why}",
-            Reason.RunFailed,
-        )
+        self._restart(t, f"Ray job {sid} {info.status.lower()}: {why}", Reason.RunFailed)
 
     def _set_stage(self, st: dict[str, Any], conds: Conditions, stage: str, message: str) -> None:
         st["phase"] = STAGE_PHASE.get(stage, Phase.Training.value)
@@ -700,32 +679,16 @@ class Reconciler:
                 f"at {snap.data.manifest_uri}",
             )
 
-    def _unreachable(
-        self,
-        job: JobFacts,
-        meta: Mapping[str, Any],
-        mine: Mapping[str, PodView],
-        st: dict[str, Any],
-        conds: Conditions,
-        out: Outcome,
-        now: dt.datetime,
-        ray_job: dict[str, Any],
-        error: str,
-    ) -> None:
+    def _unreachable(self, t: Tick, ray_job: dict[str, Any], error: str) -> None:
         """A failed poll is not a failed job: the attempt ends only after
         ``head_timeout_seconds`` of failed polls (KubeRay's 300 s)."""
+        st, conds, out, now = t.st, t.conds, t.out, t.now
         since = parse_time(ray_job.get("unreachableSince")) or now
         waited = (now - since).total_seconds()
         limit = self.settings.head_timeout_seconds
         if waited >= limit:
             self._restart(
-                job,
-                meta,
-                mine,
-                st,
-                conds,
-                out,
-                now,
+                t,
                 f"the Ray head did not answer for {waited:.0f}s (limit {limit:.0f}s): {error}",
                 Reason.HeadUnreachable,
             )
