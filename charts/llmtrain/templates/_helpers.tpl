@@ -70,8 +70,8 @@ handlers and Kopf's own needs, and the cluster test runs the operator on these r
 */}}
 {{- define "llmtrain.rules.namespaced" -}}
 # Kopf lists and watches jobs (its on.event handler feeds the controller's cache); the
-# controller merge-patches their annotations (and removes an old version's finalizer).
-# Nothing GETs or PUTs a job.
+# controller merge-patches their annotations and finalizers (llmtrain.dev/stop-ray-job while
+# a Ray job may run). Nothing GETs or PUTs a job.
 - apiGroups: ["llmtrain.dev"]
   resources: ["llmtrainingjobs"]
   verbs: ["list", "watch", "patch"]
