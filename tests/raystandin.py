@@ -54,6 +54,19 @@ class RayStandIn:
     def dashboard(self) -> str:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
+    def operator_args(self) -> tuple[str, ...]:
+        """The operator's flags that point it at this stand-in for every job's head."""
+        return (
+            "--ray-head-host",
+            "127.0.0.1",
+            "--ray-dashboard-port",
+            str(self.dashboard_port),
+            "--ray-progress-port",
+            str(self.progress_port),
+            "--ray-token-file",
+            str(self.token_file),
+        )
+
     def env(self) -> dict[str, str]:
         bindir = str(Path(sys.executable).parent)
         return {

@@ -62,21 +62,7 @@ def run_operator(
     tmp_path: Path,
     standin: RayStandIn,
 ) -> Iterator[Operator]:
-    op = Operator(
-        cluster,
-        namespace,
-        tmp_path,
-        extra=(
-            "--ray-head-host",
-            "127.0.0.1",
-            "--ray-dashboard-port",
-            str(standin.dashboard_port),
-            "--ray-progress-port",
-            str(standin.progress_port),
-            "--ray-token-file",
-            str(standin.token_file),
-        ),
-    )
+    op = Operator(cluster, namespace, tmp_path, extra=standin.operator_args())
     op.start()
     yield op
     if op.proc is None:
