@@ -19,7 +19,6 @@ from typing import Any
 
 from llmtrain.api.job import LLMTrainingJob
 from llmtrain.api.progress import ProgressEvent
-from llmtrain.api.shards import Manifest
 
 log = logging.getLogger("llmtrain.run")
 
@@ -61,81 +60,6 @@ class RunSummary:
 
 
 # ------------------------------------------------------------------------------ pieces
-
-
-def unigram_cross_entropy(manifest: Manifest, data_uri: str, storage_options: Any = None) -> float:
-    """Entropy (nats/token) of the validation split's own unigram distribution.
-
-    The loss of the best model that knows only token frequencies, and a conservative bar:
-    fitted on the validation tokens themselves, it is lower than any frequency model fitted
-    on the training split would score there.
-    """
-    import torch
-    from llmtrain.runtime.data.loader import read_verified_shard
-    from llmtrain.runtime.data.storage import open_storage
-
-    storage = open_storage(data_uri, storage_options)
-    counts = torch.zeros(manifest.tokenizer.vocab_size, dtype=torch.float64)
-    for info in manifest.split_shards("validation"):
-        tokens = read_verified_shard(storage, info, manifest)
-        counts += torch.bincount(tokens.long(), minlength=counts.numel()).double()
-    total = counts.sum()
-    if total == 0:
-        raise RunError("the validation split is empty: raise spec.data.validationFraction")
-    p = counts[counts > 0] / total
-    return float(-(p * p.log()).sum())
-
-
-def make_shard_loader(
-    data_uri: str,
-    storage_options: Any,
-    *,
-    split: str,
-    rank: int,
-    world_size: int,
-    micro_batch: int,
-    context_length: int,
-    seed: int,
-) -> Any:
-    """The loader factory handed to every training worker (a module-level function: picklable)."""
-    from llmtrain.runtime.data.loader import open_loader
-
-    return open_loader(
-        data_uri,
-        split=split,
-        rank=rank,
-        world_size=world_size,
-        micro_batch=micro_batch,
-        context_length=context_length,
-        seed=seed,
-        storage=storage_options,
-    )
-
-
-class EventQueue:
-    """Progress events from rank 0 to this process: a Ray queue actor (works across nodes)."""
-
-    def __init__(self) -> None:
-        from ray.util.queue import Queue
-
-        self.queue = Queue(maxsize=10_000, actor_options={"num_cpus": 0})
-
-    def drain(self, timeout: float) -> list[ProgressEvent]:
-        from ray.util.queue import Empty
-
-        out = []
-        try:
-            out.append(ProgressEvent.from_json(self.queue.get(timeout=timeout)))
-            while True:
-                out.append(ProgressEvent.from_json(self.queue.get_nowait()))
-        except Empty:
-            pass
-        return out
-
-
-def _put_event(q: Any, event: ProgressEvent) -> None:
-    # Runs on rank 0: one small actor call per log/validation/checkpoint step.
-    q.put_nowait(event.to_json())
 
 
 # ------------------------------------------------------------------------------ the run
