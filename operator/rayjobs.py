@@ -169,7 +169,6 @@ class RayJobs:
             timeout=urllib3.Timeout(connect=CONNECT_TIMEOUT, read=READ_TIMEOUT),
             retries=False,
         )
-        self.submissions = 0  # POSTs that created a Ray job (tests count them)
 
     def _send(
         self, req: Request, *, limit: int = MAX_SNAPSHOT_BYTES, read_timeout: float = READ_TIMEOUT
@@ -202,7 +201,6 @@ class RayJobs:
             return False
         if status != 200:
             raise HeadError(f"submitting {body.get('submission_id')}: HTTP {status}: {text[:300]}")
-        self.submissions += 1
         return True
 
     def status(self, head: Head, token: str, sid: str) -> JobInfo | None:

@@ -140,17 +140,23 @@ class Operator:
         )
 
 
-@pytest.fixture
-def operator(cluster: Cluster, namespace: str, crds: None, tmp_path: Path) -> Iterator[Operator]:
-    op = Operator(cluster, namespace, tmp_path)
+def serve(op: Operator) -> Iterator[Operator]:
+    """Run ``op`` for a test. At the end the namespace's jobs are deleted while an operator
+    still runs: a job whose Ray job may run holds the operator's finalizer
+    (llmtrain.dev/stop-ray-job), and the namespace would otherwise hang in Terminating."""
     op.start()
     yield op
-    # Delete the jobs while an operator still runs: Kopf's finalizer (it has a timer on
-    # the job) must be removed by it, or the namespace would hang in Terminating.
     if op.proc is None:
         op.start()
-    cluster.kubectl("delete", PLURAL, "--all", "-n", namespace, "--wait=true", "--timeout=60s", check=False)
+    op.cluster.kubectl(
+        "delete", PLURAL, "--all", "-n", op.namespace, "--wait=true", "--timeout=60s", check=False
+    )
     op.kill(signal.SIGTERM)
+
+
+@pytest.fixture
+def operator(cluster: Cluster, namespace: str, crds: None, tmp_path: Path) -> Iterator[Operator]:
+    yield from serve(Operator(cluster, namespace, tmp_path))
 
 
 # ------------------------------------------------------------------------------ helpers

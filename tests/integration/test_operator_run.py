@@ -11,7 +11,6 @@ logs and the export, the operator as a subprocess, `transformers` on the export.
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_operator_lifecycle import PLURAL, Api, Operator, crds  # noqa: F401 (fixture)
+from test_operator_lifecycle import Api, Operator, crds, serve  # noqa: F401 (fixture)
 
 from tests.data.datahelpers import S3Server, s3_server  # noqa: F401 (fixture)
 from tests.raystandin import RayStandIn
@@ -62,13 +61,7 @@ def run_operator(
     tmp_path: Path,
     standin: RayStandIn,
 ) -> Iterator[Operator]:
-    op = Operator(cluster, namespace, tmp_path, extra=standin.operator_args())
-    op.start()
-    yield op
-    if op.proc is None:
-        op.start()
-    cluster.kubectl("delete", PLURAL, "--all", "-n", namespace, "--wait=true", "--timeout=60s", check=False)
-    op.kill(signal.SIGTERM)
+    yield from serve(Operator(cluster, namespace, tmp_path, extra=standin.operator_args()))
 
 
 @pytest.fixture
