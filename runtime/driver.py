@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import hmac
+import json
 import logging
 import os
 import sys
@@ -77,6 +78,8 @@ class Reporter:
     snapshot: RunSnapshot = field(default_factory=RunSnapshot)
     on_event: Callable[[ProgressEvent], None] | None = None
     on_stage: Callable[[str], None] | None = None
+    # Set while training runs: asks rank 0 for a checkpoint at its next log step.
+    ask_checkpoint: Callable[[], None] | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def stage(self, stage: str) -> None:
@@ -196,6 +199,36 @@ def _put_event(q: Any, event: ProgressEvent) -> None:
     q.put_nowait(event.to_json())
 
 
+class CheckpointRequests:
+    """ "Checkpoint now" from this process to rank 0 (a Ray queue actor, like the events): the
+    operator asks before it suspends a job, so the suspended run loses no finished steps."""
+
+    def __init__(self) -> None:
+        from ray.util.queue import Queue
+
+        self.queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
+
+    def ask(self) -> None:
+        from ray.util.queue import Full
+
+        try:
+            self.queue.put_nowait(True)
+        except Full:  # one request already waits: the same checkpoint answers both
+            pass
+
+
+def _take_checkpoint_request(q: Any) -> bool:
+    # Runs on rank 0 at each log step: one actor round trip (about a millisecond, beside the
+    # log step's own host sync).
+    from ray.util.queue import Empty
+
+    try:
+        q.get_nowait()
+    except Empty:
+        return False
+    return True
+
+
 # ------------------------------------------------------------------------------ the run
 
 
@@ -280,7 +313,7 @@ def train(
         if report.on_stage is not None:
             report.on_stage(f"resume from step {latest.step}")
     place.connect()
-    events = EventQueue()
+    events, requests = EventQueue(), CheckpointRequests()
     options = LaunchOptions(
         gpus_per_worker=spec.resources.gpus_per_worker,
         cpus_per_worker=place.cpus_per_worker,
@@ -308,6 +341,7 @@ def train(
                 cfg,
                 functools.partial(make_shard_loader, data_uri, storage_options),
                 on_progress=functools.partial(_put_event, events.queue),
+                checkpoint_requested=functools.partial(_take_checkpoint_request, requests.queue),
                 options=options,
             )
         except BaseException as e:  # re-raised in the caller's thread
@@ -315,11 +349,15 @@ def train(
 
     thread = threading.Thread(target=fit, name="llmtrain-fit", daemon=True)
     thread.start()
+    report.ask_checkpoint = requests.ask
     done = False
-    while not done:
-        done = not thread.is_alive()  # drain once more after the thread ends
-        for event in events.drain(timeout=0.01 if done else 0.5):
-            report.event(event)
+    try:
+        while not done:
+            done = not thread.is_alive()  # drain once more after the thread ends
+            for event in events.drain(timeout=0.01 if done else 0.5):
+                report.event(event)
+    finally:
+        report.ask_checkpoint = None
     if errors:
         raise DriverError(classify(errors[0], has_checkpoint=report.snapshot.latest_checkpoint is not None))
     # The lineage, not the events, says what exists (a resumed run that was already done
@@ -394,11 +432,14 @@ def _causes(error: BaseException) -> list[BaseException]:
 
 
 PROGRESS_PATH = "/progress"
+CHECKPOINT_PATH = "/checkpoint"
 
 
 class ProgressServer:
     """``GET /progress`` → the run's snapshot as JSON, for the operator, behind the job's
     Ray token (``Authorization: Bearer``; 401 without it, 403 with another).
+    ``POST /checkpoint`` → 202 and rank 0 checkpoints at its next log step (409 when no
+    training runs); the operator asks before it suspends the job.
 
     The operator pulls (KubeRay's way for job state) rather than the driver pushing: the
     operator makes every connection, so no endpoint of the control plane is reachable from
@@ -412,15 +453,32 @@ class ProgressServer:
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
+                if self._authorized(PROGRESS_PATH):
+                    self._send(200, reporter.json().encode())
+
+            def do_POST(self) -> None:
+                if not self._authorized(CHECKPOINT_PATH):
+                    return
+                ask = reporter.ask_checkpoint
+                if ask is None:
+                    self._send(409, b'{"error":"no training runs: nothing to checkpoint"}')
+                    return
+                ask()
+                with reporter.lock:
+                    step = reporter.snapshot.progress.step if reporter.snapshot.progress else 0
+                self._send(202, json.dumps({"requested": True, "step": step}).encode())
+
+            def _authorized(self, path: str) -> bool:
                 given = (self.headers.get("Authorization") or "").encode()
-                if self.path != PROGRESS_PATH:
+                if self.path != path:
                     self._send(404, b'{"error":"not found"}')
                 elif not given:
                     self._send(401, b'{"error":"missing token"}')
                 elif not hmac.compare_digest(given, expected):
                     self._send(403, b'{"error":"wrong token"}')
                 else:
-                    self._send(200, reporter.json().encode())
+                    return True
+                return False
 
             def _send(self, code: int, body: bytes) -> None:
                 self.send_response(code)

@@ -285,6 +285,18 @@ def train_worker(
     )
 
 
+class AskOnCall:
+    """A picklable ``RunContext.checkpoint_requested`` that answers True on its ``n``-th call
+    only (rank 0 polls it once per log step): "checkpoint now", as a suspend asks."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.calls = n, 0
+
+    def __call__(self) -> bool:
+        self.calls += 1
+        return self.calls == self.n
+
+
 class JsonlSink:
     """A picklable ``on_progress`` that appends each ProgressEvent to a JSON-lines file."""
 

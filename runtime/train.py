@@ -1,11 +1,17 @@
 """The per-worker training function: one plain function for Ray Train, ``torchrun`` and tests.
 
 ``train(cfg, make_loader)`` runs on every rank of an initialised process group (or alone, in a
-process without one, as a plain single-device model). It reads top to bottom:
+process without one, as a plain single-device model). ``_train`` reads top to bottom, one small
+function per piece:
 
-    build (meta → fully_shard → to_empty → seeded init) → optimizer, schedule → resume
-    loop: micro batches → forward/backward (grad sync on the last only) → clip → step
-          → log (one host sync) → validate → checkpoint
+    _setup    device, model (meta → fully_shard → to_empty → seeded init), optimizer, schedule
+    _resume   the newest complete checkpoint, if any
+    loop:
+      _step        micro batches → forward/backward (grad sync on the last only) → clip → step
+      _log_window  close the log window (one all-reduce, one host sync)
+      _validate    loss, perplexity, accuracy on the validation split
+      _checkpoint  periodic, final, or asked for (a suspend)
+      _report      validation/checkpoint results to the launcher
 
 Host syncs happen only at log, validation and checkpoint steps: per-step losses and gradient
 norms stay on the device until the next log step, where they are all-reduced in one call,
@@ -42,6 +48,8 @@ from llmtrain.api.progress import ProgressEvent
 _log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
+    from llmtrain.runtime.checkpoint import Lineage
+    from llmtrain.runtime.metrics import TrainMetrics
     from torch.distributed.fsdp import FSDPModule
 
 # Test-only fault hooks (read once per run). KILL: SIGKILL this worker when it is about to
@@ -75,6 +83,9 @@ class RunContext:
     use_fsdp: bool | None = None  # None: FSDP2 whenever a process group is initialised
     # Called on every rank at validation and checkpoint steps (Ray Train: ray.train.report).
     report: Callable[[dict[str, Any]], None] | None = None
+    # Polled on rank 0 at each log step: True asks for a checkpoint now (the driver's answer
+    # to an operator that suspends the job). All ranks learn it from the log step's all-reduce.
+    checkpoint_requested: Callable[[], bool] | None = None
     # Test switches (negative controls of the exact-resume test).
     skip_rng_restore: bool = False
     skip_loader_restore: bool = False
@@ -279,6 +290,127 @@ def _train(
     on_progress: Callable[[ProgressEvent], None] | None,
     ctx: RunContext,
 ) -> TrainResult:
+    t = cfg.train
+    run = _setup(cfg, make_loader, on_progress, ctx)
+    _resume(run)
+    window = _Window()
+    run.model.train()
+    try:
+        while run.step < run.total_steps:
+            run.faults.before_step(run.step + 1)
+            _step(run, window)
+            step, final = run.step, run.step == run.total_steps
+            if step % t.log_every_steps == 0 or final:
+                _log_window(run, window)
+            report: dict[str, Any] = {}
+            if step % t.val_every_steps == 0 or final:
+                report |= _validate(run, window)
+            if run.lineage is not None and (
+                step % t.checkpoint_every_steps == 0 or final or window.checkpoint_requested
+            ):
+                report |= _checkpoint(run, window)
+            if report:
+                _report(run, window, report)
+        _log_window(run, window)
+    finally:
+        if run.metrics is not None:
+            run.metrics.close()
+    result = run.result
+    result.final_step = run.step
+    if ctx.gather_weights:
+        result.weights = gather_full_weights(run.model)
+    result.best_val_loss = run.best_val if math.isfinite(run.best_val) else None
+    return result
+
+
+# ------------------------------------------------------------------ the loop's pieces
+
+
+@dataclass
+class _Run:
+    """What the loop's pieces read, built once by :func:`_setup`; ``step``, ``tokens`` and
+    ``best_val`` are the progress a checkpoint saves and :func:`_resume` restores."""
+
+    cfg: RuntimeConfig
+    ctx: RunContext
+    rank: int
+    world_size: int
+    distributed: bool
+    use_fsdp: bool
+    device: torch.device
+    device_name: str
+    autocast: contextlib.AbstractContextManager[object]
+    model: GPT
+    loss_fn: Callable[[Tensor, Tensor], Tensor]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    make: Callable[[str], TokenLoader]  # a loader of this rank's share of a split
+    loader: TokenLoader  # the training split
+    total_steps: int
+    tokens_per_step: int  # all ranks
+    result: TrainResult
+    lineage: Lineage | None
+    metrics: TrainMetrics | None
+    faults: _Faults
+    on_progress: Callable[[ProgressEvent], None] | None
+    step: int = 0
+    tokens: int = 0
+    best_val: float = math.inf
+    batches: Iterator[Tensor] | None = None
+
+    def next_batch(self) -> Tensor:
+        if self.batches is None:
+            self.batches = iter(self.loader)
+        try:
+            return next(self.batches)
+        except StopIteration:  # epoch over: a fresh iter() starts the next, in its own order
+            self.batches = iter(self.loader)
+            return next(self.batches)
+
+    def emit(self, **fields: Any) -> None:
+        """A progress event from rank 0 (the others hold the same values)."""
+        if self.rank == 0 and self.on_progress is not None:
+            self.on_progress(
+                ProgressEvent(
+                    step=self.step,
+                    total_steps=self.total_steps,
+                    epoch=self.loader.epoch,
+                    tokens=self.tokens,
+                    time=time.time(),
+                    **fields,
+                )
+            )
+
+
+@dataclass
+class _Window:
+    """The log window: per-step losses and gradient norms wait on the device until the next
+    log step (no per-step host sync); tokens/s and MFU measure the steps in it."""
+
+    steps: list[int] = field(default_factory=list)
+    losses: list[Tensor] = field(default_factory=list)
+    norms: list[Tensor] = field(default_factory=list)
+    start: float = field(default_factory=time.perf_counter)
+    data_wait: float = 0.0  # seconds spent waiting for batches
+    last_loss: float | None = None
+    # Someone asked for a checkpoint now (a suspend): the same answer on every rank, from
+    # the all-reduce of the log step.
+    checkpoint_requested: bool = False
+
+    def restart(self) -> None:
+        self.steps.clear()
+        self.losses.clear()
+        self.norms.clear()
+        self.start, self.data_wait = time.perf_counter(), 0.0
+
+
+def _setup(
+    cfg: RuntimeConfig,
+    make_loader: LoaderFactory,
+    on_progress: Callable[[ProgressEvent], None] | None,
+    ctx: RunContext,
+) -> _Run:
+    """Device, model (meta → FSDP2 → seeded init), optimizer, schedule, training loader, metrics."""
     t, m = cfg.train, cfg.model
     distributed = dist.is_available() and dist.is_initialized()
     rank = dist.get_rank() if distributed else 0
@@ -294,7 +426,6 @@ def _train(
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     use_fsdp = distributed if ctx.use_fsdp is None else ctx.use_fsdp
     if use_fsdp and not distributed:
         raise ValueError("FSDP needs an initialised process group")
@@ -310,9 +441,8 @@ def _train(
     torch.manual_seed(t.seed * 100_003 + rank)
 
     model = build_model(cfg, device, use_fsdp)
-    loss_fn = build_loss(t.compile)
     if t.init_kind != "random":
-        # spec.model.init.checkpoint / pretrained: weights only; a resume below overrides them.
+        # spec.model.init.checkpoint / pretrained: weights only; a resume overrides them.
         from llmtrain.runtime.hf_import import load_initial_weights
 
         load_initial_weights(model, cfg)
@@ -329,11 +459,11 @@ def _train(
         )
 
     loader = make("train")
-    accum = t.grad_accum_steps
-    if loader.steps_per_epoch < accum:
+    if loader.steps_per_epoch < t.grad_accum_steps:
         raise ValueError(
-            f"an epoch has {loader.steps_per_epoch} micro batches per rank, fewer than the {accum} one "
-            "optimizer step needs: lower spec.training.batch.globalBatchSize or add data"
+            f"an epoch has {loader.steps_per_epoch} micro batches per rank, fewer than the "
+            f"{t.grad_accum_steps} one optimizer step needs: lower spec.training.batch.globalBatchSize "
+            "or add data"
         )
     total_steps = t.total_steps(loader.steps_per_epoch, m.context_length)
     # Every rank yields exactly steps_per_epoch batches (no rank waits alone in a collective):
@@ -347,252 +477,240 @@ def _train(
             world_size,
             t.micro_batch_size,
         )
-    tokens_per_step = t.tokens_per_step(m.context_length)
-    tokens_per_rank_step = tokens_per_step / world_size  # equal on every rank (loader contract)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_at(s, cfg.optimizer, cfg.schedule, total_steps) / cfg.optimizer.lr
     )
     result = TrainResult(total_steps=total_steps, dropped_windows=dropped)
-    step, tokens_seen, best_val = 0, 0, math.inf
-
-    # ----------------------------------------------------------------- resume
     lineage = None
     if t.checkpoint_uri:
         from llmtrain.runtime.checkpoint import Lineage
 
         lineage = Lineage(t.checkpoint_uri, t.checkpoint_keep_last)
-        info = lineage.latest()
-        if info is not None:
-            state = _state_dict(model, optimizer, scheduler, loader, rank, placeholders=info.world_size)
-            lineage.load(info, state)
-            trained = pickle.loads(state["train"])
-            _set_model_optim(model, optimizer, state)
-            scheduler.load_state_dict(trained["scheduler"])
-            step, tokens_seen, best_val = trained["step"], trained["tokens"], trained["best_val"]
-            per_rank = {k: pickle.loads(v) for k, v in state["per_rank"].items()}
-            if not ctx.skip_loader_restore:
-                merged: dict[str, Any] = {}
-                for saved in per_rank.values():
-                    merged.update(saved["loader"])
-                loader.load_state_dict(merged)
-            mine = per_rank.get(rank_key(rank))
-            if not ctx.skip_rng_restore and mine is not None and info.world_size == world_size:
-                torch.set_rng_state(mine["rng_cpu"])
-                if device.type == "cuda" and mine.get("rng_cuda") is not None:
-                    torch.cuda.set_rng_state(mine["rng_cuda"], device)
-            lineage.protected = info.step
-            result.resumed_from = info.step
+    return _Run(
+        cfg=cfg,
+        ctx=ctx,
+        rank=rank,
+        world_size=world_size,
+        distributed=distributed,
+        use_fsdp=use_fsdp,
+        device=device,
+        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        autocast=autocast,
+        model=model,
+        loss_fn=build_loss(t.compile),
+        optimizer=optimizer,
+        scheduler=scheduler,
+        make=make,
+        loader=loader,
+        total_steps=total_steps,
+        tokens_per_step=t.tokens_per_step(m.context_length),
+        result=result,
+        lineage=lineage,
+        metrics=_serve_metrics(cfg, ctx, rank, local_rank, result),
+        faults=_Faults(rank, world_size),
+        on_progress=on_progress,
+    )
 
-    metrics = None
-    if t.metrics_enabled:
-        from llmtrain.runtime.metrics import MetricLabels, TrainMetrics
 
-        metrics = TrainMetrics(MetricLabels(ctx.namespace, ctx.job, rank))
-        port = t.metrics_port + local_rank
-        try:
-            result.metrics_port = metrics.serve(port, ctx.metrics_addr)
-        except OSError as e:  # a busy port must not cost the training run
-            warnings.warn(
-                f"rank {rank}: cannot serve /metrics on {ctx.metrics_addr}:{port} ({e}); training goes on "
-                "without it (spec.metrics.port)",
-                RuntimeWarning,
-                stacklevel=1,
-            )
+def _serve_metrics(
+    cfg: RuntimeConfig, ctx: RunContext, rank: int, local_rank: int, result: TrainResult
+) -> TrainMetrics | None:
+    """This rank's /metrics on metricsPort + local rank; a busy port costs the metrics, not the run."""
+    t = cfg.train
+    if not t.metrics_enabled:
+        return None
+    from llmtrain.runtime.metrics import MetricLabels, TrainMetrics
 
-    faults = _Faults(rank, world_size)
-
-    def emit(event: ProgressEvent) -> None:
-        if rank == 0 and on_progress is not None:
-            on_progress(event)
-
-    batches: Iterator[Tensor] = iter(loader)
-
-    def next_batch() -> Tensor:
-        nonlocal batches
-        try:
-            return next(batches)
-        except StopIteration:  # epoch over: a fresh iter() starts the next, in its own order
-            batches = iter(loader)
-            return next(batches)
-
-    # Per-step values wait on the device until the next log step (no per-step host sync).
-    pending_steps: list[int] = []
-    pending_loss: list[Tensor] = []
-    pending_norm: list[Tensor] = []
-    window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
-    last_loss: float | None = None
-
-    def flush() -> None:
-        """One all-reduce + host sync for the steps since the last flush; stop on NaN/inf."""
-        nonlocal window_start, window_wait, window_steps, last_loss
-        if not pending_steps:
-            return
-        losses = torch.stack(pending_loss)
-        if distributed:
-            dist.all_reduce(losses)  # Σ token losses over ranks (each a sum over its micro batches)
-        values = (losses / tokens_per_step).tolist()  # host sync
-        norms = torch.stack(pending_norm).tolist()
-        for s, loss, norm in zip(pending_steps, values, norms, strict=True):
-            if not (math.isfinite(loss) and math.isfinite(norm)):
-                raise NonFiniteError(
-                    f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at step {s} "
-                    f"(loss {loss}, grad norm {norm}); the newest checkpoint predates it. Lower "
-                    "spec.training.optimizer.lr, raise warmupSteps or set spec.training.gradClip"
-                )
-        result.steps += pending_steps
-        result.losses += values
-        result.grad_norms += norms
-        seconds = time.perf_counter() - window_start
-        tps = window_steps * tokens_per_step / seconds if seconds > 0 else 0.0
-        mfu = model.estimate_mfu(tps / world_size, device_name)
-        last_loss = values[-1]
-        if metrics is not None:
-            metrics.log_window(
-                loss=values[-1],
-                steps=window_steps,
-                tokens=window_steps * tokens_per_step,
-                seconds=seconds,
-                data_wait_seconds=window_wait,
-                mfu=mfu,
-                peak_memory_bytes=peak_memory(device),
-                device=device_name,
-                step=step,
-                epoch=loader.epoch,
-            )
-        remaining = (total_steps - step) * seconds / max(1, window_steps)
-        emit(
-            ProgressEvent(
-                step=step,
-                total_steps=total_steps,
-                epoch=loader.epoch,
-                tokens=tokens_seen,
-                train_loss=values[-1],
-                tokens_per_second=tps,
-                mfu=mfu,
-                eta_seconds=remaining,
-                time=time.time(),
-            )
-        )
-        pending_steps.clear()
-        pending_loss.clear()
-        pending_norm.clear()
-        window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
-
-    model.train()
+    metrics = TrainMetrics(MetricLabels(ctx.namespace, ctx.job, rank))
+    port = t.metrics_port + local_rank
     try:
-        while step < total_steps:
-            faults.before_step(step + 1)
-            # ---- forward/backward over the micro batches of one optimizer step
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(accum):
-                waited = time.perf_counter()
-                # From pageable memory this copy waits for the GPU to drain its queue (a host
-                # sync per micro batch). Pinning each batch measured no faster on an H200 at
-                # GPT-2-small shape (bench/RESULTS.md), so batches stay pageable.
-                batch = next_batch().to(device, non_blocking=True)
-                window_wait += time.perf_counter() - waited
-                if use_fsdp:
-                    # Reduce-scatter gradients only after the last micro batch.
-                    cast("FSDPModule", model).set_requires_gradient_sync(micro == accum - 1)
-                inputs, targets = batch[:, :-1], batch[:, 1:]
-                with autocast:
-                    logits = model(inputs)
-                loss = loss_fn(logits, targets)
-                if faults.nan(step + 1):
-                    loss = loss * float("nan")
-                # Token mean over the whole step, not a mean of per-rank means: gradients sum over
-                # micro batches, and FSDP's reduce-scatter averages over ranks, so dividing by
-                # this rank's share of the step's tokens yields ∇(Σ token losses / Σ tokens).
-                (loss / tokens_per_rank_step).backward()
-                loss_sum += loss.detach()
-            # ---- clip, step
-            norm = clip_grad_norm(model, t.grad_clip)
-            result.lrs.append(float(scheduler.get_last_lr()[0]))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            tokens_seen += tokens_per_step
-            window_steps += 1
-            pending_steps.append(step)
-            pending_loss.append(loss_sum)
-            pending_norm.append(norm)
+        result.metrics_port = metrics.serve(port, ctx.metrics_addr)
+    except OSError as e:
+        warnings.warn(
+            f"rank {rank}: cannot serve /metrics on {ctx.metrics_addr}:{port} ({e}); training goes on "
+            "without it (spec.metrics.port)",
+            RuntimeWarning,
+            stacklevel=1,
+        )
+    return metrics
 
-            # ---- log
-            final = step == total_steps
-            if step % t.log_every_steps == 0 or final:
-                flush()
-            report: dict[str, Any] = {}
-            # ---- validate
-            if step % t.val_every_steps == 0 or final:
-                flush()
-                from llmtrain.runtime.validate import evaluate
 
-                val = evaluate(model, iter(make("validation")), t.val_batches, device, autocast)
-                best_val = min(best_val, val.loss)
-                result.validations.append(
-                    {"step": step, "loss": val.loss, "perplexity": val.perplexity, "accuracy": val.accuracy}
-                )
-                if metrics is not None:
-                    metrics.validation(loss=val.loss, perplexity=val.perplexity)
-                emit(
-                    ProgressEvent(
-                        step=step,
-                        total_steps=total_steps,
-                        epoch=loader.epoch,
-                        tokens=tokens_seen,
-                        stage="validation",
-                        train_loss=last_loss,
-                        val_loss=val.loss,
-                        val_perplexity=val.perplexity,
-                        val_accuracy=val.accuracy,
-                        time=time.time(),
-                    )
-                )
-                report.update(val_loss=val.loss, val_perplexity=val.perplexity, val_accuracy=val.accuracy)
-            # ---- checkpoint (never from a non-finite state: flush() checks first)
-            if lineage is not None and (step % t.checkpoint_every_steps == 0 or final):
-                flush()
-                train_state = {
-                    "step": step,
-                    "tokens": tokens_seen,
-                    "best_val": best_val,
-                    "scheduler": scheduler.state_dict(),
-                }
-                state = _state_dict(model, optimizer, scheduler, loader, rank, train_state=train_state)
-                # The architecture travels with the weights: `llmtrain export --checkpoint`
-                # then needs no job spec to rebuild the model.
-                meta = {"tokens": tokens_seen, "epoch": loader.epoch, "model": asdict(cfg.model)}
-                uri = lineage.save(step, state, meta)
-                result.checkpoints.append(uri)
-                emit(
-                    ProgressEvent(
-                        step=step,
-                        total_steps=total_steps,
-                        epoch=loader.epoch,
-                        tokens=tokens_seen,
-                        stage="checkpoint",
-                        checkpoint_uri=uri,
-                        checkpoint_step=step,
-                        time=time.time(),
-                    )
-                )
-                report.update(checkpoint_uri=uri, checkpoint_step=step)
-            if report and ctx.report is not None:
-                ctx.report({"step": step, "epoch": loader.epoch, "train_loss": last_loss, **report})
-            if report:
-                # flush() emptied the window; validation, saving and reporting are not training
-                # time, so it starts now (tokens/s and MFU measure the training steps alone).
-                window_start = time.perf_counter()
-        flush()
-    finally:
-        if metrics is not None:
-            metrics.close()
-    result.final_step = step
-    if ctx.gather_weights:
-        result.weights = gather_full_weights(model)
-    result.best_val_loss = best_val if math.isfinite(best_val) else None
-    return result
+def _resume(run: _Run) -> None:
+    """Model, optimizer, schedule, loader position and RNG from the newest complete checkpoint."""
+    if run.lineage is None:
+        return
+    info = run.lineage.latest()
+    if info is None:
+        return
+    ctx = run.ctx
+    state = _state_dict(run.model, run.optimizer, run.loader, run.rank, placeholders=info.world_size)
+    run.lineage.load(info, state)
+    trained = pickle.loads(state["train"])
+    _set_model_optim(run.model, run.optimizer, state)
+    run.scheduler.load_state_dict(trained["scheduler"])
+    run.step, run.tokens, run.best_val = trained["step"], trained["tokens"], trained["best_val"]
+    per_rank = {k: pickle.loads(v) for k, v in state["per_rank"].items()}
+    if not ctx.skip_loader_restore:
+        merged: dict[str, Any] = {}
+        for saved in per_rank.values():
+            merged.update(saved["loader"])
+        run.loader.load_state_dict(merged)
+    mine = per_rank.get(rank_key(run.rank))
+    if not ctx.skip_rng_restore and mine is not None and info.world_size == run.world_size:
+        torch.set_rng_state(mine["rng_cpu"])
+        if run.device.type == "cuda" and mine.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(mine["rng_cuda"], run.device)
+    run.lineage.protected = info.step
+    run.result.resumed_from = info.step
+
+
+def _step(run: _Run, window: _Window) -> None:
+    """One optimizer step: forward/backward over its micro batches, clip, step."""
+    t = run.cfg.train
+    accum = t.grad_accum_steps
+    tokens_per_rank_step = run.tokens_per_step / run.world_size  # equal on every rank (loader contract)
+    loss_sum = torch.zeros((), device=run.device)
+    for micro in range(accum):
+        waited = time.perf_counter()
+        # From pageable memory this copy waits for the GPU to drain its queue (a host sync per
+        # micro batch). Pinning each batch measured no faster on an H200 at GPT-2-small shape
+        # (bench/RESULTS.md), so batches stay pageable.
+        batch = run.next_batch().to(run.device, non_blocking=True)
+        window.data_wait += time.perf_counter() - waited
+        if run.use_fsdp:
+            # Reduce-scatter gradients only after the last micro batch.
+            cast("FSDPModule", run.model).set_requires_gradient_sync(micro == accum - 1)
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        with run.autocast:
+            logits = run.model(inputs)
+        loss = run.loss_fn(logits, targets)
+        if run.faults.nan(run.step + 1):
+            loss = loss * float("nan")
+        # Token mean over the whole step, not a mean of per-rank means: gradients sum over micro
+        # batches, and FSDP's reduce-scatter averages over ranks, so dividing by this rank's
+        # share of the step's tokens yields ∇(Σ token losses / Σ tokens).
+        (loss / tokens_per_rank_step).backward()
+        loss_sum += loss.detach()
+    norm = clip_grad_norm(run.model, t.grad_clip)
+    run.result.lrs.append(float(run.scheduler.get_last_lr()[0]))
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    run.tokens += run.tokens_per_step
+    window.steps.append(run.step)
+    window.losses.append(loss_sum)
+    window.norms.append(norm)
+
+
+def _log_window(run: _Run, window: _Window) -> None:
+    """Close the log window: one all-reduce and one host sync for its steps, stop on NaN/inf,
+    record, report metrics and a progress event.
+
+    The all-reduce also carries rank 0's answer to "was a checkpoint asked for?" (a Ray actor
+    call on rank 0, once per log step), so every rank decides the same at the same step.
+    """
+    if not window.steps:
+        return
+    asked = run.rank == 0 and run.ctx.checkpoint_requested is not None and run.ctx.checkpoint_requested()
+    reduced = torch.stack([*window.losses, torch.tensor(float(asked), device=run.device)])
+    if run.distributed:
+        dist.all_reduce(reduced)  # Σ token losses over ranks (each a sum over its micro batches)
+    values = (reduced[:-1] / run.tokens_per_step).tolist()  # host sync
+    window.checkpoint_requested = window.checkpoint_requested or bool(reduced[-1].item() > 0)
+    norms = torch.stack(window.norms).tolist()
+    for s, loss, norm in zip(window.steps, values, norms, strict=True):
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+            raise NonFiniteError(
+                f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at step {s} "
+                f"(loss {loss}, grad norm {norm}); the newest checkpoint predates it. Lower "
+                "spec.training.optimizer.lr, raise warmupSteps or set spec.training.gradClip"
+            )
+    result = run.result
+    result.steps += window.steps
+    result.losses += values
+    result.grad_norms += norms
+    steps = len(window.steps)
+    seconds = time.perf_counter() - window.start
+    tps = steps * run.tokens_per_step / seconds if seconds > 0 else 0.0
+    mfu = run.model.estimate_mfu(tps / run.world_size, run.device_name)
+    window.last_loss = values[-1]
+    if run.metrics is not None:
+        run.metrics.log_window(
+            loss=values[-1],
+            steps=steps,
+            tokens=steps * run.tokens_per_step,
+            seconds=seconds,
+            data_wait_seconds=window.data_wait,
+            mfu=mfu,
+            peak_memory_bytes=peak_memory(run.device),
+            device=run.device_name,
+            step=run.step,
+            epoch=run.loader.epoch,
+        )
+    run.emit(
+        train_loss=values[-1],
+        tokens_per_second=tps,
+        mfu=mfu,
+        eta_seconds=(run.total_steps - run.step) * seconds / steps,
+    )
+    window.restart()
+
+
+def _validate(run: _Run, window: _Window) -> dict[str, Any]:
+    """Loss, perplexity and accuracy on the validation split (the same batches every time)."""
+    from llmtrain.runtime.validate import evaluate
+
+    _log_window(run, window)
+    val = evaluate(
+        run.model, iter(run.make("validation")), run.cfg.train.val_batches, run.device, run.autocast
+    )
+    run.best_val = min(run.best_val, val.loss)
+    run.result.validations.append(
+        {"step": run.step, "loss": val.loss, "perplexity": val.perplexity, "accuracy": val.accuracy}
+    )
+    if run.metrics is not None:
+        run.metrics.validation(loss=val.loss, perplexity=val.perplexity)
+    run.emit(
+        stage="validation",
+        train_loss=window.last_loss,
+        val_loss=val.loss,
+        val_perplexity=val.perplexity,
+        val_accuracy=val.accuracy,
+    )
+    return {"val_loss": val.loss, "val_perplexity": val.perplexity, "val_accuracy": val.accuracy}
+
+
+def _checkpoint(run: _Run, window: _Window) -> dict[str, Any]:
+    """Save the run to the lineage; never from a non-finite state (:func:`_log_window` checks first)."""
+    assert run.lineage is not None
+    _log_window(run, window)
+    train_state = {
+        "step": run.step,
+        "tokens": run.tokens,
+        "best_val": run.best_val,
+        "scheduler": run.scheduler.state_dict(),
+    }
+    state = _state_dict(run.model, run.optimizer, run.loader, run.rank, train_state=train_state)
+    # The architecture travels with the weights: `llmtrain export --checkpoint` then needs
+    # no job spec to rebuild the model.
+    meta = {"tokens": run.tokens, "epoch": run.loader.epoch, "model": asdict(run.cfg.model)}
+    uri = run.lineage.save(run.step, state, meta)
+    window.checkpoint_requested = False
+    run.result.checkpoints.append(uri)
+    run.emit(stage="checkpoint", checkpoint_uri=uri, checkpoint_step=run.step)
+    return {"checkpoint_uri": uri, "checkpoint_step": run.step}
+
+
+def _report(run: _Run, window: _Window, report: dict[str, Any]) -> None:
+    """Validation/checkpoint results to the launcher (Ray Train: ``ray.train.report``)."""
+    if run.ctx.report is not None:
+        run.ctx.report(
+            {"step": run.step, "epoch": run.loader.epoch, "train_loss": window.last_loss, **report}
+        )
+    # Validating, saving and reporting are not training time: the next window starts now
+    # (tokens/s and MFU measure the training steps alone).
+    window.start = time.perf_counter()
 
 
 # ------------------------------------------------------------------ checkpoint state
@@ -601,7 +719,6 @@ def _train(
 def _state_dict(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
     loader: TokenLoader,
     rank: int,
     *,

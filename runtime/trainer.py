@@ -88,6 +88,7 @@ def _ray_worker(config: dict[str, Any]) -> None:
             local_rank=context.get_local_rank(),
             deterministic=config["deterministic"],
             report=lambda metrics: ray.train.report(metrics),
+            checkpoint_requested=config["checkpoint_requested"],
         ),
     )
     if context.get_world_rank() == 0 and config["on_result"] is not None:
@@ -100,12 +101,14 @@ def launch(
     *,
     on_progress: Callable[[ProgressEvent], None] | None = None,
     on_result: Callable[[TrainResult], None] | None = None,
+    checkpoint_requested: Callable[[], bool] | None = None,
     options: LaunchOptions | None = None,
 ) -> Any:
     """Run training on the connected Ray cluster; returns Ray Train's Result.
 
-    ``make_loader``, ``on_progress`` and ``on_result`` are pickled to the workers and called on
-    rank 0 there (e.g. an appender of JSON lines, or an actor handle's method).
+    ``make_loader``, ``on_progress``, ``on_result`` and ``checkpoint_requested`` are pickled to
+    the workers and called on rank 0 there (e.g. an appender of JSON lines, or an actor
+    handle's method).
     """
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -130,6 +133,7 @@ def launch(
             "make_loader": make_loader,
             "on_progress": on_progress,
             "on_result": on_result,
+            "checkpoint_requested": checkpoint_requested,
             "namespace": opts.namespace,
             "job": opts.job,
             "metrics_addr": opts.metrics_addr,

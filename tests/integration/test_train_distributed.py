@@ -3,7 +3,8 @@
 - equivalence: 1 process without FSDP = 2 FSDP2 ranks = 2 ranks × half micro batch × 2 accum;
 - exact resume after a SIGKILLed rank, across an epoch boundary, with the negative controls;
 - NaN → error naming the step, the newest checkpoint predates it and loads on 1 rank;
-- reshardAfterForward really keeps/frees the gathered parameters.
+- reshardAfterForward really keeps/frees the gathered parameters;
+- a checkpoint asked of rank 0 alone is taken by both ranks at the same step.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 from llmtrain.runtime.checkpoint import Lineage
-from llmtrain.runtime.synthetic import RankFailure, run_ranks, train_worker
+from llmtrain.runtime.synthetic import AskOnCall, RankFailure, run_ranks, train_worker
 
 from llmtrain.api.config import ModelConfig, OptimizerConfig, RuntimeConfig, ScheduleConfig, TrainConfig
 from tests.data.datahelpers import S3Server, s3_server  # noqa: F401 - the session fixture
@@ -181,3 +182,20 @@ def _fsdp_reshard_probe() -> list[bool]:
 def test_reshard_after_forward() -> None:
     """spec.training.fsdp.reshardAfterForward: False keeps gathered parameters after forward."""
     assert run_ranks(2, _fsdp_reshard_probe) == [[True, False], [True, False]]
+
+
+def test_checkpoint_asked_of_rank_0_is_taken_by_every_rank(
+    s3_server: S3Server,  # noqa: F811
+    s3_env: dict[str, str],
+) -> None:
+    """Only rank 0 polls the request (the driver's queue); the log step's all-reduce tells
+    rank 1, so both enter the collective save at step 4 (a rank left out would hang it)."""
+    uri = f"s3://{s3_server.bucket('asked')}/run"
+    cfg = config(2, 1, max_steps=6, log_every_steps=2, checkpoint_every_steps=100, checkpoint_uri=uri)
+    results = run_ranks(
+        2, train_worker, cfg, None, {"checkpoint_requested": AskOnCall(2)}, env=s3_env, timeout=120
+    )
+    assert [[u.rsplit("/", 1)[1] for u in r.checkpoints] for r in results] == [
+        ["step_00000004", "step_00000006"]
+    ] * 2
+    assert Lineage(uri, 3).complete_steps() == [4, 6]

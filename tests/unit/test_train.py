@@ -14,7 +14,7 @@ import pytest
 import torch
 from llmtrain.runtime.checkpoint import Lineage
 from llmtrain.runtime.model import GPT, token_loss_sum
-from llmtrain.runtime.synthetic import SyntheticLoader, _free_port, tiny_spec_dict
+from llmtrain.runtime.synthetic import AskOnCall, SyntheticLoader, _free_port, tiny_spec_dict
 from llmtrain.runtime.train import (
     NonFiniteError,
     RunContext,
@@ -447,6 +447,24 @@ def test_compiled_loss_equals_eager_in_value_and_gradient() -> None:
     compiled = run(cfg_from(**{"training.compile": True, "training.duration.maxSteps": 2}))
     plain = run(cfg_from(**{"training.duration.maxSteps": 2}))
     assert compiled.losses == pytest.approx(plain.losses, rel=1e-5)
+
+
+def test_checkpoint_when_asked_at_the_next_log_step(tmp_path: Path) -> None:
+    """RunContext.checkpoint_requested (a suspend's "checkpoint now") is polled at log steps
+    only, and the checkpoint is taken at that step, outside the everySteps schedule."""
+    over = {
+        "training.duration.maxSteps": 9,
+        "training.logEverySteps": 2,
+        "checkpoint.uri": str(tmp_path),
+        "checkpoint.everySteps": 100,
+    }
+    ask = AskOnCall(2)  # the second log step: step 4
+    result = run(cfg_from(**over), checkpoint_requested=ask)
+    assert [Path(u).name for u in result.checkpoints] == ["step_00000004", "step_00000009"]
+    assert ask.calls == 5  # steps 2, 4, 6, 8 and the final 9
+    plain = run(cfg_from(**{**over, "checkpoint.uri": str(tmp_path / "none")}))
+    assert [Path(u).name for u in plain.checkpoints] == ["step_00000009"]
+    assert plain.losses == result.losses  # a checkpoint changes nothing in the run
 
 
 def test_report_only_at_validation_and_checkpoint_steps(tmp_path: Path) -> None:
