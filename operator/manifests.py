@@ -110,6 +110,10 @@ class OperatorSettings:
     progress_port: int = 8266
     # A head that does not answer for this long ends the attempt (KubeRay: 300 s).
     head_timeout_seconds: float = 300.0
+    # `suspend: true` during training: the driver is asked for a checkpoint and the pods go
+    # once it is complete, or after this long without one (then the newest periodic
+    # checkpoint is where the run resumes).
+    suspend_checkpoint_seconds: float = 60.0
 
 
 # -------------------------------------------------------------------------------- names

@@ -14,6 +14,7 @@ What goes where (the driver side is ``llmtrain/runtime/driver.py``)::
     GET  /api/jobs/<id>/logs     once, when the job has ended: the final snapshot + log tail
     POST /api/jobs/<id>/stop     before the pods are deleted (suspend, deadline, failure)
     GET  :8266/progress          the running driver's RunSnapshot (every resync)
+    POST :8266/checkpoint        "checkpoint now", before a suspend deletes the pods
 """
 
 from __future__ import annotations
@@ -127,6 +128,10 @@ def progress_request(head: Head, token: str) -> Request:
     return Request("GET", f"{head.progress}/progress", _auth(token))
 
 
+def checkpoint_request(head: Head, token: str) -> Request:
+    return Request("POST", f"{head.progress}/checkpoint", _auth(token))
+
+
 def already_submitted(status: int, text: str) -> bool:
     """Ray's answer to a reused submission_id (HTTP 400/500 with this wording)."""
     return status in (400, 409, 500) and ("already exists" in text or "different submission_id" in text)
@@ -227,6 +232,16 @@ class RayJobs:
 
     def stop(self, head: Head, token: str, sid: str) -> None:
         self._send(stop_request(head, token, sid))
+
+    def checkpoint(self, head: Head, token: str) -> int:
+        """Ask the driver for a checkpoint at its next log step; the step it had reached."""
+        status, text = self._send(checkpoint_request(head, token))
+        if status != 202:
+            raise HeadError(f"POST checkpoint: HTTP {status}: {text[:300]}")
+        try:
+            return int(json.loads(text)["step"])
+        except (ValueError, KeyError, TypeError):
+            raise HeadError(f"POST checkpoint: unexpected answer {text[:200]!r}") from None
 
     def progress(self, head: Head, token: str) -> RunSnapshot:
         status, text = self._send(progress_request(head, token))

@@ -13,7 +13,8 @@ Order of steps:
 
 1. parse the spec (invalid → ``Failed/InvalidSpec``);
 2. a finished job: delete leftover pods, then the Ray cluster ``ttlSecondsAfterFinished`` later;
-3. ``suspend: true``: delete the pods, keep status (``Suspended``); resuming counts the time;
+3. ``suspend: true``: a last checkpoint (while training, at most ``suspend_checkpoint_seconds``),
+   then delete the pods, keep status (``Suspended``); resuming is a new attempt, counts the time;
 4. ``activeDeadlineSeconds`` (suspended time not counted);
 5. a terminated pod: restart the whole Ray cluster (``status.restarts``) up to ``backoffLimit``;
 6. create what is missing: Secret, ConfigMap, Service, NetworkPolicy, then the pods;
@@ -294,14 +295,25 @@ class Reconciler:
 
         # 3. suspend / resume
         if job.suspend:
+            if mine and self._checkpoint_before_suspend(meta, st, conds, out, now):
+                return self._finish(st, conds, old_owned, out)
             if mine:
                 self._stop_ray_job(meta, st, out)
             self._delete_pods(meta, mine, out)
+            latest = (st.get("checkpoint") or {}).get("latestStep")
+            resumes = (
+                f"resumes from its newest checkpoint, step {latest} when suspended"
+                if latest is not None
+                else "starts over"
+            )
             if not conds.is_true(ConditionType.Suspended):
                 out.events.append(
-                    Event("Normal", Reason.SuspendedByUser.value, "suspended: Ray pods deleted")
+                    Event("Normal", Reason.SuspendedByUser.value, f"suspended: Ray pods deleted; {resumes}")
                 )
-            msg = "suspended by spec.suspend: the Ray pods are deleted, status is kept; set suspend: false to resume"
+            msg = (
+                "suspended by spec.suspend: the Ray pods are deleted, status is kept; set suspend: false "
+                f"to resume (the run {resumes})"
+            )
             conds.set(ConditionType.Suspended, True, Reason.SuspendedByUser, msg)
             conds.set(ConditionType.Running, False, Reason.SuspendedByUser, msg)
             conds.set(ConditionType.Scheduled, False, Reason.WaitingForPods, "suspended: no pods")
@@ -706,6 +718,54 @@ class Reconciler:
         elif waited >= self.JOBS_API_GRACE_SECONDS:  # before that, Ray is still starting: no news
             conds.set(ConditionType.Running, False, Reason.Provisioning, f"Ray cluster ready; but {why}")
         out.requeue = f"{why} ({waited:.0f}s so far)"
+
+    def _checkpoint_before_suspend(
+        self, meta: Mapping[str, Any], st: dict[str, Any], conds: Conditions, out: Outcome, now: dt.datetime
+    ) -> bool:
+        """3a. A suspended training run first takes a last checkpoint: the driver is asked for
+        one (rank 0 saves at its next log step) and the pods stay until the lineage holds a
+        checkpoint past the step the run had reached, at most ``suspend_checkpoint_seconds``.
+        True while waiting. No driver to ask, or no answer: suspend with what exists."""
+        ray_job: dict[str, Any] = dict(st.get("rayJob") or {})
+        if ray_job.get("status") != "RUNNING" or st.get("phase") != Phase.Training.value:
+            return False
+        ns, name = meta.get("namespace", ""), meta.get("name", "")
+        head = rj.head_of(self.settings, ns, name)
+        limit = self.settings.suspend_checkpoint_seconds
+        try:
+            token = self._ray_token(ns, name, str(meta.get("uid", "")))
+            if not ray_job.get("checkpointAskedAt"):
+                step = self.ray.checkpoint(head, token)
+                ray_job.update(checkpointAskedAt=rfc3339(now), checkpointAskedStep=step)
+                st["rayJob"] = ray_job
+            else:
+                self._mirror(self.ray.progress(head, token), st, conds)
+        except (HeadError, ApiError):
+            return False
+        asked_at = parse_time(ray_job["checkpointAskedAt"]) or now
+        asked_step = int(ray_job.get("checkpointAskedStep") or 0)
+        latest = (st.get("checkpoint") or {}).get("latestStep")
+        # Strictly past it: the snapshot's step S was reported after rank 0 polled at S, so
+        # the asked-for checkpoint comes at a later log step (one at S may predate the ask).
+        if latest is not None and int(latest) > asked_step:
+            return False
+        waited = (now - asked_at).total_seconds()
+        if waited >= limit:
+            out.events.append(
+                Event(
+                    "Warning",
+                    Reason.SuspendedByUser.value,
+                    f"no checkpoint within {limit:.0f}s of asking (step {asked_step}): suspending anyway",
+                )
+            )
+            return False
+        why = (
+            f"suspending: a last checkpoint was asked for at step {asked_step} "
+            f"({ray_job['checkpointAskedAt']}); the Ray pods go once it is complete, or {limit:.0f}s after"
+        )
+        conds.set(ConditionType.Running, True, Reason.SuspendedByUser, why)
+        out.requeue = "suspending: waiting for the last checkpoint"
+        return True
 
     def stop_for_deletion(self, body: Mapping[str, Any]) -> Outcome:
         """The job is being deleted: stop its Ray job (best effort) so the run ends before

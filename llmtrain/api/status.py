@@ -200,6 +200,13 @@ class RayJobStatus(ApiModel):
     unreachable_since: str | None = Field(
         None, description="When polls of the head started failing (RFC 3339); unset while it answers."
     )
+    checkpoint_asked_at: str | None = Field(
+        None,
+        description="When the operator asked the driver for a last checkpoint before suspending (RFC 3339).",
+    )
+    checkpoint_asked_step: int | None = Field(
+        None, ge=0, description="The step the run had reached when that checkpoint was asked for."
+    )
 
 
 class LLMTrainingJobStatus(ApiModel):

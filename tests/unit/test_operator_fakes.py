@@ -236,6 +236,7 @@ class FakeRayJobs:
         self.snapshot: Any = None  # RunSnapshot the driver serves, None: not serving
         self.logs_text: dict[str, str] = {}
         self.stopped: list[str] = []
+        self.checkpoints_asked = 0
 
     def _check(self, token: str) -> None:
         from llmtrain.operator.rayjobs import HeadError
@@ -265,6 +266,15 @@ class FakeRayJobs:
         if self.snapshot is None:
             raise HeadError("connection refused (the driver is not serving yet)")
         return self.snapshot
+
+    def checkpoint(self, head: Any, token: str) -> int:
+        from llmtrain.operator.rayjobs import HeadError
+
+        self._check(token)
+        if self.snapshot is None or self.snapshot.progress is None:
+            raise HeadError("POST checkpoint: HTTP 409: no training runs")
+        self.checkpoints_asked += 1
+        return int(self.snapshot.progress.step)
 
     def logs(self, head: Any, token: str, sid: str) -> str:
         self._check(token)

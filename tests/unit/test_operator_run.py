@@ -225,6 +225,48 @@ def test_suspend_stops_the_ray_job_before_deleting_pods_and_resume_is_a_new_atte
     assert h.ray.posts == ["demo-1", "demo-2"]
 
 
+def training(step: int) -> Harness:
+    h = running()
+    h.tick(1)
+    h.ray.jobs["demo-1"] = h.ray.JobInfo("RUNNING")
+    h.ray.snapshot = snapshot(step)
+    h.tick(5)
+    assert h.status["phase"] == Phase.Training
+    return h
+
+
+def test_suspend_during_training_waits_for_a_last_checkpoint_then_deletes_the_pods() -> None:
+    h = training(4)
+    h.body["spec"]["suspend"] = True
+    out = h.tick(1)
+    assert h.ray.checkpoints_asked == 1 and h.ray.stopped == [] and h.api.names("Pod")
+    assert h.status["rayJob"]["checkpointAskedStep"] == 4 and out.requeue
+    assert "last checkpoint was asked for at step 4" in h.cond(ConditionType.Running)["message"]
+    h.ray.snapshot.add_checkpoint(CheckpointEntry(4, "s3://b/ck/step_4"))  # predates the ask
+    h.tick(5)
+    assert h.ray.stopped == [] and h.ray.checkpoints_asked == 1  # asked once, still waiting
+    h.ray.snapshot = snapshot(6)
+    h.ray.snapshot.add_checkpoint(CheckpointEntry(6, "s3://b/ck/step_6"))
+    out = h.tick(5)
+    assert h.ray.stopped == ["demo-1"] and h.api.names("Pod") == set()
+    assert h.status["phase"] == Phase.Suspended and h.status["checkpoint"]["latestStep"] == 6
+    assert (
+        "resumes from its newest checkpoint, step 6 when suspended"
+        in h.cond(ConditionType.Suspended)["message"]
+    )
+
+
+def test_suspend_without_a_checkpoint_in_time_goes_ahead_with_a_warning() -> None:
+    h = training(4)
+    h.body["spec"]["suspend"] = True
+    h.tick(1)
+    h.tick(30)
+    assert h.ray.stopped == []
+    out = h.tick(31)  # 61 s after asking: over OperatorSettings.suspend_checkpoint_seconds
+    assert h.ray.stopped == ["demo-1"] and h.status["phase"] == Phase.Suspended
+    assert any(e.type == "Warning" and "no checkpoint within 60s" in e.message for e in out.events)
+
+
 def test_worker_pod_failure_after_submission_still_restarts_when_the_head_fails() -> None:
     h = running(backoffLimit=2)
     h.tick(1)
@@ -337,6 +379,15 @@ def test_progress_server_answers_only_the_jobs_token() -> None:
         assert rj.RayJobs().progress(head, TOKEN).progress == snap.progress
         with pytest.raises(rj.HeadError, match="token was refused"):
             rj.RayJobs().progress(head, "nope")
+        # POST /checkpoint: refused while no training runs, then handed to rank 0's queue.
+        with pytest.raises(rj.HeadError, match="HTTP 409"):
+            rj.RayJobs().checkpoint(head, TOKEN)
+        asked: list[bool] = []
+        report.ask_checkpoint = lambda: asked.append(True)
+        with pytest.raises(rj.HeadError, match="token was refused"):
+            rj.RayJobs().checkpoint(head, "nope")
+        assert asked == []
+        assert rj.RayJobs().checkpoint(head, TOKEN) == 3 and asked == [True]
     finally:
         server.close()
 
