@@ -254,12 +254,13 @@ def _spec_problem(e: Exception) -> str:
 
 def _mount_subcommands() -> None:
     # Sub-apps keep their heavy imports inside their commands, so mounting them is cheap.
-    from llmtrain.runtime.commands_model import export_cmd, generate_cmd
+    from llmtrain.runtime.commands_model import export_cmd, generate_cmd, serve_cmd
     from llmtrain.runtime.data.commands import app as data_app
 
     app.add_typer(data_app, name="data")
     app.command("export")(export_cmd)
     app.command("generate")(generate_cmd)
+    app.command("serve")(serve_cmd)
 
 
 _mount_subcommands()

@@ -1,8 +1,8 @@
-"""``llmtrain export`` and ``llmtrain generate``: the model leaves the system and talks.
+"""``llmtrain export``, ``llmtrain generate`` and ``llmtrain serve``: the model leaves the system and talks.
 
-Registered in :mod:`llmtrain.cli` as ``app.command("export")(export_cmd)`` and
-``app.command("generate")(generate_cmd)``. torch, safetensors and tokenizers are imported
-inside the commands, so ``llmtrain --help`` stays fast.
+Registered in :mod:`llmtrain.cli` as ``app.command("export")(export_cmd)``,
+``app.command("generate")(generate_cmd)`` and ``app.command("serve")(serve_cmd)``. torch,
+safetensors, tokenizers and FastAPI are imported inside the commands, so ``llmtrain --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -31,6 +31,21 @@ def _s3_options(endpoint: str | None, spec: Any = None) -> Any:
 def _fail(message: str) -> typer.Exit:
     typer.echo(f"error: {message}", err=True)
     return typer.Exit(1)
+
+
+def _device(device: str) -> Any:
+    """--device: auto (cuda when available, else cpu), cpu, cuda or cuda:N, as a torch.device."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        target = torch.device(device)
+    except RuntimeError as e:
+        raise _fail(f"--device {device!r}: {e}") from e
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise _fail("--device cuda: no CUDA device is available (use --device cpu)")
+    return target
 
 
 def export_cmd(
@@ -117,20 +132,12 @@ def generate_cmd(
     endpoint: Annotated[str | None, typer.Option(help="S3 endpoint (default: AWS_ENDPOINT_URL).")] = None,
 ) -> None:
     """Continue a prompt with a trained model; stops at end-of-text or --max-tokens."""
-    import torch
     from llmtrain.runtime.export import ExportError
     from llmtrain.runtime.generate import Sampling, generate, load_text_tokenizer
     from llmtrain.runtime.hf_import import load_pretrained_model
 
     s3 = _s3_options(endpoint)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        target = torch.device(device)
-    except RuntimeError as e:
-        raise _fail(f"--device {device!r}: {e}") from e
-    if target.type == "cuda" and not torch.cuda.is_available():
-        raise _fail("--device cuda: no CUDA device is available (use --device cpu)")
+    target = _device(device)
     try:
         sampling = Sampling(
             max_new_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
@@ -148,3 +155,55 @@ def generate_cmd(
         typer.echo(json.dumps({"prompt": prompt_ids, "new": new}))
     else:
         typer.echo(tok.decode(prompt_ids + new))
+
+
+def serve_cmd(
+    model: Annotated[
+        str, typer.Option("--model", help="Exported or Hugging Face Llama directory (local or s3://).")
+    ],
+    host: Annotated[str, typer.Option(help="Address to bind (0.0.0.0: every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to bind; 0 picks a free one (printed).")] = 8000,
+    device: Annotated[
+        str, typer.Option(help="auto (cuda when available, else cpu), cpu, cuda or cuda:N.")
+    ] = "auto",
+    max_batch: Annotated[
+        int, typer.Option("--max-batch", help="Sequences decoded together at most; more wait for a slot.")
+    ] = 32,
+    served_model_name: Annotated[
+        str | None,
+        typer.Option("--served-model-name", help="The model id clients send (default: --model as given)."),
+    ] = None,
+    threads: Annotated[
+        int | None, typer.Option(help="torch threads (default on CPU: all cores but one, for the HTTP loop).")
+    ] = None,
+    endpoint: Annotated[str | None, typer.Option(help="S3 endpoint (default: AWS_ENDPOINT_URL).")] = None,
+) -> None:
+    """Serve a trained model behind an OpenAI-compatible API (/v1/completions, /v1/models, /metrics)."""
+    import logging
+
+    from llmtrain.runtime.export import ExportError
+    from llmtrain.runtime.serve import load_server, serve
+
+    if not 0 <= port <= 65535:
+        raise _fail(f"--port {port}: must be in [0, 65535]")
+    if max_batch < 1:
+        raise _fail(f"--max-batch {max_batch}: must be ≥ 1")
+    if threads is not None and threads < 1:
+        raise _fail(f"--threads {threads}: must be ≥ 1")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    target = _device(device)
+    try:
+        server = load_server(
+            model,
+            device=target,
+            s3=_s3_options(endpoint),
+            max_batch=max_batch,
+            model_id=served_model_name,
+            threads=threads,
+        )
+    except (ExportError, ValueError) as e:
+        raise _fail(str(e)) from e
+    try:
+        serve(server, host, port, announce=lambda line: typer.echo(line))
+    except OSError as e:  # the address is taken or not ours
+        raise _fail(f"--host {host} --port {port}: {e}") from e

@@ -82,9 +82,13 @@ def rope_tables(
 
 
 def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
-    """Rotate pairs (x_i, x_{i+d/2}) of x [B, H, T, hd] by the angles of positions 0..T-1."""
+    """Rotate pairs (x_i, x_{i+d/2}) of x [B, H, T, hd] by the angles of positions 0..T-1.
+
+    ``rope`` is [2, T', hd], the same positions for every row, or [2, B, 1, T', hd], each row
+    its own positions (a serving batch, :class:`BatchKVCache`); the first T are used.
+    """
     T = x.shape[-2]
-    cos, sin = rope[0, :T].to(x.dtype), rope[1, :T].to(x.dtype)
+    cos, sin = rope[0, ..., :T, :].to(x.dtype), rope[1, ..., :T, :].to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
     return x * cos + rotated * sin
@@ -103,6 +107,7 @@ class KVCache:
         self.length = 0
         self.k: list[Tensor | None] = [None] * n_layers
         self.v: list[Tensor | None] = [None] * n_layers
+        self.mask: Tensor | None = None  # one sequence sees all its positions (cf. BatchKVCache)
 
     def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store this call's k/v [B, H, T, hd] at ``length…`` and return all positions so far."""
@@ -116,6 +121,128 @@ class KVCache:
         cv[:, :, self.length : end] = v
         return ck[:, :, :end], cv[:, :, :end]
 
+    def positions(self, rope: Tensor, T: int) -> Tensor:
+        """The RoPE table's rows for this call's T tokens: positions ``length … length+T-1``."""
+        start = self.length
+        if start and T > 1:
+            raise ValueError("a KV cache takes a prompt once, then one token per call")
+        if start + T > self.context_length:
+            raise ValueError(f"{start + T} positions exceed contextLength {self.context_length}")
+        return rope[:, start : start + T]
+
+    def advance(self, T: int) -> None:
+        self.length += T
+
+
+class BatchKVCache:
+    """The running sequences of a serving batch, decoded together one new token per row and call.
+
+    Row i of one ``[capacity, kvHeads, contextLength, headDim]`` buffer per layer holds sequence
+    i's keys/values (after RoPE); ``lengths[i]`` of its positions are written. A step writes every
+    row's new key/value at the row's own position (one indexed write per layer) and runs **one**
+    attention over the first max(length)+1 positions of all rows, with a boolean mask (:attr:`mask`)
+    hiding each row's positions beyond its own: a masked key gets weight exactly 0, so a row sees
+    exactly its own sequence. Against a lone sequence's call only float rounding differs (the
+    batched GEMMs, and the softmax summing a zero-padded row), ≈1e-7; when every row has the same
+    length (a lone row, always) there is no mask and the call is ``generate()``'s own.
+
+    Rows stay dense: the row of a sequence that leaves takes the last row's cache (one copy of that
+    sequence's positions), so a step over B rows reads buffers ``[:B]`` only. Capacity doubles as
+    rows join, so memory is that of the most sequences held at once, as with one KVCache each;
+    it is kept for the next burst.
+    """
+
+    def __init__(self, n_layers: int, context_length: int) -> None:
+        self.n_layers, self.context_length = n_layers, context_length
+        self.lengths: list[int] = []
+        self.k: list[Tensor] = []
+        self.v: list[Tensor] = []
+        # This step's [B, 1, 1, end] key mask (None: no row is shorter), set by positions().
+        self.mask: Tensor | None = None
+        self._write: tuple[Tensor, Tensor, int] | None = None  # rows, positions, end: this step
+
+    @property
+    def rows(self) -> int:
+        return len(self.lengths)
+
+    def add(self, kv: KVCache) -> int:
+        """Copy a prefilled sequence's cache (batch 1) into a new last row; that row's index."""
+        first = kv.k[0]
+        if kv.length == 0 or first is None:
+            raise ValueError("a row joins the batch after its prompt is encoded (prefill alone first)")
+        row, n = self.rows, kv.length
+        if not self.k or row == self.k[0].shape[0]:
+            self._grow(first)
+        for layer in range(self.n_layers):
+            ck, cv = kv.k[layer], kv.v[layer]
+            assert ck is not None and cv is not None
+            self.k[layer][row, :, :n] = ck[0, :, :n]
+            self.v[layer][row, :, :n] = cv[0, :, :n]
+        self.lengths.append(n)
+        return row
+
+    def _grow(self, like: Tensor) -> None:
+        """Double the capacity (at least one row), keeping the rows held so far.
+
+        Zeros, not ``new_empty``: masked positions still enter the attention's matmuls, and a
+        stray NaN or inf there survives its zero weight (0 · NaN = NaN). Positions a row has not
+        written hold zeros or an earlier row's finite keys/values, which the mask zeroes out.
+        """
+        rows = self.rows
+        shape = (max(1, 2 * rows), *like.shape[1:])
+        for buffers in (self.k, self.v):
+            old: list[Tensor | None] = list(buffers) or [None] * self.n_layers
+            buffers[:] = [like.new_zeros(shape) for _ in range(self.n_layers)]
+            for new, b in zip(buffers, old, strict=True):
+                if b is not None:
+                    new[:rows] = b[:rows]
+
+    def remove(self, row: int) -> None:
+        """Drop ``row``: the last row moves into its place (callers mirror that move)."""
+        last = self.rows - 1
+        if row != last:
+            n = self.lengths[last]
+            for buffers in (self.k, self.v):
+                for b in buffers:
+                    b[row, :, :n] = b[last, :, :n]
+            self.lengths[row] = n
+        self.lengths.pop()
+
+    def positions(self, rope: Tensor, T: int) -> Tensor:
+        """[2, B, 1, 1, hd]: row i's angles at its own length (broadcast over heads); also this
+        step's write positions and key mask, shared by every layer."""
+        if T != 1:
+            raise ValueError("a batch of cached rows takes one token per row and call (prompts go alone)")
+        if not self.lengths:
+            raise ValueError("the batch has no rows")
+        longest = max(self.lengths)
+        if longest + 1 > self.context_length:
+            raise ValueError(f"{longest + 1} positions exceed contextLength {self.context_length}")
+        pos = torch.tensor(self.lengths, device=rope.device)
+        end = longest + 1
+        rows = torch.arange(len(self.lengths), device=rope.device)
+        self._write = (rows, pos, end)
+        # Key j is row i's iff j ≤ lengths[i] (its cached positions and the one written now).
+        self.mask = None
+        if min(self.lengths) != longest:
+            self.mask = (torch.arange(end, device=rope.device) <= pos[:, None])[:, None, None, :]
+        return rope[:, pos, None, None]
+
+    def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Row i's new k/v [B, H, 1, hd] at position lengths[i]; all rows' first max+1 positions."""
+        if self._write is None:
+            raise ValueError("positions() first: it sets this step's write positions")
+        rows, pos, end = self._write
+        B = len(self.lengths)
+        ck, cv = self.k[layer], self.v[layer]
+        ck[rows, :, pos] = k[:, :, 0]
+        cv[rows, :, pos] = v[:, :, 0]
+        return ck[:B, :, :end], cv[:B, :, :end]
+
+    def advance(self, T: int) -> None:
+        self.lengths = [n + T for n in self.lengths]
+        self._write, self.mask = None, None
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
@@ -127,7 +254,9 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
 
-    def forward(self, x: Tensor, rope: Tensor, kv: KVCache | None = None, layer: int = 0) -> Tensor:
+    def forward(
+        self, x: Tensor, rope: Tensor, kv: KVCache | BatchKVCache | None = None, layer: int = 0
+    ) -> Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -136,18 +265,23 @@ class Attention(nn.Module):
         if kv is not None:
             # Inference: this layer's keys/values of every earlier position come from the cache.
             k, v = kv.append(layer, k, v)
+        y = self.attend(q, k, v, None if kv is None else kv.mask)
+        return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
         # softmax(q·kᵀ/√d + causal mask)·v; enable_gqa shares each kv head across
         # n_heads/n_kv_heads query heads without materialising repeated k/v. Flash kernel on GPU.
-        # One new query position (a cached decode step) may see every key: no mask.
-        y = F.scaled_dot_product_attention(
+        # One new query position (a cached decode step) may see every key: no causal mask; a
+        # serving batch's rows of different lengths hide the keys past their own (``mask``).
+        return F.scaled_dot_product_attention(
             q,
             k,
             v,
-            is_causal=T > 1,
+            attn_mask=mask,
+            is_causal=q.shape[2] > 1,
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_heads != self.n_heads,
         )
-        return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
 class FeedForward(nn.Module):
@@ -172,7 +306,9 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(cfg.d_model, cfg.ffn_hidden_size)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, rope: Tensor, kv: KVCache | None = None, layer: int = 0) -> Tensor:
+    def forward(
+        self, x: Tensor, rope: Tensor, kv: KVCache | BatchKVCache | None = None, layer: int = 0
+    ) -> Tensor:
         x = x + self.dropout(self.attention(self.attention_norm(x), rope, kv, layer))
         return x + self.dropout(self.feed_forward(self.ffn_norm(x)))
 
@@ -207,20 +343,16 @@ class GPT(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def forward(self, tokens: Tensor, kv: KVCache | None = None) -> Tensor:
+    def forward(self, tokens: Tensor, kv: KVCache | BatchKVCache | None = None) -> Tensor:
         """tokens [B, T] int64 → logits [B, T, vocab].
 
         With ``kv`` (inference), ``tokens`` continue the sequence the cache holds: they sit at
-        positions ``kv.length …`` and attend to every cached position before them.
+        positions ``kv.length …`` and attend to every cached position before them. With
+        :class:`BatchKVCache` each row continues its own sequence, one token per call.
         """
         rope = self.rope
         if kv is not None:
-            start, T = kv.length, tokens.shape[1]
-            if start and T > 1:
-                raise ValueError("a KV cache takes a prompt once, then one token per call")
-            if start + T > self.cfg.context_length:
-                raise ValueError(f"{start + T} positions exceed contextLength {self.cfg.context_length}")
-            rope = rope[:, start : start + T]
+            rope = kv.positions(rope, tokens.shape[1])
         x = self.dropout(self.tok_embeddings(tokens))
         for i, layer in enumerate(self.layers):
             if self.activation_checkpointing and self.training:
@@ -231,7 +363,7 @@ class GPT(nn.Module):
             else:
                 x = layer(x, rope, kv, i)
         if kv is not None:
-            kv.length += tokens.shape[1]
+            kv.advance(tokens.shape[1])
         return self.output(self.norm(x))
 
     # --------------------------------------------------------------------- init
