@@ -412,22 +412,9 @@ def sse(obj: Any) -> bytes:
     return f"data: {data}\n\n".encode()
 
 
-def completion_chunk(
-    completion_id: str, created: int, model: str, index: int, text: str, finish_reason: str | None
-) -> dict[str, Any]:
-    """One streamed ``text_completion`` object: a single choice's delta."""
-    return {
-        "id": completion_id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}],
-    }
-
-
 class ChunkEncoder:
-    """``sse(completion_chunk(...))`` of one request's choices, the same bytes, without a dict and
-    a full JSON encoding per chunk: the request's fixed fields are encoded once. A streamed token
+    """One streamed ``text_completion`` object (a single choice's delta) as a server-sent event,
+    without a dict and a full JSON encoding per chunk: the request's fixed fields are encoded once. A streamed token
     costs one chunk on the event loop, which shares the GIL with the engine thread."""
 
     def __init__(self, completion_id: str, created: int, model: str) -> None:

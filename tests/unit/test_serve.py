@@ -19,7 +19,6 @@ from llmtrain.runtime.serve import (
     Event,
     Sequence,
     TextStream,
-    completion_chunk,
     held_back,
     parse_completion_request,
     sse,
@@ -205,6 +204,19 @@ def test_text_stream_truncates_before_the_stop_string_openai_style() -> None:
     assert not s.stopped and "".join(deltas) == "one ST two"
     deltas, s = stream_all(("STOP",), "ends with ST")  # held back, then flushed at the end
     assert deltas[-1] == "ST" and "".join(deltas) == "ends with ST"
+
+
+def completion_chunk(
+    completion_id: str, created: int, model: str, index: int, text: str, finish_reason: str | None
+) -> dict[str, Any]:
+    """OpenAI's streamed ``text_completion`` object, as a dict: what ChunkEncoder must encode."""
+    return {
+        "id": completion_id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+    }
 
 
 def test_sse_chunk_is_openais_text_completion_chunk() -> None:
