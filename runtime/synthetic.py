@@ -171,6 +171,7 @@ def _rank_main(
 ) -> None:
     import os
     import pickle
+    import sys
     import traceback
 
     import torch.distributed as dist
@@ -192,6 +193,12 @@ def _rank_main(
             dist.destroy_process_group()
         else:
             os._exit(1)  # peers may be stuck in a collective; don't wait for them
+    # The result is on disk, so skip interpreter finalization: under load, gloo's C++ threads
+    # can still be unwinding while Python tears down, and the rank then dies with SIGABRT
+    # ("terminate called without an active exception") after having succeeded (pytorch#179291).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0 if error is None else 1)
 
 
 class RankFailure(RuntimeError):
