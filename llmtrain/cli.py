@@ -127,6 +127,12 @@ def operator(
     ray_token_file: Annotated[
         str | None, typer.Option(help="New jobs' Ray token from this file (a stand-in's fixed token).")
     ] = None,
+    ray_driver_spec_path: Annotated[
+        str,
+        typer.Option(
+            help="Where the driver on the head reads the job ({namespace}, {name} filled in; a stand-in's copy)."
+        ),
+    ] = "/etc/llmtrain/job.yaml",
 ) -> None:
     """Run the LLMTrainingJob operator (Kopf) until SIGINT/SIGTERM."""
     import logging
@@ -153,7 +159,9 @@ def operator(
         bind_address=bind_address,
         verbose=verbose,
         priority=prio,
-        ray=RayHeadOptions(ray_head_host, ray_dashboard_port, ray_progress_port, ray_token_file),
+        ray=RayHeadOptions(
+            ray_head_host, ray_dashboard_port, ray_progress_port, ray_token_file, ray_driver_spec_path
+        ),
     )
 
 
@@ -193,11 +201,14 @@ def run(
 @app.command()
 def driver(
     spec: Annotated[
-        Path | None, typer.Option(help="File holding one LLMTrainingJob (e.g. the mounted spec ConfigMap).")
-    ] = None,
-    spec_env: Annotated[
+        Path,
+        typer.Option(help="File holding one LLMTrainingJob (on the cluster: the mounted spec ConfigMap)."),
+    ],
+    spec_sha256: Annotated[
         str | None,
-        typer.Option(help="Read the job from this environment variable instead (what the operator submits)."),
+        typer.Option(
+            help="Wait (up to 180 s) until --spec holds exactly this content: the spec the operator submitted."
+        ),
     ] = None,
     submission_id: Annotated[
         str | None, typer.Option(help="The Ray job's submission id (names the log copied to S3).")
@@ -225,7 +236,7 @@ def driver(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        job = load_job(str(spec) if spec else None, spec_env)
+        job = load_job(str(spec), spec_sha256)
     except (ValueError, OSError) as e:  # pydantic's ValidationError is a ValueError
         if debug:
             raise

@@ -61,6 +61,10 @@ class KubeApi(Protocol):
         """Merge-patch annotations onto an object (absent: ignored)."""
         ...
 
+    def patch(self, kind: str, namespace: str, name: str, patch: dict[str, Any]) -> bool:
+        """Merge-patch an object; False if absent."""
+        ...
+
     def scheduler_events(self, namespace: str, pod: str) -> list[dict[str, Any]]:
         """Events of reason FailedScheduling about one pod, oldest first."""
         ...
@@ -274,16 +278,18 @@ class RestApi:
             raise
 
     def annotate(self, kind: str, namespace: str, name: str, annotations: dict[str, str]) -> None:
+        self.patch(kind, namespace, name, {"metadata": {"annotations": annotations}})
+
+    def patch(self, kind: str, namespace: str, name: str, patch: dict[str, Any]) -> bool:
         try:
             self.http.request(
-                "PATCH",
-                _path(kind, namespace, name),
-                {"metadata": {"annotations": annotations}},
-                content_type="application/merge-patch+json",
+                "PATCH", _path(kind, namespace, name), patch, content_type="application/merge-patch+json"
             )
+            return True
         except ApiError as e:
-            if e.status != 404:
-                raise
+            if e.status == 404:
+                return False
+            raise
 
     def scheduler_events(self, namespace: str, pod: str) -> list[dict[str, Any]]:
         out = self.http.request(

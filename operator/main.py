@@ -19,7 +19,7 @@ import kopf
 from llmtrain.operator.controller import AlwaysActive, Controller, KopfPeering, PeeringState
 from llmtrain.operator.handlers import register
 from llmtrain.operator.kube import SERVICE_ACCOUNT, Http, RestApi, RestPods, in_cluster, load_connection
-from llmtrain.operator.manifests import OperatorSettings
+from llmtrain.operator.manifests import SPEC_FILE, SPEC_MOUNT, OperatorSettings
 from llmtrain.operator.metrics import OperatorMetrics
 from llmtrain.operator.podwatch import PodStore, PodWatch, start_watches
 from llmtrain.operator.reconcile import Reconciler
@@ -296,6 +296,7 @@ def run(
             head_host=ray.head_host if ray else None,
             dashboard_port=ray.dashboard_port if ray else 8265,
             progress_port=ray.progress_port if ray else 8266,
+            driver_spec_path=ray.driver_spec_path if ray else f"{SPEC_MOUNT}/{SPEC_FILE}",
         ),
         ray_token_file=ray.token_file if ray else None,
     )
@@ -316,6 +317,7 @@ class RayHeadOptions:
     dashboard_port: int = 8265
     progress_port: int = 8266
     token_file: str | None = None
+    driver_spec_path: str = f"{SPEC_MOUNT}/{SPEC_FILE}"  # {namespace}, {name}: a stand-in's copy
 
 
 def add_ray_head_arguments(p: Any) -> None:
@@ -323,6 +325,11 @@ def add_ray_head_arguments(p: Any) -> None:
     p.add_argument("--ray-dashboard-port", type=int, default=8265)
     p.add_argument("--ray-progress-port", type=int, default=8266)
     p.add_argument("--ray-token-file", help="new jobs' Ray token from this file (a stand-in's fixed token)")
+    p.add_argument(
+        "--ray-driver-spec-path",
+        default=f"{SPEC_MOUNT}/{SPEC_FILE}",
+        help="where the driver on the head reads the job ({namespace}, {name} filled in: a stand-in's copy)",
+    )
 
 
 def peering_crds() -> list[dict[str, Any]]:
@@ -394,5 +401,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         bind_address=a.bind_address,
         verbose=a.verbose,
         priority=parse_priority(a.priority),
-        ray=RayHeadOptions(a.ray_head_host, a.ray_dashboard_port, a.ray_progress_port, a.ray_token_file),
+        ray=RayHeadOptions(
+            a.ray_head_host,
+            a.ray_dashboard_port,
+            a.ray_progress_port,
+            a.ray_token_file,
+            a.ray_driver_spec_path,
+        ),
     )

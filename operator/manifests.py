@@ -15,6 +15,7 @@ Child names are deterministic (``<job>-head``, ``<job>-worker-<i>``; never
 from __future__ import annotations
 
 import base64
+import hashlib
 import math
 import re
 from dataclasses import dataclass, field
@@ -114,6 +115,10 @@ class OperatorSettings:
     # once it is complete, or after this long without one (then the newest periodic
     # checkpoint is where the run resumes).
     suspend_checkpoint_seconds: float = 60.0
+    # Where the driver on the head reads the job: the spec ConfigMap's mount. A stand-in Ray
+    # cluster (tests, `make k8s-demo`) mirrors each ConfigMap to its own path, as a kubelet
+    # would: ``{namespace}`` and ``{name}`` (the job's) are filled in.
+    driver_spec_path: str = f"{SPEC_MOUNT}/{SPEC_FILE}"
 
 
 # -------------------------------------------------------------------------------- names
@@ -559,15 +564,28 @@ def spec_document(job: LLMTrainingJob) -> dict[str, Any]:
     }
 
 
+def spec_text(job: LLMTrainingJob) -> str:
+    """The spec ConfigMap's file, byte for byte (what the driver reads and checks the digest of)."""
+    return yaml.safe_dump(spec_document(job), sort_keys=False)
+
+
+def spec_digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def spec_configmap(job: LLMTrainingJob) -> dict[str, Any]:
-    """The job spec as the pods read it (``LLMTRAIN_SPEC_PATH``)."""
-    doc = spec_document(job)
+    """The job spec as the pods read it (``LLMTRAIN_SPEC_PATH``); kept equal to the spec
+    before each submission (the mutable fields may have changed since the pods were made)."""
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _meta(job, spec_configmap_name(job.metadata.name)),
-        "data": {SPEC_FILE: yaml.safe_dump(doc, sort_keys=False)},
+        "data": {SPEC_FILE: spec_text(job)},
     }
+
+
+def driver_spec_path(settings: OperatorSettings, namespace: str, name: str) -> str:
+    return settings.driver_spec_path.format(namespace=namespace, name=name)
 
 
 def network_policy(job: LLMTrainingJob, settings: OperatorSettings) -> dict[str, Any]:

@@ -20,18 +20,17 @@ What goes where (the driver side is ``llmtrain/runtime/driver.py``)::
 from __future__ import annotations
 
 import json
+import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
 import urllib3
-import yaml
-from llmtrain.operator.manifests import OperatorSettings, service_name
+from llmtrain.operator.manifests import OperatorSettings, service_name, spec_digest
 
 from llmtrain.api.progress import MAX_SNAPSHOT_BYTES, RESULT_PREFIX, RunSnapshot
 
-SPEC_ENV = "LLMTRAIN_SPEC"  # the job document travels with the submission
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
 # A failed driver's log can be long; the tail is what a reader (and the Failed
 # condition) needs, and all the operator ever reads of it.
@@ -75,27 +74,24 @@ def submission_id(job: str, attempt: int) -> str:
     return f"{job}-{attempt}"
 
 
-def entrypoint(sid: str, progress_port: int) -> str:
-    return f"llmtrain driver --spec-env {SPEC_ENV} --submission-id {sid} --progress-port {progress_port}"
+def entrypoint(sid: str, progress_port: int, spec_path: str, spec_sha256: str) -> str:
+    return (
+        f"llmtrain driver --spec {shlex.quote(spec_path)} --spec-sha256 {spec_sha256} "
+        f"--submission-id {sid} --progress-port {progress_port}"
+    )
 
 
-def submission(job_document: Mapping[str, Any], sid: str, progress_port: int) -> dict[str, Any]:
+def submission(
+    spec_text: str, namespace: str, name: str, sid: str, progress_port: int, spec_path: str
+) -> dict[str, Any]:
     """The body of ``POST /api/jobs/``. The entrypoint runs on the head (no entrypoint
-    resources: the head advertises none), the spec rides in the runtime env."""
-    meta = job_document.get("metadata") or {}
+    resources: the head advertises none) and reads the job from the spec ConfigMap's mount;
+    the digest makes it wait out a kubelet that has not synced an updated ConfigMap yet."""
     return {
-        "entrypoint": entrypoint(sid, progress_port),
+        "entrypoint": entrypoint(sid, progress_port, spec_path, spec_digest(spec_text)),
         "submission_id": sid,
-        "runtime_env": {
-            "env_vars": {
-                SPEC_ENV: yaml.safe_dump(dict(job_document), sort_keys=False),
-                "PYTHONUNBUFFERED": "1",
-            }
-        },
-        "metadata": {
-            "llmtrain.dev/job": str(meta.get("name", "")),
-            "llmtrain.dev/namespace": str(meta.get("namespace", "")),
-        },
+        "runtime_env": {"env_vars": {"PYTHONUNBUFFERED": "1"}},
+        "metadata": {"llmtrain.dev/job": name, "llmtrain.dev/namespace": namespace},
     }
 
 

@@ -252,6 +252,8 @@ class Reconciler:
         # down enough to make the lag, and so the repeats, grow (a feedback loop).
         self._recent: dict[tuple[str, str], float] = {}
         self._children_made: set[str] = set()
+        # uid → the generation whose spec the spec ConfigMap was last checked to hold.
+        self._spec_synced: dict[str, Any] = {}
         self.clock: Callable[[], float] = time.monotonic
 
     # ------------------------------------------------------------------------ entry
@@ -612,8 +614,18 @@ class Reconciler:
         try:
             token = self._ray_token(ns, name, uid)
             if not ray_job.get("status"):  # status is set once the head took the job
-                doc = m.spec_document(self._model(body))
-                created = self.ray.submit(head, token, rj.submission(doc, sid, self.settings.progress_port))
+                text = m.spec_text(self._model(body))
+                if not self._spec_configmap_current(t, text):
+                    return
+                body_ = rj.submission(
+                    text,
+                    ns,
+                    name,
+                    sid,
+                    self.settings.progress_port,
+                    m.driver_spec_path(self.settings, ns, name),
+                )
+                created = self.ray.submit(head, token, body_)
                 st["rayJob"] = {"submissionId": sid, "status": "PENDING"}
                 what = "submitted" if created else "found already submitted"
                 out.events.append(
@@ -672,6 +684,36 @@ class Reconciler:
     def _set_stage(self, st: dict[str, Any], conds: Conditions, stage: str, message: str) -> None:
         st["phase"] = STAGE_PHASE.get(stage, Phase.Training.value)
         conds.set(ConditionType.Running, True, STAGE_REASON.get(stage, Reason.TrainingRunning), message)
+
+    def _spec_configmap_current(self, t: Tick, text: str) -> bool:
+        """The spec ConfigMap (what the driver reads) says what the spec says now: the mutable
+        fields may have changed since the pods were made. False if it cannot be made."""
+        ns, name = t.job.namespace, t.job.name
+        key = (str(t.meta.get("uid", "")), t.meta.get("generation"))
+        if self._spec_synced.get(key[0]) == key[1]:  # checked for this spec: no GET per tick
+            return True
+        cm_name = m.spec_configmap_name(name)
+        cm = self.api.get("ConfigMap", ns, cm_name)
+        if cm is None:  # deleted by hand: made again (a kubelet re-syncs the pods' copy)
+            before = t.out.error
+            self._create(m.spec_configmap(self._model(t.body)), t.body, t.out)
+            if t.out.error != before:
+                t.out.requeue = t.out.error
+                return False
+            return True
+        owners = [o.get("uid") for o in (cm.get("metadata") or {}).get("ownerReferences") or []]
+        if t.meta.get("uid") not in owners:  # never write into someone else's ConfigMap
+            t.out.error = f"ConfigMap {cm_name} is not owned by this job: delete it, or rename the job"
+            t.out.events.append(Event("Warning", "NameConflict", t.out.error))
+            t.out.requeue = t.out.error
+            return False
+        if (cm.get("data") or {}).get(m.SPEC_FILE) != text:
+            self.api.patch("ConfigMap", ns, cm_name, {"data": {m.SPEC_FILE: text}})
+            t.out.events.append(
+                Event("Normal", "SpecUpdated", f"ConfigMap {cm_name} updated to the current spec")
+            )
+        self._spec_synced[key[0]] = key[1]
+        return True
 
     def _mirror(self, snap: RunSnapshot, st: dict[str, Any], conds: Conditions) -> None:
         """The driver's snapshot into status: progress, metrics, lineage, data, export."""
@@ -822,6 +864,7 @@ class Reconciler:
             return
         ns, name = job.namespace, job.name
         self._children_made.discard(uid)
+        self._spec_synced.pop(uid, None)
         for kind, child in (
             ("Service", m.service_name(name)),
             ("NetworkPolicy", m.network_policy_name(name)),

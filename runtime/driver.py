@@ -615,22 +615,33 @@ def _copy_log(job: LLMTrainingJob, submission_id: str | None) -> None:
         print(f"llmtrain driver: cannot copy the log: {e}", file=sys.stderr, flush=True)
 
 
-def load_job(path: str | None, env: str | None) -> LLMTrainingJob:
-    """The job from ``--spec FILE`` or from the environment variable ``--spec-env`` names
-    (what the operator submits: the spec travels with the Ray job)."""
-    import yaml
+def load_job(path: str, sha256: str | None = None, wait_seconds: float = 180.0) -> LLMTrainingJob:
+    """The job from ``--spec FILE``: on the cluster the spec ConfigMap's mount.
 
-    if env:
-        text = os.environ.get(env)
-        if text is None:
-            raise ValueError(f"--spec-env {env}: the variable is not set")
-        docs = [yaml.safe_load(text)]
-    elif path:
-        from llmtrain.api.job import read_manifests
+    With ``sha256`` (what the operator submits) the file must hold exactly the spec the job
+    was submitted with: a kubelet syncs an updated ConfigMap into running pods lazily (up to
+    about a minute), so a stale copy is waited out rather than trained on.
+    """
+    import hashlib
+    import time
 
-        docs = [d for d in read_manifests(Path(path)) if d.get("kind") == "LLMTrainingJob"]
-    else:
-        raise ValueError("give --spec FILE or --spec-env NAME")
-    if len(docs) != 1:
-        raise ValueError(f"expected exactly one LLMTrainingJob, found {len(docs)}")
-    return LLMTrainingJob.model_validate(docs[0])
+    from llmtrain.api.job import load_job as parse
+
+    if sha256:
+        deadline = time.monotonic() + wait_seconds
+        seen = "no file"
+        while True:
+            try:
+                seen = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+            except FileNotFoundError:
+                seen = "no file"
+            if seen == sha256:
+                break
+            if time.monotonic() > deadline:
+                raise ValueError(
+                    f"--spec {path}: still not the submitted spec after {wait_seconds:.0f} s "
+                    f"(sha256 {seen[:12]}, submitted {sha256[:12]}): is the job's spec ConfigMap "
+                    "mounted on the head, and up to date?"
+                )
+            time.sleep(1.0)
+    return parse(path)

@@ -7,6 +7,10 @@ and the job's Secret holds the same token (the operator's ``--ray-token-file``).
 
 Used by the operator integration tests and ``make k8s-demo``; run it by hand with
 ``python -m tests.raystandin`` (prints the addresses, stops on Ctrl-C).
+
+Like a kubelet, it also copies each job's spec ConfigMap to a file (:meth:`RayStandIn.mirror_specs`):
+the driver the operator submits reads the job from there (``--ray-driver-spec-path``), as it
+reads the ConfigMap's mount in a head pod.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -49,6 +54,9 @@ class RayStandIn:
         self.progress_port = free_port()
         self.token_file = self.workdir / "ray-token"
         self.token_file.write_text(self.token)
+        self.specs = self.workdir / "specs"
+        self._mirror_stop = threading.Event()
+        self._mirror: threading.Thread | None = None
 
     @property
     def dashboard(self) -> str:
@@ -65,7 +73,36 @@ class RayStandIn:
             str(self.progress_port),
             "--ray-token-file",
             str(self.token_file),
+            "--ray-driver-spec-path",
+            str(self.specs / "{namespace}" / "{name}" / "job.yaml"),
         )
+
+    def mirror_specs(self, kubeconfig: Path, interval: float = 0.5) -> None:
+        """Copy every llmtrain spec ConfigMap to ``specs/<namespace>/<job>/job.yaml`` until
+        :meth:`stop`: the kubelet's part for the KWOK head pods, which mount nothing."""
+        if self._mirror is not None:
+            return
+        from kubernetes import client, config
+
+        core = client.CoreV1Api(config.new_client_from_config(str(kubeconfig)))
+
+        def sync() -> None:
+            while not self._mirror_stop.is_set():
+                try:
+                    items = core.list_config_map_for_all_namespaces(
+                        label_selector="app.kubernetes.io/managed-by=llmtrain-operator"
+                    ).items
+                except Exception:  # the control plane restarting: the next round retries
+                    items = []
+                for cm in items:
+                    job = (cm.metadata.labels or {}).get("llmtrain.dev/job")
+                    text = (cm.data or {}).get("job.yaml")
+                    if job and text is not None:
+                        _write_if_changed(self.specs / cm.metadata.namespace / job / "job.yaml", text)
+                self._mirror_stop.wait(interval)
+
+        self._mirror = threading.Thread(target=sync, name="standin-kubelet", daemon=True)
+        self._mirror.start()
 
     def env(self) -> dict[str, str]:
         bindir = str(Path(sys.executable).parent)
@@ -121,6 +158,7 @@ class RayStandIn:
         raise RuntimeError("the Ray dashboard did not answer within 60 s")
 
     def stop(self) -> None:
+        self._mirror_stop.set()
         self.kill_head()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
@@ -176,6 +214,16 @@ class RayStandIn:
                 os.kill(pid, signal.SIGKILL)
                 return pid
         raise RuntimeError("no RayTrainWorker process is running")
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    """Replace the file atomically, as a kubelet swaps a ConfigMap volume's contents."""
+    if path.exists() and path.read_text() == text:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def main() -> None:

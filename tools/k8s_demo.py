@@ -133,6 +133,7 @@ def main() -> int:
         boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="llmtrain")
         say("a local Ray cluster (token auth) standing in for the job's KWOK pods")
         standin = RayStandIn(num_cpus=os.cpu_count() or 2, workdir=work).start()
+        standin.mirror_specs(cp.kubeconfig)  # the kubelet's part: spec ConfigMap → the driver's file
         say("the operator, as ServiceAccount llmtrain-system/llmtrain")
         kubeconfig = service_account_kubeconfig(cp, work / "operator.kubeconfig")
         op_log = open(work / "operator.log", "wb")

@@ -61,6 +61,7 @@ def run_operator(
     tmp_path: Path,
     standin: RayStandIn,
 ) -> Iterator[Operator]:
+    standin.mirror_specs(cluster.kubeconfig)  # the kubelet's part: ConfigMap → the driver's file
     yield from serve(Operator(cluster, namespace, tmp_path, extra=standin.operator_args()))
 
 
@@ -172,6 +173,12 @@ def test_apply_trains_exports_and_mirrors_progress(
     cols = dict(zip(header.split(), row.split(), strict=False))
     assert cols["PHASE"] == "Succeeded" and cols["STEP"] == "120" and cols["PROGRESS"] == "100"
     assert float(cols["LOSS"]) > 0 and float(cols["VAL"]) > 1  # "VAL PPL" splits in two
+
+    # ---- the driver read the job from the spec ConfigMap (the stand-in's kubelet copy)
+    (ray_job,) = [j for j in standin.jobs() if j["submission_id"] == "tiny-1"]
+    spec_file = standin.specs / api.ns / "tiny" / "job.yaml"
+    assert ray_job["entrypoint"].startswith(f"llmtrain driver --spec {spec_file} --spec-sha256 ")
+    assert "LLMTRAIN_SPEC" not in ((ray_job.get("runtime_env") or {}).get("env_vars") or {})
 
     # ---- the driver's log outlived the cluster
     log = s3_server.client().get_object(Bucket=BUCKET, Key="tiny/logs/tiny-1.log")["Body"].read().decode()
@@ -385,9 +392,15 @@ def test_suspend_mid_training_then_resume_continues_from_the_checkpoint(
         "the Ray job stopped",
         timeout=60,
     )
-    api.patch_spec("pause", {"suspend": False})
+    # Edited while suspended (a mutable field): the resumed driver reads it from the spec
+    # ConfigMap, which the operator brings up to date before submitting.
+    api.patch_spec("pause", {"suspend": False, "export": {"uri": f"s3://{BUCKET}/pause/model-v2"}})
     st = _succeeded(api, "pause", run_operator)
     assert st["attempt"] == 2 and st["rayJob"]["submissionId"] == "pause-2", _why(st, run_operator)
+    assert st["exportUri"] == f"s3://{BUCKET}/pause/model-v2"
+    assert "SpecUpdated" in [e.reason for e in api.events("pause")]
+    spec_file = standin.specs / api.ns / "pause" / "job.yaml"
+    assert "model-v2" in spec_file.read_text()
     # The stand-in's processes outlive the deleted KWOK pods until Ray's stop lands (a real
     # pod's grace period is the same window), so a periodic checkpoint may follow the last
     # one: attempt 2 resumes from the newest, never an older one.

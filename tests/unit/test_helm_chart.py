@@ -58,20 +58,21 @@ KIND_RESOURCES: dict[str, tuple[str, str]] = {
 
 
 def _annotated_kinds() -> set[str]:
-    """Kinds the reconciler annotates (``self.api.annotate("Pod", ...)``): those need patch."""
+    """Kinds the reconciler annotates or patches (``self.api.annotate("Pod", ...)``,
+    ``self.api.patch("ConfigMap", ...)``): those need patch."""
     tree = ast.parse((ROOT / "operator" / "reconcile.py").read_text())
     kinds: set[str] = set()
     for node in ast.walk(tree):
         if (
             isinstance(node, ast.Call)
             and isinstance(node.func, ast.Attribute)
-            and node.func.attr == "annotate"
+            and node.func.attr in ("annotate", "patch")
             and node.args
         ):
             first = node.args[0]
             if not (isinstance(first, ast.Constant) and isinstance(first.value, str)):
                 pytest.fail(
-                    f"operator/reconcile.py:{node.lineno}: annotate() with a computed kind; "
+                    f"operator/reconcile.py:{node.lineno}: {node.func.attr}() with a computed kind; "
                     "the RBAC check needs a literal kind to know what gets patched"
                 )
             kinds.add(first.value)
@@ -94,7 +95,7 @@ def operator_needs(namespaced: bool, peering: bool = True) -> tuple[set[Rule], s
         "here and a rule to charts/llmtrain/templates/_helpers.tpl"
     )
     # RestApi.create/get/delete take any kind of _KINDS (reconcile passes them through
-    # variables); annotate is a merge patch; scheduler_events lists Events.
+    # variables); annotate and patch are merge patches; scheduler_events lists Events.
     for kind in kube._KINDS:
         group, resource = KIND_RESOURCES[kind]
         ns |= {(group, resource, v) for v in ("create", "get", "delete")}
@@ -113,6 +114,7 @@ def operator_needs(namespaced: bool, peering: bool = True) -> tuple[set[Rule], s
         "get",
         "delete",
         "annotate",
+        "patch",
         "scheduler_events",
         "patch_job",
         "post_event",
@@ -298,6 +300,7 @@ def test_default_install_is_cluster_wide_and_grants_exactly_what_the_operator_ne
             "Service",
             "Deployment",
             "ClusterKopfPeering",
+            "Pod",  # the `helm test` hook (templates/tests/), run only by `helm test`
         ]
     ), kinds
     assert rbac_problems(docs, watch=[]) == []

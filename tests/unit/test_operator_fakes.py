@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from llmtrain.operator.diagnose import PodView, pod_view
 from llmtrain.operator.kube import ApiError
+from llmtrain.operator.reconcile import apply_merge_patch
 
 NOW = dt.datetime(2026, 11, 26, 12, 0, 0, tzinfo=dt.UTC)
 JOB_UID = "11111111-2222-3333-4444-555555555555"
@@ -115,6 +116,15 @@ class FakeApi:
         obj = self.objects.get((kind, namespace, name))
         if obj is not None:
             obj["metadata"].setdefault("annotations", {}).update(annotations)
+
+    def patch(self, kind: str, namespace: str, name: str, patch: dict[str, Any]) -> bool:
+        self.calls.append(("patch", kind, name))
+        self._maybe_fail("patch")
+        obj = self.objects.get((kind, namespace, name))
+        if obj is None:
+            return False
+        apply_merge_patch(obj, copy.deepcopy(patch))
+        return True
 
     def scheduler_events(self, namespace: str, pod: str) -> list[dict[str, Any]]:
         self.calls.append(("events", "Event", pod))

@@ -3,11 +3,15 @@ and the requests it sends (pure functions). The real head: tests/integration/tes
 
 from __future__ import annotations
 
+import hashlib
 import json
+import threading
 import time
+from pathlib import Path
 
 import pytest
 import yaml
+from llmtrain.operator import manifests as m
 from llmtrain.operator import rayjobs as rj
 from llmtrain.operator.manifests import OperatorSettings
 
@@ -21,7 +25,7 @@ from llmtrain.api.progress import (
     snapshot_from_log,
 )
 from llmtrain.api.status import ConditionType, Phase
-from tests.unit.test_operator_fakes import set_all, set_status, views
+from tests.unit.test_operator_fakes import job_body, set_all, set_status, views
 from tests.unit.test_operator_reconcile import Harness
 
 TOKEN = "t" * 64
@@ -64,17 +68,52 @@ def test_ready_cluster_submits_one_ray_job_with_the_jobs_token() -> None:
     assert h.ray.posts == ["demo-1"]
     assert h.ray.tokens == [TOKEN]  # read from the job's Secret, not invented
     body = h.ray.bodies["demo-1"]
-    assert body["entrypoint"].startswith("llmtrain driver --spec-env LLMTRAIN_SPEC --submission-id demo-1")
-    doc = yaml.safe_load(body["runtime_env"]["env_vars"]["LLMTRAIN_SPEC"])
+    # The driver reads the spec ConfigMap's mount, and knows the exact content to expect.
+    text = h.api.objects[("ConfigMap", "ns1", "demo-spec")]["data"]["job.yaml"]
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    assert body["entrypoint"] == (
+        f"llmtrain driver --spec /etc/llmtrain/job.yaml --spec-sha256 {digest} "
+        "--submission-id demo-1 --progress-port 8266"
+    )
+    doc = yaml.safe_load(text)
     assert (
         doc["metadata"] == {"name": "demo", "namespace": "ns1"} and doc["spec"]["resources"]["workers"] == 2
     )
+    assert "LLMTRAIN_SPEC" not in body["runtime_env"]["env_vars"]  # the spec travels one way only
     assert h.status["rayJob"] == {"submissionId": "demo-1", "status": "PENDING"}
     assert h.status["attempt"] == 1 and h.status["phase"] == Phase.Preprocessing
     assert "RayJobSubmitted" in [e.reason for e in out.events]
     for _ in range(3):
         h.tick(1)
     assert h.ray.posts == ["demo-1"]  # submitted once, then polled
+
+
+def test_a_spec_edited_after_the_pods_were_made_reaches_the_configmap_before_submission() -> None:
+    h = running()
+    h.body["spec"]["training"]["logEverySteps"] = 7  # mutable: edited while the cluster came up
+    out = h.tick(1)
+    text = h.api.objects[("ConfigMap", "ns1", "demo-spec")]["data"]["job.yaml"]
+    assert yaml.safe_load(text)["spec"]["training"]["logEverySteps"] == 7
+    assert hashlib.sha256(text.encode()).hexdigest() in h.ray.bodies["demo-1"]["entrypoint"]
+    assert h.api.verbs("patch", "ConfigMap") == ["demo-spec"]
+    assert "SpecUpdated" in [e.reason for e in out.events]
+    h.tick(1)
+    assert h.api.verbs("patch", "ConfigMap") == ["demo-spec"]  # unchanged: not patched again
+
+
+def test_a_deleted_spec_configmap_is_made_again_and_a_foreign_one_is_never_written() -> None:
+    h = running()
+    del h.api.objects[("ConfigMap", "ns1", "demo-spec")]
+    h.tick(1)
+    assert h.api.names("ConfigMap") == {"demo-spec"} and h.ray.posts == ["demo-1"]
+
+    h = running()
+    foreign = h.api.objects[("ConfigMap", "ns1", "demo-spec")]
+    foreign["metadata"]["ownerReferences"] = [{"uid": "someone-else"}]
+    foreign["data"] = {"job.yaml": "theirs"}
+    out = h.tick(1)
+    assert h.ray.posts == [] and foreign["data"] == {"job.yaml": "theirs"}
+    assert "NameConflict" in [e.reason for e in out.events] and "not owned by this job" in (out.requeue or "")
 
 
 def test_an_operator_restart_between_post_and_status_write_submits_nothing_new() -> None:
@@ -287,7 +326,13 @@ def test_requests_carry_the_token_and_deterministic_ids() -> None:
     assert rj.head_of(
         OperatorSettings(head_host="127.0.0.1", dashboard_port=1, progress_port=2), "a", "b"
     ) == rj.Head("http://127.0.0.1:1", "http://127.0.0.1:2")
-    body = rj.submission({"metadata": {"name": "big", "namespace": "research"}, "spec": {}}, "big-3", 8266)
+    body = rj.submission("kind: LLMTrainingJob\n", "research", "big", "big-3", 8266, "/etc/llmtrain/job.yaml")
+    assert body["metadata"] == {"llmtrain.dev/job": "big", "llmtrain.dev/namespace": "research"}
+    assert " --spec /etc/llmtrain/job.yaml --spec-sha256 " in body["entrypoint"]
+    # A stand-in's per-job path (tests, k8s-demo): {namespace}/{name} filled in, quoted for the shell.
+    settings = OperatorSettings(driver_spec_path="/tmp/my specs/{namespace}/{name}/job.yaml")
+    assert m.driver_spec_path(settings, "research", "big") == "/tmp/my specs/research/big/job.yaml"
+    assert "--spec '/tmp/my specs/x/y.yaml' " in rj.entrypoint("s", 1, "/tmp/my specs/x/y.yaml", "d")
     r = rj.submit_request(head, "secret", body)
     assert (r.method, r.url) == ("POST", "http://big-head-svc.research.svc.cluster.local:8265/api/jobs/")
     assert r.headers["Authorization"] == "Bearer secret"
@@ -466,3 +511,20 @@ def test_deleting_a_job_stops_its_ray_job_then_drops_the_finalizer() -> None:
         "main",
         {"metadata": {"finalizers": ["someone.else/keep"], "resourceVersion": "7"}},
     )
+
+
+def test_the_driver_waits_for_the_submitted_spec_and_names_a_stale_one(tmp_path: Path) -> None:
+    from llmtrain.runtime.driver import load_job
+
+    spec = tmp_path / "job.yaml"
+    old = yaml.safe_dump(job_body())
+    new = yaml.safe_dump(job_body(name="edited"))
+    spec.write_text(old)
+    digest = hashlib.sha256(new.encode()).hexdigest()
+    # A kubelet syncing the ConfigMap a moment after the driver starts: the new spec is read.
+    threading.Timer(0.5, spec.write_text, (new,)).start()
+    assert load_job(str(spec), digest, wait_seconds=30).metadata.name == "edited"
+    spec.write_text(old)  # never synced: a clear error, not a run of the old spec
+    with pytest.raises(ValueError, match=r"--spec .*job.yaml: still not the submitted spec after 1 s"):
+        load_job(str(spec), digest, wait_seconds=1)
+    assert load_job(str(spec)).metadata.name == "demo"  # by hand: no digest, no wait

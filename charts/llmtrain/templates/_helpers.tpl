@@ -89,6 +89,11 @@ handlers and Kopf's own needs, and the cluster test runs the operator on these r
 - apiGroups: [""]
   resources: ["services", "secrets", "configmaps"]
   verbs: ["get", "create", "delete"]
+# The job-spec ConfigMap is brought up to date with the spec before each Ray job submission
+# (the driver reads its mounted copy).
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["patch"]
 # The per-job NetworkPolicy.
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
