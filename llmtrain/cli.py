@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 app = typer.Typer(
     name="llmtrain",
@@ -57,15 +58,18 @@ def validate(
             if not result.problems:
                 # One line per result whatever the width (rich wraps at 80 columns
                 # when piped): scripts and CI grep these lines.
-                console.print(f"[green]✓[/] {result.file}: {result.name} is valid", soft_wrap=True)
+                console.print(
+                    f"[green]✓[/] {escape(str(result.file))}: {escape(result.name)} is valid", soft_wrap=True
+                )
                 continue
             bad += len(result.problems)
             n = len(result.problems)
             console.print(
-                f"[red]✗[/] {result.file}: {result.name}: {n} problem{'s' * (n != 1)}", soft_wrap=True
+                f"[red]✗[/] {escape(str(result.file))}: {escape(result.name)}: {n} problem{'s' * (n != 1)}",
+                soft_wrap=True,
             )
             for p in result.problems:
-                console.print(f"    [bold]{p.path}[/]: {p.message}", soft_wrap=True)
+                console.print(f"    [bold]{escape(p.path)}[/]: {escape(p.message)}", soft_wrap=True)
     raise typer.Exit(1 if bad else 0)
 
 
@@ -133,6 +137,19 @@ def operator(
             help="Where the driver on the head reads the job ({namespace}, {name} filled in; a stand-in's copy)."
         ),
     ] = "/etc/llmtrain/job.yaml",
+    prometheus_scrape_annotations: Annotated[
+        bool, typer.Option(help="prometheus.io/scrape, /port, /path annotations on every Ray pod.")
+    ] = False,
+    prometheus_namespace_label: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="KEY=VALUE (repeatable): Prometheus' namespace, admitted to the jobs' metrics ports."
+        ),
+    ] = None,
+    prometheus_pod_label: Annotated[
+        list[str] | None,
+        typer.Option(help="KEY=VALUE (repeatable): Prometheus' pods, admitted to the jobs' metrics ports."),
+    ] = None,
 ) -> None:
     """Run the LLMTrainingJob operator (Kopf) until SIGINT/SIGTERM."""
     import logging
@@ -140,13 +157,29 @@ def operator(
     from llmtrain.operator import forgo_kubernetes_client
 
     forgo_kubernetes_client()
-    from llmtrain.operator.main import PEERING_NAME, RayHeadOptions, parse_priority, run
+    from llmtrain.operator.main import (
+        PEERING_NAME,
+        JobMetricsOptions,
+        RayHeadOptions,
+        parse_labels,
+        parse_priority,
+        run,
+    )
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         prio = parse_priority(priority)
     except ValueError as e:
-        err_console.print(f"[red]--priority:[/] {e}")
+        err_console.print(f"[red]--priority:[/] {escape(str(e))}")
+        raise typer.Exit(2) from None
+    try:
+        job_metrics = JobMetricsOptions(
+            prometheus_scrape_annotations,
+            parse_labels(prometheus_namespace_label, "--prometheus-namespace-label"),
+            parse_labels(prometheus_pod_label, "--prometheus-pod-label"),
+        )
+    except ValueError as e:
+        err_console.print(f"[red]{escape(str(e))}[/]")
         raise typer.Exit(2) from None
     run(
         namespace,
@@ -162,6 +195,7 @@ def operator(
         ray=RayHeadOptions(
             ray_head_host, ray_dashboard_port, ray_progress_port, ray_token_file, ray_driver_spec_path
         ),
+        job_metrics=job_metrics,
     )
 
 
@@ -172,7 +206,16 @@ def run(
     ],
     run_dir: Annotated[Path | None, typer.Option(help="Run directory (default ./runs/<name>).")] = None,
     cpus: Annotated[int | None, typer.Option(help="CPUs of the local Ray cluster (default: all).")] = None,
-    prompt: Annotated[str, typer.Option(help="Prompt of the sample printed at the end.")] = "def ",
+    prompt: Annotated[
+        str | None,
+        typer.Option(
+            help="Prompt of the sample printed at the end (default: spec.export.samplePrompt, "
+            "else the first words of a validation document)."
+        ),
+    ] = None,
+    debug: Annotated[
+        bool, typer.Option(envvar="LLMTRAIN_DEBUG", help="Show the traceback behind an error.")
+    ] = False,
 ) -> None:
     """Run the whole workflow locally: data → train → validate → checkpoint → export → sample.
 
@@ -180,7 +223,7 @@ def run(
     complete checkpoint.
     """
     from llmtrain.api.job import LLMTrainingJob, read_manifests
-    from llmtrain.api.validate import validate_object
+    from llmtrain.api.validate import as_applied, validate_object
 
     docs = [d for d in read_manifests(job_yaml) if d.get("kind") == "LLMTrainingJob"]
     if len(docs) != 1:
@@ -189,13 +232,38 @@ def run(
     problems = validate_object(docs[0])
     if problems:
         for p in problems:
-            err_console.print(f"[red]✗[/] [bold]{p.path}[/]: {p.message}")
+            err_console.print(f"[red]✗[/] [bold]{escape(p.path)}[/]: {escape(p.message)}")
         raise typer.Exit(1)
-    job = LLMTrainingJob.model_validate(docs[0])
+    job = LLMTrainingJob.model_validate(as_applied(docs[0]))
 
     from llmtrain.cli_run import run_with_display
 
-    raise typer.Exit(run_with_display(job, run_dir=run_dir, cpus=cpus, prompt=prompt, console=console))
+    raise typer.Exit(
+        run_with_display(job, run_dir=run_dir, cpus=cpus, prompt=prompt, console=console, debug=debug)
+    )
+
+
+@app.command()
+def report(
+    run_dir: Annotated[
+        Path, typer.Argument(help="A run directory of `llmtrain run`.", exists=True, file_okay=False)
+    ],
+) -> None:
+    """Redraw RUN_DIR/curves.png from the run's recorded events and print its report again."""
+    from llmtrain.cli_run import print_summary
+    from llmtrain.runtime.curves import EVENTS, SUMMARY, redraw
+    from llmtrain.runtime.run import summary_from_run_dir
+
+    missing = [name for name in (SUMMARY, EVENTS) if not (run_dir / name).exists()]
+    if missing:
+        err_console.print(
+            f"{run_dir}: no {' or '.join(missing)}: not a finished `llmtrain run` directory "
+            "(a run writes them at its end)"
+        )
+        raise typer.Exit(2)
+    summary = summary_from_run_dir(run_dir)
+    summary.curves = str(redraw(run_dir.resolve(), f"llmtrain run: {summary.job}"))
+    print_summary(summary, console)
 
 
 @app.command()
@@ -241,7 +309,7 @@ def driver(
         if debug:
             raise
         message = _spec_problem(e) if isinstance(e, ValidationError) else str(e)
-        err_console.print(f"[red]✗[/] llmtrain driver: {message}")
+        err_console.print(f"[red]✗[/] llmtrain driver: {escape(message)}")
         failure = RunFailure(Reason.InvalidSpec.value, message, permanent=True)
         print(
             RESULT_PREFIX

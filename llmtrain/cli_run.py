@@ -5,15 +5,20 @@ Imports the runtime lazily (torch, ray) so that the CLI module itself stays ligh
 
 from __future__ import annotations
 
-import time
+import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from llmtrain.api.job import LLMTrainingJob
 from llmtrain.api.progress import ProgressEvent, format_eta
+
+if TYPE_CHECKING:  # the runtime imports stay lazy (torch, ray)
+    from llmtrain.runtime.run import RunSummary
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -21,11 +26,16 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def run_with_display(
-    job: LLMTrainingJob, *, run_dir: Path | None, cpus: int | None, prompt: str, console: Console
+    job: LLMTrainingJob,
+    *,
+    run_dir: Path | None,
+    cpus: int | None,
+    prompt: str | None,
+    console: Console,
+    debug: bool = False,
 ) -> int:
     from llmtrain.runtime.run import RunError, RunOptions, run_job
 
-    started = time.perf_counter()
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -74,9 +84,17 @@ def run_with_display(
         )
         return 130
     except RunError as e:
-        console.print(f"[red]✗ {e}[/]")
+        if debug:  # the cause's traceback too: RunError wraps what a stage raised
+            console.print("".join(traceback.format_exception(e)), markup=False, highlight=False)
+        console.print(f"[red]✗ {escape(str(e))}[/]")
         return 1
 
+    print_summary(summary, console)
+    return 0
+
+
+def print_summary(summary: RunSummary, console: Console) -> None:
+    """The end-of-run report (``llmtrain run``, and ``llmtrain report`` from summary.json)."""
     table = Table(title=f"llmtrain run: {summary.job}", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
@@ -84,8 +102,11 @@ def run_with_display(
     table.add_row(
         "validation loss",
         f"{_fmt(summary.val_loss, '.4f')}  (perplexity {_fmt(summary.val_perplexity, '.2f')}, "
-        f"next-token accuracy {_fmt(summary.val_accuracy, '.3f')})",
+        f"next-token accuracy {_fmt(summary.val_accuracy, '.3f')}, "
+        f"{_fmt(summary.val_bits_per_byte, '.4f')} bits/byte)",
     )
+    if summary.validation_set:
+        table.add_row("validation set", summary.validation_set)
     table.add_row(
         "unigram cross-entropy",
         f"{summary.unigram_cross_entropy:.4f} nats/token on the validation split"
@@ -105,9 +126,9 @@ def run_with_display(
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in summary.stage_seconds.items())
     if summary.resumed_from is not None:
         table.add_row("resumed", f"from the checkpoint of step {summary.resumed_from}")
-    table.add_row("wall time", f"{time.perf_counter() - started:.1f}s ({stages})")
+    table.add_row("wall time", f"{summary.wall_seconds:.1f}s ({stages})")
     table.add_row("checkpoint", summary.checkpoint_uri or "–")
     table.add_row("model", summary.export_uri or "–")
     table.add_row("sample", repr(summary.sample))
+    table.add_row("curves", summary.curves or "–")
     console.print(table)
-    return 0

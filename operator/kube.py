@@ -78,6 +78,7 @@ _KINDS: dict[str, tuple[str, str]] = {
     "Secret": ("/api/v1", "secrets"),
     "ConfigMap": ("/api/v1", "configmaps"),
     "NetworkPolicy": ("/apis/networking.k8s.io/v1", "networkpolicies"),
+    "Deployment": ("/apis/apps/v1", "deployments"),  # spec.serve's model server
 }
 
 JOBS_PATH = f"/apis/{GROUP}/{VERSION}"

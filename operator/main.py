@@ -276,6 +276,7 @@ def run(
     verbose: bool = False,
     priority: int = 0,
     ray: RayHeadOptions | None = None,
+    job_metrics: JobMetricsOptions | None = None,
 ) -> None:
     """Run the operator in this thread until SIGINT/SIGTERM (or ``stop_flag``)."""
     if not verbose:
@@ -297,6 +298,7 @@ def run(
             dashboard_port=ray.dashboard_port if ray else 8265,
             progress_port=ray.progress_port if ray else 8266,
             driver_spec_path=ray.driver_spec_path if ray else f"{SPEC_MOUNT}/{SPEC_FILE}",
+            **(job_metrics or JobMetricsOptions()).settings(),
         ),
         ray_token_file=ray.token_file if ray else None,
     )
@@ -330,6 +332,44 @@ def add_ray_head_arguments(p: Any) -> None:
         default=f"{SPEC_MOUNT}/{SPEC_FILE}",
         help="where the driver on the head reads the job ({namespace}, {name} filled in: a stand-in's copy)",
     )
+
+
+@dataclass(frozen=True)
+class JobMetricsOptions:
+    """How Prometheus reaches the jobs' pods (the Helm chart's ``jobMetrics`` values)."""
+
+    scrape_annotations: bool = False  # prometheus.io/* on every Ray pod
+    # The Prometheus the per-job NetworkPolicy admits to the metrics ports; None: the default.
+    prometheus_namespace_labels: dict[str, str] | None = None
+    prometheus_pod_labels: dict[str, str] | None = None
+
+    def settings(self) -> dict[str, Any]:
+        """OperatorSettings' fields these set (the unset ones keep their defaults)."""
+        out: dict[str, Any] = {"prometheus_scrape_annotations": self.scrape_annotations}
+        if self.prometheus_namespace_labels:
+            out["prometheus_namespace_labels"] = dict(self.prometheus_namespace_labels)
+        if self.prometheus_pod_labels:
+            out["prometheus_pod_labels"] = dict(self.prometheus_pod_labels)
+        return out
+
+
+def parse_labels(pairs: Sequence[str] | None, flag: str) -> dict[str, str] | None:
+    """``["k=v", ...]`` (a repeatable flag) as a dict; None when the flag was not given."""
+    if not pairs:
+        return None
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{flag} {pair!r}: expected KEY=VALUE")
+        out[key] = value
+    return out
+
+
+def add_job_metrics_arguments(p: Any) -> None:
+    p.add_argument("--prometheus-scrape-annotations", action="store_true")
+    p.add_argument("--prometheus-namespace-label", action="append", metavar="KEY=VALUE")
+    p.add_argument("--prometheus-pod-label", action="append", metavar="KEY=VALUE")
 
 
 def peering_crds() -> list[dict[str, Any]]:
@@ -388,6 +428,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="peering priority: an integer or 'random' (one per replica; see parse_priority)",
     )
     add_ray_head_arguments(p)
+    add_job_metrics_arguments(p)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     run(
@@ -407,5 +448,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             a.ray_progress_port,
             a.ray_token_file,
             a.ray_driver_spec_path,
+        ),
+        job_metrics=JobMetricsOptions(
+            a.prometheus_scrape_annotations,
+            parse_labels(a.prometheus_namespace_label, "--prometheus-namespace-label"),
+            parse_labels(a.prometheus_pod_label, "--prometheus-pod-label"),
         ),
     )

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -103,6 +104,9 @@ class OperatorSettings:
     prometheus_pod_labels: dict[str, str] = field(
         default_factory=lambda: {"app.kubernetes.io/name": "prometheus"}
     )
+    # prometheus.io/{scrape,port,path} on every Ray pod, for a Prometheus that finds pods by
+    # annotation rather than by PodMonitor (Helm: jobMetrics.scrapeAnnotations).
+    prometheus_scrape_annotations: bool = False
     cluster_domain: str = "cluster.local"
     # Where the operator reaches a job's head: its Service's DNS name (None), or one fixed
     # host, for a stand-in Ray cluster on 127.0.0.1 (tests, `make k8s-demo`).
@@ -237,11 +241,17 @@ def _env(job: LLMTrainingJob) -> list[dict[str, Any]]:
         {"name": "LLMTRAIN_METRICS_PORT", "value": str(spec.metrics.port)},
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
-        {"name": "AWS_REGION", "value": spec.storage.region},
     ]
-    if spec.storage.endpoint:
-        env.append({"name": "AWS_ENDPOINT_URL", "value": spec.storage.endpoint})
-    ref = spec.storage.secret_ref
+    return _with_user_env(job, env + _storage_env(job))
+
+
+def _storage_env(job: LLMTrainingJob) -> list[dict[str, Any]]:
+    """S3's region, endpoint and (from spec.storage.secretRef) credentials."""
+    storage = job.spec.storage
+    env: list[dict[str, Any]] = [{"name": "AWS_REGION", "value": storage.region}]
+    if storage.endpoint:
+        env.append({"name": "AWS_ENDPOINT_URL", "value": storage.endpoint})
+    ref = storage.secret_ref
     if ref is not None:
         env += [
             {
@@ -253,6 +263,12 @@ def _env(job: LLMTrainingJob) -> list[dict[str, Any]]:
                 "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.secret_access_key_key}},
             },
         ]
+    return env
+
+
+def _with_user_env(job: LLMTrainingJob, env: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The operator's variables, then spec.resources.env (which may not override them)."""
+    spec = job.spec
     ours = {e["name"] for e in env}
     for i, user in enumerate(spec.resources.env):
         if user.name in ours:
@@ -353,6 +369,16 @@ def _annotations(job: LLMTrainingJob) -> dict[str, str]:
     return ann
 
 
+def _scrape_annotations(job: LLMTrainingJob, settings: OperatorSettings, role: str) -> dict[str, str]:
+    """The annotations name one port per pod: a worker's training metrics, the head's Ray
+    metrics (Ray's own series; the PodMonitor scrapes both ports of every pod)."""
+    if not settings.prometheus_scrape_annotations:
+        return {}
+    m = job.spec.metrics
+    port = m.port if role == ROLE_WORKER and m.enabled else PORT_METRICS
+    return {"prometheus.io/scrape": "true", "prometheus.io/port": str(port), "prometheus.io/path": "/metrics"}
+
+
 def _resources(cpu: str, memory: str, gpus: int = 0) -> dict[str, Any]:
     # Requests equal limits: Guaranteed QoS, so the kubelet never evicts a Ray node for
     # memory pressure caused by a neighbour, and GPUs must be equal anyway.
@@ -372,6 +398,19 @@ def _shell(cmd: str) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------- pods
+
+
+def _pod_identity(job: LLMTrainingJob) -> dict[str, Any]:
+    """Pull secrets, service account and priority class: the same for every pod of the job."""
+    res = job.spec.resources
+    out: dict[str, Any] = {}
+    if res.image_pull_secrets:
+        out["imagePullSecrets"] = [_dump(s) for s in res.image_pull_secrets]
+    if res.service_account_name:
+        out["serviceAccountName"] = res.service_account_name
+    if res.priority_class_name:
+        out["priorityClassName"] = res.priority_class_name
+    return out
 
 
 def _pod(
@@ -399,12 +438,7 @@ def _pod(
     }
     if init_containers:
         spec["initContainers"] = init_containers
-    if res.image_pull_secrets:
-        spec["imagePullSecrets"] = [_dump(s) for s in res.image_pull_secrets]
-    if res.service_account_name:
-        spec["serviceAccountName"] = res.service_account_name
-    if res.priority_class_name:
-        spec["priorityClassName"] = res.priority_class_name
+    spec.update(_pod_identity(job))
     if role == ROLE_WORKER:
         # Placement targets the GPU pool; the head runs no training and stays off it.
         if res.node_selector:
@@ -413,7 +447,8 @@ def _pod(
             spec["tolerations"] = [_toleration(t) for t in res.tolerations]
         if res.affinity is not None:
             spec["affinity"] = _dump(res.affinity)
-    annotations = _annotations(job)
+    # The job's own podAnnotations win over the operator-wide scrape annotations.
+    annotations = {**_scrape_annotations(job, settings, role), **_annotations(job)}
     meta: dict[str, Any] = {
         "name": name,
         "namespace": _namespace(job),
@@ -639,3 +674,129 @@ def network_policy(job: LLMTrainingJob, settings: OperatorSettings) -> dict[str,
 def static_children(job: LLMTrainingJob, settings: OperatorSettings, token: str) -> list[dict[str, Any]]:
     """Everything but the pods, in creation order (pods reference the Secret and ConfigMap)."""
     return [auth_secret(job, token), spec_configmap(job), head_service(job), network_policy(job, settings)]
+
+
+# ---------------------------------------------------------------------------- serving
+# spec.serve on a Succeeded job: `llmtrain serve` over the export in a Deployment, a Service
+# and a NetworkPolicy. Their pods carry LABEL_SERVE, never LABEL_JOB: the pod index and the
+# diagnosis see the Ray cluster's pods only.
+
+LABEL_SERVE = "llmtrain.dev/serve"
+ANN_SERVE_HASH = "llmtrain.dev/spec-hash"  # what each serving object was last made from
+SERVE_CONTAINER = "serve"
+SERVE_KINDS = ("Deployment", "Service", "NetworkPolicy")
+
+
+def serve_name(job: str) -> str:
+    return f"{job}-serve"
+
+
+def serve_url(namespace: str, job: str, port: int, settings: OperatorSettings) -> str:
+    """The OpenAI-compatible base URL inside the cluster (the Service's DNS name)."""
+    return f"http://{serve_name(job)}.{namespace}.svc.{settings.cluster_domain}:{port}/v1"
+
+
+def _serve_meta(job: LLMTrainingJob, body: dict[str, Any]) -> dict[str, Any]:
+    name = serve_name(job.metadata.name)
+    labels = {LABEL_SERVE: job.metadata.name, LABEL_MANAGED_BY: MANAGED_BY}
+    digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+    return {
+        "name": name,
+        "namespace": _namespace(job),
+        "labels": labels,
+        "annotations": {ANN_SERVE_HASH: digest},
+    }
+
+
+def serve_deployment(job: LLMTrainingJob, model_uri: str) -> dict[str, Any]:
+    """``llmtrain serve`` over the exported model, on the training pool unless spec.serve says
+    otherwise; ready once ``/health`` answers (the model is loaded before the port opens)."""
+    serve = job.spec.serve
+    assert serve is not None
+    res = job.spec.resources
+    selector = {LABEL_SERVE: job.metadata.name}
+    container: dict[str, Any] = {
+        "name": SERVE_CONTAINER,
+        "image": res.image,
+        "command": [
+            "llmtrain",
+            "serve",
+            "--model",
+            model_uri,
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(serve.port),
+            "--served-model-name",
+            job.metadata.name,
+        ],
+        "env": _with_user_env(job, _storage_env(job)),
+        "resources": _resources(serve.resources.cpu, serve.resources.memory, serve.gpus),
+        "ports": [{"name": "http", "containerPort": serve.port}],
+        # Loading the model from S3 takes a while: readiness gates traffic, liveness only
+        # restarts a server that stopped answering for a minute.
+        "readinessProbe": {"httpGet": {"path": "/health", "port": serve.port}, **_PROBE_READINESS},
+        "livenessProbe": {
+            "httpGet": {"path": "/health", "port": serve.port},
+            "initialDelaySeconds": 120,
+            "periodSeconds": 10,
+            "timeoutSeconds": 5,
+            "failureThreshold": 6,
+        },
+    }
+    pod: dict[str, Any] = {"enableServiceLinks": False, "containers": [container]}
+    node_selector = res.node_selector if serve.node_selector is None else serve.node_selector
+    tolerations = res.tolerations if serve.tolerations is None else serve.tolerations
+    if node_selector:
+        pod["nodeSelector"] = dict(node_selector)
+    if tolerations:
+        pod["tolerations"] = [_toleration(t) for t in tolerations]
+    pod.update(_pod_identity(job))
+    spec = {
+        "replicas": serve.replicas,
+        "revisionHistoryLimit": 2,
+        "selector": {"matchLabels": selector},
+        "template": {"metadata": {"labels": {**selector, LABEL_MANAGED_BY: MANAGED_BY}}, "spec": pod},
+    }
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": _serve_meta(job, spec), "spec": spec}
+
+
+def serve_service(job: LLMTrainingJob) -> dict[str, Any]:
+    serve = job.spec.serve
+    assert serve is not None
+    spec = {
+        "selector": {LABEL_SERVE: job.metadata.name},
+        "ports": [{"name": "http", "port": serve.port, "targetPort": "http", "protocol": "TCP"}],
+    }
+    return {"apiVersion": "v1", "kind": "Service", "metadata": _serve_meta(job, spec), "spec": spec}
+
+
+def serve_network_policy(job: LLMTrainingJob, settings: OperatorSettings) -> dict[str, Any]:
+    """Ingress to the server's port from the namespaces/pods spec.serve names (unset: the job's
+    own namespace) and from Prometheus (its /metrics is on the same port); nothing else."""
+    serve = job.spec.serve
+    assert serve is not None
+    client: dict[str, Any] = {}
+    if serve.allowed_namespaces is not None:
+        client["namespaceSelector"] = {"matchLabels": dict(serve.allowed_namespaces)}
+    client["podSelector"] = {"matchLabels": dict(serve.allowed_pods or {})}
+    prometheus = {
+        "namespaceSelector": {"matchLabels": dict(settings.prometheus_namespace_labels)},
+        "podSelector": {"matchLabels": dict(settings.prometheus_pod_labels)},
+    }
+    spec = {
+        "podSelector": {"matchLabels": {LABEL_SERVE: job.metadata.name}},
+        "policyTypes": ["Ingress"],
+        "ingress": [{"from": [client, prometheus], "ports": [{"protocol": "TCP", "port": serve.port}]}],
+    }
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _serve_meta(job, spec),
+        "spec": spec,
+    }
+
+
+def serving_objects(job: LLMTrainingJob, settings: OperatorSettings, model_uri: str) -> list[dict[str, Any]]:
+    """In creation order: the NetworkPolicy before anything listens, the Deployment last."""
+    return [serve_network_policy(job, settings), serve_service(job), serve_deployment(job, model_uri)]

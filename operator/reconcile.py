@@ -73,6 +73,7 @@ OWNED_STATUS_FIELDS = (
     "checkpoint",
     "data",
     "exportUri",
+    "serving",
 )
 STAGE_REASON = {
     "starting": Reason.PreparingData,
@@ -167,6 +168,10 @@ class Conditions:
             self.order.append(t.value)
         self.by_type[t.value] = cond
 
+    def drop(self, t: ConditionType) -> None:
+        if self.by_type.pop(t.value, None) is not None:
+            self.order.remove(t.value)
+
     def as_list(self) -> list[dict[str, Any]]:
         return [self.by_type[t] for t in self.order]
 
@@ -207,6 +212,8 @@ class JobFacts:
     ttl_seconds_after_finished: int | None
     backoff_limit: int
     pod_names: tuple[str, ...]
+    serve_replicas: int | None  # spec.serve (None: unset)
+    serve_port: int
 
     @classmethod
     def of(cls, job: LLMTrainingJob) -> JobFacts:
@@ -220,6 +227,8 @@ class JobFacts:
             ttl_seconds_after_finished=s.ttl_seconds_after_finished,
             backoff_limit=s.backoff_limit,
             pod_names=tuple(m.pod_names(job)),
+            serve_replicas=s.serve.replicas if s.serve else None,
+            serve_port=s.serve.port if s.serve else 0,
         )
 
 
@@ -254,6 +263,8 @@ class Reconciler:
         self._children_made: set[str] = set()
         # uid → the generation whose spec the spec ConfigMap was last checked to hold.
         self._spec_synced: dict[str, Any] = {}
+        # uid → the generation the serving objects were last made or patched for.
+        self._serve_synced: dict[str, Any] = {}
         self.clock: Callable[[], float] = time.monotonic
 
     # ------------------------------------------------------------------------ entry
@@ -293,6 +304,7 @@ class Reconciler:
                 out.finalizer = False
             self._delete_pods(meta, mine, out)
             self._ttl(job, uid, old, annotations, out, now)
+            self._serve(job, body, st, conds, out)
             return self._finish(st, conds, old_owned, out)
 
         # 3. suspend / resume
@@ -685,6 +697,104 @@ class Reconciler:
         st["phase"] = STAGE_PHASE.get(stage, Phase.Training.value)
         conds.set(ConditionType.Running, True, STAGE_REASON.get(stage, Reason.TrainingRunning), message)
 
+    def _serve(
+        self, job: JobFacts, body: Mapping[str, Any], st: dict[str, Any], conds: Conditions, out: Outcome
+    ) -> None:
+        """2b. ``spec.serve`` on a Succeeded job: the model server (NetworkPolicy, Service,
+        Deployment) made, kept to the spec, its readiness in ``status.serving`` and the Serving
+        condition; ``serve: null`` (or no export) removes it. A serving job costs one GET (its
+        Deployment's readiness) per resync."""
+        meta = body.get("metadata") or {}
+        uid, generation = str(meta.get("uid", "")), meta.get("generation")
+        ns, name = job.namespace, job.name
+        model_uri = st.get("exportUri")
+        if job.serve_replicas is None or st.get("phase") != Phase.Succeeded.value or not model_uri:
+            if st.get("serving") is not None or conds.get(ConditionType.Serving) is not None:
+                self._remove_server(ns, name, uid, out)
+                st["serving"] = None
+                conds.drop(ConditionType.Serving)
+            return
+        if self._serve_synced.get(uid) != generation:
+            objs = m.serving_objects(self._model(body), self.settings, model_uri)
+            if not self._ensure_server(objs, body, out):
+                return
+            self._serve_synced[uid] = generation
+        dep = self.api.get("Deployment", ns, m.serve_name(name))
+        if dep is None or uid not in _owner_uids(dep):  # deleted by hand (or replaced): made again
+            self._serve_synced.pop(uid, None)
+            out.requeue = f"Deployment {m.serve_name(name)} is missing: making it again"
+            return
+        ready = int((dep.get("status") or {}).get("readyReplicas") or 0)
+        want = job.serve_replicas
+        st["serving"] = {
+            "url": m.serve_url(ns, name, job.serve_port, self.settings),
+            "modelName": name,
+            "modelUri": model_uri,
+            "replicas": want,
+            "readyReplicas": ready,
+        }
+        if want == 0:
+            conds.set(ConditionType.Serving, False, Reason.ServerScaledToZero, "spec.serve.replicas is 0")
+        elif ready == 0:
+            msg = f"0 of {want} server replicas ready: loading {model_uri}"
+            conds.set(ConditionType.Serving, False, Reason.ServerStarting, msg)
+            out.requeue = f"model server: {msg}"
+        else:
+            if not conds.is_true(ConditionType.Serving):
+                out.events.append(
+                    Event("Normal", Reason.ServerReady.value, f"serving {name} at {st['serving']['url']}")
+                )
+            conds.set(
+                ConditionType.Serving,
+                True,
+                Reason.ServerReady,
+                f"{ready} of {want} replicas ready at {st['serving']['url']}",
+            )
+
+    def _ensure_server(self, objs: list[dict[str, Any]], body: Mapping[str, Any], out: Outcome) -> bool:
+        """Create each serving object, or patch it when it was made from another spec; never
+        touch one the job does not own."""
+        uid = (body.get("metadata") or {}).get("uid")
+        made = []
+        for obj in objs:
+            kind, ns, name = obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"]
+            live = self.api.get(kind, ns, name)
+            if live is None:
+                before = out.error
+                if self._create(obj, body, out):
+                    made.append(kind)
+                if out.error != before:
+                    out.requeue = out.error
+                    return False
+                continue
+            if uid not in _owner_uids(live):
+                out.error = f"{kind} {name} exists and is not owned by this job: delete it, or rename the job"
+                out.events.append(Event("Warning", "NameConflict", out.error))
+                out.requeue = out.error
+                return False
+            want = obj["metadata"]["annotations"][m.ANN_SERVE_HASH]
+            if ((live.get("metadata") or {}).get("annotations") or {}).get(m.ANN_SERVE_HASH) != want:
+                self.api.patch(
+                    kind,
+                    ns,
+                    name,
+                    {"metadata": {"annotations": {m.ANN_SERVE_HASH: want}}, "spec": obj["spec"]},
+                )
+                out.events.append(Event("Normal", "ServerUpdated", f"{kind} {name} updated to spec.serve"))
+        if made:
+            out.events.append(
+                Event("Normal", "ServerCreated", f"created the model server's {', '.join(made)}")
+            )
+        return True
+
+    def _remove_server(self, ns: str, name: str, uid: str, out: Outcome) -> None:
+        for kind in m.SERVE_KINDS:
+            live = self.api.get(kind, ns, m.serve_name(name))
+            if live is not None and uid in _owner_uids(live):
+                self.api.delete(kind, ns, m.serve_name(name), uid=live["metadata"].get("uid"))
+        self._serve_synced.pop(uid, None)
+        out.events.append(Event("Normal", "ServerDeleted", "spec.serve unset: the model server is deleted"))
+
     def _spec_configmap_current(self, t: Tick, text: str) -> bool:
         """The spec ConfigMap (what the driver reads) says what the spec says now: the mutable
         fields may have changed since the pods were made. False if it cannot be made."""
@@ -730,7 +840,8 @@ class Reconciler:
                 True,
                 reason,
                 f"{snap.data.train_tokens:,} train / {snap.data.validation_tokens:,} validation tokens "
-                f"at {snap.data.manifest_uri}",
+                f"at {snap.data.manifest_uri}"
+                + (f" (validation set: {snap.data.validation_set})" if snap.data.validation_set else ""),
             )
 
     def _unreachable(self, t: Tick, ray_job: dict[str, Any], error: str) -> None:
@@ -988,6 +1099,10 @@ class Reconciler:
             out.status = patch
         out.phase = Phase(st["phase"])
         return out
+
+
+def _owner_uids(obj: Mapping[str, Any]) -> list[str]:
+    return [o.get("uid") for o in (obj.get("metadata") or {}).get("ownerReferences") or []]
 
 
 def merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:

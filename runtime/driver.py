@@ -12,6 +12,7 @@ Two launchers run it and nothing else runs the workflow:
 The stages, one call per stage module::
 
     prepare_data   collect → clean → tokenize → shard        (data/prepare.py)
+    tune           spec.tuning only: the search, Ray Tune     (tune.py)
     train          train → validate → checkpoint, Ray Train   (trainer.py, train.py)
     export         newest checkpoint → Hugging Face model     (export.py)
 """
@@ -30,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmtrain.api.config import RuntimeConfig, runtime_config_from_spec
 from llmtrain.api.job import LLMTrainingJob
@@ -44,6 +45,10 @@ from llmtrain.api.progress import (
 )
 from llmtrain.api.shards import Manifest
 from llmtrain.api.status import Reason
+
+if TYPE_CHECKING:  # torch, ray and optuna load only when a stage needs them
+    from llmtrain.runtime.trainer import LaunchOptions
+    from llmtrain.runtime.tune import TuneOutcome
 
 log = logging.getLogger("llmtrain.driver")
 
@@ -245,13 +250,26 @@ def drive(job: LLMTrainingJob, place: Place, report: Reporter) -> DriveResult:
     data_uri, storage_options, unigram = prepare_data(job, report)
     seconds["data"] = time.perf_counter() - t0
 
-    report.stage("training")
-    t0 = time.perf_counter()
     data = report.snapshot.data
     assert data is not None
-    cfg = runtime_config_from_spec(spec, vocab_size=data.vocab_size, checkpoint_uri=checkpoints)
-    train(job, cfg, data_uri, storage_options, place, report)
-    seconds["training"] = time.perf_counter() - t0
+    train_final = True
+    if spec.tuning is not None:
+        report.stage("tuning")
+        t0 = time.perf_counter()
+        outcome = tune(job, data_uri, storage_options, data.vocab_size, place, report)
+        seconds["tuning"] = time.perf_counter() - t0
+        # From here on the job is the best configuration, trained in full (or, with
+        # final.train false, exported from the best trial's own checkpoint).
+        job, spec, train_final = outcome.job, outcome.job.spec, outcome.train_final
+        if not train_final:
+            checkpoints = outcome.checkpoint_uri
+
+    if train_final:
+        report.stage("training")
+        t0 = time.perf_counter()
+        cfg = runtime_config_from_spec(spec, vocab_size=data.vocab_size, checkpoint_uri=checkpoints)
+        train(job, cfg, data_uri, storage_options, place, report)
+        seconds["training"] = time.perf_counter() - t0
 
     report.stage("export")
     t0 = time.perf_counter()
@@ -281,6 +299,7 @@ def prepare_data(job: LLMTrainingJob, report: Reporter) -> tuple[str, Any, float
             validation_tokens=manifest.split_tokens("validation"),
             vocab_size=manifest.tokenizer.vocab_size,
             reused=prepared.reused,
+            validation_set=manifest.validation_set,
         )
     )
     try:
@@ -290,36 +309,38 @@ def prepare_data(job: LLMTrainingJob, report: Reporter) -> tuple[str, Any, float
     return data_uri, cfg.s3, unigram
 
 
-def train(
-    job: LLMTrainingJob,
-    cfg: RuntimeConfig,
-    data_uri: str,
-    storage_options: Any,
-    place: Place,
-    report: Reporter,
-) -> None:
-    """train → validate → checkpoint on Ray Train. Resumes from the newest complete
-    checkpoint by itself; rank 0's events reach ``report`` through a Ray queue."""
-    from llmtrain.runtime.checkpoint import Lineage
-    from llmtrain.runtime.trainer import LaunchOptions, launch
+def tune(
+    job: LLMTrainingJob, data_uri: str, storage_options: Any, vocab_size: int, place: Place, report: Reporter
+) -> TuneOutcome:
+    """The hyperparameter search of ``spec.tuning`` (Ray Tune; each trial trains through the
+    same launch path as :func:`train`); the best configuration as a job."""
+    from llmtrain.runtime.tune import TuningError, tune_stage
+
+    try:
+        return tune_stage(
+            job, data_uri, storage_options, vocab_size, place, report, launch_options(job, place, "tune")
+        )
+    except TuningError as e:
+        raise DriverError(
+            RunFailure(
+                Reason.InvalidSpec.value if e.permanent else Reason.RunFailed.value,
+                f"tuning: {e}",
+                e.permanent,
+            )
+        ) from e
+
+
+def launch_options(job: LLMTrainingJob, place: Place, run_name: str) -> LaunchOptions:
+    """How a training run is launched here (resources, restarts, labels, the workers' S3 env)."""
+    from llmtrain.runtime.trainer import LaunchOptions
 
     spec = job.spec
-    lineage = Lineage(cfg.train.checkpoint_uri or "", keep_last=cfg.train.checkpoint_keep_last)
-    for step in lineage.complete_steps()[-cfg.train.checkpoint_keep_last :]:
-        report.snapshot.add_checkpoint(CheckpointEntry(step, lineage.uri_of(step)))
-    latest = report.snapshot.latest_checkpoint
-    if latest is not None:
-        report.update(resumed_from=latest)
-        if report.on_stage is not None:
-            report.on_stage(f"resume from step {latest.step}")
-    place.connect()
-    events, requests = EventQueue(), CheckpointRequests()
-    options = LaunchOptions(
+    return LaunchOptions(
         gpus_per_worker=spec.resources.gpus_per_worker,
         cpus_per_worker=place.cpus_per_worker,
         max_failures=spec.backoff_limit,
         storage_path=str(place.run_dir / "ray"),
-        run_name="train",
+        run_name=run_name,
         namespace=job.metadata.namespace or "default",
         job=job.metadata.name,
         metrics_addr=place.metrics_addr,
@@ -333,6 +354,32 @@ def train(
             if v
         ),
     )
+
+
+def train(
+    job: LLMTrainingJob,
+    cfg: RuntimeConfig,
+    data_uri: str,
+    storage_options: Any,
+    place: Place,
+    report: Reporter,
+) -> None:
+    """train → validate → checkpoint on Ray Train. Resumes from the newest complete
+    checkpoint by itself; rank 0's events reach ``report`` through a Ray queue."""
+    from llmtrain.runtime.checkpoint import Lineage
+    from llmtrain.runtime.trainer import launch
+
+    lineage = Lineage(cfg.train.checkpoint_uri or "", keep_last=cfg.train.checkpoint_keep_last)
+    for step in lineage.complete_steps()[-cfg.train.checkpoint_keep_last :]:
+        report.snapshot.add_checkpoint(CheckpointEntry(step, lineage.uri_of(step)))
+    latest = report.snapshot.latest_checkpoint
+    if latest is not None:
+        report.update(resumed_from=latest)
+        if report.on_stage is not None:
+            report.on_stage(f"resume from step {latest.step}")
+    place.connect()
+    events, requests = EventQueue(), CheckpointRequests()
+    options = launch_options(job, place, "train")
     errors: list[BaseException] = []
 
     def fit() -> None:

@@ -49,6 +49,17 @@ class TrainMetrics:
         )
         self.val_loss = gauge("llmtrain_val_loss", "Validation loss (mean token cross-entropy).")
         self.val_perplexity = gauge("llmtrain_val_perplexity", "Validation perplexity, exp(val loss).")
+        self.val_bits_per_byte = gauge(
+            "llmtrain_val_bits_per_byte",
+            "Validation bits per UTF-8 byte of text (comparable across tokenizers).",
+        )
+        self.validation_set_info = Gauge(
+            "llmtrain_validation_set_info",
+            "1 for the validation set the llmtrain_val_* series measure.",
+            (*names, "validation_set"),
+            registry=r,
+        )
+        self._validation_set: str | None = None
         self.tokens_per_second = gauge(
             "llmtrain_train_tokens_per_second",
             "Training tokens per second, all ranks, over the last log window.",
@@ -131,6 +142,21 @@ class TrainMetrics:
                 ).labels(*self._label_values)
             self._mfu.set(mfu)
 
-    def validation(self, *, loss: float, perplexity: float) -> None:
+    def validation(
+        self,
+        *,
+        loss: float,
+        perplexity: float,
+        bits_per_byte: float | None = None,
+        validation_set: str | None = None,
+    ) -> None:
         self.val_loss.set(loss)
         self.val_perplexity.set(perplexity)
+        if bits_per_byte is not None:
+            self.val_bits_per_byte.set(bits_per_byte)
+        if validation_set is not None and validation_set != self._validation_set:
+            # An info series (value 1) saying which text the val_* series measure.
+            if self._validation_set is not None:
+                self.validation_set_info.remove(*self._label_values, self._validation_set)
+            self.validation_set_info.labels(*self._label_values, validation_set).set(1)
+            self._validation_set = validation_set

@@ -13,9 +13,11 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from llmtrain.runtime.curves import CURVES, EventLog, read_summary, redraw, write_summary
 
 from llmtrain.api.job import LLMTrainingJob
 from llmtrain.api.progress import ProgressEvent
@@ -43,6 +45,8 @@ class RunSummary:
     val_loss: float | None = None
     val_perplexity: float | None = None
     val_accuracy: float | None = None
+    val_bits_per_byte: float | None = None
+    validation_set: str = ""  # which text the validation figures measure
     tokens_per_second: float | None = None
     mfu: float | None = None
     checkpoint_uri: str | None = None
@@ -50,6 +54,8 @@ class RunSummary:
     sample_prompt: str = ""
     sample: str | None = None
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    wall_seconds: float = 0.0  # the whole run_job, set-up and sample included
+    curves: str | None = None  # <run dir>/curves.png
 
     @property
     def loss_ratio(self) -> float | None:
@@ -69,7 +75,7 @@ class RunSummary:
 class RunOptions:
     run_dir: Path | None = None  # default ./runs/<metadata.name>
     num_cpus: int | None = None  # default: all cores
-    sample_prompt: str = "def "
+    sample_prompt: str | None = None  # None: spec.export.samplePrompt, else a validation document's start
     sample_tokens: int = 50
 
 
@@ -138,10 +144,21 @@ def run_job(
     from llmtrain.runtime.driver import DriverError, Place, Reporter, drive
     from llmtrain.runtime.ray_local import init_local_ray
 
+    started = time.perf_counter()
     opts = opts or RunOptions()
     job = with_absolute_paths(job)
     run_dir = _run_dir(job, opts)
     run_dir.mkdir(parents=True, exist_ok=True)
+    events = EventLog(run_dir)
+    title = f"llmtrain run: {job.metadata.name}"
+
+    def record(event: ProgressEvent) -> None:
+        events(event)
+        if event.stage == "validation":
+            _draw_curves(run_dir, title)
+        if on_event is not None:
+            on_event(event)
+
     ncpu = opts.num_cpus or os.cpu_count() or 1
 
     def connect() -> None:
@@ -157,7 +174,7 @@ def run_job(
         cpus_per_worker=max(1, ncpu // job.spec.resources.workers),
         metrics_addr="127.0.0.1",
     )
-    report = Reporter(on_event=on_event, on_stage=on_stage)
+    report = Reporter(on_event=record, on_stage=on_stage)
     try:
         result = drive(job, place, report)
     except DriverError as e:
@@ -179,12 +196,13 @@ def run_job(
         data_reused=snap.data.reused,
         train_tokens=snap.data.train_tokens,
         val_tokens=snap.data.validation_tokens,
+        validation_set=snap.data.validation_set,
         vocab_size=snap.data.vocab_size,
         unigram_cross_entropy=result.unigram_cross_entropy,
         resumed_from=snap.resumed_from.step if snap.resumed_from else None,
         checkpoint_uri=snap.latest_checkpoint.uri if snap.latest_checkpoint else None,
         export_uri=snap.export_uri,
-        sample_prompt=opts.sample_prompt,
+        sample_prompt=_sample_prompt(job, opts, result.data_uri, result.storage_options),
         stage_seconds=result.stage_seconds,
     )
     if progress is not None:
@@ -192,6 +210,7 @@ def run_job(
         summary.val_loss = progress.val_loss
         summary.val_perplexity = progress.val_perplexity
         summary.val_accuracy = progress.val_accuracy
+        summary.val_bits_per_byte = progress.val_bits_per_byte
         summary.tokens_per_second = progress.tokens_per_second
         summary.mfu = progress.mfu
     summary.steps = max(
@@ -204,16 +223,71 @@ def run_job(
     t0 = time.perf_counter()
     assert summary.export_uri is not None
     summary.sample = sample_text(
-        summary.export_uri, opts.sample_prompt, opts.sample_tokens, result.storage_options
+        summary.export_uri, summary.sample_prompt, opts.sample_tokens, result.storage_options
     )
     summary.stage_seconds["sample"] = time.perf_counter() - t0
+    summary.curves = _draw_curves(run_dir, title)
+    summary.wall_seconds = time.perf_counter() - started
+    write_summary(run_dir, asdict(summary))
     if on_stage is not None:
         on_stage("done")
     return summary
 
 
+def summary_from_run_dir(run_dir: Path) -> RunSummary:
+    """The summary ``llmtrain run`` wrote (``llmtrain report``); keys it does not know are
+    left out, so an older run directory still reads."""
+    raw = read_summary(run_dir)
+    known = {f.name for f in fields(RunSummary)}
+    return RunSummary(**{k: v for k, v in raw.items() if k in known})
+
+
+def _draw_curves(run_dir: Path, title: str) -> str | None:
+    """<run dir>/curves.png from the events so far. A picture that cannot be drawn costs the
+    picture (logged), never the training run that asked for it."""
+    try:
+        return str(redraw(run_dir, title))
+    except Exception as e:
+        log.warning("cannot draw %s: %s", run_dir / CURVES, e)
+        return None
+
+
 def _finite_or_none(x: float | None) -> float | None:
     return x if x is not None and math.isfinite(x) else None
+
+
+def _sample_prompt(job: LLMTrainingJob, opts: RunOptions, data_uri: str, storage_options: Any) -> str:
+    """``--prompt``, else ``spec.export.samplePrompt``, else the first words of a validation
+    document: a model trained on novels is not sampled with Python."""
+    if opts.sample_prompt is not None:
+        return opts.sample_prompt
+    if job.spec.export is not None and job.spec.export.sample_prompt is not None:
+        return job.spec.export.sample_prompt
+    return validation_prompt(data_uri, storage_options)
+
+
+def validation_prompt(data_uri: str, storage_options: Any = None, words: int = 5) -> str:
+    """The first ``words`` words (with their own spacing) of the first validation document."""
+    import re
+
+    from llmtrain.runtime.data.loader import read_verified_shard
+    from llmtrain.runtime.data.storage import open_storage
+    from tokenizers import Tokenizer
+
+    from llmtrain.api.shards import Manifest
+
+    store = open_storage(data_uri, storage_options)
+    manifest = Manifest.from_json(store.get("manifest.json"))
+    shards = manifest.split_shards("validation")
+    if not shards:
+        return ""
+    # Documents are laid end to end, each closed by end-of-text: the shard starts a document.
+    ids = read_verified_shard(store, shards[0], manifest)[:512].tolist()
+    eot = manifest.tokenizer.eot_id
+    ids = ids[: ids.index(eot)] if eot in ids else ids
+    text = Tokenizer.from_str(store.get(manifest.tokenizer.path).decode()).decode(ids)
+    m = re.match(rf"\s*(?:\S+\s+){{0,{words - 1}}}\S+", text)
+    return m.group(0).lstrip() if m else ""
 
 
 def sample_text(

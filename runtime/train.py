@@ -102,7 +102,7 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     grad_norms: list[float] = field(default_factory=list)
     lrs: list[float] = field(default_factory=list)
-    validations: list[dict[str, float]] = field(default_factory=list)
+    validations: list[dict[str, float | None]] = field(default_factory=list)
     checkpoints: list[str] = field(default_factory=list)
     resumed_from: int | None = None
     final_step: int = 0
@@ -662,21 +662,34 @@ def _validate(run: _Run, window: _Window) -> dict[str, Any]:
     from llmtrain.runtime.validate import evaluate
 
     _log_window(run, window)
-    val = evaluate(
-        run.model, iter(run.make("validation")), run.cfg.train.val_batches, run.device, run.autocast
-    )
+    loader = run.make("validation")
+    # A shard loader knows the bytes behind each token id (bits per byte); test loaders do not.
+    token_bytes = loader.token_bytes() if hasattr(loader, "token_bytes") else None
+    val = evaluate(run.model, iter(loader), run.cfg.train.val_batches, run.device, run.autocast, token_bytes)
     run.best_val = min(run.best_val, val.loss)
     run.result.validations.append(
-        {"step": run.step, "loss": val.loss, "perplexity": val.perplexity, "accuracy": val.accuracy}
+        {
+            "step": run.step,
+            "loss": val.loss,
+            "perplexity": val.perplexity,
+            "accuracy": val.accuracy,
+            "bits_per_byte": val.bits_per_byte,
+        }
     )
     if run.metrics is not None:
-        run.metrics.validation(loss=val.loss, perplexity=val.perplexity)
+        run.metrics.validation(
+            loss=val.loss,
+            perplexity=val.perplexity,
+            bits_per_byte=val.bits_per_byte,
+            validation_set=getattr(getattr(loader, "manifest", None), "validation_set", None),
+        )
     run.emit(
         stage="validation",
         train_loss=window.last_loss,
         val_loss=val.loss,
         val_perplexity=val.perplexity,
         val_accuracy=val.accuracy,
+        val_bits_per_byte=val.bits_per_byte,
     )
     return {"val_loss": val.loss, "val_perplexity": val.perplexity, "val_accuracy": val.accuracy}
 

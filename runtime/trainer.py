@@ -37,6 +37,8 @@ class LaunchOptions:
     env: tuple[tuple[str, str], ...] = ()  # extra environment of every worker
     resource_timeout_s: float = 10.0  # wait this long for autoscaled/joining nodes
     deterministic: bool = False  # torch.use_deterministic_algorithms on every worker (tests)
+    # Ray Train callbacks of the run (a tuning trial's: Train V2's TuneReportCallback).
+    callbacks: tuple[Any, ...] = ()
 
 
 def check_resources(workers: int, opts: LaunchOptions) -> None:
@@ -146,6 +148,7 @@ def launch(
             name=opts.run_name,
             storage_path=opts.storage_path,
             failure_config=FailureConfig(max_failures=opts.max_failures),
+            callbacks=list(opts.callbacks) or None,
             # Ray Train v2 RunConfig (the stubs resolve to the v1 class).
             worker_runtime_env={"env_vars": env} if env else None,  # type: ignore[call-arg]
         ),

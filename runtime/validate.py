@@ -25,6 +25,9 @@ class ValResult:
     perplexity: float
     accuracy: float
     tokens: int
+    # Σ bits / Σ UTF-8 bytes of the predicted tokens: comparable across tokenizers (None when
+    # the loader cannot say how many bytes each token stands for).
+    bits_per_byte: float | None = None
 
 
 @torch.no_grad()
@@ -34,11 +37,14 @@ def evaluate(
     n_batches: int,
     device: torch.device,
     autocast: contextlib.AbstractContextManager[object] | None = None,
+    token_bytes: list[int] | None = None,
 ) -> ValResult:
     was_training = model.training
     model.eval()
-    # [Σ loss, Σ correct, Σ tokens] on device; one all-reduce and one host sync per validation.
-    totals = torch.zeros(3, dtype=torch.float64, device=device)
+    # [Σ loss, Σ correct, Σ tokens, Σ bytes] on device; one all-reduce and one host sync per
+    # validation.
+    totals = torch.zeros(4, dtype=torch.float64, device=device)
+    nbytes = torch.tensor(token_bytes, dtype=torch.float64, device=device) if token_bytes else None
     try:
         for batch in islice(batches, n_batches):
             batch = batch.to(device, non_blocking=True)
@@ -50,11 +56,13 @@ def evaluate(
             totals[0] += F.cross_entropy(logits, flat, reduction="sum").double()
             totals[1] += (logits.argmax(-1) == flat).sum().double()
             totals[2] += flat.numel()
+            if nbytes is not None:
+                totals[3] += nbytes[flat].sum()
     finally:
         model.train(was_training)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(totals)
-    loss_sum, correct, tokens = totals.tolist()
+    loss_sum, correct, tokens, nbytes_sum = totals.tolist()
     if tokens == 0:
         raise ValueError("the validation split yielded no batches (spec.validation.batches, spec.data)")
     loss = loss_sum / tokens
@@ -63,4 +71,5 @@ def evaluate(
         perplexity=math.exp(loss) if loss < 700 else math.inf,
         accuracy=correct / tokens,
         tokens=int(tokens),
+        bits_per_byte=loss_sum / math.log(2) / nbytes_sum if nbytes_sum > 0 else None,
     )

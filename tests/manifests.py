@@ -338,8 +338,29 @@ def rule_cases() -> list[Case]:
         ),
         # CEL: data sources
         _case("at least one source", "spec.data.sources", _set("data.sources", [])),
+        # Found by the fuzzer (tests/integration/test_fuzz_parity.py): a null list is pruned by
+        # the apiserver, then missing; llmtrain validate's CEL layer once crashed on it.
+        _case("null sources", "spec.data.sources", _set("data.sources", None)),
         _case("unique source names", "spec.data.sources", _set("data.sources[1].name", "web")),
         _case("weights on all or none", "spec.data.sources", _del("data.sources[0].weight")),
+        _case(
+            "validation source names",
+            "spec.data.validationSources",
+            _set("data.validationSources", [{"name": "web", "local": {"glob": "/x/*.txt"}}]),
+        ),
+        _case(
+            "validation source exactly one",
+            "spec.data.validationSources[0]",
+            _set(
+                "data.validationSources",
+                [{"name": "held", "local": {"glob": "/x/*.txt"}, "pythonStdlib": {}}],
+            ),
+        ),
+        _case(
+            "validation sources take no weight",
+            "spec.data.validationSources",
+            _set("data.validationSources", [{"name": "held", "weight": 1, "local": {"glob": "/x/*.txt"}}]),
+        ),
         # Exclusive choices
         _case("duration exactly one (two)", "spec.training.duration", _set("training.duration.epochs", 2)),
         _case("duration exactly one (none)", "spec.training.duration", _del("training.duration.maxSteps")),
@@ -375,6 +396,15 @@ def rule_cases() -> list[Case]:
         _case("head cpu quantity", "spec.resources.head.cpu", _set("resources.head.cpu", "two")),
         _case("head memory quantity", "spec.resources.head.memory", _set("resources.head.memory", "8 GB")),
         _case("shm quantity", "spec.resources.shmSize", _set("resources.shmSize", "-1Gi")),
+        _case(
+            "serve cpu quantity", "spec.serve.resources.cpu", _set("serve", {"resources": {"cpu": "lots"}})
+        ),
+        _case(
+            "serve memory quantity",
+            "spec.serve.resources.memory",
+            _set("serve", {"resources": {"memory": "4 GB"}}),
+        ),
+        _case("serve needs export", "spec.serve", _all(_del("export"), _set("serve", {"replicas": 1}))),
         # Inline secrets
         _case(
             "inline secret env AWS",
@@ -402,8 +432,117 @@ def rule_cases() -> list[Case]:
             "batch immutable", "spec.training.batch", lambda s: None, _set("training.batch.microBatchSize", 8)
         ),
         _case("workers immutable", "spec.resources.workers", lambda s: None, _set("resources.workers", 4)),
+        *tuning_cases(),
+    ]
+
+
+# A valid search on BASE (2 workers): the tuning cases below each break one rule of it.
+TUNING: dict[str, Any] = {
+    "search": "bayesian",
+    "metric": "valLoss",
+    "numTrials": 6,
+    "initialRandomTrials": 3,
+    "maxConcurrentTrials": 2,
+    "workersPerTrial": 1,
+    "trialBudget": {"maxSteps": 20},
+    "earlyStopping": {"gracePeriodSteps": 10, "reductionFactor": 2},
+    "seed": 1,
+    "space": {
+        "training.optimizer.lr": {"logUniform": [1e-4, 3e-3]},
+        "training.batch.microBatchSize": {"choice": [2, 4]},
+        "training.optimizer.weightDecay": {"uniform": [0, 0.2]},
+    },
+}
+
+
+def with_tuning(**changes: Any) -> Any:
+    """An edit that sets spec.tuning to TUNING with ``changes`` (None removes a key) and
+    ``space_*`` keyword arguments merged into its space."""
+
+    def edit(spec: dict[str, Any]) -> None:
+        tuning = copy.deepcopy(TUNING)
+        for k, v in changes.items():
+            if k == "space":
+                tuning["space"].update(v)
+            elif v is None:
+                tuning.pop(k, None)
+            else:
+                tuning[k] = v
+        spec["tuning"] = tuning
+
+    return edit
+
+
+def tuning_cases() -> list[Case]:
+    """spec.tuning: the search space and the search's own rules (all CEL: the map's keys and
+    values are checked on spec.tuning, which is where both validators point)."""
+    t = "spec.tuning"
+    return [
+        _case("tune unknown path", f"{t}.space", with_tuning(space={"training.foo": {"choice": [1]}})),
+        _case("tune forbidden path", f"{t}.space", with_tuning(space={"data.seed": {"choice": [1]}})),
+        _case("tune empty choice", f"{t}.space", with_tuning(space={"training.seed": {"choice": []}})),
+        _case(
+            "tune low not below high",
+            f"{t}.space",
+            with_tuning(space={"training.gradClip": {"uniform": [1, 1]}}),
+        ),
+        _case(
+            "tune logUniform low zero",
+            f"{t}.space",
+            with_tuning(space={"training.optimizer.lr": {"logUniform": [0, 1e-3]}}),
+        ),
+        _case(
+            "tune two distributions",
+            f"{t}.space",
+            with_tuning(space={"training.gradClip": {"choice": [1], "uniform": [0, 1]}}),
+        ),
+        _case(
+            "tune continuous under grid",
+            f"{t}.space",
+            with_tuning(search="grid", numTrials=None, initialRandomTrials=None),
+        ),
+        _case(
+            "tune numTrials with grid",
+            f"{t}.numTrials",
+            with_tuning(
+                search="grid",
+                initialRandomTrials=None,
+                space={
+                    "training.optimizer.lr": {"choice": [1e-3]},
+                    "training.optimizer.weightDecay": {"choice": [0]},
+                },
+            ),
+        ),
+        _case(
+            "tune random needs numTrials",
+            f"{t}.numTrials",
+            with_tuning(search="random", numTrials=None, initialRandomTrials=None),
+        ),
+        _case(
+            "tune initialRandomTrials not below numTrials",
+            f"{t}.initialRandomTrials",
+            with_tuning(initialRandomTrials=6),
+        ),
+        _case(
+            "tune initialRandomTrials only bayesian", f"{t}.initialRandomTrials", with_tuning(search="random")
+        ),
+        _case(
+            "tune concurrency times workers over workers",
+            f"{t}.maxConcurrentTrials",
+            with_tuning(maxConcurrentTrials=2, workersPerTrial=2),
+        ),
+        _case("tune budget exactly one", f"{t}.trialBudget", with_tuning(trialBudget={})),
     ]
 
 
 def invalid_cases() -> list[Case]:
     return rule_cases() + schema_cases()
+
+
+def valid_cases() -> list[Case]:
+    """Manifests both validators must accept, beyond BASE (each found by the fuzzer)."""
+    return [
+        # null means unset: the apiserver prunes it and applies the default.
+        _case("null optional object is unset", "spec.training.fsdp", _set("training.fsdp", None)),
+        _case("null optional field is unset", "spec.export.format", _set("export.format", None)),
+    ]

@@ -17,6 +17,10 @@ TR = "tests/unit/test_train.py"
 OM = "tests/unit/test_operator_manifests.py"
 OR = "tests/unit/test_operator_reconcile.py"
 X = "tests/unit/test_export.py"
+OS = "tests/unit/test_operator_serve.py"
+VS = "test_validation_sources_are_the_validation_set_and_never_trained_on"
+TU = "tests/unit/test_tune.py"
+TG = "tests/integration/test_tune_run.py"
 
 EFFECTS: dict[str, str] = {
     # ---- data
@@ -51,6 +55,8 @@ EFFECTS: dict[str, str] = {
     "spec.data.validationFraction": f"{D}::test_validation_fraction_and_seed",
     "spec.data.shardMaxTokens": f"{D}::test_shard_max_tokens",
     "spec.data.seed": f"{D}::test_validation_fraction_and_seed",
+    "spec.data.validationSources[].name": f"{D}::{VS}",
+    "spec.data.validationSources[].weight": "tests/unit/test_validate.py::test_every_cel_rule_has_its_own_invalid_case",
     # ---- model
     "spec.model.architecture.layers": f"{M}::test_architecture_shape_fields",
     "spec.model.architecture.dModel": f"{M}::test_architecture_shape_fields",
@@ -100,6 +106,7 @@ EFFECTS: dict[str, str] = {
     "spec.checkpoint.keepLast": f"{TR}::test_checkpoint_every_steps_keep_last_and_resume",
     "spec.export.uri": "tests/integration/test_finetune.py::test_spec_export_writes_the_run_model_to_s3",
     "spec.export.format": f"{X}::test_export_refuses_wrong_shapes_format_and_untied_weights",
+    "spec.export.samplePrompt": f"{D}::test_the_default_sample_prompt_is_the_start_of_a_validation_document",
     # ---- storage and metrics
     "spec.storage.endpoint": "tests/integration/test_data_s3.py::test_storage_region_and_endpoint_come_from_the_spec",
     "spec.storage.region": "tests/integration/test_data_s3.py::test_storage_region_and_endpoint_come_from_the_spec",
@@ -147,4 +154,46 @@ EFFECTS: dict[str, str] = {
     "spec.activeDeadlineSeconds": f"{OR}::test_active_deadline",
     "spec.preRunningDeadlineSeconds": f"{OR}::test_pre_running_deadline_fails_with_the_diagnosis",
     "spec.ttlSecondsAfterFinished": f"{OR}::test_ttl_after_finished_deletes_the_ray_cluster_and_keeps_the_job",
+    # ---- serve
+    "spec.serve.replicas": f"{OS}::test_editing_spec_serve_patches_the_server_and_unsetting_it_removes_it",
+    "spec.serve.port": f"{OS}::test_editing_spec_serve_patches_the_server_and_unsetting_it_removes_it",
+    "spec.serve.resources.cpu": f"{OS}::test_server_pods_default_to_the_training_pool_and_are_not_ray_pods",
+    "spec.serve.resources.memory": f"{OS}::test_server_pods_default_to_the_training_pool_and_are_not_ray_pods",
+    "spec.serve.gpus": f"{OS}::test_server_pods_default_to_the_training_pool_and_are_not_ray_pods",
+    "spec.serve.nodeSelector": f"{OS}::test_server_pods_default_to_the_training_pool_and_are_not_ray_pods",
+    **{
+        f"spec.serve.tolerations[].{k}": f"{OS}::test_server_pods_default_to_the_training_pool_and_are_not_ray_pods"
+        for k in ("key", "operator", "value", "effect", "tolerationSeconds")
+    },
+    "spec.serve.allowedNamespaces": f"{OS}::test_the_servers_network_policy_admits_exactly_the_named_clients",
+    "spec.serve.allowedPods": f"{OS}::test_the_servers_network_policy_admits_exactly_the_named_clients",
+    # ---- tuning
+    **{
+        f"spec.tuning.{k}": f"{TG}::test_grid_runs_its_grid_asha_frees_workers_and_the_best_is_trained_and_exported"
+        for k in (
+            "search",
+            "trialBudget.maxSteps",
+            "earlyStopping.gracePeriodSteps",
+            "earlyStopping.reductionFactor",
+            "space",
+        )
+    },
+    **{
+        f"spec.tuning.{k}": f"{TG}::test_bayesian_runs_num_trials_concurrently_and_exports_the_best_trials_checkpoint"
+        for k in ("metric", "mode", "numTrials", "maxConcurrentTrials", "final.train")
+    },
+    "spec.tuning.initialRandomTrials": f"{TU}::test_random_and_bayesian_samplers_are_seeded_and_startup_trials_are_passed",
+    "spec.tuning.seed": f"{TU}::test_random_and_bayesian_samplers_are_seeded_and_startup_trials_are_passed",
+    "spec.tuning.workersPerTrial": f"{TU}::test_a_trial_trains_its_configuration_for_the_budget_on_its_workers",
+    "spec.tuning.trialBudget.maxTokens": f"{TU}::test_a_trial_trains_its_configuration_for_the_budget_on_its_workers",
 }
+# A validation source is read by the same code as a training source (collect.SourceConfig):
+# each kind's fields have the effect their spec.data.sources[] twin's test proves.
+EFFECTS.update(
+    {
+        k.replace("spec.data.sources[]", "spec.data.validationSources[]"): v
+        for k, v in list(EFFECTS.items())
+        if k.startswith("spec.data.sources[].")
+        and k not in ("spec.data.sources[].name", "spec.data.sources[].weight")
+    }
+)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Regenerate the chart's CRD copies from the code (tests/unit/test_helm_chart.py fails
-# when they are stale). Run from anywhere with the project's virtualenv.
+# Regenerate the chart's CRD copies and its Grafana dashboard from the code
+# (tests/unit/test_helm_chart.py and test_dashboard.py fail when they are stale). Run from
+# anywhere with the project's virtualenv.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
@@ -19,3 +20,5 @@ header = (
 with open(sys.argv[1], "w") as f:
     f.write(header + yaml.safe_dump_all(peering_crds(), sort_keys=False))
 PY
+# The Grafana dashboard (llmtrain/dashboard.py; needs the `test` extra's grafana-foundation-sdk).
+"$py" -m llmtrain.dashboard > "$here/dashboards/llmtrain.json"

@@ -79,6 +79,22 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
         "description": "Why the job is (not) running, or why it failed.",
         "priority": 0,
     },
+    {
+        # -o wide: the URL is long; `kubectl describe` shows the whole status.serving.
+        "name": "Serving",
+        "type": "string",
+        "jsonPath": ".status.serving.url",
+        "description": "spec.serve's OpenAI-compatible URL inside the cluster.",
+        "priority": 1,
+    },
+    {
+        # -o wide: only jobs with spec.tuning have one.
+        "name": "Best Trial",
+        "type": "number",
+        "jsonPath": ".status.tuning.best.metric",
+        "description": "The best trial's metric (spec.tuning.metric) so far.",
+        "priority": 1,
+    },
 ]
 
 
@@ -110,10 +126,13 @@ def _apply_constraints(schema: dict[str, Any], metadata: list[Any]) -> None:
                     schema["exclusiveMinimum" if attr == "gt" else "exclusiveMaximum"] = True
         min_len = getattr(m, "min_length", None)
         max_len = getattr(m, "max_length", None)
+        # Arrays count items, maps properties (bounded maps keep CEL over them in budget).
+        sizes = {"array": ("minItems", "maxItems"), "object": ("minProperties", "maxProperties")}
+        low_key, high_key = sizes.get(str(kind), ("minLength", "maxLength"))
         if min_len is not None:
-            schema["minItems" if kind == "array" else "minLength"] = min_len
+            schema[low_key] = min_len
         if max_len is not None:
-            schema["maxItems" if kind == "array" else "maxLength"] = max_len
+            schema[high_key] = max_len
         pattern = getattr(m, "pattern", None)
         if pattern is not None:
             schema["pattern"] = pattern

@@ -49,4 +49,6 @@ def load_job(path: str | Path) -> LLMTrainingJob:
     docs = [d for d in read_manifests(path) if d.get("kind") == KIND]
     if len(docs) != 1:
         raise ValueError(f"{path}: expected exactly one {KIND} document, found {len(docs)}")
-    return LLMTrainingJob.model_validate(docs[0])
+    from llmtrain.api.validate import as_applied  # imports this module
+
+    return LLMTrainingJob.model_validate(as_applied(docs[0]))

@@ -15,6 +15,7 @@ Mapping to status (``STATUS_FIELDS``)::
     val_loss           -> status.metrics.valLoss
     val_perplexity     -> status.metrics.valPerplexity
     val_accuracy       -> status.metrics.valAccuracy
+    val_bits_per_byte  -> status.metrics.valBitsPerByte
     tokens_per_second  -> status.metrics.tokensPerSecond
     mfu                -> status.metrics.mfu
     checkpoint_uri     -> status.checkpoint.latestUri       (with checkpoint_step -> latestStep)
@@ -43,6 +44,7 @@ STATUS_FIELDS: dict[str, str] = {
     "val_loss": "metrics.valLoss",
     "val_perplexity": "metrics.valPerplexity",
     "val_accuracy": "metrics.valAccuracy",
+    "val_bits_per_byte": "metrics.valBitsPerByte",
     "tokens_per_second": "metrics.tokensPerSecond",
     "mfu": "metrics.mfu",
     "checkpoint_uri": "checkpoint.latestUri",
@@ -82,6 +84,7 @@ class ProgressEvent:
     val_loss: float | None = None
     val_perplexity: float | None = None
     val_accuracy: float | None = None
+    val_bits_per_byte: float | None = None
     tokens_per_second: float | None = None
     mfu: float | None = None
     eta_seconds: float | None = None
@@ -114,7 +117,15 @@ class ProgressEvent:
         if eta is not None:
             progress["eta"] = eta
         metrics: dict[str, Any] = {}
-        for name in ("train_loss", "val_loss", "val_perplexity", "val_accuracy", "tokens_per_second", "mfu"):
+        for name in (
+            "train_loss",
+            "val_loss",
+            "val_perplexity",
+            "val_accuracy",
+            "val_bits_per_byte",
+            "tokens_per_second",
+            "mfu",
+        ):
             value = _finite(getattr(self, name))
             if value is not None:
                 # tokens/s to the token (a printer column); losses to 4 decimals
@@ -144,12 +155,13 @@ def merge(prev: ProgressEvent | None, event: ProgressEvent) -> ProgressEvent:
 
 # ------------------------------------------------------------------ the run's snapshot
 
-RunStage = Literal["starting", "data", "training", "export", "done", "failed"]
-RUN_STAGES: tuple[str, ...] = ("starting", "data", "training", "export", "done", "failed")
+RunStage = Literal["starting", "data", "tuning", "training", "export", "done", "failed"]
+RUN_STAGES: tuple[str, ...] = ("starting", "data", "tuning", "training", "export", "done", "failed")
 # The status phase each stage shows (the operator writes Succeeded/Failed from the Ray job).
 STAGE_PHASE: dict[str, str] = {
     "starting": "Preprocessing",
     "data": "Preprocessing",
+    "tuning": "Tuning",
     "training": "Training",
     "export": "Exporting",
     "done": "Exporting",
@@ -190,15 +202,19 @@ class DataInfo:
     validation_tokens: int
     vocab_size: int
     reused: bool = False
+    validation_set: str = ""  # which text the validation metrics measure (the manifest says)
 
     def status(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "manifestUri": self.manifest_uri,
             "trainTokens": self.train_tokens,
             "validationTokens": self.validation_tokens,
             "vocabSize": self.vocab_size,
             "reused": self.reused,
         }
+        if self.validation_set:
+            out["validationSet"] = self.validation_set
+        return out
 
 
 @dataclass(frozen=True)
@@ -209,6 +225,119 @@ class RunFailure:
     reason: str  # a llmtrain.api.status.Reason value
     message: str
     permanent: bool
+
+
+TRIAL_STATES: tuple[str, ...] = ("pending", "running", "completed", "stopped", "failed")
+# Rows of the trial table in the snapshot (and status.tuning.trials): the best finished
+# trials plus the running ones, each capped, so status stays small at any trial count.
+TOP_TRIALS = 10
+MAX_RUNNING_ROWS = 10
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """One trial of a search: its sampled configuration (spec path → value) and how it went."""
+
+    number: int  # 1-based, in the order the searcher proposed it
+    state: str  # one of TRIAL_STATES; "stopped": early-stopped by ASHA
+    config: dict[str, float] = field(default_factory=dict)
+    metric: float | None = None  # the judged metric at its last validation
+    steps: int = 0  # optimizer steps it trained
+    message: str | None = None  # why it failed
+
+    def status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "number": self.number,
+            "state": self.state,
+            "steps": self.steps,
+            "config": {k: v if isinstance(v, int) else _round_sig(v) for k, v in self.config.items()},
+        }
+        if _finite(self.metric) is not None:
+            out["metric"] = round(float(self.metric or 0.0), 4)
+        if self.message:
+            out["message"] = self.message[:1000]
+        return out
+
+
+def _round_sig(x: float) -> float:
+    return float(f"{x:.6g}")
+
+
+@dataclass
+class TuningInfo:
+    """The search as a whole: counts, the best trial and a bounded table (:func:`summarize`)."""
+
+    search: str
+    metric: str  # valLoss | valPerplexity | valAccuracy
+    mode: str  # min | max
+    planned: int | None = None  # trials the search will run (None: not known yet)
+    completed: int = 0
+    running: int = 0
+    stopped: int = 0
+    failed: int = 0
+    best: TrialRecord | None = None
+    trials: list[TrialRecord] = field(default_factory=list)
+
+    def status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "search": self.search,
+            "metric": self.metric,
+            "mode": self.mode,
+            "completed": self.completed,
+            "running": self.running,
+            "stopped": self.stopped,
+            "failed": self.failed,
+            "trials": [t.status() for t in self.trials],
+        }
+        if self.planned is not None:
+            out["planned"] = self.planned
+        if self.best is not None:
+            out["best"] = self.best.status()
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> TuningInfo | None:
+        if raw is None:
+            return None
+        if not isinstance(raw, dict):
+            raise TypeError("tuning must be an object")
+        info = _known(cls, raw)
+        info.best = _known(TrialRecord, raw.get("best"))
+        info.trials = [_known(TrialRecord, t) for t in raw.get("trials") or []][
+            : TOP_TRIALS + MAX_RUNNING_ROWS
+        ]
+        return info
+
+
+def better(a: float, b: float, mode: str) -> bool:
+    """Whether metric ``a`` beats ``b`` under ``mode`` (min or max)."""
+    return a < b if mode == "min" else a > b
+
+
+def summarize(
+    trials: list[TrialRecord], *, search: str, metric: str, mode: str, planned: int | None
+) -> TuningInfo:
+    """All trials → counts, the best one and a table of at most TOP_TRIALS finished trials
+    (best first) plus MAX_RUNNING_ROWS running ones: the size is bounded whatever the count."""
+    counts = {s: 0 for s in TRIAL_STATES}
+    for t in trials:
+        counts[t.state] = counts.get(t.state, 0) + 1
+    scored = [t for t in trials if t.state in ("completed", "stopped") and _finite(t.metric) is not None]
+    sign = 1.0 if mode == "min" else -1.0
+    scored.sort(key=lambda t: (sign * float(t.metric or 0.0), t.number))
+    running = sorted((t for t in trials if t.state == "running"), key=lambda t: t.number)
+    return TuningInfo(
+        search=search,
+        metric=metric,
+        mode=mode,
+        planned=planned,
+        completed=counts["completed"],
+        running=counts["running"],
+        stopped=counts["stopped"],
+        failed=counts["failed"],
+        best=scored[0] if scored else None,
+        trials=scored[:TOP_TRIALS] + running[:MAX_RUNNING_ROWS],
+    )
 
 
 @dataclass
@@ -228,6 +357,7 @@ class RunSnapshot:
     export_uri: str | None = None
     failure: RunFailure | None = None
     updated: float | None = None  # unix seconds of the last change
+    tuning: TuningInfo | None = None  # the hyperparameter search, when spec.tuning is set
 
     def absorb(self, event: ProgressEvent) -> None:
         """One event from rank 0 into the snapshot."""
@@ -280,6 +410,7 @@ class RunSnapshot:
                 export_uri=_opt_str(raw.get("export_uri")),
                 failure=_known(RunFailure, raw.get("failure")),
                 updated=_opt_float(raw.get("updated")),
+                tuning=TuningInfo.from_dict(raw.get("tuning")),
             )
         except (TypeError, AttributeError) as e:
             raise ValueError(f"not a run snapshot: {e}") from None
@@ -305,6 +436,8 @@ class RunSnapshot:
             patch["data"] = self.data.status()
         if self.export_uri is not None:
             patch["exportUri"] = self.export_uri
+        if self.tuning is not None:
+            patch["tuning"] = self.tuning.status()
         return patch
 
 

@@ -153,6 +153,16 @@ class Manifest:
     def split_tokens(self, split: Split) -> int:
         return sum(s.tokens for s in self.split_shards(split))
 
+    @property
+    def validation_set(self) -> str:
+        """Which text the validation split holds, in words (manifests before validationSources
+        only had the hash split)."""
+        named = self.extra.get("validation_set")
+        if named:
+            return str(named)
+        frac = self.extra.get("validation_fraction")
+        return f"hash split: {frac:g} of sources" if isinstance(frac, int | float) else "hash split"
+
     def to_json(self) -> str:
         # sort_keys + fixed separators: byte-identical manifests for identical inputs.
         return json.dumps(asdict(self), sort_keys=True, indent=2, ensure_ascii=False) + "\n"

@@ -12,7 +12,7 @@ import re
 from enum import StrEnum
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BeforeValidator, ConfigDict, Field, WithJsonSchema
+from pydantic import BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
 from llmtrain.api.base import ApiModel, CelRule, cel, exactly_one
 
@@ -258,6 +258,18 @@ class DataSpec(ApiModel):
             ".sources",
         ),
         cel(
+            "!has(self.validationSources) || (self.validationSources.all(v, "
+            "self.validationSources.exists_one(w, w.name == v.name) && "
+            "!self.sources.exists(s, s.name == v.name)))",
+            "validation source names must be unique and differ from spec.data.sources' names",
+            ".validationSources",
+        ),
+        cel(
+            "!has(self.validationSources) || self.validationSources.all(v, !has(v.weight))",
+            "validation sources take no weight (weights mix the training data)",
+            ".validationSources",
+        ),
+        cel(
             "self == oldSelf",
             "spec.data is immutable: create a new job to train on other data",
             reason="FieldValueForbidden",
@@ -277,7 +289,15 @@ class DataSpec(ApiModel):
         0.01,
         gt=0,
         lt=0.5,
-        description="Fraction of documents held out for validation, assigned by hash(document key, seed).",
+        description="Fraction of documents held out for validation, assigned by hash(document key, seed); "
+        "not used when validationSources is set.",
+    )
+    validation_sources: list[DataSource] = Field(
+        default_factory=list,
+        max_length=8,
+        description="The validation set, from its own sources (same kinds as sources), tokenized with the "
+        "job's tokenizer and never trained on: a document also found in sources is removed from training. "
+        "Unset: the hash split of validationFraction.",
     )
     shard_max_tokens: int = Field(
         100_000_000, ge=1_000, le=4_000_000_000, description="Maximum tokens per shard file."
@@ -562,6 +582,12 @@ class ExportSpec(ApiModel):
         ExportFormat.hf_llama_safetensors,
         description="hf-llama-safetensors: LlamaForCausalLM safetensors + config + tokenizer.",
     )
+    sample_prompt: str | None = Field(
+        None,
+        max_length=4096,
+        description="Prompt of the sample `llmtrain run` prints from the export (unset: the first words "
+        "of a validation document).",
+    )
 
 
 class SecretRef(ApiModel):
@@ -756,6 +782,265 @@ class ResourcesSpec(ApiModel):
     )
 
 
+class ServeSpec(ApiModel):
+    """Serve the exported model once the job has Succeeded: ``llmtrain serve`` (an
+    OpenAI-compatible API) in a Deployment behind a Service, owned by the job."""
+
+    replicas: int = Field(1, ge=0, le=64, description="Server pods (0 keeps the Service, stops serving).")
+    resources: ComputeResources = Field(
+        default_factory=lambda: ComputeResources(cpu="2", memory="4Gi"),
+        description="Per-replica CPU/memory.",
+    )
+    gpus: int = Field(0, ge=0, le=16, description="nvidia.com/gpu per replica (0: CPU serving).")
+    node_selector: dict[str, str] | None = Field(
+        None,
+        description="Node labels the server pods require (unset: resources.nodeSelector, the training pool).",
+    )
+    tolerations: list[Toleration] | None = Field(
+        None, max_length=32, description="Tolerations of the server pods (unset: resources.tolerations)."
+    )
+    port: int = Field(8000, ge=1024, le=65_000, description="Port of the API on the pods and the Service.")
+    allowed_namespaces: dict[str, Annotated[str, Field(max_length=63)]] | None = Field(
+        None,
+        description="Labels of the namespaces whose pods may call the API ({} admits every namespace; "
+        "unset: the job's namespace only).",
+    )
+    allowed_pods: dict[str, Annotated[str, Field(max_length=63)]] | None = Field(
+        None, description="Labels of the pods that may call the API (unset: every pod of those namespaces)."
+    )
+
+
+# ------------------------------------------------------------------------- tuning
+
+# The spec paths a search space may set (camelCase, as written in the manifest), and
+# whether each is an integer field (samples are rounded). Numbers only: the CRD schema
+# needs one type per list, and the architecture beyond dropout is immutable.
+TUNABLE_PATHS: dict[str, bool] = {
+    "training.optimizer.lr": False,
+    "training.optimizer.weightDecay": False,
+    "training.optimizer.beta1": False,
+    "training.optimizer.beta2": False,
+    "training.optimizer.eps": False,
+    "training.optimizer.momentum": False,
+    "training.schedule.warmupSteps": True,
+    "training.schedule.minLr": False,
+    "training.batch.globalBatchSize": True,
+    "training.batch.microBatchSize": True,
+    "training.gradClip": False,
+    "training.seed": True,
+    "model.architecture.dropout": False,
+}
+_TUNABLE_LIST = "[" + ", ".join(f"'{p}'" for p in TUNABLE_PATHS) + "]"
+
+
+class SearchAlgorithm(StrEnum):
+    grid = "grid"
+    random = "random"
+    bayesian = "bayesian"
+
+
+class TuneMetric(StrEnum):
+    val_loss = "valLoss"
+    val_perplexity = "valPerplexity"
+    val_accuracy = "valAccuracy"
+
+
+class TuneMode(StrEnum):
+    min = "min"
+    max = "max"
+
+
+class Distribution(ApiModel):
+    """One dimension of the search space. Set exactly one of choice, uniform, logUniform.
+
+    The rules on the values live on ``tuning`` (CEL over the whole map), so the apiserver
+    and ``llmtrain validate`` both name ``spec.tuning.space``; the checks below add the key."""
+
+    choice: list[float] | None = Field(
+        None, max_length=64, description="Values to choose from (grid search runs every one)."
+    )
+    uniform: list[float] | None = Field(
+        None, min_length=2, max_length=2, description="[low, high]: uniform between them."
+    )
+    log_uniform: list[float] | None = Field(
+        None, min_length=2, max_length=2, description="[low, high], 0 < low: uniform in log space."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> Distribution:
+        given = [n for n in ("choice", "uniform", "log_uniform") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError("set exactly one of choice, uniform, logUniform")
+        if self.choice is not None and not self.choice:
+            raise ValueError("choice needs at least one value")
+        for name, bounds in (("uniform", self.uniform), ("logUniform", self.log_uniform)):
+            if bounds is not None and len(bounds) == 2:
+                low, high = bounds
+                if not low < high:
+                    raise ValueError(f"{name} is [low, high] with low < high; got [{low:g}, {high:g}]")
+                if name == "logUniform" and low <= 0:
+                    raise ValueError(f"logUniform needs low > 0 (a log scale); got {low:g}")
+        return self
+
+    @property
+    def continuous(self) -> bool:
+        return self.choice is None
+
+
+class TrialBudget(ApiModel):
+    """How long each trial trains. Set exactly one of maxSteps, maxTokens."""
+
+    cel_rules: ClassVar[tuple[CelRule, ...]] = (
+        cel(exactly_one("maxSteps", "maxTokens"), "set exactly one of maxSteps, maxTokens"),
+    )
+
+    max_steps: int | None = Field(None, ge=1, le=1_000_000_000, description="Optimizer steps per trial.")
+    max_tokens: int | None = Field(
+        None, ge=1, le=10**16, description="Training tokens per trial (rounded up to whole steps)."
+    )
+
+
+class EarlyStopping(ApiModel):
+    """ASHA (asynchronous successive halving): at each rung a trial whose metric is not in
+    the best 1/reductionFactor of the trials that reached that step is stopped."""
+
+    grace_period_steps: int = Field(
+        1, ge=1, le=1_000_000_000, description="Steps every trial trains before it may be stopped."
+    )
+    reduction_factor: int = Field(
+        3, ge=2, le=16, description="Keep the best 1/reductionFactor of the trials at each rung."
+    )
+
+
+class TuningFinal(ApiModel):
+    """What happens after the search."""
+
+    train: bool = Field(
+        True,
+        description="true: train the best configuration for spec.training.duration on all "
+        "resources.workers and export it; false: export the best trial's own checkpoint.",
+    )
+
+
+class TuningSpec(ApiModel):
+    """Hyperparameter search (Ray Tune) before the final training run: every trial trains
+    the job's model on the prepared data with one sampled configuration."""
+
+    cel_rules: ClassVar[tuple[CelRule, ...]] = (
+        cel(
+            "self.search != 'grid' || !has(self.numTrials)",
+            "numTrials is for random and bayesian search: grid search runs exactly its grid",
+            ".numTrials",
+        ),
+        cel(
+            "self.search == 'grid' || has(self.numTrials)",
+            "random and bayesian search need numTrials",
+            ".numTrials",
+        ),
+        cel(
+            "!has(self.initialRandomTrials) || self.search == 'bayesian'",
+            "initialRandomTrials is for bayesian search",
+            ".initialRandomTrials",
+        ),
+        cel(
+            "!has(self.initialRandomTrials) || !has(self.numTrials) || "
+            "self.initialRandomTrials < self.numTrials",
+            "initialRandomTrials must be less than numTrials (else the search is random)",
+            ".initialRandomTrials",
+        ),
+        cel(
+            "self.space.all(k, k.startsWith('training.') || k == 'model.architecture.dropout')",
+            "search space paths must be under training.* or be model.architecture.dropout "
+            "(data, the architecture and resources are fixed for all trials)",
+            ".space",
+        ),
+        cel(
+            f"self.space.all(k, k in {_TUNABLE_LIST})",
+            "search space paths must be one of: " + ", ".join(TUNABLE_PATHS),
+            ".space",
+        ),
+        cel(
+            "self.space.all(k, (has(self.space[k].choice) ? 1 : 0) + (has(self.space[k].uniform) ? 1 : 0)"
+            " + (has(self.space[k].logUniform) ? 1 : 0) == 1)",
+            "each search space entry sets exactly one of choice, uniform, logUniform",
+            ".space",
+        ),
+        cel(
+            "self.space.all(k, !has(self.space[k].choice) || size(self.space[k].choice) > 0)",
+            "a choice needs at least one value",
+            ".space",
+        ),
+        cel(
+            "self.space.all(k, !has(self.space[k].uniform) || size(self.space[k].uniform) != 2 || "
+            "double(self.space[k].uniform[0]) < double(self.space[k].uniform[1]))",
+            "uniform is [low, high] with low < high",
+            ".space",
+        ),
+        cel(
+            "self.space.all(k, !has(self.space[k].logUniform) || size(self.space[k].logUniform) != 2 || "
+            "(double(self.space[k].logUniform[0]) > 0.0 && "
+            "double(self.space[k].logUniform[0]) < double(self.space[k].logUniform[1])))",
+            "logUniform is [low, high] with 0 < low < high",
+            ".space",
+        ),
+        cel(
+            "self.search != 'grid' || self.space.all(k, has(self.space[k].choice))",
+            "grid search needs a choice for every path: uniform and logUniform have no grid",
+            ".space",
+        ),
+    )
+
+    search: SearchAlgorithm = Field(
+        description="grid (every combination of the choices), random, or bayesian (Optuna TPE)."
+    )
+    metric: TuneMetric = Field(
+        TuneMetric.val_loss, description="What a trial is judged by: valLoss, valPerplexity or valAccuracy."
+    )
+    mode: TuneMode | None = Field(None, description="min or max. Unset: max for valAccuracy, min otherwise.")
+    num_trials: int | None = Field(
+        None, ge=1, le=1000, description="Trials of a random or bayesian search (not for grid)."
+    )
+    initial_random_trials: int | None = Field(
+        None,
+        ge=1,
+        le=999,
+        description="Bayesian: random trials before TPE models the results (Optuna's n_startup_trials). "
+        "Unset: min(10, numTrials / 2), so a small search is not all random.",
+    )
+    max_concurrent_trials: int = Field(
+        1, ge=1, le=1024, description="Trials that run at once; × workersPerTrial ≤ resources.workers."
+    )
+    workers_per_trial: int = Field(1, ge=1, le=1024, description="Training workers of each trial.")
+    trial_budget: TrialBudget = Field(description="How long each trial trains.")
+    early_stopping: EarlyStopping | None = Field(
+        None, description="ASHA early stopping of trials (unset: every trial runs its budget)."
+    )
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of the sampler (random and bayesian).")
+    space: dict[str, Distribution] = Field(
+        min_length=1,
+        max_length=len(TUNABLE_PATHS),
+        description="Spec path → distribution, e.g. training.optimizer.lr: {logUniform: [1e-4, 3e-3]}. "
+        "Paths: " + ", ".join(TUNABLE_PATHS) + ".",
+    )
+    final: TuningFinal = Field(default_factory=TuningFinal, description="After the search.")
+
+    @field_validator("space")
+    @classmethod
+    def _known_paths(cls, space: dict[str, Distribution]) -> dict[str, Distribution]:
+        for path in space:
+            if path not in TUNABLE_PATHS:
+                raise ValueError(
+                    f"{path!r} cannot be tuned: search space paths are " + ", ".join(TUNABLE_PATHS)
+                )
+        return space
+
+    @property
+    def resolved_mode(self) -> TuneMode:
+        if self.mode is not None:
+            return self.mode
+        return TuneMode.max if self.metric == TuneMetric.val_accuracy else TuneMode.min
+
+
 # ------------------------------------------------------------------------- the job
 
 
@@ -780,6 +1065,17 @@ class LLMTrainingJobSpec(ApiModel):
             "< self.training.duration.maxTokens",
             "training.schedule.warmupSteps must be shorter than the run (maxTokens)",
             ".training.schedule.warmupSteps",
+        ),
+        cel(
+            "!has(self.serve) || has(self.export)",
+            "serve needs spec.export: the server loads the exported model",
+            ".serve",
+        ),
+        cel(
+            "!has(self.tuning) || self.tuning.maxConcurrentTrials * self.tuning.workersPerTrial "
+            "<= self.resources.workers",
+            "tuning.maxConcurrentTrials × tuning.workersPerTrial must be at most resources.workers",
+            ".tuning.maxConcurrentTrials",
         ),
     )
 
@@ -808,6 +1104,13 @@ class LLMTrainingJobSpec(ApiModel):
     )
     ttl_seconds_after_finished: int | None = Field(
         None, ge=0, description="Delete the Ray cluster this long after the job finished (the CR stays)."
+    )
+    serve: ServeSpec | None = Field(
+        None, description="Serve the exported model once the job has Succeeded (unset: no server)."
+    )
+    tuning: TuningSpec | None = Field(
+        None,
+        description="Hyperparameter search before the final training run (unset: train the spec as written).",
     )
 
     @property

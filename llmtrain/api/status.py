@@ -17,6 +17,7 @@ class Phase(StrEnum):
     Pending = "Pending"
     Provisioning = "Provisioning"
     Preprocessing = "Preprocessing"
+    Tuning = "Tuning"
     Training = "Training"
     Exporting = "Exporting"
     Succeeded = "Succeeded"
@@ -35,6 +36,7 @@ class ConditionType(StrEnum):
     Succeeded = "Succeeded"
     Failed = "Failed"
     Suspended = "Suspended"
+    Serving = "Serving"
 
 
 class Reason(StrEnum):
@@ -70,6 +72,10 @@ class Reason(StrEnum):
     # Suspended
     SuspendedByUser = "SuspendedByUser"
     Resumed = "Resumed"
+    # Serving
+    ServerReady = "ServerReady"
+    ServerStarting = "ServerStarting"
+    ServerScaledToZero = "ServerScaledToZero"
 
 
 # Documented reasons per condition type (``kubectl describe`` readers and tests use it).
@@ -112,6 +118,7 @@ CONDITION_REASONS: dict[ConditionType, tuple[Reason, ...]] = {
     ConditionType.Succeeded: (Reason.Completed,),
     ConditionType.Failed: FAILURE_REASONS,
     ConditionType.Suspended: (Reason.SuspendedByUser, Reason.Resumed),
+    ConditionType.Serving: (Reason.ServerReady, Reason.ServerStarting, Reason.ServerScaledToZero),
 }
 
 
@@ -155,6 +162,9 @@ class LatestMetrics(ApiModel):
     val_loss: float | None = Field(None, description="Validation loss at the last validation.")
     val_perplexity: float | None = Field(None, description="exp(valLoss).")
     val_accuracy: float | None = Field(None, description="Next-token accuracy at the last validation.")
+    val_bits_per_byte: float | None = Field(
+        None, description="Bits per UTF-8 byte of validation text: comparable across tokenizers."
+    )
     best_val_loss: float | None = Field(None, description="Lowest validation loss so far.")
     tokens_per_second: float | None = Field(None, description="Training throughput, all ranks.")
     mfu: float | None = Field(None, description="Model FLOPs utilisation, 0–1 (absent on CPU).")
@@ -188,6 +198,11 @@ class DataStatus(ApiModel):
     validation_tokens: int = Field(ge=0, description="Tokens in the validation split.")
     vocab_size: int = Field(ge=1, description="Tokenizer vocabulary size.")
     reused: bool = Field(False, description="Reused from an earlier run (same fingerprint).")
+    validation_set: str | None = Field(
+        None,
+        max_length=1024,
+        description="Which text the validation metrics measure (sources or hash split).",
+    )
 
 
 class RayJobStatus(ApiModel):
@@ -209,12 +224,59 @@ class RayJobStatus(ApiModel):
     )
 
 
+class ServingStatus(ApiModel):
+    """The model server of ``spec.serve`` (from its Deployment)."""
+
+    url: str = Field(max_length=1024, description="OpenAI-compatible base URL inside the cluster.")
+    model_name: str = Field(max_length=253, description="The model id clients send (the job's name).")
+    model_uri: str = Field(max_length=1024, description="The exported model it serves.")
+    replicas: int = Field(0, ge=0, description="Replicas asked for.")
+    ready_replicas: int = Field(0, ge=0, description="Replicas answering /health.")
+
+
+class TrialStatus(ApiModel):
+    """One trial of the hyperparameter search."""
+
+    number: int = Field(ge=0, description="Trial number, in the order the searcher proposed it (1-based).")
+    state: str = Field(
+        max_length=16, description="pending, running, completed, stopped (early, by ASHA) or failed."
+    )
+    steps: int = Field(0, ge=0, description="Optimizer steps it trained.")
+    metric: float | None = Field(None, description="The judged metric at its last validation.")
+    config: dict[str, float] = Field(
+        default_factory=dict, description="Its configuration: spec path → value."
+    )
+    message: str | None = Field(None, max_length=1024, description="Why it failed.")
+
+
+class TuningStatus(ApiModel):
+    """The hyperparameter search (spec.tuning): counts, the best trial and a table bounded
+    to the best finished trials plus the running ones, whatever the number of trials."""
+
+    search: str = Field(max_length=16, description="grid, random or bayesian.")
+    metric: str = Field(
+        max_length=32, description="The judged metric: valLoss, valPerplexity or valAccuracy."
+    )
+    mode: str = Field(max_length=8, description="min or max.")
+    planned: int | None = Field(None, ge=0, description="Trials the search runs.")
+    completed: int = Field(0, ge=0, description="Trials that trained their whole budget.")
+    running: int = Field(0, ge=0, description="Trials running now.")
+    stopped: int = Field(0, ge=0, description="Trials stopped early by ASHA.")
+    failed: int = Field(0, ge=0, description="Trials that failed (or whose configuration was invalid).")
+    best: TrialStatus | None = Field(None, description="The best trial so far.")
+    trials: list[TrialStatus] = Field(
+        default_factory=list,
+        max_length=20,
+        description="The best finished trials (best first), then the running ones.",
+    )
+
+
 class LLMTrainingJobStatus(ApiModel):
     """Observed state of the job."""
 
     phase: Phase = Field(
         Phase.Pending,
-        description="Pending, Provisioning, Preprocessing, Training, "
+        description="Pending, Provisioning, Preprocessing, Tuning, Training, "
         "Exporting, Succeeded, Failed or Suspended.",
     )
     conditions: list[Condition] = Field(
@@ -230,7 +292,11 @@ class LLMTrainingJobStatus(ApiModel):
     ray_job: RayJobStatus | None = Field(None, description="The current attempt's Ray job.")
     data: DataStatus | None = Field(None, description="The prepared data the run trains on.")
     export_uri: str | None = Field(None, max_length=1024, description="Where the exported model is.")
+    tuning: TuningStatus | None = Field(
+        None, description="The hyperparameter search, when spec.tuning is set."
+    )
     ray_cluster_name: str | None = Field(None, max_length=253, description="Name of the job's Ray cluster.")
     start_time: str | None = Field(None, description="When the job started (RFC 3339).")
     completion_time: str | None = Field(None, description="When the job finished (RFC 3339).")
     observed_generation: int | None = Field(None, ge=0, description="metadata.generation last reconciled.")
+    serving: ServingStatus | None = Field(None, description="The model server (spec.serve).")

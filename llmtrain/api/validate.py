@@ -108,6 +108,35 @@ def _pydantic_problems(err: ValidationError) -> list[Problem]:
     return out
 
 
+def as_applied(doc: dict[str, Any]) -> dict[str, Any]:
+    """The manifest as the apiserver stores it: nulls of non-nullable fields pruned (it does so
+    before defaulting and validating: `fsdp: null` means "unset", not "a null FsdpSpec").
+    A copy; what every loader hands to the models."""
+    if not isinstance(doc.get("spec"), dict):
+        return doc
+    return {**doc, "spec": drop_nulls(root_schema()["properties"]["spec"], copy.deepcopy(doc["spec"]))}
+
+
+def drop_nulls(schema: dict[str, Any], value: Any) -> Any:
+    """Remove, in place, the null values of object fields (none of ours is nullable), as the
+    apiserver does before defaulting."""
+    if isinstance(value, dict):
+        props = schema.get("properties")
+        extra = schema.get("additionalProperties")
+        for key in list(value):
+            sub = (
+                (props or {}).get(key) if props is not None else (extra if isinstance(extra, dict) else None)
+            )
+            if value[key] is None and sub is not None and not sub.get("nullable"):
+                del value[key]
+            elif sub is not None:
+                drop_nulls(sub, value[key])
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for item in value:
+            drop_nulls(schema["items"], item)
+    return value
+
+
 def apply_defaults(schema: dict[str, Any], value: Any) -> Any:
     """Fill schema defaults the way the apiserver does (parents first, then their children)."""
     if not isinstance(value, dict):
@@ -147,8 +176,9 @@ def _cel_problems(schema: dict[str, Any], value: Any, path: str, old: Any) -> li
             activation["oldSelf"] = celpy.json_to_cel(old)
         try:
             ok = _cel_program(rule["rule"]).evaluate(activation)
-        except celpy.CELEvalError:
-            # A value of the wrong type: already reported by the schema layer.
+        except (celpy.CELEvalError, TypeError, AttributeError):
+            # A value of the wrong type (celpy raises plain TypeErrors on some, e.g. a null
+            # list): already reported by the schema layer; the apiserver skips CEL then too.
             continue
         if ok is not True and not (isinstance(ok, celpy.celtypes.BoolType) and bool(ok)):
             where = path + rule.get("fieldPath", "")
@@ -182,13 +212,16 @@ def _unsupported_problems(spec: Any) -> list[Problem]:
 def validate_object(doc: dict[str, Any], old: dict[str, Any] | None = None) -> list[Problem]:
     """All problems of one LLMTrainingJob manifest (empty list: valid)."""
     problems: list[Problem] = []
+    spec_schema = root_schema()["properties"]["spec"]
+    doc = as_applied(doc)
+    if old is not None:
+        old = as_applied(old)
     try:
         LLMTrainingJob.model_validate(doc)
     except ValidationError as e:
         problems += _pydantic_problems(e)
     spec = doc.get("spec")
     if isinstance(spec, dict):
-        spec_schema = root_schema()["properties"]["spec"]
         new = apply_defaults(spec_schema, copy.deepcopy(spec))
         old_spec = None
         if old is not None and isinstance(old.get("spec"), dict):

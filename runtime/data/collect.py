@@ -27,6 +27,7 @@ valid UTF-8 are counted as dropped (``undecodable``), never silently mangled.
 
 from __future__ import annotations
 
+import dataclasses
 import glob as globlib
 import gzip
 import hashlib
@@ -73,13 +74,22 @@ class SourceConfig:
     data_files: tuple[str, ...] = ()
     split: str = "train"
     include_tests: bool = False
+    field_name: str = "sources"  # or validationSources: which spec list it is in
 
     @property
     def spec_path(self) -> str:
-        return f"spec.data.sources[{self.index}].{self.kind}"
+        return f"spec.data.{self.field_name}[{self.index}].{self.kind}"
+
+    @property
+    def is_validation(self) -> bool:
+        return self.field_name == "validationSources"
 
     @classmethod
-    def from_spec(cls, src: Any, index: int) -> SourceConfig:
+    def from_spec(cls, src: Any, index: int, field_name: str = "sources") -> SourceConfig:
+        return dataclasses.replace(cls._from_spec(src, index), field_name=field_name)
+
+    @classmethod
+    def _from_spec(cls, src: Any, index: int) -> SourceConfig:
         def val(x: Any) -> Any:
             return getattr(x, "value", x)
 
@@ -240,7 +250,7 @@ def plan_source(src: SourceConfig, s3: S3Options | None = None) -> list[WorkUnit
             WorkUnit(src, f"rows:{a}:{min(a + step, n)}", f"rows:{a}:{min(a + step, n)}", 0)
             for a in range(0, n, step)
         ]
-    raise SourceError(f"spec.data.sources[{src.index}]: unknown source kind {src.kind!r}")
+    raise SourceError(f"spec.data.{src.field_name}[{src.index}]: unknown source kind {src.kind!r}")
 
 
 def _load_hf(src: SourceConfig) -> Any:

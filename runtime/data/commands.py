@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(help="Prepare token shards from spec.data, and inspect them.", no_args_is_help=True)
@@ -39,10 +40,13 @@ def prepare(
     try:
         job = load_job(job_yaml)
         result = prepare_data(
-            job.spec, overwrite=overwrite, num_blocks=blocks, log=lambda m: err.print(f"[dim]{m}[/dim]")
+            job.spec,
+            overwrite=overwrite,
+            num_blocks=blocks,
+            log=lambda m: err.print(f"[dim]{escape(m)}[/dim]"),
         )
     except (PrepareError, SourceError, StorageError, TokenizerError, ValueError, OSError) as e:
-        err.print(f"[red]error:[/red] {e}")
+        err.print(f"[red]error:[/red] {escape(str(e))}")
         raise typer.Exit(1) from e
     m = result.manifest
     table = Table(
@@ -96,7 +100,7 @@ def inspect(
         tokens = read_verified_shard(store, shards[0], manifest)
         tok = Tokenizer.from_str(store.get(manifest.tokenizer.path).decode("utf-8"))
     except (StorageError, ShardFormatError, ValueError) as e:
-        err.print(f"[red]error:[/red] {e}")
+        err.print(f"[red]error:[/red] {escape(str(e))}")
         raise typer.Exit(1) from e
     console.print(
         f"{store.describe(shards[0].path)}: {shards[0].tokens:,} tokens ({manifest.dtype}), "

@@ -131,6 +131,9 @@ def _seeded_perm(n: int, *parts: int) -> torch.Tensor:
     return torch.randperm(n, generator=g)
 
 
+_TOKEN_BYTES: dict[str, list[int]] = {}  # tokenizer sha256 → bytes per id
+
+
 class ShardLoader:
     """One rank's view of a split. See the module docstring for the window stream."""
 
@@ -208,6 +211,21 @@ class ShardLoader:
     @property
     def vocab_size(self) -> int:
         return self.manifest.tokenizer.vocab_size
+
+    def token_bytes(self) -> list[int] | None:
+        """UTF-8 bytes per token id, for bits per byte (cached per tokenizer: a validation
+        loader is made at every validation); None when the data has no tokenizer file
+        (shards written by hand, as the benches do)."""
+        key = self.manifest.tokenizer.sha256
+        if key not in _TOKEN_BYTES:
+            from llmtrain.runtime.data.tokenize import token_byte_lengths
+
+            try:
+                text = self.storage.get(self.manifest.tokenizer.path).decode()
+            except StorageError:
+                return None
+            _TOKEN_BYTES[key] = token_byte_lengths(text)
+        return _TOKEN_BYTES[key]
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -80,6 +80,8 @@ class PrepareConfig:
     # For the "validation split too small" check (None: skip it).
     context_length: int | None = None
     val_windows_needed: int | None = None
+    # spec.data.validationSources: the validation set (no hash split) when not empty.
+    validation_sources: tuple[collect.SourceConfig, ...] = ()
 
     @classmethod
     def from_spec(cls, spec: LLMTrainingJobSpec, s3: S3Options | None = None) -> PrepareConfig:
@@ -99,7 +101,18 @@ class PrepareConfig:
             val_windows_needed=spec.validation.batches
             * spec.training.batch.micro_batch_size
             * spec.resources.workers,
+            validation_sources=tuple(
+                collect.SourceConfig.from_spec(s, i, "validationSources")
+                for i, s in enumerate(d.validation_sources)
+            ),
         )
+
+    @property
+    def validation_set(self) -> str:
+        """Which text the validation metrics measure, in words (summary, status, metrics)."""
+        if self.validation_sources:
+            return "validationSources: " + ", ".join(s.name for s in self.validation_sources)
+        return f"hash split: {self.validation_fraction:g} of sources"
 
 
 def fingerprint(spec: LLMTrainingJobSpec) -> str:
@@ -107,7 +120,7 @@ def fingerprint(spec: LLMTrainingJobSpec) -> str:
     and, for the pythonStdlib corpus, the interpreter version."""
     data = spec.data.model_dump(mode="json", by_alias=True, exclude={"output_uri"})
     extra: dict[str, Any] = {"pipeline": PIPELINE_VERSION}
-    if any(s.python_stdlib is not None for s in spec.data.sources):
+    if any(s.python_stdlib is not None for s in [*spec.data.sources, *spec.data.validation_sources]):
         extra["python"] = collect.python_version()
     blob = json.dumps({"data": data, **extra}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -376,10 +389,11 @@ def prepare(
         return PrepareResult(out.describe(MANIFEST_NAME), reusable, True, _summary(reusable), 0.0)
 
     # 1. collect + clean (parallel)
+    all_sources = cfg.sources + cfg.validation_sources
     units: list[collect.WorkUnit] = []
-    for src in cfg.sources:
+    for src in all_sources:
         units.extend(collect.plan_source(src, cfg.s3))
-    say(f"collect: {len(units)} files/objects from {len(cfg.sources)} sources")
+    say(f"collect: {len(units)} files/objects from {len(all_sources)} sources")
     results = parallel_map(
         lambda block: _read_clean_block(block, cfg.clean, cfg.s3),
         [u.to_dict() for u in units],
@@ -391,7 +405,7 @@ def prepare(
     dropped = dict.fromkeys(cleanmod.DROP_STEPS, 0)
     per_source_units: dict[str, list[tuple[str, str]]] = defaultdict(list)
     per_source_drops: dict[str, dict[str, int]] = {
-        s.name: dict.fromkeys(cleanmod.DROP_STEPS, 0) for s in cfg.sources
+        s.name: dict.fromkeys(cleanmod.DROP_STEPS, 0) for s in all_sources
     }
     docs: dict[str, CleanedDoc] = {}
     for _, source, ident, raw_sha, drops, unit_docs in results:
@@ -402,14 +416,20 @@ def prepare(
         for d in unit_docs:
             docs[d.key] = d
 
-    # 2. global exact dedup: smallest key wins, whatever the block layout
+    # 2a. a validation document is never trained on: its exact copies leave the training sources
+    val_names = {s.name for s in cfg.validation_sources}
+    in_validation = _remove_validation_copies(docs, val_names)
+    if in_validation:
+        say(f"{in_validation} training documents also in spec.data.validationSources: removed from training")
+
+    # 2b. global exact dedup: smallest key wins, whatever the block layout
     keep, dup = cleanmod.dedup_keep(((d.key, d.digest) for d in docs.values()), cfg.clean)
     dropped["duplicate"] = dup
     for k in [k for k in docs if k not in keep]:
         per_source_drops[docs[k].source]["duplicate"] += 1
         del docs[k]
     ordered_keys = sorted(docs)
-    for src in cfg.sources:
+    for src in all_sources:
         if not any(docs[k].source == src.name for k in ordered_keys):
             raise PrepareError(
                 f"{src.spec_path}: source {src.name!r} has no documents left after cleaning "
@@ -421,8 +441,11 @@ def prepare(
     if cfg.tokenizer.load_uri is not None:
         tok = _load_tokenizer(cfg.tokenizer, cfg.s3)
     else:
+        # Validation sources stay out of the tokenizer's training too.
         sample = tokenize.choose_sample(
-            ((k, docs[k].text) for k in ordered_keys), cfg.seed, cfg.tokenizer.sample_bytes
+            ((k, docs[k].text) for k in ordered_keys if docs[k].source not in val_names),
+            cfg.seed,
+            cfg.tokenizer.sample_bytes,
         )
         say(f"tokenizer: training BPE vocab {cfg.tokenizer.vocab_size} on {len(sample)} documents")
         tok = tokenize.train_bpe(sample, cfg.tokenizer)
@@ -449,8 +472,11 @@ def prepare(
     )
     timings["encode_s"] = time.perf_counter() - t2
 
-    # 5. split by hash(key, seed); never an empty split
-    split = {k: split_of(k, cfg.seed, cfg.validation_fraction) for k in ordered_keys}
+    # 5. split: by source when validationSources is set, else by hash(key, seed); never empty
+    if val_names:
+        split = {k: "validation" if docs[k].source in val_names else "train" for k in ordered_keys}
+    else:
+        split = {k: split_of(k, cfg.seed, cfg.validation_fraction) for k in ordered_keys}
     if len(ordered_keys) < 2:
         raise PrepareError(
             f"spec.data.sources: only {len(ordered_keys)} document after cleaning; a train and a "
@@ -486,11 +512,17 @@ def prepare(
     if cfg.context_length is not None and cfg.val_windows_needed is not None:
         have = _windows(val_tokens, cfg.shard_max_tokens, cfg.context_length)
         if have < cfg.val_windows_needed:
+            what = (
+                "spec.data.validationSources"
+                if val_names
+                else f"spec.data.validationFraction {cfg.validation_fraction}"
+            )
+            fix = "add validation data" if val_names else "raise validationFraction, add data"
             raise PrepareError(
-                f"spec.data.validationFraction {cfg.validation_fraction}: the validation split has "
+                f"{what}: the validation split has "
                 f"{val_tokens} tokens = {have} windows of contextLength {cfg.context_length} + 1, but "
                 f"spec.validation.batches × microBatchSize × workers needs {cfg.val_windows_needed}; "
-                "raise validationFraction, add data or lower spec.validation.batches"
+                f"{fix} or lower spec.validation.batches"
             )
 
     # 8. shards, tokenizer, and the manifest last
@@ -508,7 +540,7 @@ def prepare(
     total_train = sum(train_tokens_by_source.values())
     wsum = sum(weights.values()) if weights else 0.0
     sources = []
-    for src in cfg.sources:
+    for src in all_sources:
         idents = sorted(per_source_units[src.name])
         extra: dict[str, Any] = {
             "kind": src.kind,
@@ -516,8 +548,10 @@ def prepare(
             "content_sha256": hashlib.sha256("\n".join(f"{i} {h}" for i, h in idents).encode()).hexdigest(),
             "dropped": per_source_drops[src.name],
             "validation_documents": sum(1 for k in val_keys if docs[k].source == src.name),
-            "natural_train_tokens": sum(n for _, n in by_source[src.name]),
+            "natural_train_tokens": sum(n for _, n in by_source.get(src.name, [])),
         }
+        if src.is_validation:
+            extra["split"] = "validation"
         if src.kind == "pythonStdlib":
             extra["python_version"] = collect.python_version()
             extra["include_tests"] = src.include_tests
@@ -527,7 +561,7 @@ def prepare(
                 documents=sum(1 for k in ordered_keys if docs[k].source == src.name),
                 tokens=train_tokens_by_source[src.name],
                 target_fraction=(weights[src.name] / wsum) if weights else None,
-                realised_fraction=round(train_tokens_by_source[src.name] / total_train, 6),
+                realised_fraction=round(train_tokens_by_source.get(src.name, 0) / total_train, 6),
                 extra=extra,
             )
         )
@@ -550,6 +584,8 @@ def prepare(
             "documents": {"train": len(ordered_keys) - len(val_keys), "validation": len(val_keys)},
             "train_documents_after_mixture": len(train_stream),
             "validation_fraction": cfg.validation_fraction,
+            "validation_set": cfg.validation_set,
+            "removed_from_training_in_validation": in_validation,
             "shard_max_tokens": cfg.shard_max_tokens,
         },
     )
@@ -560,6 +596,18 @@ def prepare(
     stats["etags"] = {w.info.path: w.etag for w in written if w.etag}
     say(f"wrote {uri}")
     return PrepareResult(uri, manifest, False, stats, timings["total_s"])
+
+
+def _remove_validation_copies(docs: dict[str, CleanedDoc], val_names: set[str]) -> int:
+    """Drop, in place, every training document whose cleaned text is also a validation
+    document (exact dedup across the splits); how many went."""
+    if not val_names:
+        return 0
+    val_digests = {d.digest for d in docs.values() if d.source in val_names}
+    gone = [k for k, d in docs.items() if d.source not in val_names and d.digest in val_digests]
+    for k in gone:
+        del docs[k]
+    return len(gone)
 
 
 def _summary(m: Manifest) -> dict[str, Any]:

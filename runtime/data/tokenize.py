@@ -124,6 +124,32 @@ def vocab_size(tok: Any) -> int:
     return int(max(tok.get_vocab(with_added_tokens=True).values()) + 1)
 
 
+def token_byte_lengths(tokenizer_json: str) -> list[int]:
+    """UTF-8 bytes of text each id stands for (special tokens: 0): bits per byte's denominator.
+
+    Byte-level BPE (every tokenizer ``llmtrain`` trains) maps each byte to one character of
+    its alphabet, so a token's length in characters is exactly its length in bytes. Other
+    tokenizers (loaded ones) fall back to decoding each id alone, exact unless a token ends
+    inside a multi-byte character.
+    """
+    from tokenizers import Tokenizer
+
+    spec = json.loads(tokenizer_json)
+    tok = Tokenizer.from_str(tokenizer_json)
+    special = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
+    byte_level = (spec.get("decoder") or {}).get("type") == "ByteLevel"
+    out = []
+    for i in range(vocab_size(tok)):
+        piece = tok.id_to_token(i)
+        if i in special or piece is None:
+            out.append(0)
+        elif byte_level:
+            out.append(len(piece))
+        else:
+            out.append(len(tok.decode([i]).encode("utf-8")))
+    return out
+
+
 def eot_id(tok: Any, token: str) -> int:
     i = tok.token_to_id(token)
     if i is None:

@@ -590,7 +590,8 @@ class ControlPlane:
                 f"--secure-port={p['kube-controller-manager']}",
                 f"--tls-cert-file={pki.serving_crt}",
                 f"--tls-private-key-file={pki.serving_key}",
-                "--controllers=garbagecollector,namespace,job,serviceaccount,serviceaccount-token",
+                # deployment + replicaset: spec.serve's model server is a Deployment.
+                "--controllers=garbagecollector,namespace,job,serviceaccount,serviceaccount-token,deployment,replicaset",
                 "--leader-elect=false",
                 f"--service-account-private-key-file={pki.sa_key}",
                 f"--root-ca-file={pki.ca_crt}",

@@ -97,6 +97,25 @@ def test_run_end_to_end_then_resume(tmp_path: Path) -> None:
     session_logs = tmp_path / "run" / "logs" / "ray-session"  # raylet, GCS, workers' output
     assert session_logs.is_symlink() and any(session_logs.glob("raylet*")), list(session_logs.iterdir())
     assert "Ray Train" not in out and "View detailed results" not in out
+    # The loss curves, and `llmtrain report` printing the same report again from the run dir.
+    curves = tmp_path / "run" / "curves.png"
+    assert curves.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    curves.unlink()
+    report = subprocess.run(
+        [sys.executable, "-m", "llmtrain.cli", "report", str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert report.returncode == 0, report.stderr
+    assert curves.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = out[out.index("llmtrain run: tiny") :].splitlines()
+    table = table[: next(i for i, ln in enumerate(table) if str(curves) in ln) + 1]
+    assert len(table) >= 9, table
+    for line in table:  # the report's every row, the wall time and the curves' path included
+        assert line.rstrip() in report.stdout, (line, report.stdout)
 
     # The same command again: data reused, training resumes from the last checkpoint.
     proc = llmtrain_run(job, tmp_path)
@@ -131,3 +150,30 @@ def test_ctrl_c_keeps_the_newest_checkpoint_and_rerun_resumes(tmp_path: Path) ->
     again, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, again
     assert f"from the checkpoint of step {steps[-1]}" in again
+
+
+def test_a_user_error_is_one_short_block_and_debug_adds_the_traceback(tmp_path: Path) -> None:
+    job = tiny_job(tmp_path)
+    doc = yaml.safe_load(job.read_text())
+    doc["spec"]["data"]["sources"][0]["local"]["glob"] = str(tmp_path / "nothing" / "*.txt")
+    job.write_text(yaml.safe_dump(doc))
+    p = llmtrain_run(job, tmp_path)
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode != 0, out
+    assert "Traceback" not in out, out
+    assert "spec.data.sources[0].local.glob" in out and "matches no files" in out, out
+    env = {
+        **os.environ,
+        "LLMTRAIN_DEBUG": "1",
+        "COLUMNS": "200",
+        "RAY_TMPDIR": tempfile.mkdtemp(prefix="ray-"),
+    }
+    r = subprocess.run(
+        [sys.executable, "-m", "llmtrain.cli", "run", str(job), "--run-dir", str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert r.returncode != 0 and "Traceback" in r.stdout + r.stderr, r.stdout + r.stderr

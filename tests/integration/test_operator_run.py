@@ -134,7 +134,7 @@ def _sample_progress(api: Api, name: str, timeout: float) -> tuple[list[dict[str
 def test_apply_trains_exports_and_mirrors_progress(
     api: Api, run_operator: Operator, standin: RayStandIn, corpus: str, s3_server: S3Server, tmp_path: Path
 ) -> None:
-    api.create(tiny_job("tiny", corpus, s3_server.endpoint))
+    api.create(tiny_job("tiny", corpus, s3_server.endpoint, serve={"allowedPods": {"app": "chat"}}))
     samples, st = _sample_progress(api, "tiny", timeout=300)
     assert st["phase"] == "Succeeded", _why(st, run_operator)
 
@@ -186,6 +186,70 @@ def test_apply_trains_exports_and_mirrors_progress(
 
     # ---- the export loads with transformers; its greedy output equals llmtrain generate's
     _assert_export_matches_generate(s3_server, f"s3://{BUCKET}/tiny/model", tmp_path)
+
+    _assert_serving_follows_spec_serve(api)
+
+
+def _assert_serving_follows_spec_serve(api: Api) -> None:
+    """spec.serve on the Succeeded job: the model server's objects, accepted by the apiserver
+    and owned by the job, its (KWOK) pod Running and Ready; serve: null removes them."""
+    from kubernetes import client
+
+    apps, net = client.AppsV1Api(api.c.api_client), client.NetworkingV1Api(api.c.api_client)
+    try:
+        st = api.wait(
+            lambda: ((s := api.status("tiny")).get("serving") or {}).get("readyReplicas") == 1 and s,
+            "the model server ready",
+            timeout=90,
+        )
+    except BaseException:
+        deps = apps.list_namespaced_deployment(api.ns).items
+        pods = api.c.core.list_namespaced_pod(api.ns).items
+        raise AssertionError(
+            f"status: {api.status('tiny')}\nevents: {[(e.reason, e.message) for e in api.events('tiny')]}\n"
+            f"deployments: {[(d.metadata.name, d.status) for d in deps]}\n"
+            f"pods: {[(p.metadata.name, p.status.phase, p.spec.node_name) for p in pods]}"
+        ) from None
+    url = f"http://tiny-serve.{api.ns}.svc.cluster.local:8000/v1"
+    assert st["serving"] == {
+        "url": url,
+        "modelName": "tiny",
+        "modelUri": f"s3://{BUCKET}/tiny/model",
+        "replicas": 1,
+        "readyReplicas": 1,
+    }
+    serving = next(c for c in st["conditions"] if c["type"] == "Serving")
+    assert serving["status"] == "True" and serving["reason"] == "ServerReady"
+    uid = api.job("tiny")["metadata"]["uid"]
+    dep = apps.read_namespaced_deployment("tiny-serve", api.ns)
+    svc = api.c.core.read_namespaced_service("tiny-serve", api.ns)
+    np = net.read_namespaced_network_policy("tiny-serve", api.ns)
+    for obj in (dep, svc, np):
+        assert [(o.kind, o.uid) for o in obj.metadata.owner_references] == [("LLMTrainingJob", uid)]
+    assert dep.spec.template.spec.containers[0].command[:4] == [
+        "llmtrain",
+        "serve",
+        "--model",
+        f"s3://{BUCKET}/tiny/model",
+    ]
+    assert np.spec.ingress[0]._from[0].pod_selector.match_labels == {"app": "chat"}
+    (pod,) = api.c.core.list_namespaced_pod(api.ns, label_selector="llmtrain.dev/serve=tiny").items
+    assert pod.status.phase == "Running"
+    out = api.c.kubectl("get", "ltj", "tiny", "-n", api.ns, "-o", "wide").stdout
+    assert out.splitlines()[1].split()[-1] == url  # the Serving column
+
+    api.patch_spec("tiny", {"serve": None})
+    api.wait(lambda: "serving" not in api.status("tiny"), "status.serving removed", timeout=30)
+    api.wait(
+        lambda: (
+            not apps.list_namespaced_deployment(api.ns, label_selector="llmtrain.dev/serve=tiny").items
+            and not api.c.core.list_namespaced_service(api.ns, label_selector="llmtrain.dev/serve=tiny").items
+            and not net.list_namespaced_network_policy(api.ns, label_selector="llmtrain.dev/serve=tiny").items
+        ),
+        "the model server's objects deleted",
+        timeout=30,
+    )
+    assert "ServerDeleted" in [e.reason for e in api.events("tiny")]
 
 
 def _assert_export_matches_generate(s3: S3Server, model_uri: str, tmp: Path) -> None:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from llmtrain.api.validate import validate_object
-from tests.manifests import BASE, Case, invalid_cases
+from tests.manifests import BASE, Case, invalid_cases, valid_cases
 
 if TYPE_CHECKING:
     from conftest import Cluster
@@ -59,6 +59,13 @@ def _validate(case: Case) -> list[str]:
 
 def test_base_accepted_by_both(cluster: Cluster, crd_ns: str) -> None:
     r = _apply(cluster, crd_ns, BASE, dry_run=True)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("case", valid_cases(), ids=[c.id for c in valid_cases()])
+def test_both_accept(cluster: Cluster, crd_ns: str, case: Case) -> None:
+    assert validate_object(case.manifest) == []
+    r = _apply(cluster, crd_ns, case.manifest, dry_run=True)
     assert r.returncode == 0, r.stderr
 
 

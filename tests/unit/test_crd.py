@@ -169,7 +169,11 @@ def test_crd_metadata_and_printer_columns() -> None:
         "ETA",
         "Age",
         "Reason",
+        "Serving",
+        "Best Trial",
     ]
+    assert columns["Serving"] == ".status.serving.url"
+    assert columns["Best Trial"] == ".status.tuning.best.metric"
     # Selected by condition type, never "the last condition".
     assert columns["Reason"] == '.status.conditions[?(@.type=="Running")].reason'
     assert "-1" not in columns["Reason"]
@@ -178,6 +182,7 @@ def test_crd_metadata_and_printer_columns() -> None:
         "Pending",
         "Provisioning",
         "Preprocessing",
+        "Tuning",
         "Training",
         "Exporting",
         "Succeeded",

@@ -302,3 +302,94 @@ def test_load_tokenizer(corpus: Path, tmp_path: Path) -> None:
     d["outputUri"] = str(tmp_path / "c")
     with pytest.raises(ValueError, match=r"load\.endOfText"):
         prepare_data(make_spec(d))
+
+
+def test_the_default_sample_prompt_is_the_start_of_a_validation_document(
+    corpus: Path, tmp_path: Path
+) -> None:
+    from llmtrain.runtime.run import RunOptions, _sample_prompt, validation_prompt
+
+    from llmtrain.api.job import LLMTrainingJob
+
+    out = tmp_path / "out"
+    res = prepare_data(make_spec(data_spec(str(corpus / "*.txt"), out)))
+    prompt = validation_prompt(res.manifest_uri.rsplit("/", 1)[0])
+    store = LocalStorage(out)
+    (val,) = res.manifest.split_shards("validation")
+    tok = Tokenizer.from_file(str(out / TOKENIZER_NAME))
+    ids = read_verified_shard(store, val, res.manifest).tolist()
+    first = tok.decode(ids[: ids.index(res.manifest.tokenizer.eot_id)])
+    assert prompt and first.lstrip().startswith(prompt) and len(prompt.split()) == min(5, len(first.split()))
+    validation_docs = {tok.decode(d) for d in _split_docs(ids, res.manifest.tokenizer.eot_id)}
+    assert first in validation_docs and prompt != "def "
+
+    job = LLMTrainingJob.model_validate(
+        {
+            "apiVersion": "llmtrain.dev/v1alpha1",
+            "kind": "LLMTrainingJob",
+            "metadata": {"name": "p"},
+            "spec": {
+                "data": data_spec(str(corpus / "*.txt"), out),
+                "model": {"architecture": {"layers": 1, "dModel": 32, "heads": 2, "contextLength": 32}},
+                "training": {
+                    "batch": {"globalBatchSize": 2, "microBatchSize": 2},
+                    "duration": {"maxSteps": 2},
+                },
+                "export": {"uri": str(tmp_path / "m"), "samplePrompt": "Once upon"},
+            },
+        }
+    )
+    data = str(out)
+    assert _sample_prompt(job, RunOptions(sample_prompt="--prompt wins"), data, None) == "--prompt wins"
+    assert _sample_prompt(job, RunOptions(), data, None) == "Once upon"  # spec.export.samplePrompt
+    job.spec.export.sample_prompt = None  # type: ignore[union-attr]
+    assert _sample_prompt(job, RunOptions(), data, None) == prompt
+
+
+def _split_docs(ids: list[int], eot: int) -> list[list[int]]:
+    docs, cur = [], []
+    for i in ids:
+        if i == eot:
+            docs.append(cur)
+            cur = []
+        else:
+            cur.append(i)
+    return docs
+
+
+def test_validation_sources_are_the_validation_set_and_never_trained_on(corpus: Path, tmp_path: Path) -> None:
+    held = stdlib_sample(40)[30:36]  # six documents the training corpus does not have
+    shared = DOCS[:2]  # two that it does: removed from training, kept for validation
+    write_docs(tmp_path / "held", held + shared)
+    d = data_spec(str(corpus / "*.txt"), tmp_path / "out")
+    d["validationSources"] = [
+        {"name": "held", "local": {"glob": str(tmp_path / "held" / "*.txt"), "textUnit": "file"}}
+    ]
+    res = prepare_data(make_spec(d))
+    _, m = decode_all(tmp_path / "out")
+    store = LocalStorage(tmp_path / "out")
+    tok = Tokenizer.from_file(str(tmp_path / "out" / TOKENIZER_NAME))
+    (val_shard,) = m.split_shards("validation")
+    val_docs = {
+        tok.decode(x)
+        for x in _split_docs(read_verified_shard(store, val_shard, m).tolist(), m.tokenizer.eot_id)
+    }
+    train_docs = [
+        tok.decode(x)
+        for info in m.split_shards("train")
+        for x in _split_docs(read_verified_shard(store, info, m).tolist(), m.tokenizer.eot_id)
+    ]
+    assert val_docs == set(held + shared)  # exactly the validation sources, no hash split
+    assert not val_docs & set(train_docs)  # checked on the shard contents
+    assert set(train_docs) == set(DOCS) - set(shared)  # every other training document kept
+    assert m.extra["removed_from_training_in_validation"] == 2
+    assert m.extra["validation_set"] == "validationSources: held"
+    (held_stats,) = [s for s in m.sources if s.name == "held"]
+    assert held_stats.extra["split"] == "validation" and held_stats.tokens == 0
+    assert res.stats["validation_tokens"] == val_shard.tokens
+
+    d["validationSources"][0]["local"]["glob"] = str(tmp_path / "none" / "*.txt")
+    with pytest.raises(
+        SourceError, match=r"spec\.data\.validationSources\[0\]\.local\.glob: .* matches no files"
+    ):
+        prepare_data(make_spec({**d, "outputUri": str(tmp_path / "out2")}))

@@ -141,8 +141,8 @@ def test_delete_of_a_newer_incarnation_is_not_ours(server: Recorder) -> None:
     server.replies[("GET", path)] = (500, {"kind": "Status", "message": "etcd is down"})
     with pytest.raises(ApiError, match="HTTP 500: etcd is down"):
         api.get("Pod", "ns1", "p")
-    with pytest.raises(ValueError, match="unsupported kind 'Deployment'"):
-        api.get("Deployment", "ns1", "p")
+    with pytest.raises(ValueError, match="unsupported kind 'CronJob'"):
+        api.get("CronJob", "ns1", "p")
 
 
 def test_scheduler_events_are_filtered_by_the_server_and_sorted(server: Recorder) -> None:

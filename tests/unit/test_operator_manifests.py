@@ -338,6 +338,29 @@ def test_metrics_port() -> None:
     assert off["ports"] == [{"protocol": "TCP", "port": 8080}]
 
 
+def test_prometheus_scrape_annotations_name_each_pods_metrics_port() -> None:
+    """OperatorSettings.prometheus_scrape_annotations (Helm: jobMetrics.scrapeAnnotations):
+    the worker's training port, the head's Ray port; the job's own podAnnotations win."""
+    assert all(
+        "prometheus.io/scrape" not in (p["metadata"].get("annotations") or {}) for p in all_pods(job())
+    )
+    on = m.OperatorSettings(prometheus_scrape_annotations=True)
+    j = job(metrics={"port": 9500}, resources={"workers": 2, "podAnnotations": {"prometheus.io/path": "/m"}})
+    head, *workers = m.pods(j, on)
+    for p, port in ((head, m.PORT_METRICS), *((w, 9500) for w in workers)):
+        ann = p["metadata"]["annotations"]
+        assert ann == {
+            "prometheus.io/scrape": "true",
+            "prometheus.io/port": str(port),
+            "prometheus.io/path": "/m",
+        }
+        declared = {cp["containerPort"] for c in p["spec"]["containers"] for cp in c.get("ports", [])}
+        assert port in declared  # the annotated port is one the pod serves
+    # Without training metrics a worker points at Ray's port.
+    (_, w) = m.pods(job(metrics={"enabled": False}, resources={"workers": 1}), on)
+    assert w["metadata"]["annotations"]["prometheus.io/port"] == str(m.PORT_METRICS)
+
+
 def test_parse_quantity() -> None:
     assert m.parse_quantity("500m") == m.parse_quantity("0.5")
     assert m.parse_quantity("16Gi") == 16 * 2**30

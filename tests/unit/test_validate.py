@@ -145,6 +145,18 @@ def test_cli_reports_every_problem_with_path(tmp_path: Path) -> None:
     assert paths == {"spec.model.architecture.kvHeads", "spec.training.optimizer.type"}
 
 
+def test_cli_prints_text_that_looks_like_markup_intact(tmp_path: Path) -> None:
+    # rich once ate "[a-z0-9]" as a markup tag and printed the name pattern as '^(*)?$'.
+    doc = base()
+    doc["metadata"]["name"] = "Bad_[red]Name"
+    f = tmp_path / "[bold]bad.yaml"
+    f.write_text(yaml.safe_dump(doc))
+    result = runner.invoke(app, ["validate", str(f)])
+    assert result.exit_code == 1
+    assert r"'^[a-z0-9]([a-z0-9\-]*[a-z0-9])?$'" in result.output, result.output
+    assert f"✗ {f}: Bad_[red]Name: 1 problem" in result.output
+
+
 def test_cli_prints_one_line_per_result_however_long_the_path(tmp_path: Path) -> None:
     # CI clones into deeper folders than a laptop; rich wraps piped output at
     # 80 columns, which once split "is valid" across two lines.
@@ -185,3 +197,17 @@ def test_cli_yaml_error_and_no_job(tmp_path: Path) -> None:
     g.write_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n")
     result = runner.invoke(app, ["validate", str(g)])
     assert result.exit_code == 1 and "no LLMTrainingJob" in result.output
+
+
+def test_null_means_unset_as_on_the_apiserver(tmp_path: Path) -> None:
+    from llmtrain.api.job import load_job
+    from tests.manifests import valid_cases
+
+    for case in valid_cases():
+        assert validate_object(case.manifest) == [], case.id
+        f = tmp_path / "job.yaml"
+        f.write_text(yaml.safe_dump(case.manifest))
+        load_job(f)  # what `llmtrain run` and the driver read: accepted the same way
+    doc = base()
+    doc["spec"]["data"]["sources"] = None  # required: pruned, then missing (no CEL crash)
+    assert [p.path for p in validate_object(doc)] == ["spec.data.sources"]

@@ -94,10 +94,18 @@ handlers and Kopf's own needs, and the cluster test runs the operator on these r
 - apiGroups: [""]
   resources: ["configmaps"]
   verbs: ["patch"]
-# The per-job NetworkPolicy.
+# The per-job NetworkPolicies (the Ray cluster's; spec.serve's model server's, patched when
+# spec.serve changes).
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
-  verbs: ["get", "create", "delete"]
+  verbs: ["get", "create", "delete", "patch"]
+# spec.serve: the model server's Deployment (and its Service, above), kept to the spec.
+- apiGroups: ["apps"]
+  resources: ["deployments"]
+  verbs: ["get", "create", "delete", "patch"]
+- apiGroups: [""]
+  resources: ["services"]
+  verbs: ["patch"]
 # The controller posts Events on jobs; the diagnosis lists the scheduler's FailedScheduling.
 - apiGroups: [""]
   resources: ["events"]

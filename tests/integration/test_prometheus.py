@@ -1,0 +1,545 @@
+"""Every panel of the Grafana dashboard, queried against a real Prometheus with real data.
+
+Debian's ``prometheus`` 2.42 (fetched with ``apt-get download`` and unpacked with
+``dpkg-deb``, cached in ~/.cache/llmtrain, like tests/data/janeausten.py) runs on 127.0.0.1
+with a generated config that scrapes, every second:
+
+* a live training run's ``/metrics``: ``train()`` on the tiny model with the synthetic
+  loader, whose batches take a few milliseconds to arrive (so data wait is measured, not 0),
+  labelled with the namespace and name of job A below;
+* ``llmtrain serve`` (test_serve.py's tiny exported model) answering completion requests
+  that arrive a few a second;
+* the operator's ``/metrics``: ``llmtrain operator`` reconciling two jobs on the test
+  control plane. Job A gets its head and worker pods Running (KWOK), which observes the
+  provisioning histogram; a ResourceQuota of two pods makes the apiserver refuse job B's
+  pods, which counts real reconcile errors.
+
+Then every query of the generated dashboard (the JSON the chart ships), with Grafana's
+variables substituted as Grafana would, goes to Prometheus' HTTP API: each must return at
+least one series with a finite value, except the panels on ``MAY_BE_EMPTY_ON_CPU`` (MFU),
+which must still parse. A misspelt metric and a broken expression are reported (negative
+controls). Nothing is fabricated: no series is pushed or recorded by the test itself.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))
+
+from tests.integration.test_serve import Served, exported, http_request, served  # noqa: E402, F401
+from tests.manifests import gpu_job  # noqa: E402
+from tests.unit.test_export import tokenizer  # noqa: E402, F401
+
+Cluster = Any  # conftest.Cluster (tests/integration is not a package)
+
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
+
+GROUP, VERSION, PLURAL = "llmtrain.dev", "v1alpha1", "llmtrainingjobs"
+PROMETHEUS_VERSION = "2.42"
+SCRAPE_SECONDS = 1
+# Grafana's $__rate_interval: max($__interval + scrape interval, 4 × scrape interval).
+RATE_INTERVAL = f"{4 * SCRAPE_SECONDS}s"
+STEP_SECONDS = 1
+
+
+# ------------------------------------------------------------------------------ prometheus
+
+
+def prometheus_binary() -> Path:
+    """Debian's prometheus binary, fetched once into ~/.cache/llmtrain (no install, no root)."""
+    cache = Path(
+        os.environ.get("LLMTRAIN_PROMETHEUS_CACHE", Path.home() / ".cache" / "llmtrain" / "prometheus")
+    )
+    binary = cache / "usr" / "bin" / "prometheus"
+    if binary.exists():
+        return binary
+    if not (shutil.which("apt-get") and shutil.which("dpkg-deb")):
+        pytest.skip("prometheus is not cached and apt-get/dpkg-deb are missing to fetch Debian's")
+    with tempfile.TemporaryDirectory() as tmp:
+        for attempt in (1, 2):
+            r = subprocess.run(["apt-get", "download", "prometheus"], cwd=tmp, capture_output=True, text=True)
+            debs = list(Path(tmp).glob("prometheus_*.deb"))
+            if debs:
+                break
+            if attempt == 1:  # a fresh machine has no package lists yet
+                subprocess.run(["apt-get", "update", "-qq"], capture_output=True, check=False)
+        else:
+            pytest.fail(f"`apt-get download prometheus` failed: {r.stderr.strip()[-500:]}")
+        part = cache.with_name(cache.name + ".part")
+        shutil.rmtree(part, ignore_errors=True)
+        subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(part)], check=True)
+        shutil.rmtree(cache, ignore_errors=True)
+        part.replace(cache)
+    return binary
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _get(url: str, timeout: float = 5) -> Any:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return json.loads(r.read().decode())
+
+
+class Prometheus:
+    def __init__(self, binary: Path, workdir: Path, targets: dict[str, tuple[str, bool]]) -> None:
+        """``targets``: scrape job name → (host:port, honor_labels)."""
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.workdir = workdir
+        config = {
+            "global": {"scrape_interval": f"{SCRAPE_SECONDS}s", "scrape_timeout": f"{SCRAPE_SECONDS}s"},
+            "scrape_configs": [
+                # honor_labels as the chart's PodMonitor and ServiceMonitor set it: the training
+                # series' own `job` and `namespace` labels must survive the scrape.
+                {"job_name": name, "honor_labels": honor, "static_configs": [{"targets": [target]}]}
+                for name, (target, honor) in targets.items()
+            ],
+        }
+        (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
+        self.log = workdir / "prometheus.log"
+        self.proc = subprocess.Popen(
+            [
+                str(binary),
+                f"--config.file={workdir / 'prometheus.yml'}",
+                f"--storage.tsdb.path={workdir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+                "--log.level=warn",
+            ],
+            stdout=self.log.open("wb"),
+            stderr=subprocess.STDOUT,
+            cwd=workdir,
+        )
+
+    def ready(self) -> bool:
+        assert self.proc.poll() is None, self.log.read_text()[-3000:]
+        try:
+            with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as r:
+                return bool(r.status == 200)
+        except OSError:
+            return False
+
+    def query_range(self, expr: str, start: float, end: float) -> dict[str, Any]:
+        params = urllib.parse.urlencode({"query": expr, "start": start, "end": end, "step": STEP_SECONDS})
+        try:
+            out: dict[str, Any] = _get(f"{self.url}/api/v1/query_range?{params}")
+        except urllib.error.HTTPError as e:  # a bad query is a 400 with the parser's message
+            out = json.loads(e.read().decode())
+        return out
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+
+def grafana_expr(expr: str, variables: dict[str, str], range_seconds: int) -> str:
+    """``expr`` as Grafana sends it: its built-in interval variables and the dashboard's."""
+    subs = {
+        "$__rate_interval": RATE_INTERVAL,
+        "$__interval": f"{STEP_SECONDS}s",
+        "$__range": f"{range_seconds}s",
+        **{f"${k}": v for k, v in variables.items()},
+    }
+    for key in sorted(subs, key=len, reverse=True):  # $__rate_interval before $__range
+        expr = expr.replace(key, subs[key])
+    assert "$" not in expr, f"an unsubstituted variable in {expr}"
+    return expr
+
+
+@dataclass
+class Answer:
+    title: str
+    expr: str
+    series: int = 0
+    finite: int = 0  # samples that are numbers (histogram_quantile of nothing is NaN)
+    error: str | None = None
+
+
+def ask(
+    prom: Prometheus, queries: list[tuple[str, str]], variables: dict[str, str], start: float, end: float
+) -> list[Answer]:
+    out = []
+    range_seconds = math.ceil(end - start)
+    for title, raw in queries:
+        expr = grafana_expr(raw, variables, range_seconds)
+        r = prom.query_range(expr, start, end)
+        a = Answer(title, expr)
+        if r.get("status") != "success":
+            a.error = f"{r.get('errorType')}: {r.get('error')}"
+        else:
+            result = r["data"]["result"]
+            a.series = len(result)
+            a.finite = sum(1 for s in result for _, v in s["values"] if math.isfinite(float(v)))
+        out.append(a)
+    return out
+
+
+def answer_problems(answers: list[Answer], may_be_empty: frozenset[str]) -> list[str]:
+    problems = []
+    for a in answers:
+        if a.error is not None:
+            problems.append(f"{a.title}: {a.expr}: {a.error}")
+        elif a.title not in may_be_empty and (a.series == 0 or a.finite == 0):
+            problems.append(f"{a.title}: {a.expr}: {a.series} series, {a.finite} finite samples")
+    return problems
+
+
+# ------------------------------------------------------------------------- the live sources
+
+
+class SlowLoader:
+    """The synthetic loader with batches that take a few ms to arrive, as from storage."""
+
+    def __init__(self, delay: float, **kw: Any) -> None:
+        from llmtrain.runtime.synthetic import SyntheticLoader
+
+        self.inner = SyntheticLoader(**kw, vocab_size=60, windows=32)
+        self.delay = delay
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in self.inner:
+            time.sleep(self.delay)
+            yield batch
+
+
+@dataclass
+class TrainingRun:
+    port: int
+    namespace: str
+    job: str
+    thread: threading.Thread | None = None
+    error: list[BaseException] = field(default_factory=list)
+
+    def start(self) -> None:
+        from llmtrain.runtime.synthetic import tiny_spec_dict
+        from llmtrain.runtime.train import RunContext, train
+
+        from llmtrain.api.config import runtime_config_from_spec
+        from llmtrain.api.spec import LLMTrainingJobSpec
+
+        spec = tiny_spec_dict(
+            **{
+                "metrics.enabled": True,
+                "metrics.port": self.port,
+                "training.duration.maxSteps": 160,
+                "training.logEverySteps": 4,
+                "validation.everySteps": 30,
+            }
+        )
+        cfg = runtime_config_from_spec(LLMTrainingJobSpec.model_validate(spec), vocab_size=60)
+        ctx = RunContext(metrics_addr="127.0.0.1", namespace=self.namespace, job=self.job)
+        make_loader = functools.partial(SlowLoader, 0.02)
+
+        def main() -> None:
+            try:
+                train(cfg, make_loader, ctx=ctx)
+            except BaseException as e:  # reported by the test
+                self.error.append(e)
+
+        self.thread = threading.Thread(target=main, name="training-run", daemon=True)
+        self.thread.start()
+
+    def join(self, timeout: float) -> None:
+        assert self.thread is not None
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the training run did not finish"
+        assert not self.error, repr(self.error[0])
+
+
+class OperatorProcess:
+    def __init__(self, cluster: Cluster, namespace: str, tmp: Path) -> None:
+        self.cluster, self.namespace, self.tmp = cluster, namespace, tmp
+        self.metrics_port = _free_port()
+        self.log_path = tmp / "operator.log"
+        self.live_port = live = _free_port()
+        args = [sys.executable, "-m", "llmtrain.operator", "--namespace", namespace, "--interval", "0.5"]
+        args += ["--liveness-port", str(live), "--metrics-port", str(self.metrics_port)]
+        args += ["--bind-address", "127.0.0.1", "--kubeconfig", str(cluster.kubeconfig), "--standalone"]
+        # The jobs' Ray heads: a closed port on 127.0.0.1 (no Ray here; never a pod IP).
+        args += ["--ray-head-host", "127.0.0.1", "--ray-dashboard-port", str(_free_port())]
+        # Not from the repository root: its operator/ folder would shadow the stdlib's.
+        self.proc: subprocess.Popen[bytes] | None = subprocess.Popen(
+            args, stdout=self.log_path.open("wb"), stderr=subprocess.STDOUT, env=cluster.env, cwd=tmp
+        )
+
+        def alive() -> bool:
+            assert self.proc is not None and self.proc.poll() is None, self.log()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{live}/healthz", timeout=1) as r:
+                    return bool(r.status == 200)
+            except OSError:
+                return False
+
+        cluster.wait_for(alive, timeout=60, what="operator liveness endpoint")
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2) as r:
+            return str(r.read().decode())
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self.proc = None
+
+
+def _apply_crds(cluster: Cluster) -> None:
+    from llmtrain.api.crd import crd_yaml
+
+    r = cluster.kubectl(
+        "apply", "--server-side", "--force-conflicts", "-f", "-", input=crd_yaml(), check=False
+    )
+    assert r.returncode == 0, r.stderr
+
+    def established() -> bool:
+        crd = cluster.apiext.read_custom_resource_definition("llmtrainingjobs.llmtrain.dev")
+        return any(c.type == "Established" and c.status == "True" for c in crd.status.conditions or [])
+
+    cluster.wait_for(established, timeout=30, what="the LLMTrainingJob CRD Established")
+
+
+def _metric_value(text: str, name: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+# ------------------------------------------------------------------------------- the tests
+
+
+@dataclass
+class Scraped:
+    prom: Prometheus
+    start: float
+    end: float
+    variables: dict[str, str]
+    operator: OperatorProcess
+
+
+class Clients:
+    """Completion requests to `llmtrain serve`, a few a second, until stopped."""
+
+    def __init__(self, server: Served) -> None:
+        self.served = server
+        self.stop = threading.Event()
+        self.answered = 0
+        self.thread = threading.Thread(target=self._loop, name="serve-clients", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        body = json.dumps({"model": self.served.model, "prompt": "ACEG", "max_tokens": 8}).encode()
+        while not self.stop.wait(0.25):
+            status, _ = http_request(self.served.port, "POST", "/v1/completions", body)
+            assert status == 200
+            self.answered += 1
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def scraped(cluster: Cluster, served: Served, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scraped]:  # noqa: F811
+    binary = prometheus_binary()
+    version = subprocess.run([str(binary), "--version"], capture_output=True, text=True).stdout
+    assert f"version {PROMETHEUS_VERSION}." in version, version
+    tmp = tmp_path_factory.mktemp("prometheus")
+    _apply_crds(cluster)
+    ns = f"t-prom-{uuid.uuid4().hex[:6]}"
+    cluster.core.create_namespace({"metadata": {"name": ns, "labels": {"llmtrain.dev/test": "true"}}})
+    # Two pods in the namespace at most: job A's head and worker fit, job B's are refused by
+    # the apiserver's ResourceQuota admission (no quota controller runs here, so the test
+    # writes the quota's status; admission keeps `used` up to date itself).
+    quota = {
+        "apiVersion": "v1",
+        "kind": "ResourceQuota",
+        "metadata": {"name": "two-pods", "namespace": ns},
+        "spec": {"hard": {"pods": "2"}},
+    }
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(quota))
+    cluster.kubectl(
+        "patch",
+        "resourcequota",
+        "two-pods",
+        "-n",
+        ns,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        json.dumps({"status": {"hard": {"pods": "2"}, "used": {"pods": "0"}}}),
+    )
+    operator = OperatorProcess(cluster, ns, tmp)
+    run = TrainingRun(port=_free_port(), namespace=ns, job="prom-a")
+    prom = Prometheus(
+        binary,
+        tmp,
+        {
+            "llmtrain-operator": (f"127.0.0.1:{operator.metrics_port}", True),
+            "llmtrain-train": (f"127.0.0.1:{run.port}", True),
+            "llmtrain-serve": (f"127.0.0.1:{served.port}", False),
+        },
+    )
+    clients: Clients | None = None
+    try:
+        cluster.wait_for(prom.ready, timeout=30, what="Prometheus ready")
+        start = time.time()
+
+        def operator_scraped() -> bool:
+            up = _get(
+                f"{prom.url}/api/v1/query?query=" + urllib.parse.quote('up{job="llmtrain-operator"} == 1')
+            )
+            return bool(up["data"]["result"])
+
+        # The operator's histograms are seen at zero before anything happens, so their
+        # increase over the range is the test's own activity.
+        cluster.wait_for(operator_scraped, timeout=30, what="a first scrape of the operator")
+        run.start()
+        clients = Clients(served)
+        cluster.custom.create_namespaced_custom_object(
+            GROUP, VERSION, ns, PLURAL, gpu_job("prom-a", resources={"workers": 1})
+        )
+        try:
+            cluster.wait_for(
+                lambda: (
+                    _metric_value(operator.metrics(), "llmtrain_operator_provisioning_duration_seconds_count")
+                    >= 1
+                ),
+                timeout=60,
+                what="job A's pods all Running",
+            )
+        except pytest.fail.Exception as e:
+            pytest.fail(f"{e}\noperator log:\n{operator.log()}")
+        cluster.custom.create_namespaced_custom_object(
+            GROUP, VERSION, ns, PLURAL, gpu_job("prom-b", resources={"workers": 1})
+        )
+        cluster.wait_for(
+            lambda: _metric_value(operator.metrics(), "llmtrain_operator_reconcile_errors_total") >= 3,
+            timeout=60,
+            what="reconcile errors from job B's refused pods",
+        )
+        run.join(timeout=120)
+        clients.close()
+        assert clients.answered >= 5, clients.answered
+        time.sleep(2 * SCRAPE_SECONDS)  # the operator's newest counts reach Prometheus
+        errors = [
+            line
+            for line in operator.metrics().splitlines()
+            if line.startswith("llmtrain_operator_reconcile_errors_total{")
+        ]
+        print(f"\nthe operator's reconcile errors: {errors}")
+        yield Scraped(prom, start, time.time(), {"namespace": ns, "job": "prom-a"}, operator)
+    finally:
+        if clients is not None:
+            clients.close()
+        prom.stop()
+        cluster.kubectl("delete", PLURAL, "--all", "-n", ns, "--wait=true", "--timeout=60s", check=False)
+        operator.stop()
+        cluster.kubectl("delete", "namespace", ns, "--wait=false", "--ignore-not-found", check=False)
+
+
+def test_every_dashboard_query_returns_data_from_a_real_prometheus(scraped: Scraped) -> None:
+    from llmtrain.dashboard import MAY_BE_EMPTY_ON_CPU, panel_queries
+
+    shipped = json.loads((ROOT / "charts" / "llmtrain" / "dashboards" / "llmtrain.json").read_text())
+    queries = panel_queries(shipped)
+    assert len(queries) >= 15
+    answers = ask(scraped.prom, queries, scraped.variables, scraped.start, scraped.end)
+    report = "\n".join(f"  {a.series:3d} series {a.finite:5d} finite  {a.title}: {a.expr}" for a in answers)
+    print(f"\nPrometheus {PROMETHEUS_VERSION}, {scraped.end - scraped.start:.0f} s of data:\n{report}")
+    assert answer_problems(answers, MAY_BE_EMPTY_ON_CPU) == [], report
+    # The allowlisted panels parsed; on CPU MFU really has no series (unknown, not guessed).
+    assert all(a.series == 0 for a in answers if a.title in MAY_BE_EMPTY_ON_CPU)
+    # The training series kept their own job/namespace labels through the scrape.
+    by_title = {a.title: a for a in answers}
+    assert by_title["Loss"].series == 1 and by_title["Data wait"].series == 1
+
+
+def test_a_misspelt_metric_or_broken_query_fails(scraped: Scraped) -> None:
+    """Negative control: the check above reports a panel with a misspelt metric (no series)
+    and one Prometheus cannot parse."""
+    planted = [
+        ("Loss", 'max by (namespace, job) (llmtrain_train_los{namespace=~"$namespace", job=~"$job"})'),
+        (
+            "Step time",
+            "histogram_quantile(0.5, sum by (le) (rate(llmtrain_train_step_seconds_bucket[$__rate_interval]))",
+        ),
+        ("MFU", "avg by (namespace job) (llmtrain_train_mfu_ratio)"),
+    ]
+    answers = ask(scraped.prom, planted, scraped.variables, scraped.start, scraped.end)
+    problems = answer_problems(answers, frozenset({"MFU"}))
+    assert len(problems) == 3, problems
+    assert "0 series" in problems[0]
+    assert "bad_data" in problems[1] and "bad_data" in problems[2]
+
+
+def test_the_helm_test_hook_passes_against_a_live_operator(scraped: Scraped) -> None:
+    """The chart's `helm test` Pod runs its script in the operator image; here the same
+    script runs against the live operator above (its URLs pointed at 127.0.0.1), and fails
+    against a port where nothing answers (negative control)."""
+    from tests.unit.test_helm_chart import of_kind, render
+
+    (pod,) = of_kind(render(), "Pod")
+    command = pod["spec"]["containers"][0]["command"]
+    assert command[:2] == ["python", "-c"]
+    op = scraped.operator
+    env = {
+        **os.environ,
+        "HEALTHZ_URL": f"http://127.0.0.1:{op.live_port}/healthz",
+        "METRICS_URL": f"http://127.0.0.1:{op.metrics_port}/metrics",
+    }
+    r = subprocess.run(
+        [sys.executable, "-c", command[2]], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "operator /healthz and /metrics OK" in r.stdout
+    # /metrics of something that is not the operator (Prometheus' own) fails the check.
+    env["METRICS_URL"] = f"{scraped.prom.url}/metrics"
+    r = subprocess.run(
+        [sys.executable, "-c", command[2]], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode != 0 and "without llmtrain_operator_jobs" in r.stderr, r.stdout + r.stderr

@@ -1,0 +1,208 @@
+"""spec.serve: the model server the operator makes for a Succeeded job (reconcile step 2b)
+and its manifests (pure functions). On the real apiserver: tests/integration/test_operator_serve.py."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from llmtrain.operator import manifests as m
+from pydantic import ValidationError
+
+from llmtrain.api.job import LLMTrainingJob
+from llmtrain.api.progress import RESULT_PREFIX
+from llmtrain.api.status import ConditionType, Phase
+from llmtrain.api.validate import validate_object
+from tests.unit.test_operator_fakes import job_body
+from tests.unit.test_operator_reconcile import Harness
+from tests.unit.test_operator_run import running, snapshot
+
+MODEL = "s3://b/model"
+SERVE_KINDS = ("Deployment", "Service", "NetworkPolicy")
+
+
+def succeeded(**serve: Any) -> Harness:
+    """A job that trained, exported to MODEL and Succeeded, with spec.serve."""
+    h = running(
+        export={"uri": MODEL},
+        serve=serve,
+        storage={"endpoint": "http://s3.example:9000", "secretRef": {"name": "s3-creds"}},
+    )
+    h.tick(1)
+    final = snapshot(10, stage="done", export_uri=MODEL)
+    h.ray.end("demo-1", "SUCCEEDED", RESULT_PREFIX + final.to_json() + "\n")
+    h.tick(5)
+    assert h.status["phase"] == Phase.Succeeded
+    return h
+
+
+def server(h: Harness, kind: str) -> dict[str, Any]:
+    return h.api.objects[(kind, "ns1", "demo-serve")]
+
+
+def test_a_succeeded_job_gets_its_server_owned_by_it_and_serving_status() -> None:
+    h = succeeded(replicas=2)
+    h.tick(1)
+    for kind in SERVE_KINDS:
+        (ref,) = server(h, kind)["metadata"]["ownerReferences"]
+        assert ref["kind"] == "LLMTrainingJob" and ref["controller"] is True
+    (c,) = server(h, "Deployment")["spec"]["template"]["spec"]["containers"]
+    assert c["command"][:4] == ["llmtrain", "serve", "--model", MODEL]
+    assert c["command"][-2:] == ["--served-model-name", "demo"]
+    env = {e["name"]: e for e in c["env"]}
+    assert env["AWS_ENDPOINT_URL"]["value"] == "http://s3.example:9000"
+    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == "s3-creds"
+    assert "RAY_AUTH_TOKEN" not in env  # a server is no Ray node
+    url = "http://demo-serve.ns1.svc.cluster.local:8000/v1"
+    assert h.status["serving"] == {
+        "url": url,
+        "modelName": "demo",
+        "modelUri": MODEL,
+        "replicas": 2,
+        "readyReplicas": 0,
+    }
+    assert h.cond(ConditionType.Serving)["reason"] == "ServerStarting"
+    assert "ServerCreated" in h.event_reasons()
+
+    server(h, "Deployment")["status"] = {"readyReplicas": 1}  # what the Deployment controller writes
+    out = h.tick(5)
+    assert h.status["serving"]["readyReplicas"] == 1
+    serving = h.cond(ConditionType.Serving)
+    assert serving["status"] == "True" and serving["message"] == f"1 of 2 replicas ready at {url}"
+    assert [e.reason for e in out.events] == ["ServerReady"]
+    h.api.calls.clear()
+    h.tick(5)  # steady: one GET (readiness), nothing made or patched
+    assert h.api.calls == [("get", "Deployment", "demo-serve")]
+
+
+def test_editing_spec_serve_patches_the_server_and_unsetting_it_removes_it() -> None:
+    h = succeeded()
+    h.tick(1)
+    h.body["spec"]["serve"] = {"replicas": 3, "port": 9000}
+    h.tick(1)
+    assert server(h, "Deployment")["spec"]["replicas"] == 3
+    assert server(h, "Service")["spec"]["ports"][0]["port"] == 9000
+    assert server(h, "NetworkPolicy")["spec"]["ingress"][0]["ports"] == [{"protocol": "TCP", "port": 9000}]
+    assert h.event_reasons().count("ServerUpdated") == 3
+    assert h.status["serving"]["url"].endswith(":9000/v1") and h.status["serving"]["replicas"] == 3
+
+    h.body["spec"].pop("serve")
+    h.tick(1)
+    assert not any((k, "ns1", "demo-serve") in h.api.objects for k in SERVE_KINDS)
+    assert "serving" not in h.status
+    assert "Serving" not in [c["type"] for c in h.status["conditions"]]
+    assert "ServerDeleted" in h.event_reasons()
+    h.api.calls.clear()
+    h.tick(5)
+    assert h.api.calls == []  # nothing served: no API calls
+
+
+def test_a_server_deleted_by_hand_is_made_again_and_a_foreign_one_is_never_touched() -> None:
+    h = succeeded()
+    h.tick(1)
+    del h.api.objects[("Deployment", "ns1", "demo-serve")]
+    h.tick(1)
+    h.tick(1)
+    assert ("Deployment", "ns1", "demo-serve") in h.api.objects
+
+    h = running(export={"uri": MODEL}, serve={})
+    h.api.create(
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": "demo-serve", "namespace": "ns1"},
+            "spec": {"replicas": 7},
+        }
+    )
+    h.tick(1)
+    h.ray.end("demo-1", "SUCCEEDED", RESULT_PREFIX + snapshot(10, stage="done", export_uri=MODEL).to_json())
+    h.tick(5)
+    out = h.tick(1)
+    assert server(h, "Deployment")["spec"] == {"replicas": 7}  # not ours: never patched
+    assert "NameConflict" in h.event_reasons() and "not owned by this job" in (out.requeue or "")
+    assert "serving" not in h.status
+
+
+def test_no_server_before_success_nor_after_failure() -> None:
+    h = running(export={"uri": MODEL}, serve={})
+    h.tick(1)
+    assert not any(k[0] == "Deployment" for k in h.api.objects)
+    h.ray.end("demo-1", "FAILED", "boom\n")
+    for _ in range(3):
+        h.tick(5)
+    assert not any(k[0] == "Deployment" for k in h.api.objects) and "serving" not in h.status
+
+
+# ------------------------------------------------------------------------- manifests
+
+
+def model(**serve: Any) -> LLMTrainingJob:
+    body = job_body(
+        export={"uri": MODEL},
+        serve=serve,
+        resources={"nodeSelector": {"pool": "gpu"}, "tolerations": [{"key": "gpu", "operator": "Exists"}]},
+    )
+    return LLMTrainingJob.model_validate(body)
+
+
+def test_server_pods_default_to_the_training_pool_and_are_not_ray_pods() -> None:
+    d = m.serve_deployment(model(), MODEL)
+    pod = d["spec"]["template"]
+    assert pod["spec"]["nodeSelector"] == {"pool": "gpu"}
+    assert pod["spec"]["tolerations"] == [{"key": "gpu", "operator": "Exists"}]
+    # The pod index and the diagnosis select LABEL_JOB: a server pod must never count as a Ray node.
+    assert m.LABEL_JOB not in pod["metadata"]["labels"] and pod["metadata"]["labels"][m.LABEL_SERVE] == "demo"
+    (c,) = pod["spec"]["containers"]
+    assert c["readinessProbe"]["httpGet"] == {"path": "/health", "port": 8000}
+    assert c["resources"]["limits"] == {"cpu": "2", "memory": "4Gi"}
+    d = m.serve_deployment(model(nodeSelector={"pool": "cpu"}, tolerations=[], gpus=1), MODEL)
+    assert d["spec"]["template"]["spec"]["nodeSelector"] == {"pool": "cpu"}
+    assert "tolerations" not in d["spec"]["template"]["spec"]
+    assert d["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    own = {
+        "key": "serve",
+        "operator": "Equal",
+        "value": "yes",
+        "effect": "NoExecute",
+        "tolerationSeconds": 30,
+    }
+    d = m.serve_deployment(model(tolerations=[own], resources={"cpu": "500m", "memory": "1Gi"}), MODEL)
+    assert d["spec"]["template"]["spec"]["tolerations"] == [own]
+    assert d["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"] == {
+        "cpu": "500m",
+        "memory": "1Gi",
+    }
+
+
+@pytest.mark.parametrize(
+    ("serve", "client"),
+    [
+        ({}, {"podSelector": {"matchLabels": {}}}),  # the job's namespace, every pod
+        ({"allowedPods": {"app": "chat"}}, {"podSelector": {"matchLabels": {"app": "chat"}}}),
+        (
+            {"allowedNamespaces": {"team": "a"}},
+            {"namespaceSelector": {"matchLabels": {"team": "a"}}, "podSelector": {"matchLabels": {}}},
+        ),
+        (
+            {"allowedNamespaces": {}, "allowedPods": {"app": "chat"}},
+            {"namespaceSelector": {"matchLabels": {}}, "podSelector": {"matchLabels": {"app": "chat"}}},
+        ),
+    ],
+)
+def test_the_servers_network_policy_admits_exactly_the_named_clients(
+    serve: dict[str, Any], client: dict[str, Any]
+) -> None:
+    np = m.serve_network_policy(model(**serve), m.OperatorSettings())
+    (rule,) = np["spec"]["ingress"]
+    assert rule["from"][0] == client
+    assert rule["from"][1]["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}
+    assert rule["ports"] == [{"protocol": "TCP", "port": 8000}]
+    assert np["spec"]["podSelector"] == {"matchLabels": {m.LABEL_SERVE: "demo"}}
+
+
+def test_serve_without_export_is_rejected_naming_the_field() -> None:
+    body = job_body(serve={"replicas": 1})
+    errors = validate_object(body)
+    assert any(e.path == "spec.serve" and "spec.export" in e.message for e in errors), errors
+    with pytest.raises(ValidationError, match="port"):
+        LLMTrainingJob.model_validate(job_body(export={"uri": MODEL}, serve={"port": 80}))
