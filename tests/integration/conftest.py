@@ -111,6 +111,21 @@ class Cluster:
             raise controlplane.CommandError(r.returncode, r.args, r.stdout, r.stderr)
         return r
 
+    def crds_and_namespace(self, ns: str) -> str:
+        """The repo's CRDs applied and served, and namespace ``ns`` (kept if it exists)."""
+        from kubernetes import client
+
+        self.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
+        self.wait_for(
+            lambda: self.kubectl("get", "ltj", "-A", check=False).returncode == 0, what="`kubectl get ltj`"
+        )
+        try:
+            self.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=ns)))
+        except client.ApiException as e:
+            if e.status != 409:
+                raise
+        return ns
+
     @staticmethod
     def wait_for(
         fn: Callable[[], T], timeout: float = 30, interval: float = 0.2, what: str = "condition"

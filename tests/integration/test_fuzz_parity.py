@@ -32,20 +32,9 @@ NS = "fuzz-parity"
 
 @pytest.fixture(scope="module")
 def apiserver(cluster: Cluster) -> Any:
-    from pathlib import Path
-
     from kubernetes import client
 
-    root = Path(__file__).resolve().parents[2]
-    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(root / "crds"))
-    cluster.wait_for(
-        lambda: cluster.kubectl("get", "ltj", "-A", check=False).returncode == 0, what="`kubectl get ltj`"
-    )
-    try:
-        cluster.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=NS)))
-    except client.ApiException as e:
-        if e.status != 409:
-            raise
+    cluster.crds_and_namespace(NS)
     return client.CustomObjectsApi(cluster.api_client)
 
 

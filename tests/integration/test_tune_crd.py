@@ -24,16 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_a_tuned_job_is_accepted_and_its_status_tuning_is_kept(cluster: Cluster) -> None:
     from kubernetes import client
 
-    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
-    cluster.wait_for(
-        lambda: cluster.kubectl("get", "ltj", "-A", check=False).returncode == 0, what="`kubectl get ltj`"
-    )
-    ns = "tune-crd"
-    try:
-        cluster.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=ns)))
-    except client.ApiException as e:
-        if e.status != 409:
-            raise
+    ns = cluster.crds_and_namespace("tune-crd")
     doc = base()
     doc["metadata"]["name"] = "tuned"
     # Every tunable path at once: the largest space the CRD allows.

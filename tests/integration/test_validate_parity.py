@@ -29,19 +29,7 @@ CASES = invalid_cases()
 
 @pytest.fixture(scope="module")
 def crd_ns(cluster: Cluster) -> str:
-    from kubernetes import client
-
-    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
-    cluster.wait_for(
-        lambda: cluster.kubectl("get", "ltj", "-A", check=False).returncode == 0, what="`kubectl get ltj`"
-    )
-    ns = "validate-parity"
-    try:
-        cluster.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=ns)))
-    except client.ApiException as e:
-        if e.status != 409:
-            raise
-    return ns
+    return cluster.crds_and_namespace("validate-parity")
 
 
 def _apply(cluster: Cluster, ns: str, obj: dict[str, Any], dry_run: bool) -> subprocess.CompletedProcess[str]:
