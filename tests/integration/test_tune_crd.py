@@ -4,7 +4,6 @@ within the CEL cost budget) and stores status.tuning as the driver writes it."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -17,8 +16,6 @@ if TYPE_CHECKING:
     from conftest import Cluster
 
 pytestmark = pytest.mark.cluster
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_a_tuned_job_is_accepted_and_its_status_tuning_is_kept(cluster: Cluster) -> None:
