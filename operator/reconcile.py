@@ -489,8 +489,7 @@ class Reconciler:
                 return False
         existing = self.api.get(kind, ns, name)
         uid = (body.get("metadata") or {}).get("uid")
-        owners = [o.get("uid") for o in ((existing or {}).get("metadata") or {}).get("ownerReferences") or []]
-        if existing is not None and uid not in owners:
+        if existing is not None and uid not in _owner_uids(existing):
             out.error = (
                 f"{kind} {name} exists and is not owned by this job: waiting for it to be deleted "
                 "(or delete it yourself)"
@@ -811,8 +810,7 @@ class Reconciler:
                 t.out.requeue = t.out.error
                 return False
             return True
-        owners = [o.get("uid") for o in (cm.get("metadata") or {}).get("ownerReferences") or []]
-        if t.meta.get("uid") not in owners:  # never write into someone else's ConfigMap
+        if t.meta.get("uid") not in _owner_uids(cm):  # never write into someone else's ConfigMap
             t.out.error = f"ConfigMap {cm_name} is not owned by this job: delete it, or rename the job"
             t.out.events.append(Event("Warning", "NameConflict", t.out.error))
             t.out.requeue = t.out.error
