@@ -9,13 +9,16 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rich.console import Console
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from llmtrain.api.job import LLMTrainingJob
-from llmtrain.api.progress import ProgressEvent, format_eta
+from llmtrain.api.progress import ProgressEvent, TuningInfo, format_eta
+from llmtrain.api.tuning import format_config
 
 if TYPE_CHECKING:  # the runtime imports stay lazy (torch, ray)
     from llmtrain.runtime.run import RunSummary
@@ -23,6 +26,57 @@ if TYPE_CHECKING:  # the runtime imports stay lazy (torch, ray)
 
 def _fmt(value: float | None, spec: str) -> str:
     return "–" if value is None else format(value, spec)
+
+
+_STATE_STYLE = {"running": "cyan", "completed": "green", "stopped": "yellow", "failed": "red"}
+
+
+def trial_table(info: TuningInfo, *, title: str = "trials") -> Group:
+    """The search's trial table: the best finished trials (best first), the running ones,
+    and the counts; the best row in bold. The same rows as ``status.tuning.trials``."""
+    table = Table(title=title, title_justify="left")
+    for name, justify in (("trial", "right"), ("state", "left"), ("steps", "right"), (info.metric, "right")):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    table.add_column("configuration")
+    best = info.best.number if info.best is not None else None
+    for t in info.trials:
+        table.add_row(
+            str(t.number),
+            f"[{_STATE_STYLE.get(t.state, 'white')}]{t.state}[/]",
+            str(t.steps),
+            _fmt(t.metric, ".4f"),
+            escape(format_config(t.config)),
+            style="bold" if t.number == best else None,
+        )
+    counts = (
+        f"{info.completed} completed, {info.stopped} stopped early, {info.failed} failed, "
+        f"{info.running} running" + (f" of {info.planned}" if info.planned is not None else "")
+    )
+    # Below the table, not its caption: a caption wraps at the table's width.
+    return Group(table, Text(counts))
+
+
+def chosen_configuration(info: TuningInfo) -> str:
+    """The best trial's configuration as spec paths, the line that ends a search."""
+    if info.best is None:
+        return "no trial finished with a " + info.metric
+    values = ", ".join(f"{k}={v:.4g}" for k, v in info.best.config.items())
+    return f"best trial {info.best.number} ({info.metric} {_fmt(info.best.metric, '.4f')}): {values}"
+
+
+class Screen:
+    """What ``llmtrain run`` keeps on screen: while the search runs its trial table above
+    the progress bar (redrawn by rich's Live a few times a second), else the bar alone."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.tuning: TuningInfo | None = None  # the search's latest state (kept for the end)
+        self.searching = False
+
+    def __rich__(self) -> RenderableType:
+        if self.searching and self.tuning is not None:
+            return Group(trial_table(self.tuning, title="tuning"), self.progress)
+        return self.progress
 
 
 def run_with_display(
@@ -35,6 +89,7 @@ def run_with_display(
     debug: bool = False,
 ) -> int:
     from llmtrain.runtime.run import RunError, RunOptions, run_job
+    from llmtrain.runtime.tune import watch
 
     progress = Progress(
         TextColumn("[bold]{task.description}"),
@@ -46,12 +101,15 @@ def run_with_display(
         transient=False,
     )
     task = progress.add_task("training", total=None, metrics="", visible=False)
+    screen = Screen(progress)
     # Validation/checkpoint events carry no speed: keep the last known figures on the bar.
     state: dict[str, float | None] = {"val_ppl": None, "tps": None, "eta": None, "loss": None}
 
     def on_stage(stage: str) -> None:
         if stage == "training":
             progress.update(task, visible=True)
+        if stage in ("tuning", "training", "export", "done"):
+            screen.searching = stage == "tuning"
         if stage != "done":
             console.log(f"stage: [bold]{stage}[/]")
 
@@ -74,9 +132,13 @@ def run_with_display(
         )
         progress.update(task, completed=e.step, total=e.total_steps, metrics=metrics)
 
+    def on_tuning(info: TuningInfo) -> None:
+        screen.tuning = info
+
     opts = RunOptions(run_dir=run_dir, num_cpus=cpus, sample_prompt=prompt)
     try:
-        with progress:
+        # One Live for the bar and the trial table (rich allows one live display at a time).
+        with Live(screen, console=console, refresh_per_second=4), watch(on_tuning):
             summary = run_job(job, opts, on_event=on_event, on_stage=on_stage)
     except KeyboardInterrupt:
         console.print(
@@ -90,6 +152,9 @@ def run_with_display(
         return 1
 
     print_summary(summary, console)
+    if screen.tuning is not None:
+        console.print(trial_table(screen.tuning))
+        console.print(f"[bold]chosen configuration[/]: {escape(chosen_configuration(screen.tuning))}")
     return 0
 
 
@@ -112,6 +177,13 @@ def print_summary(summary: RunSummary, console: Console) -> None:
         f"{summary.unigram_cross_entropy:.4f} nats/token on the validation split"
         + (f"  → val loss is {ratio:.2f}× of it" if ratio is not None else ""),
     )
+    if summary.startup_seconds is not None:
+        table.add_row(
+            "start-up",
+            f"{summary.startup_seconds:.1f}s to the first step ("
+            + ", ".join(f"{phase} {seconds:.1f}s" for phase, seconds in summary.startup.items())
+            + ")",
+        )
     table.add_row(
         "training",
         f"{summary.steps} steps, final train loss {_fmt(summary.final_train_loss, '.4f')}, "

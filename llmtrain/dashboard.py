@@ -9,10 +9,10 @@ stale, and ``tests/integration/test_prometheus.py`` sends every panel query to a
 Prometheus scraping a real training run and the real operator.
 
 Series come from ``runtime/metrics.py`` (per worker: ``namespace``, ``job``, ``rank``
-labels, scraped with ``honor_labels`` so those labels survive), ``operator/metrics.py`` and
+labels, scraped with ``honor_labels`` so those labels survive; the tuning stage's driver:
+``llmtrain_tune_*`` with the same job labels), ``operator/metrics.py`` and
 ``runtime/serve.py`` (no job labels: the operator's and serving panels are fleet-wide).
-Tuning panels wait for tuning to export series. Queries use only PromQL that
-Prometheus 2.42 understands. Imports neither torch nor ray.
+Queries use only PromQL that Prometheus 2.42 understands. Imports neither torch nor ray.
 """
 
 from __future__ import annotations
@@ -34,6 +34,9 @@ SEL = 'namespace=~"$namespace", job=~"$job"'
 # Aggregations keep one line per job (every rank reports the same all-reduced loss).
 BY_JOB = "namespace, job"
 DS = dm.DataSourceRef(type_val="prometheus", uid="${datasource}")
+# The series that name a job's namespace and job for the variables: training's, and the
+# search's (a job that is still tuning has trained nothing yet).
+JOB_SERIES = "llmtrain_train_step|llmtrain_tune_trials"
 # Panels that can have no data on a CPU-only run (MFU is unknown there, not guessed).
 # tests/integration/test_prometheus.py still sends their queries, to prove they parse.
 MAY_BE_EMPTY_ON_CPU = frozenset({"MFU"})
@@ -142,6 +145,13 @@ def build() -> dm.Dashboard:
             (f"max by ({BY_JOB}) (llmtrain_val_perplexity{{{SEL}}})", "{{job}}"),
         ),
         _series(
+            "Validation bits per byte",
+            "Validation loss in bits per UTF-8 byte of the predicted text: comparable across "
+            "tokenizers and vocabularies (lower is better).",
+            "none",
+            (f"max by ({BY_JOB}) (llmtrain_val_bits_per_byte{{{SEL}}})", "{{job}}"),
+        ),
+        _series(
             "Tokens/s",
             "Training tokens per second, all ranks, over each log window.",
             "short",
@@ -209,6 +219,37 @@ def build() -> dm.Dashboard:
             "(a lost head also starts a new attempt: status.attempt). Fleet-wide.",
             "none",
             ("sum(increase(llmtrain_operator_ray_cluster_restarts_total[$__range]))", "restarts"),
+        ),
+    ]
+    # The search (spec.tuning), served by the driver while the tuning stage runs
+    # (runtime/metrics.py: TuneMetrics); the trials themselves export no training series.
+    tuning = [
+        _series(
+            "Best trial so far",
+            "The tuning metric (spec.tuning.metric: valLoss, valPerplexity or valAccuracy) of "
+            "the best finished trial, as the search goes on.",
+            "none",
+            (f"max by ({BY_JOB}, metric) (llmtrain_tune_best_metric{{{SEL}}})", "{{job}} best {{metric}}"),
+            width=8,
+        ),
+        _series(
+            "Trials by state",
+            "Trials of the search running, completed (whole budget), stopped early (ASHA) and failed.",
+            "none",
+            (f"max by ({BY_JOB}, state) (llmtrain_tune_trials{{{SEL}}})", "{{job}} {{state}}"),
+            width=8,
+            minimum=0,
+        ),
+        _series(
+            "Trial metric",
+            "Each trial's tuning metric at its last validation: the best finished trials and the "
+            "running ones (the rows of status.tuning.trials).",
+            "none",
+            (
+                f"max by ({BY_JOB}, trial, metric) (llmtrain_tune_trial_metric{{{SEL}}})",
+                "{{job}} trial {{trial}} {{metric}}",
+            ),
+            width=8,
         ),
     ]
     operator = [
@@ -279,7 +320,7 @@ def build() -> dm.Dashboard:
         db.QueryVariable("namespace")
         .label("Namespace")
         .datasource(DS)
-        .query("label_values(llmtrain_train_step, namespace)")
+        .query(f'label_values({{__name__=~"{JOB_SERIES}"}}, namespace)')
         .refresh(dm.VariableRefresh.ON_TIME_RANGE_CHANGED)
         .sort(dm.VariableSort.ALPHABETICAL_ASC)
         .include_all(True)
@@ -289,7 +330,7 @@ def build() -> dm.Dashboard:
         db.QueryVariable("job")
         .label("Job")
         .datasource(DS)
-        .query('label_values(llmtrain_train_step{namespace=~"$namespace"}, job)')
+        .query(f'label_values({{__name__=~"{JOB_SERIES}", namespace=~"$namespace"}}, job)')
         .refresh(dm.VariableRefresh.ON_TIME_RANGE_CHANGED)
         .sort(dm.VariableSort.ALPHABETICAL_ASC)
         .include_all(True)
@@ -315,6 +356,9 @@ def build() -> dm.Dashboard:
     d = d.with_row(db.Row("Totals"))
     for s in totals:
         d = d.with_panel(s)
+    d = d.with_row(db.Row("Tuning"))
+    for p in tuning:
+        d = d.with_panel(p)
     d = d.with_row(db.Row("Operator"))
     for o in operator:
         d = d.with_panel(o)

@@ -17,7 +17,11 @@ Here:
   and ``spec.suspend`` flips are queued at once); a resync queues every cached job each
   ``interval`` seconds (the level-based loop; a steady job costs no API call); threads
   reconcile and write the outcome themselves: the status subresource (merge patch; the
-  conditions list is replaced whole), the job's annotations, Events.
+  conditions list is replaced whole), the job's annotations, Events. A job whose
+  reconcile fails (API error, a create refused, an exception on an object this code cannot
+  read) is counted once per try in ``llmtrain_operator_reconcile_errors`` and left out of
+  the resync for interval·2^(n-1) s (at most 300 s), or until it is edited: never a hot
+  loop, never a crash, never in the way of the other jobs.
 
 Peering: Kopf pauses this replica's job watch while another replica is active; the
 resync asks :class:`PeeringState` too, so a paused replica reconciles nothing.
@@ -31,8 +35,10 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 
+import urllib3
 from llmtrain.operator.kube import ApiError
 from llmtrain.operator.metrics import OperatorMetrics
 from llmtrain.operator.podwatch import PodStore
@@ -183,16 +189,19 @@ class JobWriter(Protocol):
 def needs_action_now(body: Mapping[str, Any]) -> bool:
     """Whether a watch event on a job asks for more than the next resync: a new job (no
     status yet) gets its Ray cluster at once, and so does a change of ``spec.suspend``.
-    Everything else (including the echo of our own status writes) waits for the resync."""
+    Everything else (including the echo of our own status writes) waits for the resync.
+    A spec or status that is not an object (stored under a looser CRD) reads as empty: the
+    reconcile says what is wrong with it, this must not raise on the watch's event loop."""
     meta = body.get("metadata") or {}
     if meta.get("deletionTimestamp"):
         return bool({LEGACY_FINALIZER, FINALIZER} & set(meta.get("finalizers") or ()))
-    phase = (body.get("status") or {}).get("phase")
+    status, spec = body.get("status"), body.get("spec")
+    phase = status.get("phase") if isinstance(status, Mapping) else None
     if phase is None:
         return True
     if phase in ("Succeeded", "Failed"):
         return False
-    return bool((body.get("spec") or {}).get("suspend")) != (phase == "Suspended")
+    return bool(spec.get("suspend") if isinstance(spec, Mapping) else False) != (phase == "Suspended")
 
 
 def involved_object(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -281,7 +290,22 @@ class KopfPeering:
         return True
 
 
+@dataclass
+class Backoff:
+    """A job whose last reconciles failed: how many in a row, and when to try again."""
+
+    failures: int
+    until: float  # monotonic
+    version: str  # the resourceVersion that failed: a changed object is tried at once
+
+
 class Controller:
+    # A job whose reconcile fails (API error, a create refused, an exception) is tried
+    # again interval·2^(n-1) seconds later, at most this long: a stored object the code
+    # cannot handle costs a few attempts (each counted once in the error metric, each
+    # logged) an hour, not one per resync for ever; the other jobs are not held up.
+    BACKOFF_MAX_SECONDS = 300.0
+
     def __init__(
         self,
         reconciler: Reconciler,
@@ -307,19 +331,35 @@ class Controller:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._said: dict[Key, str] = {}  # the last requeue reason logged per job
+        self._backoff: dict[Key, Backoff] = {}
+        self._backoff_lock = threading.Lock()
+        self.monotonic: Callable[[], float] = time.monotonic
 
     # -- fed by the Kopf event handler (on the event loop: cheap, never blocks)
 
     def observe(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+        key = key_of(body)
         if event_type == "DELETED":
-            key = key_of(body)
             self.cache.forget(key)
             self.metrics.forget(*key)
             self._said.pop(key, None)
+            with self._backoff_lock:
+                self._backoff.pop(key, None)
             return
         self.cache.put(body)
-        if needs_action_now(body):
-            self.queue.add(key_of(body))
+        with self._backoff_lock:
+            b = self._backoff.get(key)
+            if b is not None and b.version != _version(body):  # edited since it failed: try it now
+                del self._backoff[key]
+                b = None
+        if b is None and needs_action_now(body):
+            self.queue.add(key)
+
+    def backing_off(self, key: Key) -> float:
+        """Seconds until a failed job is tried again (0: not backing off)."""
+        with self._backoff_lock:
+            b = self._backoff.get(key)
+        return max(0.0, b.until - self.monotonic()) if b is not None else 0.0
 
     # -- the loop
 
@@ -341,7 +381,7 @@ class Controller:
         """Queue every cached job (when this replica is the active one); how many."""
         if not self.pods.synced or not self.peering.active():
             return 0
-        keys = self.cache.keys()
+        keys = [k for k in self.cache.keys() if not self.backing_off(k)]
         for key in keys:
             self.queue.add(key)
         return len(keys)
@@ -398,17 +438,33 @@ class Controller:
                 self.metrics.reconcile_seconds.observe(time.perf_counter() - t0)
             self.write(body, out)
         except ApiError as e:
-            self.metrics.reconcile_errors.labels(kind=f"http_{e.status}").inc()
-            log.warning("reconcile %s/%s: API error, retried at the next resync: %s", ns, name, e)
+            delay = self._failed(key, body, f"http_{e.status}")
+            log.warning("reconcile %s/%s: API error, retried in %.0fs: %s", ns, name, delay, e)
             return None
-        except OSError as e:  # connection refused/reset, timeouts
-            self.metrics.reconcile_errors.labels(kind="connection").inc()
+        except (OSError, urllib3.exceptions.HTTPError) as e:  # connection refused/reset, timeouts
+            delay = self._failed(key, body, "connection")
             log.warning(
-                "reconcile %s/%s: cannot reach the API server, retried at the next resync: %s", ns, name, e
+                "reconcile %s/%s: cannot reach the API server, retried in %.0fs: %s", ns, name, delay, e
+            )
+            return None
+        except Exception as e:  # a bug, or a stored object this code cannot read: never a crash
+            delay = self._failed(key, body, "unexpected")
+            log.exception("reconcile %s/%s failed, retried in %.0fs", ns, name, delay)
+            self._event(
+                body,
+                Event(
+                    "Warning",
+                    "ReconcileError",
+                    f"the operator could not reconcile this job ({type(e).__name__}: {e}); "
+                    f"retrying in {delay:.0f}s",
+                ),
             )
             return None
         if out.error:
-            self.metrics.reconcile_errors.labels(kind="create").inc()
+            self._failed(key, body, "create")
+        else:
+            with self._backoff_lock:
+                self._backoff.pop(key, None)
         self.metrics.set_phase(ns, name, out.phase)
         if out.provisioning_seconds is not None:
             self.metrics.provisioning_seconds.observe(out.provisioning_seconds)
@@ -424,6 +480,15 @@ class Controller:
             self._said.pop(key, None)
         return out
 
+    def _failed(self, key: Key, body: Mapping[str, Any], kind: str) -> float:
+        """Count one failed reconcile and back the job off; the delay until the next try."""
+        self.metrics.reconcile_errors.labels(kind=kind).inc()
+        with self._backoff_lock:
+            n = (b.failures if (b := self._backoff.get(key)) is not None else 0) + 1
+            delay = min(self.interval * 2 ** min(n - 1, 30), self.BACKOFF_MAX_SECONDS)
+            self._backoff[key] = Backoff(n, self.monotonic() + delay, _version(body))
+        return delay
+
     def write(self, body: Mapping[str, Any], out: Outcome) -> None:
         """The outcome onto the job: status (its subresource), annotations, Events. The
         cache takes each response (unless a newer event arrived meanwhile), so a resync
@@ -431,7 +496,16 @@ class Controller:
         ns, name = key_of(body)
         version: str | None = _version(body)
         if out.status is not None:
-            resp = self.writer.patch_job(ns, name, {"status": out.status}, status=True)
+            try:
+                resp = self.writer.patch_job(ns, name, {"status": out.status}, status=True)
+            except ApiError as e:
+                if e.status == 422:
+                    # A job stored under a looser CRD fails the current one's rules, and
+                    # the API server refuses every write to it, status included: the
+                    # Events (InvalidSpec naming the field) are then all that can say so.
+                    for ev in out.events:
+                        self._event(body, ev)
+                raise
             version = self._took(resp, version)
         if out.annotations:
             resp = self.writer.patch_job(
@@ -453,7 +527,9 @@ class Controller:
     def _event(self, body: Mapping[str, Any], ev: Event) -> None:
         try:
             self.writer.post_event(involved_object(body), ev.type, ev.reason, ev.message[:1024])
-        except (ApiError, OSError) as e:  # an Event is informative: never fail a reconcile for it
+        # An Event is informative: never fail a reconcile for it. (urllib3's own errors, as
+        # for a refused connection, are not OSErrors.)
+        except (ApiError, OSError, urllib3.exceptions.HTTPError) as e:
             log.warning("cannot post event %s on %s/%s: %s", ev.reason, *key_of(body), e)
 
     def _set_finalizer(self, ns: str, name: str, present: bool, body: Mapping[str, Any]) -> None:

@@ -54,6 +54,7 @@ class Options:
 
 
 PRIORITY_ENV = "LLMTRAIN_OPERATOR_PRIORITY"
+LOG_LEVEL_ENV = "LLMTRAIN_LOG_LEVEL"
 
 
 def parse_priority(value: str | int | None) -> int:
@@ -279,6 +280,11 @@ def run(
     job_metrics: JobMetricsOptions | None = None,
 ) -> None:
     """Run the operator in this thread until SIGINT/SIGTERM (or ``stop_flag``)."""
+    # $LLMTRAIN_LOG_LEVEL (e.g. DEBUG) for a closer look at a live operator without a new
+    # image; both entry points (``llmtrain operator``, ``python -m``) come through here.
+    level = os.environ.get(LOG_LEVEL_ENV, "").upper()
+    if level:
+        logging.getLogger().setLevel(level)
     if not verbose:
         # Kopf logs every successful handler call at INFO: at 1000 jobs, hundreds of lines
         # a second of "Handler 'observe' succeeded" and a measurable share of the CPU.

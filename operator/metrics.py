@@ -47,7 +47,8 @@ class OperatorMetrics:
         )
         self.reconcile_errors = Counter(
             "llmtrain_operator_reconcile_errors",
-            "Reconciles that failed (API errors, conflicts), by kind.",
+            "Reconciles that failed, once per try (retried with backoff), by kind: http_<status>, "
+            "connection, create (a child refused or someone else's), unexpected.",
             ["kind"],
             registry=self.registry,
         )

@@ -11,13 +11,16 @@ objects and status.
 
 Order of steps:
 
-1. parse the spec (invalid → ``Failed/InvalidSpec``);
+1. parse the spec (invalid → ``Failed/InvalidSpec``); status fields this code cannot read
+   (an older version's, a hand edit's) are read as absent and rewritten (``UnreadableStatus``);
 2. a finished job: delete leftover pods, then the Ray cluster ``ttlSecondsAfterFinished`` later;
 3. ``suspend: true``: a last checkpoint (while training, at most ``suspend_checkpoint_seconds``),
    then delete the pods, keep status (``Suspended``); resuming is a new attempt, counts the time;
 4. ``activeDeadlineSeconds`` (suspended time not counted);
 5. a terminated pod: restart the whole Ray cluster (``status.restarts``) up to ``backoffLimit``;
-6. create what is missing: Secret, ConfigMap, Service, NetworkPolicy, then the pods;
+6. create what is missing: Secret, ConfigMap, Service, NetworkPolicy, then the pods (none
+   beside someone else's child of the same name; the children are checked again after a
+   restart and when the head goes silent, so one deleted by hand is made again);
 7. diagnose the pods → phase and conditions; ``preRunningDeadlineSeconds`` fails a job
    whose pods are not all Running in time, with the diagnosis as its message;
 8. the cluster is Ready: submit the attempt's Ray job (once: ``<job>-<attempt>``), poll it,
@@ -28,6 +31,7 @@ Order of steps:
 from __future__ import annotations
 
 import datetime as dt
+import math
 import secrets
 import time
 from collections.abc import Callable, Mapping
@@ -42,8 +46,8 @@ from llmtrain.operator.rayjobs import HeadError, RayJobs
 from pydantic import ValidationError
 
 from llmtrain.api.job import LLMTrainingJob
-from llmtrain.api.progress import STAGE_PHASE, RunSnapshot, snapshot_from_log
-from llmtrain.api.status import ConditionType, Phase, Reason
+from llmtrain.api.progress import STAGE_PHASE, RunSnapshot, TuningInfo, snapshot_from_log
+from llmtrain.api.status import ConditionType, LLMTrainingJobStatus, Phase, Reason
 
 # Job annotations: the operator's own memory, kept on the object so a restarted operator
 # (or another replica) continues where the last one stopped.
@@ -73,6 +77,7 @@ OWNED_STATUS_FIELDS = (
     "checkpoint",
     "data",
     "exportUri",
+    "tuning",
     "serving",
 )
 STAGE_REASON = {
@@ -106,9 +111,23 @@ def rfc3339(t: dt.datetime) -> str:
 
 
 def parse_time(s: str | None) -> dt.datetime | None:
-    if not s:
+    """An RFC 3339 time; None when absent or unreadable (an annotation edited by hand)."""
+    if not s or not isinstance(s, str):
         return None
-    return dt.datetime.fromisoformat(s.replace("Z", "+00:00"))
+    try:
+        t = dt.datetime.fromisoformat(s.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return t if t.tzinfo is not None else t.replace(tzinfo=dt.UTC)
+
+
+def _seconds(s: str | None) -> float:
+    """A seconds annotation; 0 when absent or unreadable."""
+    try:
+        v = float(s or 0)
+    except ValueError:
+        return 0.0
+    return v if math.isfinite(v) and v >= 0 else 0.0
 
 
 @dataclass(frozen=True)
@@ -261,6 +280,10 @@ class Reconciler:
         # down enough to make the lag, and so the repeats, grow (a feedback loop).
         self._recent: dict[tuple[str, str], float] = {}
         self._children_made: set[str] = set()
+        # uid → the resourceVersion whose status was last found readable.
+        self._status_ok: dict[str, str] = {}
+        # uid → the unreachableSince of the silence its children were checked again for.
+        self._rechecked: dict[str, str] = {}
         # uid → the generation whose spec the spec ConfigMap was last checked to hold.
         self._spec_synced: dict[str, Any] = {}
         # uid → the generation the serving objects were last made or patched for.
@@ -274,14 +297,30 @@ class Reconciler:
         name: str = meta["name"]
         uid: str = meta.get("uid", "")
         annotations: dict[str, str] = dict(meta.get("annotations") or {})
-        old: dict[str, Any] = dict(body.get("status") or {})
+        stored = body.get("status")
+        old: dict[str, Any] = dict(stored) if isinstance(stored, Mapping) else {}
+        # What is stored is the patch's base (so an unreadable field is overwritten or
+        # removed); what the steps read is only what this code can read.
         old_owned = {k: old[k] for k in OWNED_STATUS_FIELDS if k in old}
-        st: dict[str, Any] = dict(old_owned)
+        out = Outcome(status=None)
+        bad = self._unreadable_status(uid, str(meta.get("resourceVersion") or ""), old_owned)
+        if bad:
+            for k in bad:
+                old.pop(k, None)
+            fields = ", ".join(f"status.{k}" for k in bad)
+            out.events.append(
+                Event(
+                    "Warning",
+                    "UnreadableStatus",
+                    f"{fields} could not be read (written by another operator version, or by hand): "
+                    "rewritten from what the operator observes",
+                )
+            )
+        st: dict[str, Any] = {k: old[k] for k in OWNED_STATUS_FIELDS if k in old}
         conds = Conditions(list(old.get("conditions") or []), rfc3339(now), meta.get("generation"))
         st["observedGeneration"] = meta.get("generation")
         st["rayClusterName"] = name
         st.setdefault("restarts", 0)
-        out = Outcome(status=None)
         old_phase = Phase(old["phase"]) if old.get("phase") in Phase.__members__ else None
         st.setdefault("phase", Phase.Pending.value)
 
@@ -335,7 +374,7 @@ class Reconciler:
             out.phase = Phase.Suspended
             return self._finish(st, conds, old_owned, out)
 
-        suspended_total = float(annotations.get(ANN_SUSPENDED_SECONDS, "0") or 0)
+        suspended_total = _seconds(annotations.get(ANN_SUSPENDED_SECONDS))
         if conds.is_true(ConditionType.Suspended):
             since = parse_time((conds.get(ConditionType.Suspended) or {}).get("lastTransitionTime")) or now
             suspended_total += max(0.0, (now - since).total_seconds())
@@ -424,6 +463,24 @@ class Reconciler:
 
     # --------------------------------------------------------------------- steps
 
+    def _unreadable_status(self, uid: str, version: str, owned: Mapping[str, Any]) -> list[str]:
+        """The operator's status fields that do not fit the status schema this code reads
+        (stored under a looser CRD, by an older version, or edited by hand): read as
+        absent, so the job goes on from what is observed instead of failing every tick.
+        Checked once per resourceVersion."""
+        if version and self._status_ok.get(uid) == version:
+            return []
+        try:
+            LLMTrainingJobStatus.model_validate({k: v for k, v in owned.items() if v is not None})
+        except ValidationError as e:
+            locs = {str(err["loc"][0]) for err in e.errors() if err["loc"]}
+            return sorted(locs & set(owned)) or sorted(owned)
+        if version:
+            if len(self._status_ok) >= self.CACHE_SIZE:
+                self._status_ok.pop(next(iter(self._status_ok)))
+            self._status_ok[uid] = version
+        return []
+
     def _parse(self, body: Mapping[str, Any], uid: str, generation: int | None) -> JobFacts:
         """What the spec says, validated, with its manifests buildable (an error names the
         spec field to fix). Cached per (uid, generation): the spec only changes with the
@@ -477,16 +534,22 @@ class Reconciler:
     def _create(self, obj: dict[str, Any], body: Mapping[str, Any], out: Outcome) -> bool:
         """Create if absent (True if this call created it); on 409 the existing object must
         be owned by this job."""
+        return self._create_or_existing(obj, body, out)[0]
+
+    def _create_or_existing(
+        self, obj: dict[str, Any], body: Mapping[str, Any], out: Outcome
+    ) -> tuple[bool, dict[str, Any] | None]:
+        """:meth:`_create`, and on 409 the existing object when it is this job's."""
         self.adopt(obj, body)
         kind, ns, name = obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"]
         try:
             self.api.create(obj)
-            return True
+            return True, None
         except ApiError as e:
             if e.status != 409:
                 out.error = f"creating {kind} {name} failed: {e.message}"
                 out.events.append(Event("Warning", "CreateFailed", out.error))
-                return False
+                return False, None
         existing = self.api.get(kind, ns, name)
         uid = (body.get("metadata") or {}).get("uid")
         if existing is not None and uid not in _owner_uids(existing):
@@ -495,7 +558,24 @@ class Reconciler:
                 "(or delete it yourself)"
             )
             out.events.append(Event("Warning", "NameConflict", out.error))
-        return False
+            return False, None
+        return False, existing
+
+    def _ensure_static_children(self, job: LLMTrainingJob, body: Mapping[str, Any], out: Outcome) -> bool:
+        """The Secret, ConfigMap, Service and NetworkPolicy exist and are this job's (checked
+        once per process, again after each restart); False if one could not be made or is
+        someone else's. A Secret made again (deleted by hand) holds a new token."""
+        uid = (body.get("metadata") or {}).get("uid", "")
+        if uid in self._children_made:
+            return True
+        before = out.error
+        for child in m.static_children(job, self.settings, self.token()):
+            if self._create(child, body, out) and child["kind"] == "Secret":
+                self._tokens.pop(uid, None)
+        if out.error != before:
+            return False
+        self._children_made.add(uid)
+        return True
 
     def _ensure_children(
         self,
@@ -508,12 +588,11 @@ class Reconciler:
     ) -> list[str]:
         """Create the children and the missing pods; the names of the pods created."""
         uid = (body.get("metadata") or {}).get("uid", "")
-        if uid not in self._children_made:
-            before = out.error
-            for child in m.static_children(job, self.settings, self.token()):
-                self._create(child, body, out)
-            if out.error == before:
-                self._children_made.add(uid)
+        if not self._ensure_static_children(job, body, out):
+            # Never pods beside someone else's Secret or ConfigMap: they would run with its
+            # Ray token (known to whoever made it) or its spec.
+            out.requeue = out.error
+            return []
         by_name = {p["metadata"]["name"]: p for p in m.pods(job, self.settings)}
         created: list[str] = []
         for name in missing:
@@ -535,13 +614,32 @@ class Reconciler:
                 self.api.delete("Pod", mine[name].namespace, name, uid=mine[name].uid)
                 out.requeue = f"pod {name} is still being deleted"
                 continue
-            if self._create(by_name[name], body, out):
+            made, existing = self._create_or_existing(by_name[name], body, out)
+            if made:
                 created.append(name)
                 self._recent[(uid, name)] = self.clock()
+            elif existing is not None:
+                self._relabel(by_name[name], existing, out)
         if created:
             out.events.append(Event("Normal", "PodsCreated", f"created {len(created)} Ray pods"))
             out.requeue = out.requeue or "pods created"
         return created
+
+    def _relabel(self, want: Mapping[str, Any], live: Mapping[str, Any], out: Outcome) -> None:
+        """Our pod exists but the pod index does not show it (it selects on the labels):
+        labels edited by hand are put back, so the job sees its pod again instead of
+        waiting for it for ever; a pod merely not indexed yet is left alone."""
+        ns, name = want["metadata"]["namespace"], want["metadata"]["name"]
+        labels = (live.get("metadata") or {}).get("labels") or {}
+        wanted: dict[str, str] = want["metadata"]["labels"]
+        if any(labels.get(k) != v for k, v in wanted.items()):
+            self.api.patch("Pod", ns, name, {"metadata": {"labels": wanted}})
+            out.events.append(
+                Event(
+                    "Warning", "PodRelabeled", f"pod {name}'s labels were edited: the operator's are restored"
+                )
+            )
+            out.requeue = out.requeue or f"pod {name} relabeled"
 
     def _restart(self, t: Tick, why: str, fail_reason: Reason) -> None:
         """A new attempt on a new Ray cluster (its GCS state and the training group die with
@@ -560,6 +658,11 @@ class Reconciler:
             self._delete_pods(meta, mine, out)
             return
         self._stop_ray_job(meta, st, out)  # a head that still runs must not train on
+        # The new Ray cluster's Secret, ConfigMap, Service and NetworkPolicy are checked
+        # again (one may have been deleted by hand: that is often why the attempt failed).
+        uid = str(meta.get("uid", ""))
+        self._children_made.discard(uid)
+        self._spec_synced.pop(uid, None)
         st["restarts"] = restarts + 1
         st["attempt"] = int(st.get("attempt") or 1) + 1
         out.restarted = True
@@ -601,6 +704,11 @@ class Reconciler:
         if token is not None:
             return token
         secret = self.api.get("Secret", namespace, m.auth_secret_name(name))
+        if secret is not None and uid not in _owner_uids(secret):
+            # Someone else's Secret under our name: its token is known to whoever made it.
+            raise HeadError(
+                f"Secret {m.auth_secret_name(name)} is not owned by this job: not using its token"
+            )
         data = ((secret or {}).get("data") or {}).get(m.AUTH_TOKEN_KEY)
         if not data:
             raise HeadError(f"Secret {m.auth_secret_name(name)} holds no Ray token")
@@ -661,18 +769,20 @@ class Reconciler:
         st["rayJob"] = ray_job
         if info.status not in rj.TERMINAL:
             try:
-                self._mirror(self.ray.progress(head, token), st, conds)
+                self._mirror(self.ray.progress(head, token), st, conds, out)
             except HeadError as e:  # the driver is starting, or busy: the next poll will tell
                 out.requeue = f"no progress from the driver yet: {e}"
             return
         # The Ray job ended: its log's last line is the driver's final snapshot.
         try:
-            text = self.ray.logs(head, token, sid)
+            # Its tail goes into status and an Event: the job's own Ray token never does
+            # (the driver masks it in its log; this holds for any other line that prints it).
+            text = self.ray.logs(head, token, sid).replace(token, "<redacted>")
         except HeadError as e:
             text = f"(the driver's log could not be read: {e})"
         snap = snapshot_from_log(text)
         if snap is not None:
-            self._mirror(snap, st, conds)
+            self._mirror(snap, st, conds, out)
         tail = rj.log_tail(text)
         if info.status == "SUCCEEDED":
             st["phase"] = Phase.Succeeded.value
@@ -823,8 +933,11 @@ class Reconciler:
         self._spec_synced[key[0]] = key[1]
         return True
 
-    def _mirror(self, snap: RunSnapshot, st: dict[str, Any], conds: Conditions) -> None:
-        """The driver's snapshot into status: progress, metrics, lineage, data, export."""
+    def _mirror(self, snap: RunSnapshot, st: dict[str, Any], conds: Conditions, out: Outcome) -> None:
+        """The driver's snapshot into status: progress, metrics, lineage, data, export,
+        the search; an Event per trial finished since the status was last written."""
+        if snap.tuning is not None:
+            out.events += self._trial_events(st.get("tuning"), snap.tuning)
         for key, value in snap.status_patch().items():
             st[key] = {**(st.get(key) or {}), **value} if isinstance(value, dict) else value
         p = snap.progress
@@ -842,6 +955,63 @@ class Reconciler:
                 + (f" (validation set: {snap.data.validation_set})" if snap.data.validation_set else ""),
             )
 
+    # Events per reconcile for finished trials: a search of 1,000 short trials may finish
+    # dozens between two polls; the rest are counted in one more Event, and status.tuning
+    # has every count.
+    MAX_TRIAL_EVENTS = 3
+
+    @classmethod
+    def _trial_events(cls, old: Mapping[str, Any] | None, new: TuningInfo) -> list[Event]:
+        """Events for the trials that finished since ``old`` (the status' tuning, as last
+        written): as many as the finished count grew, newest first from the snapshot's
+        ``recent`` list. Stateless like the rest: a repeated snapshot grows no count."""
+        before = sum(int((old or {}).get(k) or 0) for k in ("completed", "stopped", "failed"))
+        fresh = new.finished - before
+        if fresh <= 0:
+            return []
+        named = list(reversed(new.recent[-fresh:]))[: cls.MAX_TRIAL_EVENTS]
+        events = []
+        for t in named:
+            metric = f"{new.metric} {t.metric:.4f}" if t.metric is not None else f"no {new.metric}"
+            config = " ".join(f"{k.rsplit('.', 1)[-1]}={v:.4g}" for k, v in t.config.items())
+            if t.state == "failed":
+                events.append(
+                    Event("Warning", "TrialFailed", f"trial {t.number} failed: {t.message}; {config}")
+                )
+            elif t.state == "stopped":
+                events.append(
+                    Event(
+                        "Normal",
+                        "TrialStopped",
+                        f"trial {t.number} stopped early after {t.steps} steps, {metric}; {config}",
+                    )
+                )
+            else:
+                events.append(
+                    Event(
+                        "Normal",
+                        "TrialFinished",
+                        f"trial {t.number} completed {t.steps} steps, {metric}; {config}",
+                    )
+                )
+        if fresh > len(named):
+            more = fresh - len(named)
+            best = (
+                f"; best so far trial {new.best.number}, {new.metric} {new.best.metric:.4f}"
+                if (new.best is not None and new.best.metric is not None)
+                else ""
+            )
+            events.append(
+                Event(
+                    "Normal",
+                    "TrialsFinished",
+                    f"{more} more trial{'s' * (more != 1)} finished since the last update "
+                    f"({new.finished} of {new.planned if new.planned is not None else '?'} so far: "
+                    f"{new.completed} completed, {new.stopped} stopped early, {new.failed} failed){best}",
+                )
+            )
+        return events
+
     def _unreachable(self, t: Tick, ray_job: dict[str, Any], error: str) -> None:
         """A failed poll is not a failed job: the attempt ends only after
         ``head_timeout_seconds`` of failed polls (KubeRay's 300 s)."""
@@ -858,6 +1028,14 @@ class Reconciler:
             return
         if "unreachableSince" not in ray_job:
             ray_job["unreachableSince"] = rfc3339(now)
+        uid = str(t.meta.get("uid", ""))
+        if waited >= self.JOBS_API_GRACE_SECONDS and self._rechecked.get(uid) != ray_job["unreachableSince"]:
+            # Silent past Ray's start-up: a Service or Secret deleted by hand is one reason.
+            # Checked once per silence (made again if missing: the Service at once restores
+            # the head's name), not on every new head's first polls (at 1000 jobs, 8000 calls).
+            self._rechecked[uid] = ray_job["unreachableSince"]
+            self._children_made.discard(uid)
+            self._ensure_static_children(self._model(t.body), t.body, out)
         st["rayJob"] = ray_job
         # Stable while it lasts (no seconds counter): a waiting job costs no status write per tick.
         why = (
@@ -890,7 +1068,7 @@ class Reconciler:
                 ray_job.update(checkpointAskedAt=rfc3339(now), checkpointAskedStep=step)
                 st["rayJob"] = ray_job
             else:
-                self._mirror(self.ray.progress(head, token), st, conds)
+                self._mirror(self.ray.progress(head, token), st, conds, out)
         except (HeadError, ApiError):
             return False
         asked_at = parse_time(ray_job["checkpointAskedAt"]) or now
@@ -1136,12 +1314,17 @@ def apply_merge_patch(target: dict[str, Any], patch: Mapping[str, Any]) -> dict[
 def _attempt_started(
     annotations: Mapping[str, str], out: Outcome, st: Mapping[str, Any]
 ) -> dt.datetime | None:
-    """When the current set of pods was asked for: the start, or the last resume/restart."""
-    return parse_time(
-        out.annotations.get(ANN_ATTEMPT_STARTED)
-        or annotations.get(ANN_ATTEMPT_STARTED)
-        or st.get("startTime")
-    )
+    """When the current set of pods was asked for: the start, or the last resume/restart
+    (an unreadable annotation falls back to the start: a deadline is never lost to it)."""
+    for s in (
+        out.annotations.get(ANN_ATTEMPT_STARTED),
+        annotations.get(ANN_ATTEMPT_STARTED),
+        st.get("startTime"),
+    ):
+        t = parse_time(s)
+        if t is not None:
+            return t
+    return None
 
 
 def _just_created(name: str, meta: Mapping[str, Any]) -> PodView:

@@ -27,7 +27,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -42,6 +42,7 @@ from llmtrain.api.progress import (
     ProgressEvent,
     RunFailure,
     RunSnapshot,
+    process_started_at,
 )
 from llmtrain.api.shards import Manifest
 from llmtrain.api.status import Reason
@@ -51,6 +52,61 @@ if TYPE_CHECKING:  # torch, ray and optuna load only when a stage needs them
     from llmtrain.runtime.tune import TuneOutcome
 
 log = logging.getLogger("llmtrain.driver")
+
+LOG_LEVEL_ENV = "LLMTRAIN_LOG_LEVEL"
+# What the pod's environment holds that no log line may show: botocore at DEBUG logs each
+# request's headers, and its Authorization header names the access key id; anything may
+# format an exception or an environment that carries one of these.
+SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "RAY_AUTH_TOKEN")
+REDACTED = "<redacted>"
+
+
+def redact(text: str, secrets: tuple[str, ...]) -> str:
+    for s in secrets:
+        text = text.replace(s, REDACTED)
+    return text
+
+
+class RedactSecrets(logging.Filter):
+    """Masks the given values in every record a handler writes (message, arguments,
+    traceback): the driver's log goes to the head, to S3, and its tail into the job's
+    status and Events."""
+
+    def __init__(self, secrets: tuple[str, ...]) -> None:
+        super().__init__()
+        self.secrets = secrets
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        clean = redact(msg, self.secrets)
+        if clean != msg:
+            record.msg, record.args = clean, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text, self.secrets)
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info, self.secrets)
+        return True
+
+
+def secret_values(env: Mapping[str, str] | None = None) -> tuple[str, ...]:
+    """The secret values in ``env`` long enough to mask without masking ordinary words."""
+    env = os.environ if env is None else env
+    return tuple(v for k in SECRET_ENV if len(v := env.get(k, "")) >= 8)
+
+
+def configure_logging() -> None:
+    """``$LLMTRAIN_LOG_LEVEL`` (e.g. DEBUG) on the root logger, and every root handler masks
+    the pod's secrets (:data:`SECRET_ENV`), so no level shows them."""
+    root = logging.getLogger()
+    level = os.environ.get(LOG_LEVEL_ENV, "").upper()
+    if level:
+        root.setLevel(level)
+    secrets = secret_values()
+    for h in root.handlers:
+        if not any(isinstance(f, RedactSecrets) for f in h.filters):
+            h.addFilter(RedactSecrets(secrets))
 
 
 class DriverError(RuntimeError):
@@ -85,6 +141,9 @@ class Reporter:
     on_stage: Callable[[str], None] | None = None
     # Set while training runs: asks rank 0 for a checkpoint at its next log step.
     ask_checkpoint: Callable[[], None] | None = None
+    # Start-up marks (unix seconds, llmtrain.api.progress.STARTUP_MARKS): the driver's, then
+    # rank 0's from the first step of the first training launch.
+    startup: dict[str, float] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def stage(self, stage: str) -> None:
@@ -96,6 +155,8 @@ class Reporter:
 
     def event(self, event: ProgressEvent) -> None:
         with self.lock:
+            if event.startup and "step" not in self.startup:
+                self.startup.update(event.startup)
             self.snapshot.absorb(event)
         if self.on_event is not None:
             self.on_event(event)
@@ -118,6 +179,7 @@ class DriveResult:
     storage_options: Any
     unigram_cross_entropy: float
     stage_seconds: dict[str, float]
+    startup: dict[str, float]  # start-up marks (unix seconds); "step" absent: no step trained
 
 
 # --------------------------------------------------------------- stage helpers
@@ -178,60 +240,91 @@ def make_shard_loader(
     )
 
 
-class EventQueue:
-    """Progress events from rank 0 to this process: a Ray queue actor (works across nodes)."""
+def planned_steps(cfg: RuntimeConfig, data_uri: str, storage_options: Any) -> int:
+    """The optimizer steps of the whole run, as rank 0 computes them (an epoch's steps from
+    the training split's loader: only read when the duration is in epochs)."""
+    t = cfg.train
+    steps_per_epoch = None
+    if t.epochs is not None:
+        loader = make_shard_loader(
+            data_uri,
+            storage_options,
+            split="train",
+            rank=0,
+            world_size=t.world_size,
+            micro_batch=t.micro_batch_size,
+            context_length=cfg.model.context_length,
+            seed=t.seed,
+        )
+        steps_per_epoch = loader.steps_per_epoch
+    return t.total_steps(steps_per_epoch, cfg.model.context_length)
 
-    def __init__(self) -> None:
-        from ray.util.queue import Queue
 
-        self.queue = Queue(maxsize=10_000, actor_options={"num_cpus": 0})
+class _Channel:
+    """The actor behind :class:`RunChannel` (plain Python: Ray runs it in its own process)."""
 
-    def drain(self, timeout: float) -> list[ProgressEvent]:
-        from ray.util.queue import Empty
+    def __init__(self, max_events: int) -> None:
+        self.events: list[str] = []
+        self.max_events = max_events
+        self.checkpoint = False
 
-        out = []
-        try:
-            out.append(ProgressEvent.from_json(self.queue.get(timeout=timeout)))
-            while True:
-                out.append(ProgressEvent.from_json(self.queue.get_nowait()))
-        except Empty:
-            pass
+    def put(self, event: str) -> None:
+        if len(self.events) < self.max_events:  # a driver that stopped draining: drop, not grow
+            self.events.append(event)
+
+    def drain(self) -> list[str]:
+        out, self.events = self.events, []
         return out
 
+    def ask(self) -> None:
+        self.checkpoint = True
 
-def _put_event(q: Any, event: ProgressEvent) -> None:
-    # Runs on rank 0: one small actor call per log/validation/checkpoint step.
-    q.put_nowait(event.to_json())
+    def take(self) -> bool:
+        asked, self.checkpoint = self.checkpoint, False
+        return asked
 
 
-class CheckpointRequests:
-    """ "Checkpoint now" from this process to rank 0 (a Ray queue actor, like the events): the
-    operator asks before it suspends a job, so the suspended run loses no finished steps."""
+class RunChannel:
+    """Rank 0 ↔ this process through one small Ray actor (works across nodes): progress
+    events up, "checkpoint now" down (the operator asks before it suspends a job, so the
+    suspended run loses no finished steps). One actor of ours rather than two
+    ``ray.util.queue`` queues: every actor is a process whose start (about a second of CPU)
+    falls inside the time to the first step."""
 
     def __init__(self) -> None:
-        from ray.util.queue import Queue
+        import ray
 
-        self.queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
+        self.actor: Any = ray.remote(num_cpus=0)(_Channel).remote(10_000)
+
+    def drain(self, timeout: float) -> list[ProgressEvent]:
+        """The events so far; waits ``timeout`` seconds first when there are none."""
+        import ray
+
+        raw = ray.get(self.actor.drain.remote())
+        if not raw:
+            time.sleep(timeout)
+        return [ProgressEvent.from_json(r) for r in raw]
 
     def ask(self) -> None:
-        from ray.util.queue import Full
+        import ray
 
-        try:
-            self.queue.put_nowait(True)
-        except Full:  # one request already waits: the same checkpoint answers both
-            pass
+        ray.get(self.actor.ask.remote())
 
 
-def _take_checkpoint_request(q: Any) -> bool:
+def _put_event(actor: Any, event: ProgressEvent) -> None:
+    # Runs on rank 0: one small actor round trip per log/validation/checkpoint step (waited
+    # for, so that no event is still in flight when the worker exits).
+    import ray
+
+    ray.get(actor.put.remote(event.to_json()))
+
+
+def _take_checkpoint_request(actor: Any) -> bool:
     # Runs on rank 0 at each log step: one actor round trip (about a millisecond, beside the
     # log step's own host sync).
-    from ray.util.queue import Empty
+    import ray
 
-    try:
-        q.get_nowait()
-    except Empty:
-        return False
-    return True
+    return bool(ray.get(actor.take.remote()))
 
 
 # ------------------------------------------------------------------------------ the run
@@ -242,18 +335,23 @@ def drive(job: LLMTrainingJob, place: Place, report: Reporter) -> DriveResult:
     fingerprint matches and training resumes from the newest complete checkpoint."""
     spec = job.spec
     seconds: dict[str, float] = {}
+    if (started := process_started_at()) is not None:
+        report.startup.setdefault("process", started)
+    report.startup.setdefault("driver", time.time())
     checkpoints = spec.checkpoint.uri or f"{place.output_prefix}/checkpoints"
     report.update(keep_last=spec.checkpoint.keep_last)
 
     report.stage("data")
     t0 = time.perf_counter()
-    data_uri, storage_options, unigram = prepare_data(job, report)
+    data_uri, storage_options, manifest = prepare_data(job, report)
     seconds["data"] = time.perf_counter() - t0
+    report.startup["data"] = time.time()
 
     data = report.snapshot.data
     assert data is not None
     train_final = True
     if spec.tuning is not None:
+        report.startup.clear()  # the final run starts after the trials: no start-up to measure
         report.stage("tuning")
         t0 = time.perf_counter()
         outcome = tune(job, data_uri, storage_options, data.vocab_size, place, report)
@@ -276,13 +374,19 @@ def drive(job: LLMTrainingJob, place: Place, report: Reporter) -> DriveResult:
     export(job, checkpoints, data_uri, storage_options, place, report)
     seconds["export"] = time.perf_counter() - t0
 
+    # The summary's yardstick, computed last: it reads the validation shards with torch, an
+    # import (about 1.5 s) that the time to the first step does without.
+    try:
+        unigram = unigram_cross_entropy(manifest, data_uri, storage_options)
+    except ValueError as e:  # a shard that does not match its manifest
+        raise DriverError(RunFailure(Reason.DataError.value, f"data: {e}", permanent=True)) from e
     report.stage("done")
-    return DriveResult(report.snapshot, data_uri, storage_options, unigram, seconds)
+    return DriveResult(report.snapshot, data_uri, storage_options, unigram, seconds, dict(report.startup))
 
 
-def prepare_data(job: LLMTrainingJob, report: Reporter) -> tuple[str, Any, float]:
+def prepare_data(job: LLMTrainingJob, report: Reporter) -> tuple[str, Any, Manifest]:
     """collect → clean → tokenize → shard (reused when the fingerprint matches); the data
-    URI, its storage options and the validation split's unigram cross-entropy."""
+    URI, its storage options and its manifest."""
     from llmtrain.runtime.data.prepare import PrepareConfig, PrepareError, prepare
 
     cfg = PrepareConfig.from_spec(job.spec, None)
@@ -302,11 +406,15 @@ def prepare_data(job: LLMTrainingJob, report: Reporter) -> tuple[str, Any, float
             validation_set=manifest.validation_set,
         )
     )
-    try:
-        unigram = unigram_cross_entropy(manifest, data_uri, cfg.s3)
-    except ValueError as e:  # a shard that does not match its manifest
-        raise DriverError(RunFailure(Reason.DataError.value, f"data: {e}", permanent=True)) from e
-    return data_uri, cfg.s3, unigram
+    if manifest.split_tokens("validation") == 0:
+        raise DriverError(
+            RunFailure(
+                Reason.DataError.value,
+                "data: the validation split is empty: raise spec.data.validationFraction",
+                permanent=True,
+            )
+        )
+    return data_uri, cfg.s3, manifest
 
 
 def tune(
@@ -375,10 +483,22 @@ def train(
     latest = report.snapshot.latest_checkpoint
     if latest is not None:
         report.update(resumed_from=latest)
+        if latest.step >= planned_steps(cfg, data_uri, storage_options):
+            # A rerun of a finished run: nothing to train, so no Ray cluster and no workers
+            # (their start-up alone is most of a short run's wall time).
+            if report.on_stage is not None:
+                report.on_stage(f"training already done at step {latest.step}")
+            return
         if report.on_stage is not None:
             report.on_stage(f"resume from step {latest.step}")
     place.connect()
-    events, requests = EventQueue(), CheckpointRequests()
+    # Only the first launch of an untuned run measures start-up (drive() sets the first marks).
+    startup = (
+        None if not report.startup or "ray" in report.startup else {**report.startup, "ray": time.time()}
+    )
+    if startup is not None:
+        report.startup["ray"] = startup["ray"]
+    channel = RunChannel()
     options = launch_options(job, place, "train")
     errors: list[BaseException] = []
 
@@ -387,21 +507,22 @@ def train(
             launch(
                 cfg,
                 functools.partial(make_shard_loader, data_uri, storage_options),
-                on_progress=functools.partial(_put_event, events.queue),
-                checkpoint_requested=functools.partial(_take_checkpoint_request, requests.queue),
+                on_progress=functools.partial(_put_event, channel.actor),
+                checkpoint_requested=functools.partial(_take_checkpoint_request, channel.actor),
                 options=options,
+                startup=startup,
             )
         except BaseException as e:  # re-raised in the caller's thread
             errors.append(e)
 
     thread = threading.Thread(target=fit, name="llmtrain-fit", daemon=True)
     thread.start()
-    report.ask_checkpoint = requests.ask
+    report.ask_checkpoint = channel.ask
     done = False
     try:
         while not done:
             done = not thread.is_alive()  # drain once more after the thread ends
-            for event in events.drain(timeout=0.01 if done else 0.5):
+            for event in channel.drain(timeout=0.0 if done else 0.5):
                 report.event(event)
     finally:
         report.ask_checkpoint = None
@@ -571,6 +692,8 @@ def run_submitted(
     every stage, print the final snapshot (the operator reads it from the job's log), copy
     the log next to the job's outputs. Exit code 0 on success, 2 on a permanent failure
     (the operator does not retry), 1 otherwise."""
+    configure_logging()
+    secrets = secret_values()
     report = Reporter(RunSnapshot(submission_id=submission_id))
     # Checkpoints find their S3 endpoint the standard boto3 way, in this process as in the
     # workers (LaunchOptions.env); a pod has these from the operator, a hand-run may not.
@@ -609,12 +732,15 @@ def run_submitted(
         drive(job, place, report)
         code = 0
     except DriverError as e:
-        report.update(stage="failed", failure=e.failure)
-        code = 2 if e.failure.permanent else 1
-        print(f"llmtrain driver: {e.failure.reason}: {e.failure.message}", file=sys.stderr, flush=True)
+        # The failure's message goes into the job's status and Events: masked like the log.
+        failure = RunFailure(e.failure.reason, redact(e.failure.message, secrets), e.failure.permanent)
+        report.update(stage="failed", failure=failure)
+        code = 2 if failure.permanent else 1
+        print(f"llmtrain driver: {failure.reason}: {failure.message}", file=sys.stderr, flush=True)
     except Exception as e:  # anything else: retriable, with its traceback in the log
         log.exception("the run failed")
-        report.update(stage="failed", failure=RunFailure(Reason.RunFailed.value, str(e)[:2000], False))
+        message = redact(str(e), secrets)[:2000]
+        report.update(stage="failed", failure=RunFailure(Reason.RunFailed.value, message, False))
     finally:
         print(RESULT_PREFIX + report.json(), flush=True)
         _copy_log(job, submission_id)

@@ -432,7 +432,7 @@ def read_checkpoint_weights(ref: CheckpointRef) -> dict[str, Tensor]:
     """
     import warnings
 
-    from llmtrain.runtime.checkpoint import METADATA, CheckpointInfo, Lineage, open_store
+    from llmtrain.runtime.checkpoint import METADATA, CheckpointInfo, Lineage, open_store, verify_file
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
@@ -440,6 +440,8 @@ def read_checkpoint_weights(ref: CheckpointRef) -> dict[str, Tensor]:
     staging = Path(tempfile.mkdtemp(prefix="llmtrain-export-meta-"))
     try:
         store.get_file(f"step_{ref.step:08d}/{METADATA}", staging / METADATA)
+        # Checked before unpickling: a corrupt file is named, not a pickle error.
+        verify_file(staging / METADATA, ref.marker.get("files"), f"{ref.uri}/{METADATA}")
         metadata = FileSystemReader(staging).read_metadata()
     finally:
         shutil.rmtree(staging, ignore_errors=True)

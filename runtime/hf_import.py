@@ -268,13 +268,17 @@ def _check_checkpoint_shapes(root: str, step: int, cfg: ModelConfig) -> None:
     import tempfile
     from pathlib import Path
 
-    from llmtrain.runtime.checkpoint import METADATA, open_store
+    from llmtrain.runtime.checkpoint import METADATA, Lineage, verify_file
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+    lineage = Lineage(root, keep_last=1)
     staging = Path(tempfile.mkdtemp(prefix="llmtrain-init-meta-"))
     try:
-        open_store(root).get_file(f"step_{step:08d}/{METADATA}", staging / METADATA)
+        lineage.store.get_file(f"step_{step:08d}/{METADATA}", staging / METADATA)
+        # Checked before it is unpickled: a corrupt file is named, not an UnpicklingError.
+        expected = lineage.info(step).meta.get("files")
+        verify_file(staging / METADATA, expected, f"{lineage.uri_of(step)}/{METADATA}")
         metadata = FileSystemReader(staging).read_metadata()
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -1,4 +1,5 @@
-"""Prometheus metrics of one training worker, served on ``spec.metrics.port`` (+ local rank).
+"""Prometheus metrics of one training worker, served on ``spec.metrics.port`` (+ local rank),
+and of a hyperparameter search, served by the driver (:class:`TuneMetrics`).
 
 Every series carries ``namespace``, ``job`` and ``rank`` labels. Each worker has its own
 registry (not the process-global one) so several trainers in one process, as in tests, never
@@ -13,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
     from prometheus_client import CollectorRegistry
+
+    from llmtrain.api.progress import TuningInfo
 
 # Step-time buckets from 10 ms to ~20 min: a tiny CPU model and a large GPU model both fit.
 STEP_SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200)
@@ -49,9 +52,13 @@ class TrainMetrics:
         )
         self.val_loss = gauge("llmtrain_val_loss", "Validation loss (mean token cross-entropy).")
         self.val_perplexity = gauge("llmtrain_val_perplexity", "Validation perplexity, exp(val loss).")
-        self.val_bits_per_byte = gauge(
+        # Labelled on first use: a loader that cannot count bytes (synthetic data) exports
+        # no series rather than a 0 that reads as a perfect model.
+        self._val_bits_per_byte = Gauge(
             "llmtrain_val_bits_per_byte",
             "Validation bits per UTF-8 byte of text (comparable across tokenizers).",
+            names,
+            registry=r,
         )
         self.validation_set_info = Gauge(
             "llmtrain_validation_set_info",
@@ -153,10 +160,117 @@ class TrainMetrics:
         self.val_loss.set(loss)
         self.val_perplexity.set(perplexity)
         if bits_per_byte is not None:
-            self.val_bits_per_byte.set(bits_per_byte)
+            self._val_bits_per_byte.labels(*self._label_values).set(bits_per_byte)
         if validation_set is not None and validation_set != self._validation_set:
             # An info series (value 1) saying which text the val_* series measure.
             if self._validation_set is not None:
                 self.validation_set_info.remove(*self._label_values, self._validation_set)
             self.validation_set_info.labels(*self._label_values, validation_set).set(1)
             self._validation_set = validation_set
+
+
+class TuneMetrics:
+    """The search's series (``spec.tuning``), served by the driver while the tuning stage
+    runs, on ``spec.metrics.port``: no training worker holds that port then (trials serve no
+    metrics, they share hosts), and on a cluster the driver runs on the head, which trains
+    nothing. Closed before the final run, whose rank 0 takes the port.
+
+    Per-trial series are bounded like ``status.tuning``: the trials of its table (the best
+    finished ones and the running ones), so 1,000 trials are not 1,000 series; a trial that
+    leaves the table loses its series."""
+
+    # The longest close() waits for a scrape of the final state (Prometheus' intervals are
+    # 15–60 s; a scraper slower than this misses the last seconds of the search).
+    FINAL_SCRAPE_SECONDS = 90.0
+
+    def __init__(self, namespace: str, job: str, metric: str) -> None:
+        from prometheus_client import CollectorRegistry, Gauge
+
+        self.registry = CollectorRegistry()
+        # Registered first, so it counts a scrape before the scrape reads the gauges.
+        self.scrapes = _ScrapeCounter()
+        self.registry.register(self.scrapes)
+        self.values = (namespace, job, metric)
+        names = ("namespace", "job", "metric")
+        self.trial_metric = Gauge(
+            "llmtrain_tune_trial_metric",
+            "The tuning metric (spec.tuning.metric) of a trial at its last validation: the best "
+            "finished trials and the running ones.",
+            (*names, "trial"),
+            registry=self.registry,
+        )
+        self.best_metric = Gauge(
+            "llmtrain_tune_best_metric",
+            "The tuning metric of the best finished trial so far.",
+            names,
+            registry=self.registry,
+        )
+        self.trials = Gauge(
+            "llmtrain_tune_trials",
+            "Trials of the search by state (running, completed, stopped early, failed).",
+            ("namespace", "job", "state"),
+            registry=self.registry,
+        )
+        self._shown: set[str] = set()
+        self._server: Any = None
+
+    def update(self, info: TuningInfo) -> None:
+        import math
+
+        ns, job, _ = self.values
+        for state in ("running", "completed", "stopped", "failed"):
+            self.trials.labels(ns, job, state).set(getattr(info, state))
+        if info.best is not None and info.best.metric is not None and math.isfinite(info.best.metric):
+            self.best_metric.labels(*self.values).set(info.best.metric)
+        shown = set()
+        for t in info.trials:
+            if t.metric is not None and math.isfinite(t.metric):
+                self.trial_metric.labels(*self.values, str(t.number)).set(t.metric)
+                shown.add(str(t.number))
+        for gone in self._shown - shown:
+            self.trial_metric.remove(*self.values, gone)
+        self._shown = shown
+
+    def serve(self, port: int, addr: str) -> int:
+        from prometheus_client import start_http_server
+
+        self._server, _ = start_http_server(port, addr=addr, registry=self.registry)
+        return port
+
+    def close(self, final_scrape_seconds: float | None = None) -> None:
+        """Stop serving, once a scraper has seen the final state: the driver closes the port
+        when the search ends (the final run's rank 0 takes it), and the last trials, counts
+        and best would otherwise never reach Prometheus. Nobody scraping: no wait."""
+        if self._server is None:
+            return
+        wait = self.FINAL_SCRAPE_SECONDS if final_scrape_seconds is None else final_scrape_seconds
+        if self.scrapes.count > 0:
+            self.scrapes.wait_for_next(wait)
+        self._server.shutdown()
+        self._server.server_close()
+        self._server = None
+
+
+class _ScrapeCounter:
+    """A collector that yields nothing and counts the scrapes of its registry."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.count = 0
+        self._changed = threading.Condition()
+
+    def describe(self) -> list[Any]:  # no series: registering it does not call collect()
+        return []
+
+    def collect(self) -> list[Any]:
+        with self._changed:
+            self.count += 1
+            self._changed.notify_all()
+        return []
+
+    def wait_for_next(self, timeout: float) -> bool:
+        """Until a scrape starts after this call (True), at most ``timeout`` seconds."""
+        with self._changed:
+            seen = self.count
+            return self._changed.wait_for(lambda: self.count > seen, timeout=timeout)

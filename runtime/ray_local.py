@@ -63,6 +63,10 @@ def init_local_ray(
         runtime_env={"env_vars": env},
         configure_logging=True,
         logging_level=logging.WARNING,
+        # Ray starts one idle worker process per CPU for the first driver; actors (all that
+        # Ray Train and we start) get processes of their own, so on 2 cores those idle ones
+        # only take CPU from the start-up that matters (bench/startup.py).
+        _system_config={"prestart_worker_first_driver": False},
     )
 
 

@@ -20,7 +20,7 @@ from typing import Any
 from llmtrain.runtime.curves import CURVES, EventLog, read_summary, redraw, write_summary
 
 from llmtrain.api.job import LLMTrainingJob
-from llmtrain.api.progress import ProgressEvent
+from llmtrain.api.progress import ProgressEvent, startup_breakdown
 
 log = logging.getLogger("llmtrain.run")
 
@@ -54,8 +54,16 @@ class RunSummary:
     sample_prompt: str = ""
     sample: str | None = None
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    # Process start → first optimizer step, by phase (STARTUP_MARKS' names, in order); empty
+    # when the run trained no step (a rerun of a finished job).
+    startup: dict[str, float] = field(default_factory=dict)
     wall_seconds: float = 0.0  # the whole run_job, set-up and sample included
     curves: str | None = None  # <run dir>/curves.png
+
+    @property
+    def startup_seconds(self) -> float | None:
+        """Process start → the first optimizer step."""
+        return sum(self.startup.values()) if self.startup else None
 
     @property
     def loss_ratio(self) -> float | None:
@@ -204,6 +212,7 @@ def run_job(
         export_uri=snap.export_uri,
         sample_prompt=_sample_prompt(job, opts, result.data_uri, result.storage_options),
         stage_seconds=result.stage_seconds,
+        startup=dict(startup_breakdown(result.startup)) if "step" in result.startup else {},
     )
     if progress is not None:
         summary.final_train_loss = _finite_or_none(progress.train_loss)

@@ -94,6 +94,9 @@ class RunContext:
     deterministic: bool = False
     # Gather the full (unsharded) weights into TrainResult.weights at the end (tests, export).
     gather_weights: bool = False
+    # Start-up marks so far (unix seconds, llmtrain.api.progress.STARTUP_MARKS), e.g. the
+    # launcher's; rank 0 adds its own and sends them with its first step's progress event.
+    startup: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -293,13 +296,17 @@ def _train(
     t = cfg.train
     run = _setup(cfg, make_loader, on_progress, ctx)
     _resume(run)
+    run.startup["resume"] = time.time()
     window = _Window()
     run.model.train()
+    first = run.step + 1
     try:
         while run.step < run.total_steps:
             run.faults.before_step(run.step + 1)
             _step(run, window)
             step, final = run.step, run.step == run.total_steps
+            if step == first and ctx.startup:  # the launcher measures the time to the first step
+                run.emit(startup={**run.startup, "step": time.time()})
             if step % t.log_every_steps == 0 or final:
                 _log_window(run, window)
             report: dict[str, Any] = {}
@@ -353,6 +360,7 @@ class _Run:
     metrics: TrainMetrics | None
     faults: _Faults
     on_progress: Callable[[ProgressEvent], None] | None
+    startup: dict[str, float]  # start-up marks (unix seconds) up to the loop
     step: int = 0
     tokens: int = 0
     best_val: float = math.inf
@@ -440,6 +448,7 @@ def _setup(
     # Per-rank dropout stream; restored exactly from checkpoints.
     torch.manual_seed(t.seed * 100_003 + rank)
 
+    startup = dict(ctx.startup)
     model = build_model(cfg, device, use_fsdp)
     if t.init_kind != "random":
         # spec.model.init.checkpoint / pretrained: weights only; a resume overrides them.
@@ -447,6 +456,7 @@ def _setup(
 
         load_initial_weights(model, cfg)
     optimizer = build_optimizer(model, cfg.optimizer)
+    startup["model"] = time.time()
 
     def make(split: str) -> TokenLoader:
         return make_loader(
@@ -459,6 +469,7 @@ def _setup(
         )
 
     loader = make("train")
+    startup["loader"] = time.time()
     if loader.steps_per_epoch < t.grad_accum_steps:
         raise ValueError(
             f"an epoch has {loader.steps_per_epoch} micro batches per rank, fewer than the "
@@ -509,6 +520,7 @@ def _setup(
         metrics=_serve_metrics(cfg, ctx, rank, local_rank, result),
         faults=_Faults(rank, world_size),
         on_progress=on_progress,
+        startup=startup,
     )
 
 

@@ -12,12 +12,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
-
-from llmtrain.runtime.train import LoaderFactory, RunContext, TrainResult, train
+from typing import TYPE_CHECKING, Any
 
 from llmtrain.api.config import RuntimeConfig
-from llmtrain.api.progress import ProgressEvent
+from llmtrain.api.progress import ProgressEvent, process_started_at
+
+if TYPE_CHECKING:  # torch loads in the workers only: the launcher's start-up stays short
+    from llmtrain.runtime.train import LoaderFactory, TrainResult
 
 
 class InsufficientResourcesError(RuntimeError):
@@ -76,8 +77,16 @@ def _loopback_only() -> bool:
 
 def _ray_worker(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker; the process group is already initialised."""
+    entered = time.time()
     import ray.train
+    from llmtrain.runtime.train import RunContext, train
 
+    startup: dict[str, float] = {}
+    if config["startup"] is not None:  # the launcher measures the time to the first step
+        startup = dict(config["startup"])
+        if (started := process_started_at()) is not None:
+            startup["worker_process"] = started
+        startup["worker"] = entered
     context = ray.train.get_context()
     result: TrainResult = train(
         RuntimeConfig.from_dict(config["runtime"]),
@@ -91,6 +100,7 @@ def _ray_worker(config: dict[str, Any]) -> None:
             deterministic=config["deterministic"],
             report=lambda metrics: ray.train.report(metrics),
             checkpoint_requested=config["checkpoint_requested"],
+            startup=startup,
         ),
     )
     if context.get_world_rank() == 0 and config["on_result"] is not None:
@@ -105,12 +115,14 @@ def launch(
     on_result: Callable[[TrainResult], None] | None = None,
     checkpoint_requested: Callable[[], bool] | None = None,
     options: LaunchOptions | None = None,
+    startup: dict[str, float] | None = None,
 ) -> Any:
     """Run training on the connected Ray cluster; returns Ray Train's Result.
 
     ``make_loader``, ``on_progress``, ``on_result`` and ``checkpoint_requested`` are pickled to
     the workers and called on rank 0 there (e.g. an appender of JSON lines, or an actor
-    handle's method).
+    handle's method). ``startup``: the launcher's start-up marks so far; given, rank 0 adds
+    its own and reports them with its first step.
     """
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -125,6 +137,8 @@ def launch(
         from llmtrain.runtime.synthetic import loopback_interface
 
         env["GLOO_SOCKET_IFNAME"] = loopback_interface()
+    if startup is not None:
+        startup = {**startup, "launch": time.time()}
     resources: dict[str, float] = {"CPU": opts.cpus_per_worker}
     if opts.gpus_per_worker:
         resources["GPU"] = opts.gpus_per_worker
@@ -140,6 +154,7 @@ def launch(
             "job": opts.job,
             "metrics_addr": opts.metrics_addr,
             "deterministic": opts.deterministic,
+            "startup": startup,
         },
         scaling_config=ScalingConfig(
             num_workers=workers, use_gpu=opts.gpus_per_worker > 0, resources_per_worker=resources

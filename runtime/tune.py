@@ -21,18 +21,28 @@ at a rung. What the search needs beyond that:
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import functools
-import itertools
 import logging
 import math
 import os
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from llmtrain.api.job import LLMTrainingJob
 from llmtrain.api.progress import TrialRecord, TuningInfo, better, summarize
-from llmtrain.api.spec import TUNABLE_PATHS, SearchAlgorithm, TuningSpec
+from llmtrain.api.spec import SearchAlgorithm, TuningSpec
+from llmtrain.api.tuning import (
+    final_document,
+    format_config,
+    grid_configs,
+    job_document,
+    trial_document,
+    trial_problems,
+    typed_config,
+)
 
 if TYPE_CHECKING:
     from llmtrain.runtime.driver import Place, Reporter
@@ -43,8 +53,6 @@ log = logging.getLogger("llmtrain.tune")
 # Ray Train's report keys for each spec.tuning.metric.
 METRIC_KEYS = {"valLoss": "val_loss", "valPerplexity": "val_perplexity", "valAccuracy": "val_accuracy"}
 EXPERIMENT = "search"
-# Trials checkpoint once, at their end (final.train: false exports the best one's).
-TRIAL_CHECKPOINT_EVERY = 100_000_000
 
 
 class TuningError(RuntimeError):
@@ -60,76 +68,7 @@ class TrialStopped(RuntimeError):
 
 
 # ----------------------------------------------------------------- configurations
-
-
-def _set_path(doc: dict[str, Any], path: str, value: Any) -> None:
-    node = doc
-    *parents, leaf = path.split(".")
-    for p in parents:
-        node = node.setdefault(p, {})
-    node[leaf] = value
-
-
-def typed_config(config: dict[str, Any]) -> dict[str, float | int]:
-    """Sampled values with integer fields rounded (a uniform over microBatchSize yields floats)."""
-    return {
-        path: round(float(v)) if TUNABLE_PATHS.get(path, False) else float(v)
-        for path, v in config.items()
-        if path in TUNABLE_PATHS
-    }
-
-
-def job_document(job: LLMTrainingJob) -> dict[str, Any]:
-    """The job as a manifest (camelCase), the form configurations are applied to."""
-    return job.model_dump(by_alias=True, exclude_none=True, mode="json")
-
-
-def final_document(doc: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
-    """The job with ``config`` applied, as the final run trains it (full duration, every worker)."""
-    out = copy.deepcopy(doc)
-    out["spec"].pop("tuning", None)
-    for path, value in typed_config(config).items():
-        _set_path(out["spec"], path, value)
-    return out
-
-
-def trial_document(doc: dict[str, Any], config: dict[str, Any], *, checkpoint_uri: str) -> dict[str, Any]:
-    """The job as one trial trains it: ``config`` applied, the trial budget as its duration,
-    workersPerTrial workers, its own checkpoint prefix, no export, no metrics port (trials
-    share hosts)."""
-    tuning = doc["spec"]["tuning"]
-    out = final_document(doc, config)
-    spec = out["spec"]
-    spec["training"]["duration"] = dict(tuning["trialBudget"])
-    spec["resources"]["workers"] = tuning["workersPerTrial"]
-    spec["checkpoint"] = {"uri": checkpoint_uri, "everySteps": TRIAL_CHECKPOINT_EVERY, "keepLast": 1}
-    spec["metrics"] = {**spec.get("metrics", {}), "enabled": False}
-    for key in ("export", "serve"):
-        spec.pop(key, None)
-    return out
-
-
-def trial_problems(doc: dict[str, Any], config: dict[str, Any]) -> list[str]:
-    """Every rule the trial's and the final run's spec break, as ``path: message`` (the
-    checks of ``llmtrain validate``: schema and the CRD's CEL rules)."""
-    from llmtrain.api.validate import validate_object
-
-    values = ", ".join(f"{k}={v:g}" for k, v in typed_config(config).items())
-    out = []
-    for what, candidate in (
-        ("trial", trial_document(doc, config, checkpoint_uri="s3://validate/only")),
-        ("final run", final_document(doc, config)),
-    ):
-        for p in validate_object(candidate):
-            out.append(f"configuration {{{values}}} ({what}): {p.path}: {p.message}")
-    return out
-
-
-def grid_configs(tuning: TuningSpec) -> list[dict[str, float]]:
-    """Every combination of the choices, in the order of the space's keys and their values."""
-    paths = list(tuning.space)
-    choices = [tuning.space[p].choice or [] for p in paths]
-    return [dict(zip(paths, combo, strict=True)) for combo in itertools.product(*choices)]
+# The pure helpers live in the API (``llmtrain validate`` expands a grid with them too).
 
 
 def optuna_space(tuning: TuningSpec) -> dict[str, Any]:
@@ -334,6 +273,7 @@ class TrialTracker:
         self.key = METRIC_KEYS[self.metric]
         self.planned = planned
         self.records: dict[str, TrialRecord] = {}
+        self.seeding = False
 
     def _update(self, trial: Any, **changes: Any) -> TrialRecord:
         tid = str(trial.trial_id)
@@ -361,7 +301,7 @@ class TrialTracker:
         steps = record.steps if record is not None else 0
         full = budget_steps(self.doc, dict(trial.config))
         state = "completed" if steps >= full else "stopped"
-        record = self._update(trial, state=state)
+        record = self._update(trial, state=state, ended=time.time())
         if not quiet:
             self._line(record, f"{state} after {steps}/{full} steps")
         self.publish()
@@ -369,7 +309,7 @@ class TrialTracker:
     def error(self, trial: Any, *, quiet: bool = False) -> None:
         err = trial.get_error()
         message = _short_error(err) if err is not None else "failed"
-        record = self._update(trial, state="failed", message=message)
+        record = self._update(trial, state="failed", message=message, ended=time.time())
         if not quiet:
             self._line(record, f"failed: {message}")
         self.publish()
@@ -384,9 +324,17 @@ class TrialTracker:
         )
 
     def publish(self) -> None:
+        if self.seeding:  # a restored search is published once, whole (see tune_stage)
+            return
+        info = self.info()
         report = _active.get("report")
         if report is not None:
-            report.update(tuning=self.info())
+            report.update(tuning=info)
+        metrics = _active.get("metrics")
+        if metrics is not None:
+            metrics.update(info)
+        for watcher in list(_watchers):
+            watcher(info)
 
     def seed(self, trial: Any) -> None:
         """A trial of a restored experiment (Tune replays none of it): finished ones are
@@ -411,6 +359,20 @@ class TrialTracker:
 
 # The running stage's Reporter and tracker (a Reporter holds a lock: not picklable).
 _active: dict[str, Any] = {}
+# Terminal displays following the search (``llmtrain run``'s live trial table): each gets
+# every TuningInfo the stage publishes, on the driver's thread (keep them quick).
+_watchers: list[Callable[[TuningInfo], None]] = []
+
+
+@contextlib.contextmanager
+def watch(callback: Callable[[TuningInfo], None]) -> Iterator[None]:
+    """Call ``callback`` with the search's state on each change, while the block runs. A
+    watched search leaves its final table to the watcher (the driver's log prints it)."""
+    _watchers.append(callback)
+    try:
+        yield
+    finally:
+        _watchers.remove(callback)
 
 
 def _forward(event: str, trial: Any, *args: Any) -> None:
@@ -440,12 +402,9 @@ def _callback() -> Any:
     return Forward()
 
 
-def format_config(config: dict[str, float | int]) -> str:
-    return " ".join(f"{k.rsplit('.', 1)[-1]}={v:.4g}" for k, v in config.items())
-
-
 def trial_table(info: TuningInfo) -> str:
-    """The trial table, plain text: the driver's log and the terminal show the same."""
+    """The trial table, plain text, for the driver's log (``llmtrain run`` draws the same
+    rows with rich: ``llmtrain.cli_run.trial_table``)."""
     rows = [("trial", "state", "steps", info.metric, "configuration")]
     for t in info.trials:
         metric = f"{t.metric:.4f}" if t.metric is not None else "–"
@@ -490,6 +449,23 @@ class TuneOutcome:
     best: TrialRecord
     checkpoint_uri: str  # the best trial's checkpoint prefix
     train_final: bool  # spec.tuning.final.train
+
+
+def _serve_metrics(job: LLMTrainingJob, options: LaunchOptions) -> Any:
+    """The search's series on ``spec.metrics.port`` (:class:`TuneMetrics`), or None when
+    metrics are off or the port is taken (the search matters more than its metrics)."""
+    if not job.spec.metrics.enabled:
+        return None
+    from llmtrain.runtime.metrics import TuneMetrics
+
+    assert job.spec.tuning is not None
+    metrics = TuneMetrics(options.namespace, options.job, job.spec.tuning.metric.value)
+    try:
+        metrics.serve(job.spec.metrics.port, options.metrics_addr)
+    except OSError as e:
+        log.warning("tuning metrics not served on port %d: %s", job.spec.metrics.port, e)
+        return None
+    return metrics
 
 
 def tune_stage(
@@ -564,11 +540,10 @@ def tune_stage(
         options=options,
     )
     tracker = TrialTracker(doc, planned)
-    _active.update(report=report, tracker=tracker)
-    report.update(tuning=tracker.info())
     place.connect()
     path = f"{prefix}/{EXPERIMENT}"
     before = _live_placement_groups()
+    _active.update(report=report, tracker=tracker, metrics=_serve_metrics(job, options))
     try:
         if tune.Tuner.can_restore(path):
             # A rerun: Tune brings back the searcher's state and every trial; finished ones
@@ -578,8 +553,13 @@ def tune_stage(
             tuner = tune.Tuner.restore(
                 path, trainable=trainable(ctx), resume_unfinished=True, resume_errored=False
             )
+            # Seeded quietly, then published once: a snapshot with the counts at zero
+            # and then climbing back would look like trials finishing again (the operator
+            # posts an Event per newly finished trial).
+            tracker.seeding = True
             for trial in tune.ExperimentAnalysis(path).trials:
                 tracker.seed(trial)
+            tracker.seeding = False
         else:
             tuner = tune.Tuner(
                 trainable(ctx),
@@ -599,13 +579,23 @@ def tune_stage(
                     callbacks=[_callback()],
                 ),
             )
+        tracker.publish()
         tuner.fit()
     finally:
+        metrics = _active.get("metrics")
+        if metrics is not None:
+            metrics.update(tracker.info())
+            # Once a scraper has seen the end of the search (when anyone scrapes): the final
+            # run's rank 0 serves on the same port.
+            metrics.close()
         _active.clear()
         _release_leftovers(before)
     info = tracker.info()
     report.update(tuning=info)
-    print("llmtrain tune: trials\n" + trial_table(info), flush=True)
+    for watcher in list(_watchers):
+        watcher(info)
+    if not _watchers:
+        print("llmtrain tune: trials\n" + trial_table(info), flush=True)
     return _outcome(job, doc, tracker, ctx)
 
 

@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
 Stage = Literal["data", "training", "validation", "checkpoint", "export", "done"]
@@ -91,6 +93,9 @@ class ProgressEvent:
     checkpoint_uri: str | None = None
     checkpoint_step: int | None = None
     time: float | None = None  # unix seconds when emitted
+    # Rank 0's start-up marks (unix seconds, :data:`STARTUP_MARKS`), on the event of the
+    # first step a training process runs.
+    startup: dict[str, float] | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -151,6 +156,53 @@ def merge(prev: ProgressEvent | None, event: ProgressEvent) -> ProgressEvent:
             for f in fields(ProgressEvent)
         }
     )
+
+
+# ------------------------------------------------------------------ time to the first step
+
+# Marks from process start to the first optimizer step, in the order they happen, each with
+# the name of the phase that ends at it. The driver sets the first four; rank 0 of the first
+# training launch sets the rest (its process and the driver's share one clock: local runs).
+STARTUP_MARKS: tuple[tuple[str, str], ...] = (
+    ("process", ""),  # the launcher process started (the CLI, or the Ray job's driver)
+    ("driver", "python + CLI"),  # interpreter, imports, spec parsed: the workflow begins
+    ("data", "data"),  # prepared data found, or prepared (a cold start)
+    ("ray", "Ray start"),  # connected to a Ray cluster (started one, locally)
+    ("launch", "trainer launch"),  # ray.train imported, resources checked: TorchTrainer.fit() begins
+    ("worker_process", "worker process"),  # rank 0's worker process started (spawned by Ray)
+    ("worker", "worker set-up"),  # imports (torch), process group: rank 0's loop is entered
+    ("model", "model build"),  # meta-device build, FSDP wrap, init, optimizer
+    ("loader", "data loader"),  # the training split's loader opened
+    ("resume", "resume"),  # the newest checkpoint restored (no time when there is none)
+    ("step", "first step"),  # the first optimizer step done
+)
+
+
+def process_started_at() -> float | None:
+    """When this process started (unix seconds, to 10 ms), from /proc; None without /proc."""
+    try:
+        with open("/proc/self/stat") as f:
+            # Field 22 (clock ticks since boot), after the parenthesised command name.
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        since_boot = time.clock_gettime(time.CLOCK_BOOTTIME)
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+    return time.time() - (since_boot - ticks / os.sysconf("SC_CLK_TCK"))
+
+
+def startup_breakdown(marks: dict[str, float]) -> list[tuple[str, float]]:
+    """The phases between consecutive marks, in seconds. A mark earlier than the one before
+    (a worker process Ray started ahead of time) counts as reached then: no negative phase."""
+    out: list[tuple[str, float]] = []
+    last: float | None = None
+    for mark, phase in STARTUP_MARKS:
+        t = marks.get(mark)
+        if t is None:
+            continue
+        if last is not None:
+            out.append((phase, max(0.0, t - last)))
+        last = t if last is None else max(last, t)
+    return out
 
 
 # ------------------------------------------------------------------ the run's snapshot
@@ -232,6 +284,10 @@ TRIAL_STATES: tuple[str, ...] = ("pending", "running", "completed", "stopped", "
 # trials plus the running ones, each capped, so status stays small at any trial count.
 TOP_TRIALS = 10
 MAX_RUNNING_ROWS = 10
+# The last trials to finish, newest last: in the snapshot only (not in status), so the
+# operator can name the trials that finished since its last look (an Event each, bounded).
+RECENT_TRIALS = 5
+FINISHED_STATES: tuple[str, ...] = ("completed", "stopped", "failed")
 
 
 @dataclass(frozen=True)
@@ -244,6 +300,7 @@ class TrialRecord:
     metric: float | None = None  # the judged metric at its last validation
     steps: int = 0  # optimizer steps it trained
     message: str | None = None  # why it failed
+    ended: float | None = None  # unix seconds when it finished (orders TuningInfo.recent)
 
     def status(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -277,6 +334,11 @@ class TuningInfo:
     failed: int = 0
     best: TrialRecord | None = None
     trials: list[TrialRecord] = field(default_factory=list)
+    recent: list[TrialRecord] = field(default_factory=list)  # the last to finish, newest last
+
+    @property
+    def finished(self) -> int:
+        return self.completed + self.stopped + self.failed
 
     def status(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -306,6 +368,7 @@ class TuningInfo:
         info.trials = [_known(TrialRecord, t) for t in raw.get("trials") or []][
             : TOP_TRIALS + MAX_RUNNING_ROWS
         ]
+        info.recent = [_known(TrialRecord, t) for t in raw.get("recent") or []][-RECENT_TRIALS:]
         return info
 
 
@@ -326,6 +389,10 @@ def summarize(
     sign = 1.0 if mode == "min" else -1.0
     scored.sort(key=lambda t: (sign * float(t.metric or 0.0), t.number))
     running = sorted((t for t in trials if t.state == "running"), key=lambda t: t.number)
+    ended = sorted(
+        (t for t in trials if t.state in FINISHED_STATES and t.ended is not None),
+        key=lambda t: (t.ended or 0.0, t.number),
+    )
     return TuningInfo(
         search=search,
         metric=metric,
@@ -337,6 +404,7 @@ def summarize(
         failed=counts["failed"],
         best=scored[0] if scored else None,
         trials=scored[:TOP_TRIALS] + running[:MAX_RUNNING_ROWS],
+        recent=[replace(t, message=(t.message or "")[:300] or None) for t in ended[-RECENT_TRIALS:]],
     )
 
 

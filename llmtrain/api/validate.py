@@ -8,7 +8,9 @@ Three layers, each reporting the exact field path (``spec.model.architecture.kvH
    schema's defaults, exactly as the apiserver defaults before it validates; transition
    rules (``oldSelf``) run when an old object is given;
 3. fields that parse but have no effect yet (:mod:`llmtrain.api.support`) are rejected
-   with "not supported yet".
+   with "not supported yet";
+4. a valid grid search (``spec.tuning``) is expanded and each configuration checked by
+   1–3, named with the path it breaks (:func:`grid_problems`).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ INLINE_SECRET_HINT = (
 class Problem:
     path: str
     message: str
-    layer: str  # "schema" | "cel" | "unsupported" | "manifest"
+    layer: str  # "schema" | "cel" | "unsupported" | "manifest" | "tuning"
 
     def __str__(self) -> str:
         return f"{self.path}: {self.message}"
@@ -235,7 +237,43 @@ def validate_object(doc: dict[str, Any], old: dict[str, Any] | None = None) -> l
         if (p.path, p.message) not in seen:
             seen.add((p.path, p.message))
             unique.append(p)
+    if not unique:
+        unique = grid_problems(doc)
     return unique
+
+
+# A grid's configurations validated one by one (two manifests each, ~10 ms): beyond this many
+# the rest are left to the tuning stage, which checks every one before the search starts.
+MAX_GRID_CONFIGURATIONS = 1000
+
+
+def grid_problems(doc: dict[str, Any]) -> list[Problem]:
+    """4. A valid grid search, expanded: every configuration applied to the spec (as a trial
+    runs it and as the final run would) must pass layers 1–3, or it is named with the path
+    it breaks. Random and bayesian samples are checked in their trial (they are not known
+    before the search runs). The apiserver cannot expand a grid: this layer is ours."""
+    from llmtrain.api.spec import SearchAlgorithm
+    from llmtrain.api.tuning import configuration_problems, describe, grid_configs, job_document
+
+    job = LLMTrainingJob.model_validate(doc)
+    tuning = job.spec.tuning
+    if tuning is None or tuning.search != SearchAlgorithm.grid:
+        return []
+    doc = job_document(job)  # with the defaults: trial_document reads workersPerTrial, trialBudget
+    # The same rule broken by several configurations is one problem: the first one named,
+    # the others counted (a 10 × 2 grid with one bad microBatchSize is not 20 lines).
+    broken: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for config in grid_configs(tuning)[:MAX_GRID_CONFIGURATIONS]:
+        for what, path, message in configuration_problems(doc, config):
+            broken.setdefault((what, path, message), []).append(config)
+    out = []
+    for (what, path, message), configs in broken.items():
+        more = len(configs) - 1
+        also = f" (and {more} more configuration{'s' * (more != 1)} of the grid)" if more else ""
+        out.append(
+            Problem(path, f"grid configuration {describe(configs[0])} ({what}){also}: {message}", "tuning")
+        )
+    return out
 
 
 @dataclass(frozen=True)

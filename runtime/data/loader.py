@@ -172,10 +172,14 @@ class ShardLoader:
         try:
             self.manifest = Manifest.from_json(self.storage.get(MANIFEST_NAME))
         except StorageError as e:
-            raise LoaderError(
-                f"no {MANIFEST_NAME} at {self.storage.describe(MANIFEST_NAME)}: run `llmtrain data "
-                f"prepare` for spec.data.outputUri first ({e})"
-            ) from e
+            if str(e).endswith("does not exist"):  # the wording of Storage's missing-object errors
+                raise LoaderError(
+                    f"no {MANIFEST_NAME} at {self.storage.describe(MANIFEST_NAME)}: run `llmtrain data "
+                    f"prepare` for spec.data.outputUri first ({e})"
+                ) from e
+            # Present but unreadable (retries spent on a broken connection, access denied):
+            # "run prepare first" would send the user the wrong way.
+            raise LoaderError(f"cannot read the data manifest: {e}") from e
         self.shards = [
             _Shard(i, s, max(0, (s.tokens - 1) // context_length))
             for i, s in enumerate(self.manifest.split_shards(split))  # type: ignore[arg-type]

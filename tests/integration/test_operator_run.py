@@ -10,7 +10,9 @@ logs and the export, the operator as a subprocess, `transformers` on the export.
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import subprocess
 import sys
 import time
@@ -45,10 +47,34 @@ def corpus(s3_server: S3Server) -> str:
     return "s3://corpus/text/"
 
 
+# Distinctive fake S3 credentials (moto takes any): the Ray processes, so every driver of
+# this module, sign their S3 requests with them, and _assert_no_secret_leaked looks for
+# them (and the job's Ray token) wherever a user or an attacker could read.
+CANARY_KEY_ID = "AKIACANARYK3Y1D7Q2ZX"
+CANARY_SECRET = "canary/S3cr3t+9f3c1e7a5b2d4c6e8f0a1b3c5d7e9f"
+S3_SECRET = "s3-credentials"
+
+
 @pytest.fixture(scope="module")
 def standin(s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayStandIn]:
-    # After s3_server: the Ray processes inherit its (dummy) credentials, as pods get them.
-    s = RayStandIn(num_cpus=2, workdir=tmp_path_factory.mktemp("standin")).start()
+    # After s3_server. The Ray processes inherit these as a pod gets them from
+    # spec.storage.secretRef; the driver logs at DEBUG (botocore then logs every request's
+    # headers), the level a user turns on to look closer.
+    env = {
+        "AWS_ACCESS_KEY_ID": CANARY_KEY_ID,
+        "AWS_SECRET_ACCESS_KEY": CANARY_SECRET,
+        "LLMTRAIN_LOG_LEVEL": "DEBUG",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        s = RayStandIn(num_cpus=2, workdir=tmp_path_factory.mktemp("standin")).start()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     yield s
     s.stop()
 
@@ -62,7 +88,20 @@ def run_operator(
     standin: RayStandIn,
 ) -> Iterator[Operator]:
     standin.mirror_specs(cluster.kubeconfig)  # the kubelet's part: ConfigMap → the driver's file
-    yield from serve(Operator(cluster, namespace, tmp_path, extra=standin.operator_args()))
+    from kubernetes import client
+
+    cluster.core.create_namespaced_secret(
+        namespace,
+        client.V1Secret(
+            metadata=client.V1ObjectMeta(name=S3_SECRET),
+            string_data={"AWS_ACCESS_KEY_ID": CANARY_KEY_ID, "AWS_SECRET_ACCESS_KEY": CANARY_SECRET},
+        ),
+    )
+    yield from serve(
+        Operator(
+            cluster, namespace, tmp_path, extra=standin.operator_args(), env={"LLMTRAIN_LOG_LEVEL": "DEBUG"}
+        )
+    )
 
 
 @pytest.fixture
@@ -93,7 +132,7 @@ def tiny_job(name: str, source: str, endpoint: str, **over: Any) -> dict[str, An
         "validation": {"everySteps": 40, "batches": 2},
         "checkpoint": {"uri": f"{prefix}/checkpoints", "everySteps": 40, "keepLast": 2},
         "export": {"uri": f"{prefix}/model"},
-        "storage": {"endpoint": endpoint, "region": "us-east-1"},
+        "storage": {"endpoint": endpoint, "region": "us-east-1", "secretRef": {"name": S3_SECRET}},
         "resources": {"workers": 1, "worker": {"cpu": "1", "memory": "2Gi"}},
         "backoffLimit": 1,
     }
@@ -188,6 +227,7 @@ def test_apply_trains_exports_and_mirrors_progress(
     _assert_export_matches_generate(s3_server, f"s3://{BUCKET}/tiny/model", tmp_path)
 
     _assert_serving_follows_spec_serve(api)
+    _assert_no_secret_leaked(api, run_operator, standin, s3_server, "tiny")
 
 
 def _assert_serving_follows_spec_serve(api: Api) -> None:
@@ -327,6 +367,64 @@ def test_missing_source_fails_at_once_with_the_reason_and_the_log(
     assert "DataError" in reasons
     log = s3_server.client().get_object(Bucket=BUCKET, Key="nodata/logs/nodata-1.log")["Body"].read().decode()
     assert "no-such-prefix" in log
+    # The error path: the Failed condition carries the log's tail, the Event its message.
+    _assert_no_secret_leaked(api, run_operator, standin, s3_server, "nodata")
+
+
+def _assert_no_secret_leaked(api: Api, op: Operator, standin: RayStandIn, s3: S3Server, job: str) -> None:
+    """Neither fake S3 credential nor the Ray token, as text or base64, in anything but their
+    two Secrets: the jobs (spec, status, annotations), the namespace's Events, ConfigMaps,
+    other Secrets, pods and Deployments, the Ray jobs as submitted, the driver's log (Ray's
+    copy and the one in S3) and the operator's log, both at DEBUG."""
+    from kubernetes import client
+
+    secrets = {"S3 access key id": CANARY_KEY_ID, "S3 secret key": CANARY_SECRET, "Ray token": standin.token}
+    ns, core, ser = api.ns, api.c.core, api.c.api_client.sanitize_for_serialization
+    places: dict[str, str] = {
+        "jobs": json.dumps(
+            api.c.custom.list_namespaced_custom_object("llmtrain.dev", "v1alpha1", ns, "llmtrainingjobs")
+        ),
+        "events": json.dumps(ser(core.list_namespaced_event(ns).items)),
+        "configmaps": json.dumps(ser(core.list_namespaced_config_map(ns).items)),
+        "pods": json.dumps(ser(core.list_namespaced_pod(ns).items)),
+        "deployments": json.dumps(
+            ser(client.AppsV1Api(api.c.api_client).list_namespaced_deployment(ns).items)
+        ),
+        "other secrets": json.dumps(
+            ser(
+                [
+                    x
+                    for x in core.list_namespaced_secret(ns).items
+                    # the jobs' Ray auth Secrets hold the stand-in's one token (its file)
+                    if x.metadata.name != S3_SECRET and not x.metadata.name.endswith("-ray-auth")
+                ]
+            )
+        ),
+        "operator log": op.full_log(),
+    }
+    sids = [j["submission_id"] for j in standin.jobs() if j["submission_id"].startswith(f"{job}-")]
+    assert sids
+    for j in standin.jobs():
+        if j["submission_id"] in sids:
+            places[f"Ray job {j['submission_id']} as submitted"] = json.dumps(j)
+    driver_logs = ""
+    for sid in sids:
+        driver_logs += standin.get(f"/api/jobs/{sid}/logs")["logs"]
+        obj = s3.client().get_object(Bucket=BUCKET, Key=f"{job}/logs/{sid}.log")
+        driver_logs += obj["Body"].read().decode()
+    places["driver log"] = driver_logs
+    leaks = []
+    for what, value in secrets.items():
+        forms = {value, base64.b64encode(value.encode()).decode()}
+        for where, text in places.items():
+            for form in forms:
+                if form in text:
+                    at = text.index(form)
+                    leaks.append(f"{what} in {where}: ...{text[max(0, at - 200) : at + 80]}...")
+    assert not leaks, "\n".join(leaks)
+    # The net holds: the driver logged at DEBUG and signed its S3 requests with the canary.
+    assert "DEBUG botocore" in driver_logs and "Credential=<redacted>/" in driver_logs, driver_logs[-3000:]
+    assert " DEBUG " in places["operator log"]
 
 
 # ------------------------------------------------------------------------- recovery

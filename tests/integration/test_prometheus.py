@@ -7,6 +7,9 @@ with a generated config that scrapes, every second:
 * a live training run's ``/metrics``: ``train()`` on the tiny model with the synthetic
   loader, whose batches take a few milliseconds to arrive (so data wait is measured, not 0),
   labelled with the namespace and name of job A below;
+* a live search's ``/metrics``: the driver's tuning stage (a two-point grid of two-step
+  trials on the tiny model and a little real text, Ray Tune over Ray Train on a local Ray,
+  in a subprocess), labelled like the training run: what a job shows while it tunes;
 * ``llmtrain serve`` (test_serve.py's tiny exported model) answering completion requests
   that arrive a few a second;
 * the operator's ``/metrics``: ``llmtrain operator`` reconciling two jobs on the test
@@ -55,7 +58,7 @@ from tests.unit.test_export import tokenizer  # noqa: E402, F401
 
 Cluster = Any  # conftest.Cluster (tests/integration is not a package)
 
-pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(480)]
 
 GROUP, VERSION, PLURAL = "llmtrain.dev", "v1alpha1", "llmtrainingjobs"
 PROMETHEUS_VERSION = "2.42"
@@ -232,6 +235,11 @@ class SlowLoader:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
+    def token_bytes(self) -> list[int]:
+        # Each synthetic token stands for one byte of text, so validation measures bits per
+        # byte (loss / ln 2) as it does on real data, where the tokenizer says the lengths.
+        return [1] * 60
+
     def __iter__(self) -> Iterator[Any]:
         for batch in self.inner:
             time.sleep(self.delay)
@@ -280,6 +288,107 @@ class TrainingRun:
         self.thread.join(timeout)
         assert not self.thread.is_alive(), "the training run did not finish"
         assert not self.error, repr(self.error[0])
+
+
+TUNE_DRIVER = """
+import json, sys
+from pathlib import Path
+from llmtrain.api.job import LLMTrainingJob
+from llmtrain.runtime import driver
+from llmtrain.runtime.ray_local import init_local_ray
+
+job = LLMTrainingJob.model_validate(json.loads(Path(sys.argv[1]).read_text()))
+out = Path(sys.argv[2])
+init_local_ray(2, temp_dir=sys.argv[3])
+place = driver.Place(
+    run_dir=out / "run", output_prefix=str(out / "out"), connect=lambda: None, cpus_per_worker=2,
+    metrics_addr="127.0.0.1",
+)
+report = driver.Reporter()
+data_uri, storage, _ = driver.prepare_data(job, report)
+driver.tune(job, data_uri, storage, report.snapshot.data.vocab_size, place, report)
+print("TUNED " + json.dumps(report.snapshot.tuning.status()), flush=True)
+"""
+
+
+@dataclass
+class TuningRun:
+    """The driver's tuning stage in a subprocess (its own local Ray): the search's series on
+    the job's metrics port while it runs. Two trials of two steps: the cheapest search that
+    has a best trial, trials in more than one state over time, and a series per trial."""
+
+    port: int
+    namespace: str
+    job: str
+    tmp: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        import sysconfig
+
+        stdlib = Path(sysconfig.get_paths()["stdlib"])
+        doc = {
+            "apiVersion": "llmtrain.dev/v1alpha1",
+            "kind": "LLMTrainingJob",
+            "metadata": {"name": self.job, "namespace": self.namespace},
+            "spec": {
+                "data": {
+                    "sources": [
+                        {"name": "json", "local": {"glob": str(stdlib / "json" / "*.py"), "textUnit": "file"}}
+                    ],
+                    "tokenizer": {"train": {"vocabSize": 300}},
+                    "outputUri": str(self.tmp / "data"),
+                    "validationFraction": 0.2,
+                },
+                "model": {"architecture": {"layers": 1, "dModel": 32, "heads": 2, "contextLength": 32}},
+                "training": {
+                    "schedule": {"warmupSteps": 1, "decay": "constant"},
+                    "batch": {"globalBatchSize": 8, "microBatchSize": 8},
+                    "duration": {"maxSteps": 2},
+                    "logEverySteps": 1,
+                },
+                "validation": {"everySteps": 1, "batches": 1},
+                "checkpoint": {"uri": str(self.tmp / "ckpt"), "everySteps": 2, "keepLast": 1},
+                "metrics": {"enabled": True, "port": self.port},
+                "resources": {"workers": 1},
+                "tuning": {
+                    "search": "grid",
+                    "trialBudget": {"maxSteps": 2},
+                    "space": {"training.optimizer.lr": {"choice": [3e-3, 1e-3]}},
+                },
+            },
+        }
+        (self.tmp / "job.json").write_text(json.dumps(doc))
+        ray_tmp = tempfile.mkdtemp(prefix="ray-")  # short: unix socket paths stay < 108 bytes
+        self.log_path = self.tmp / "tune.log"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-P", "-c", TUNE_DRIVER, str(self.tmp / "job.json"), str(self.tmp), ray_tmp],
+            stdout=self.log_path.open("wb"),
+            stderr=subprocess.STDOUT,
+            cwd=self.tmp,  # not the repository root: its operator/ folder would shadow the stdlib's
+        )
+
+    def join(self, timeout: float) -> dict[str, Any]:
+        assert self.proc is not None
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            pytest.fail(f"the search did not finish in {timeout:.0f}s:\n{self.log_path.read_text()[-3000:]}")
+        text = self.log_path.read_text(errors="replace")
+        assert self.proc.returncode == 0, text[-3000:]
+        line = next(x for x in text.splitlines() if x.startswith("TUNED "))
+        tuning: dict[str, Any] = json.loads(line[len("TUNED ") :])
+        return tuning
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
 
 
 class OperatorProcess:
@@ -359,6 +468,7 @@ class Scraped:
     end: float
     variables: dict[str, str]
     operator: OperatorProcess
+    tuning: dict[str, Any]  # the search's status.tuning, as the driver ended it
 
 
 class Clients:
@@ -385,6 +495,7 @@ class Clients:
 
 @pytest.fixture(scope="module")
 def scraped(cluster: Cluster, served: Served, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scraped]:  # noqa: F811
+    pytest.importorskip("ray")  # the search runs on a local Ray
     binary = prometheus_binary()
     version = subprocess.run([str(binary), "--version"], capture_output=True, text=True).stdout
     assert f"version {PROMETHEUS_VERSION}." in version, version
@@ -415,12 +526,15 @@ def scraped(cluster: Cluster, served: Served, tmp_path_factory: pytest.TempPathF
     )
     operator = OperatorProcess(cluster, ns, tmp)
     run = TrainingRun(port=_free_port(), namespace=ns, job="prom-a")
+    (tmp / "search").mkdir()  # beside Prometheus' own data/
+    search = TuningRun(port=_free_port(), namespace=ns, job="prom-a", tmp=tmp / "search")
     prom = Prometheus(
         binary,
         tmp,
         {
             "llmtrain-operator": (f"127.0.0.1:{operator.metrics_port}", True),
             "llmtrain-train": (f"127.0.0.1:{run.port}", True),
+            "llmtrain-tune": (f"127.0.0.1:{search.port}", True),
             "llmtrain-serve": (f"127.0.0.1:{served.port}", False),
         },
     )
@@ -438,6 +552,7 @@ def scraped(cluster: Cluster, served: Served, tmp_path_factory: pytest.TempPathF
         # The operator's histograms are seen at zero before anything happens, so their
         # increase over the range is the test's own activity.
         cluster.wait_for(operator_scraped, timeout=30, what="a first scrape of the operator")
+        search.start()  # first: it takes longest (a local Ray, then two trials)
         run.start()
         clients = Clients(served)
         cluster.custom.create_namespaced_custom_object(
@@ -463,6 +578,7 @@ def scraped(cluster: Cluster, served: Served, tmp_path_factory: pytest.TempPathF
             what="reconcile errors from job B's refused pods",
         )
         run.join(timeout=120)
+        tuning = search.join(timeout=300)
         clients.close()
         assert clients.answered >= 5, clients.answered
         time.sleep(2 * SCRAPE_SECONDS)  # the operator's newest counts reach Prometheus
@@ -472,8 +588,9 @@ def scraped(cluster: Cluster, served: Served, tmp_path_factory: pytest.TempPathF
             if line.startswith("llmtrain_operator_reconcile_errors_total{")
         ]
         print(f"\nthe operator's reconcile errors: {errors}")
-        yield Scraped(prom, start, time.time(), {"namespace": ns, "job": "prom-a"}, operator)
+        yield Scraped(prom, start, time.time(), {"namespace": ns, "job": "prom-a"}, operator, tuning)
     finally:
+        search.stop()
         if clients is not None:
             clients.close()
         prom.stop()
@@ -497,6 +614,44 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(scraped: Scra
     # The training series kept their own job/namespace labels through the scrape.
     by_title = {a.title: a for a in answers}
     assert by_title["Loss"].series == 1 and by_title["Data wait"].series == 1
+    # The search: a series per trial, one per state, and the best is the driver's best.
+    tuning = scraped.tuning
+    assert tuning["completed"] == 2 and tuning["planned"] == 2
+    assert by_title["Trial metric"].series == 2 and by_title["Trials by state"].series == 4
+    r = scraped.prom.query_range(
+        f'llmtrain_tune_best_metric{{namespace="{scraped.variables["namespace"]}"}}',
+        scraped.start,
+        scraped.end,
+    )
+    (series,) = r["data"]["result"]
+    assert round(float(series["values"][-1][1]), 4) == tuning["best"]["metric"]
+    # Bits per byte was measured, not a placeholder (a loader without byte counts has none).
+    bpb = ask(scraped.prom, [("bpb", "llmtrain_val_bits_per_byte > 0")], {}, scraped.start, scraped.end)
+    assert bpb[0].series == 1 and bpb[0].finite > 0
+
+
+def test_the_variables_list_the_job_from_its_training_and_its_search(scraped: Scraped) -> None:
+    """``label_values(selector, label)`` as Grafana asks it (the label's values over the
+    series the selector matches): the test's namespace and job are offered, and the search's
+    series alone name the job, as they do while a job is still tuning."""
+    from llmtrain.dashboard import JOB_SERIES
+
+    shipped = json.loads((ROOT / "charts" / "llmtrain" / "dashboards" / "llmtrain.json").read_text())
+    variables = {v["name"]: v["query"] for v in shipped["templating"]["list"] if v["type"] == "query"}
+
+    def values(query: str) -> list[str]:
+        selector, label = query[len("label_values(") : -1].rsplit(", ", 1)
+        selector = selector.replace("$namespace", scraped.variables["namespace"])
+        params = urllib.parse.urlencode({"match[]": selector, "start": scraped.start, "end": scraped.end})
+        out: list[str] = _get(f"{scraped.prom.url}/api/v1/label/{label}/values?{params}")["data"]
+        return out
+
+    assert scraped.variables["namespace"] in values(variables["namespace"])
+    assert values(variables["job"]) == ["prom-a"]
+    tuning_only = variables["job"].replace(JOB_SERIES, "llmtrain_tune_trials")
+    assert tuning_only != variables["job"] and values(tuning_only) == ["prom-a"]
+    # Negative control: a metric nobody exports offers no job.
+    assert values(variables["job"].replace(JOB_SERIES, "llmtrain_tune_trial")) == []
 
 
 def test_a_misspelt_metric_or_broken_query_fails(scraped: Scraped) -> None:

@@ -44,6 +44,9 @@ _PROMQL_WORDS = {
     "kind",
     "path",
     "code",
+    "state",
+    "trial",
+    "metric",
 }
 
 
@@ -51,7 +54,9 @@ def exported_metric_names() -> set[str]:
     """Every sample name the code's registries expose (counters with _total, histograms with
     _bucket/_sum/_count), MFU included (created on first use, so one GPU-like window is logged)."""
     from llmtrain.operator.metrics import OperatorMetrics
-    from llmtrain.runtime.metrics import MetricLabels, TrainMetrics
+    from llmtrain.runtime.metrics import MetricLabels, TrainMetrics, TuneMetrics
+
+    from llmtrain.api.progress import TrialRecord, summarize
 
     train = TrainMetrics(MetricLabels("ns", "j", 0))
     train.log_window(
@@ -66,6 +71,10 @@ def exported_metric_names() -> set[str]:
         step=1,
         epoch=0,
     )
+    train.validation(loss=1.0, perplexity=2.7, bits_per_byte=1.4)  # bits/byte: labelled on first use
+    tune = TuneMetrics("ns", "j", "valLoss")
+    trials = [TrialRecord(1, "completed", {}, 4.5, 6)]
+    tune.update(summarize(trials, search="grid", metric="valLoss", mode="min", planned=1))
     op = OperatorMetrics()
     op.reconcile_errors.labels(kind="x").inc()  # a labelled counter shows no sample before use
     from llmtrain.runtime.serve import EngineStats, ServeMetrics
@@ -75,7 +84,7 @@ def exported_metric_names() -> set[str]:
     serve = ServeMetrics(engine)
     serve.requests.labels(path="/v1/completions", code="200").inc()
     names: set[str] = set()
-    for registry in (train.registry, op.registry, serve.registry):
+    for registry in (train.registry, tune.registry, op.registry, serve.registry):
         for family in registry.collect():
             names |= {s.name for s in family.samples}
     return names
@@ -138,7 +147,10 @@ def test_variables_units_and_thresholds() -> None:
     variables = {v["name"]: v for v in d["templating"]["list"]}
     assert set(variables) == {"datasource", "namespace", "job"}
     assert variables["namespace"]["query"].startswith("label_values(")
-    assert variables["job"]["query"] == 'label_values(llmtrain_train_step{namespace=~"$namespace"}, job)'
+    # A job that is still tuning has trained nothing: the search's series name it too.
+    assert variables["job"]["query"] == (
+        'label_values({__name__=~"llmtrain_train_step|llmtrain_tune_trials", namespace=~"$namespace"}, job)'
+    )
     p = panels(d)
     assert set(MAY_BE_EMPTY_ON_CPU) <= set(p)
     for title in (
@@ -157,6 +169,10 @@ def test_variables_units_and_thresholds() -> None:
         "Tokens trained",
         "Serving requests",
         "Serving latency",
+        "Validation bits per byte",
+        "Best trial so far",
+        "Trials by state",
+        "Trial metric",
     ):
         assert title in p, title
     defaults = {t: q["fieldConfig"]["defaults"] for t, q in p.items()}
@@ -171,7 +187,7 @@ def test_variables_units_and_thresholds() -> None:
     assert len(exprs) == 2 and all("llmtrain_train_step_seconds_bucket" in e for e in exprs)
     # Every training panel follows the two variables.
     for title, expr in panel_queries(d):
-        if "llmtrain_train_" in expr or "llmtrain_val_" in expr:
+        if "llmtrain_train_" in expr or "llmtrain_val_" in expr or "llmtrain_tune_" in expr:
             assert 'namespace=~"$namespace"' in expr and 'job=~"$job"' in expr, title
     # Each panel reads the selected data source.
     assert all(q["datasource"]["uid"] == "${datasource}" for q in p.values())

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from llmtrain.runtime.checkpoint import Lineage
+from llmtrain.runtime.checkpoint import CheckpointCorruptError, Lineage
 from llmtrain.runtime.export import (
     ExportError,
     TokenizerFiles,
@@ -214,3 +214,7 @@ def test_init_from_checkpoint_loads_weights_only(tmp_path: Path, tokenizer: Toke
     missing = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_uri=str(tmp_path / "none")))
     with pytest.raises(ModelImportError, match=r"spec\.model\.init\.checkpoint\.uri"):
         load_initial_weights(GPT(cfg.model), missing)
+    # A corrupt .metadata is named before it is unpickled.
+    (meta := next((tmp_path / "ckpt").glob("step_*/.metadata"))).write_bytes(b"x" + meta.read_bytes()[1:])
+    with pytest.raises(CheckpointCorruptError, match=r"step_\d+/\.metadata: .*corrupt"):
+        load_initial_weights(GPT(cfg.model), cfg)

@@ -381,3 +381,116 @@ def test_peering_missing_object_pauses_and_answers_are_cached() -> None:
     assert state.active() is True and peers.reads == 3  # one read per namespace
     peers.fail = OSError("connection refused")
     assert state.active() is True  # a failed read keeps the last answer
+
+
+# ------------------------------------------------------------ failures: counted, backed off
+
+
+def _drain(s: Setup) -> list[tuple[str, str]]:
+    """Reconcile everything queued, as the threads would; the keys, in order."""
+    done = []
+    while (key := s.controller.queue.get(timeout=0)) is not None:
+        s.controller.reconcile_key(key)
+        s.controller.queue.done(key)
+        done.append(key)
+    return done
+
+
+def test_a_job_whose_reconcile_raises_is_counted_once_per_try_backed_off_and_others_go_on() -> None:
+    s = Setup()
+    c = s.controller
+    clock = [1000.0]
+    c.monotonic = lambda: clock[0]
+    bad, good = job_body("bad"), job_body("good")
+    good["metadata"]["uid"] = "uid-good"
+    bad["metadata"]["resourceVersion"] = "7"
+    real = c.reconciler.reconcile
+
+    def reconcile(body: Any, pods: Any, now: Any) -> Outcome:
+        if body["metadata"]["name"] == "bad":
+            raise TypeError("'str' object cannot be interpreted as an integer")
+        return real(body, pods, now)
+
+    c.reconciler.reconcile = reconcile  # type: ignore[method-assign]
+    s.add(bad)
+    s.add(good)
+    assert _drain(s) == [("ns1", "bad"), ("ns1", "good")]  # new jobs: queued by their events
+    text = s.metrics_text()
+    assert 'llmtrain_operator_reconcile_errors_total{kind="unexpected"} 1.0' in text
+    assert [e for e in s.writer.events if e[1] == "ReconcileError"] == [
+        (
+            "Warning",
+            "ReconcileError",
+            "the operator could not reconcile this job (TypeError: 'str' object cannot be interpreted "
+            "as an integer); retrying in 0s",
+        )
+    ]
+    # Resyncs while it backs off queue the others only; each try doubles the wait.
+    tries, waits = 1, []
+    for _ in range(400):
+        clock[0] += 0.01
+        c.resync_once()
+        if ("ns1", "bad") in _drain(s):
+            tries += 1
+            waits.append(round(c.backing_off(("ns1", "bad")), 2))
+    assert waits[:4] == [0.1, 0.2, 0.4, 0.8] and tries == 7  # 4 s of resyncs every 10 ms
+    assert f'kind="unexpected"}} {float(tries)}' in s.metrics_text()  # once per try, no more
+    assert s.writer.jobs[("ns1", "good")]["status"]["phase"] == "Provisioning"  # never held up
+    # The wait is capped.
+    c.interval = 100.0
+    c.reconcile_key(("ns1", "bad"))
+    assert c.backing_off(("ns1", "bad")) == c.BACKOFF_MAX_SECONDS
+    # An edited job is tried at once; fixed, it is no longer backed off.
+    c.reconciler.reconcile = real  # type: ignore[method-assign]
+    bad2 = copy.deepcopy(bad)
+    bad2["metadata"]["resourceVersion"] = "8"
+    s.add(bad2, "MODIFIED")
+    assert c.backing_off(("ns1", "bad")) == 0
+    assert ("ns1", "bad") in _drain(s)
+    assert s.writer.jobs[("ns1", "bad")]["status"]["phase"] == "Provisioning"
+
+
+def test_a_name_conflict_is_retried_with_backoff_not_every_resync() -> None:
+    s = Setup()
+    c = s.controller
+    clock = [0.0]
+    c.monotonic = lambda: clock[0]
+    s.api.objects[("Service", "ns1", "demo-head-svc")] = {
+        "kind": "Service",
+        "metadata": {"name": "demo-head-svc", "namespace": "ns1", "uid": "someone-else"},
+    }
+    s.add(job_body())
+    _drain(s)
+    assert 'kind="create"} 1.0' in s.metrics_text()
+    for _ in range(10):  # a second of resyncs, 0.05 s apart: tries after 0.05, 0.1, 0.2, 0.4 s
+        clock[0] += 0.1
+        c.resync_once()
+        _drain(s)
+    assert 'kind="create"} 5.0' in s.metrics_text()
+    assert sum(e[1] == "NameConflict" for e in s.writer.events) == 5
+
+
+def test_a_spec_or_status_that_is_not_an_object_does_not_break_the_watch() -> None:
+    for field, value in (("spec", "oops"), ("status", ["x"]), ("spec", None)):
+        body = job_body()
+        body[field] = value
+        assert needs_action_now(body) is True
+
+
+def test_a_stored_job_the_api_server_refuses_to_write_still_gets_its_events() -> None:
+    """A job stored under a looser CRD fails the current CRD's rules: the API server refuses
+    the status write (422). The InvalidSpec Event still says which field, and the job is
+    retried with backoff, not every resync."""
+    s = Setup()
+    c = s.controller
+    c.monotonic = lambda: 0.0
+    body = job_body()
+    body["spec"]["resources"]["workers"] = "many"
+    s.add(body)
+    s.writer.fail = ApiError(
+        422, 'LLMTrainingJob "demo" is invalid: spec.resources: expected int, got string'
+    )
+    assert c.reconcile_key(KEY) is None
+    ((kind, reason, message),) = s.writer.events
+    assert (kind, reason) == ("Warning", "InvalidSpec") and "spec.resources.workers:" in message
+    assert 'kind="http_422"} 1.0' in s.metrics_text() and c.backing_off(KEY) > 0

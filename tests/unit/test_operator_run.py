@@ -25,7 +25,7 @@ from llmtrain.api.progress import (
     snapshot_from_log,
 )
 from llmtrain.api.status import ConditionType, Phase
-from tests.unit.test_operator_fakes import job_body, set_all, set_status, views
+from tests.unit.test_operator_fakes import JOB_UID, job_body, set_all, set_status, views
 from tests.unit.test_operator_reconcile import Harness
 
 TOKEN = "t" * 64
@@ -501,7 +501,7 @@ def test_deleting_a_job_stops_its_ray_job_then_drops_the_finalizer() -> None:
     import base64
 
     s.api.objects[("Secret", "ns1", "demo-ray-auth")] = {
-        "metadata": {"name": "demo-ray-auth", "namespace": "ns1"},
+        "metadata": {"name": "demo-ray-auth", "namespace": "ns1", "ownerReferences": [{"uid": JOB_UID}]},
         "data": {"token": base64.b64encode(TOKEN.encode()).decode()},
     }
     s.add(body, "MODIFIED")

@@ -264,3 +264,139 @@ def test_an_invalid_grid_fails_before_any_trial_starts(tmp_path: Any) -> None:
     ) as e:
         t.tune_stage(job, "unused", None, 512, place, Reporter(), options=None)  # type: ignore[arg-type]
     assert e.value.permanent
+
+
+# ------------------------------------------------------------- llmtrain validate: grids
+
+
+GRID = {"search": "grid", "numTrials": None, "initialRandomTrials": None}
+
+
+def grid_doc(micro_batches: list[int]) -> dict[str, Any]:
+    return tuned(
+        **GRID,
+        space={
+            "training.optimizer.lr": {"choice": [1e-3, 2e-3]},
+            "training.optimizer.weightDecay": {"choice": [0]},
+            "training.batch.microBatchSize": {"choice": micro_batches},
+        },
+    )
+
+
+def test_validate_expands_a_grid_and_names_each_bad_configuration_with_its_path(tmp_path: Any) -> None:
+    """microBatchSize 3 does not divide globalBatchSize 32: the schema and CEL pass (the
+    apiserver cannot expand a grid), the grid layer names the first bad configuration, the
+    rule's path and how many more configurations break it; `llmtrain validate` exits 1."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from llmtrain.cli import app
+
+    assert validate_object(grid_doc([2, 4])) == []
+    problems = validate_object(grid_doc([4, 3]))
+    assert {(p.path, p.layer) for p in problems} == {("spec.training.batch.globalBatchSize", "tuning")}
+    assert {p.message.split(": ", 1)[0] for p in problems} == {
+        "grid configuration {training.optimizer.lr=0.001, training.batch.microBatchSize=3, "
+        f"training.optimizer.weightDecay=0}} ({what}) (and 1 more configuration of the grid)"
+        for what in ("trial", "final run")
+    }
+    # Random and bayesian samples are not known before the search: each trial checks its own.
+    sampled = tuned(space={"training.batch.microBatchSize": {"choice": [4, 3]}})
+    assert validate_object(sampled) == []
+    f = tmp_path / "grid.yaml"
+    f.write_text(yaml.safe_dump(grid_doc([4, 3])))
+    r = CliRunner().invoke(app, ["validate", "--json", str(f)])
+    assert r.exit_code == 1, r.output
+    lines = [json.loads(line) for line in r.output.splitlines()]
+    assert [(x["path"], x["layer"]) for x in lines] == [("spec.training.batch.globalBatchSize", "tuning")] * 2
+    assert "microBatchSize=3" in lines[0]["message"]
+
+
+# -------------------------------------------------------------------- the metrics
+
+
+def test_tune_metrics_export_each_trial_the_best_and_the_counts_bounded_like_status() -> None:
+    pytest.importorskip("prometheus_client")
+    from llmtrain.runtime.metrics import TuneMetrics
+    from prometheus_client import generate_latest
+
+    def series(m: TuneMetrics) -> dict[str, float]:
+        out = {}
+        for line in generate_latest(m.registry).decode().splitlines():
+            if line.startswith("llmtrain_tune_"):
+                key, value = line.rsplit(" ", 1)
+                out[key] = float(value)
+        return out
+
+    m = TuneMetrics("ns", "job", "valLoss")
+    trials = [
+        TrialRecord(1, "completed", {}, 4.5, 6),
+        TrialRecord(2, "stopped", {}, 5.75, 2),
+        TrialRecord(3, "failed", {}, message="boom"),
+        TrialRecord(4, "running", {}, 5.0, 2),
+    ]
+    m.update(summarize(trials, search="grid", metric="valLoss", mode="min", planned=4))
+    got = series(m)
+    sel = 'job="job",metric="valLoss",namespace="ns"'
+    assert got[f"llmtrain_tune_best_metric{{{sel}}}"] == 4.5
+    assert {k: v for k, v in got.items() if "trial_metric" in k} == {
+        f'llmtrain_tune_trial_metric{{{sel},trial="1"}}': 4.5,
+        f'llmtrain_tune_trial_metric{{{sel},trial="2"}}': 5.75,
+        f'llmtrain_tune_trial_metric{{{sel},trial="4"}}': 5.0,  # a running trial's last validation
+    }
+    for state, n in (("running", 1), ("completed", 1), ("stopped", 1), ("failed", 1)):
+        assert got[f'llmtrain_tune_trials{{job="job",namespace="ns",state="{state}"}}'] == n
+    # 1,000 trials: per-trial series only for the status' table (best 10 + running 10).
+    many = [TrialRecord(i, "completed", {}, 10.0 - i / 1000, 6) for i in range(1, 1001)]
+    m.update(summarize(many, search="grid", metric="valLoss", mode="min", planned=1000))
+    per_trial = [k for k in series(m) if "trial_metric" in k]
+    assert len(per_trial) == 10 and f'llmtrain_tune_trial_metric{{{sel},trial="1000"}}' in series(m)
+    assert series(m)[f"llmtrain_tune_best_metric{{{sel}}}"] == 9.0
+
+
+def test_tune_metrics_wait_for_a_scrape_of_the_final_state_before_closing() -> None:
+    """The driver closes the port when the search ends: a scraper must have seen the end
+    first (else the last trials and the final best never reach Prometheus); with nobody
+    scraping, closing does not wait."""
+    pytest.importorskip("prometheus_client")
+    import socket
+    import threading
+    import time
+    import urllib.request
+
+    from llmtrain.runtime.metrics import TuneMetrics
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+
+    unscraped = TuneMetrics("ns", "job", "valLoss")
+    unscraped.serve(free_port(), "127.0.0.1")
+    t0 = time.monotonic()
+    unscraped.close(final_scrape_seconds=30)
+    assert time.monotonic() - t0 < 5
+
+    m = TuneMetrics("ns", "job", "valLoss")
+    port = m.serve(free_port(), "127.0.0.1")
+
+    def scrape() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            return str(r.read().decode())
+
+    m.update(
+        summarize(
+            [TrialRecord(1, "running", {}, 5.0, 1)], search="grid", metric="valLoss", mode="min", planned=2
+        )
+    )
+    assert 'state="running"} 1.0' in scrape()
+    final = [TrialRecord(1, "completed", {}, 4.5, 2), TrialRecord(2, "completed", {}, 4.25, 2)]
+    m.update(summarize(final, search="grid", metric="valLoss", mode="min", planned=2))
+    closer = threading.Thread(target=m.close, kwargs={"final_scrape_seconds": 30})
+    closer.start()
+    time.sleep(0.5)
+    assert closer.is_alive()  # still serving: nobody has seen the final state yet
+    seen = scrape()
+    closer.join(timeout=10)
+    assert not closer.is_alive()
+    assert 'state="completed"} 2.0' in seen and 'trial="2"} 4.25' in seen
