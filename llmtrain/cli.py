@@ -250,7 +250,8 @@ def report(
     ],
 ) -> None:
     """Redraw RUN_DIR/curves.png from the run's recorded events and print its report again."""
-    from llmtrain.cli_run import print_summary
+    from llmtrain.api.progress import TuningInfo
+    from llmtrain.cli_run import print_summary, print_tuning
     from llmtrain.runtime.curves import EVENTS, SUMMARY, redraw
     from llmtrain.runtime.run import summary_from_run_dir
 
@@ -264,6 +265,8 @@ def report(
     summary = summary_from_run_dir(run_dir)
     summary.curves = str(redraw(run_dir.resolve(), f"llmtrain run: {summary.job}"))
     print_summary(summary, console)
+    if (tuning := TuningInfo.from_dict(summary.tuning)) is not None:
+        print_tuning(tuning, console)
 
 
 @app.command()

@@ -153,9 +153,14 @@ def run_with_display(
 
     print_summary(summary, console)
     if screen.tuning is not None:
-        console.print(trial_table(screen.tuning))
-        console.print(f"[bold]chosen configuration[/]: {escape(chosen_configuration(screen.tuning))}")
+        print_tuning(screen.tuning, console)
     return 0
+
+
+def print_tuning(info: TuningInfo, console: Console) -> None:
+    """The search's final trial table and the configuration it chose."""
+    console.print(trial_table(info))
+    console.print(f"[bold]chosen configuration[/]: {escape(chosen_configuration(info))}")
 
 
 def print_summary(summary: RunSummary, console: Console) -> None:

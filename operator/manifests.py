@@ -478,6 +478,9 @@ def head_pod(job: LLMTrainingJob, settings: OperatorSettings) -> dict[str, Any]:
             {"name": "dashboard", "containerPort": PORT_DASHBOARD},
             {"name": "client", "containerPort": PORT_CLIENT},
             {"name": "metrics", "containerPort": PORT_METRICS},
+            # The driver runs here: while it tunes, it serves the llmtrain_tune_* series on
+            # the training metrics port (the PodMonitor scrapes ports by this name).
+            *_tune_metrics_port(job),
             {"name": "dashboard-agent", "containerPort": PORT_DASHBOARD_AGENT},
         ],
         "readinessProbe": {**_probe(), **_PROBE_READINESS},
@@ -492,6 +495,12 @@ def head_pod(job: LLMTrainingJob, settings: OperatorSettings) -> dict[str, Any]:
         container=container,
         init_containers=[],
     )
+
+
+def _tune_metrics_port(job: LLMTrainingJob) -> list[dict[str, Any]]:
+    if job.spec.tuning is None or not job.spec.metrics.enabled:
+        return []
+    return [{"name": "train-metrics", "containerPort": job.spec.metrics.port}]
 
 
 def worker_pod(job: LLMTrainingJob, settings: OperatorSettings, index: int) -> dict[str, Any]:

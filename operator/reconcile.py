@@ -83,6 +83,7 @@ OWNED_STATUS_FIELDS = (
 STAGE_REASON = {
     "starting": Reason.PreparingData,
     "data": Reason.PreparingData,
+    "tuning": Reason.TuningRunning,
     "training": Reason.TrainingRunning,
     "export": Reason.Exporting,
     "done": Reason.Exporting,

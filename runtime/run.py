@@ -8,6 +8,7 @@ The same code runs inside the cluster on Kubernetes; only the Ray cluster differ
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -23,6 +24,8 @@ from llmtrain.api.job import LLMTrainingJob
 from llmtrain.api.progress import ProgressEvent, startup_breakdown
 
 log = logging.getLogger("llmtrain.run")
+
+STATUS = "status.json"  # <run dir>/status.json: the run's status fields, as on the cluster
 
 
 class RunError(RuntimeError):
@@ -57,6 +60,7 @@ class RunSummary:
     # Process start → first optimizer step, by phase (STARTUP_MARKS' names, in order); empty
     # when the run trained no step (a rerun of a finished job).
     startup: dict[str, float] = field(default_factory=dict)
+    tuning: dict[str, Any] | None = None  # the search of spec.tuning (TuningInfo), if any
     wall_seconds: float = 0.0  # the whole run_job, set-up and sample included
     curves: str | None = None  # <run dir>/curves.png
 
@@ -213,7 +217,10 @@ def run_job(
         sample_prompt=_sample_prompt(job, opts, result.data_uri, result.storage_options),
         stage_seconds=result.stage_seconds,
         startup=dict(startup_breakdown(result.startup)) if "step" in result.startup else {},
+        tuning=asdict(snap.tuning) if snap.tuning is not None else None,
     )
+    # What the operator would write into the LLMTrainingJob's status for the same run.
+    (run_dir / STATUS).write_text(json.dumps(snap.status_patch(), indent=2, sort_keys=True) + "\n")
     if progress is not None:
         summary.final_train_loss = _finite_or_none(progress.train_loss)
         summary.val_loss = progress.val_loss

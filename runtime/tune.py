@@ -220,12 +220,14 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
 
 
 def _short_error(error: BaseException) -> str:
-    """The innermost worker error's message (Ray wraps it in a page of traceback)."""
-    from llmtrain.runtime.driver import _causes
+    """The innermost worker error's message (Ray wraps it in a page of traceback), with the
+    pod's secrets masked: it becomes status.tuning and a TrialFailed Event."""
+    from llmtrain.runtime.driver import _causes, redact, secret_values
 
     causes = _causes(error)
     msg = str(causes[-1]) if causes else str(error)
-    return msg.strip().splitlines()[-1][:500] if msg.strip() else type(error).__name__
+    short = msg.strip().splitlines()[-1][:500] if msg.strip() else type(error).__name__
+    return redact(short, secret_values())
 
 
 def trainable(ctx: TrialContext) -> Any:

@@ -55,6 +55,7 @@ class Reason(StrEnum):
     # Running
     Provisioning = "Provisioning"
     TrainingRunning = "TrainingRunning"
+    TuningRunning = "TuningRunning"  # the hyperparameter search of spec.tuning
     Restarting = "Restarting"
     Exporting = "Exporting"
     # Succeeded
@@ -108,6 +109,7 @@ CONDITION_REASONS: dict[ConditionType, tuple[Reason, ...]] = {
         Reason.Unschedulable,
         Reason.QueuedByKueue,
         Reason.PreparingData,
+        Reason.TuningRunning,
         Reason.TrainingRunning,
         Reason.Restarting,
         Reason.Exporting,

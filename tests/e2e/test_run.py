@@ -101,6 +101,10 @@ def test_run_end_to_end_then_resume(tmp_path: Path) -> None:
     ], startup  # fmt: skip
     assert 0 < sum(startup.values()) < 45, startup
     assert "s to the first step (python + CLI" in out, out
+    # The status fields the operator would write for the same run.
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["progress"]["step"] == 6 and status["metrics"]["valLoss"] > 0, status
+    assert status["checkpoint"]["latestStep"] == 6 and status["exportUri"] == str(tmp_path / "model"), status
     # Ray's own chatter went to the run directory, not the terminal.
     assert (tmp_path / "run" / "logs" / "ray.log").exists()
     session_logs = tmp_path / "run" / "logs" / "ray-session"  # raylet, GCS, workers' output

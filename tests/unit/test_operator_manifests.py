@@ -338,6 +338,22 @@ def test_metrics_port() -> None:
     assert off["ports"] == [{"protocol": "TCP", "port": 8080}]
 
 
+def test_the_head_names_the_training_metrics_port_only_when_its_driver_tunes() -> None:
+    """The driver (on the head) serves llmtrain_tune_* while it tunes; the PodMonitor finds
+    ports by name, so without this one the search's series are never scraped."""
+    tuning = {
+        "search": "random",
+        "numTrials": 2,
+        "trialBudget": {"maxSteps": 2},
+        "space": {"training.optimizer.lr": {"logUniform": [1e-4, 1e-2]}},
+    }
+    port = {"name": "train-metrics", "containerPort": 9500}
+    assert port in ray(m.head_pod(job(metrics={"port": 9500}, tuning=tuning), SETTINGS))["ports"]
+    assert port not in ray(m.head_pod(job(metrics={"port": 9500}), SETTINGS))["ports"]
+    quiet = job(metrics={"port": 9500, "enabled": False}, tuning=tuning)
+    assert all(p["name"] != "train-metrics" for p in ray(m.head_pod(quiet, SETTINGS))["ports"])
+
+
 def test_prometheus_scrape_annotations_name_each_pods_metrics_port() -> None:
     """OperatorSettings.prometheus_scrape_annotations (Helm: jobMetrics.scrapeAnnotations):
     the worker's training port, the head's Ray port; the job's own podAnnotations win."""

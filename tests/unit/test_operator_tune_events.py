@@ -50,6 +50,8 @@ def test_each_finished_trial_gets_one_event_and_a_repeated_snapshot_none() -> No
     h.ray.snapshot = search.snapshot()
     assert trial_events(h, h.tick(5)) == []  # running is not finished
     assert h.status["phase"] == "Tuning"
+    running_cond = next(c for c in h.status["conditions"] if c["type"] == "Running")
+    assert running_cond["reason"] == "TuningRunning", running_cond
 
     search.finish(2, "stopped", 5.75)
     h.ray.snapshot = search.snapshot()

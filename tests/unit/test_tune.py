@@ -400,3 +400,12 @@ def test_tune_metrics_wait_for_a_scrape_of_the_final_state_before_closing() -> N
     closer.join(timeout=10)
     assert not closer.is_alive()
     assert 'state="completed"} 2.0' in seen and 'trial="2"} 4.25' in seen
+
+
+def test_a_failed_trials_message_masks_the_pods_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The message becomes status.tuning and a TrialFailed Event: no credential in it."""
+    from llmtrain.runtime.tune import _short_error
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-CANARY-value")
+    error = RuntimeError("upload failed: signature for s3cr3t-CANARY-value does not match")
+    assert _short_error(error) == "upload failed: signature for <redacted> does not match"

@@ -163,3 +163,36 @@ def test_run_ends_with_the_trial_table_and_the_chosen_configuration(
     tail = out[out.index("llmtrain run: t") :]
     assert "1 completed, 1 stopped early, 0 failed, 0 running of 4" in tail
     assert "chosen configuration: best trial 1 (valLoss 5.2500): training.optimizer.lr=0.003" in tail
+
+
+def test_report_prints_the_searchs_table_and_choice_again(tmp_path: Path) -> None:
+    """`llmtrain report RUN_DIR` of a tuned run: the trial table and the chosen configuration
+    from summary.json, as `llmtrain run` printed them at its end."""
+    import dataclasses
+    import json
+
+    from typer.testing import CliRunner
+
+    from llmtrain.cli import app
+
+    search = info(
+        TrialRecord(1, "completed", {LR: 3e-3, MB: 8}, 5.25, 6),
+        TrialRecord(2, "stopped", {LR: 1e-6, MB: 8}, 5.75, 2),
+    )
+    summary = RunSummary(
+        job="tuned",
+        run_dir=str(tmp_path),
+        data_uri="/data",
+        data_reused=True,
+        train_tokens=1,
+        val_tokens=1,
+        vocab_size=8,
+        unigram_cross_entropy=1.0,
+        tuning=dataclasses.asdict(search),
+    )
+    (tmp_path / "summary.json").write_text(json.dumps(dataclasses.asdict(summary)))
+    (tmp_path / "events.jsonl").write_text("")
+    r = CliRunner().invoke(app, ["report", str(tmp_path)], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    assert "chosen configuration" in r.output and chosen_configuration(search) in r.output, r.output
+    assert "stopped" in r.output and "5.7500" in r.output, r.output
