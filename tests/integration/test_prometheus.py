@@ -112,6 +112,17 @@ def _get(url: str, timeout: float = 5) -> Any:
         return json.loads(r.read().decode())
 
 
+def terminate(proc: subprocess.Popen[Any] | None) -> None:
+    """SIGTERM, then SIGKILL after 30 s: a child process of the test, gone."""
+    if proc is not None and proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
 class Prometheus:
     def __init__(self, binary: Path, workdir: Path, targets: dict[str, tuple[str, bool]]) -> None:
         """``targets``: scrape job name → (host:port, honor_labels)."""
@@ -382,13 +393,7 @@ class TuningRun:
         return tuning
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        terminate(self.proc)
 
 
 class OperatorProcess:
@@ -425,13 +430,7 @@ class OperatorProcess:
         return self.log_path.read_text(errors="replace")[-4000:]
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        terminate(self.proc)
         self.proc = None
 
 
