@@ -122,7 +122,9 @@ class LocalStore:
 
 
 class S3Store:
-    """s3://bucket/prefix; the endpoint comes from AWS_ENDPOINT_URL(_S3) like any boto3 client."""
+    """s3://bucket/prefix at ``options``' endpoint and region (an ``S3Options``: a run passes
+    spec.storage's). Without options, boto3's own defaults (AWS_ENDPOINT_URL(_S3),
+    AWS_DEFAULT_REGION), as for the command-line tools run by hand."""
 
     def __init__(self, uri: str, options: Any = None) -> None:
         # lazily: the GPU benchmark machine has no boto3 and no s3:// checkpoints
@@ -133,7 +135,7 @@ class S3Store:
             raise ValueError(f"{uri!r} has no bucket (spec.checkpoint.uri: s3://bucket/prefix)")
         self.uri = uri.rstrip("/")
         self.bucket, self.prefix = bucket, prefix.strip("/")
-        # No endpoint in the options: boto3 takes AWS_ENDPOINT_URL(_S3) from the environment.
+        # No options (or no endpoint in them): boto3 takes AWS_ENDPOINT_URL(_S3) from the environment.
         self.options = options or S3Options(region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
         self.client = s3_client(self.options)
 
@@ -192,9 +194,11 @@ class S3Store:
             self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys[i : i + 1000]})
 
 
-def open_store(uri: str) -> Store:
+def open_store(uri: str, s3: Any = None) -> Store:
+    """The store of a lineage; ``s3`` (``S3Options``: spec.storage's endpoint and region) is
+    used for s3:// URIs."""
     if uri.startswith("s3://"):
-        return S3Store(uri)
+        return S3Store(uri, s3)
     if "://" in uri:
         raise ValueError(
             f"unsupported checkpoint URI {uri!r} (spec.checkpoint.uri: s3://bucket/prefix or a path)"
@@ -239,10 +243,10 @@ def _barrier() -> None:
 class Lineage:
     """The checkpoints of one run under ``uri``: save, find the newest complete, load, prune."""
 
-    def __init__(self, uri: str, keep_last: int) -> None:
+    def __init__(self, uri: str, keep_last: int, s3: Any = None) -> None:
         if keep_last < 1:
             raise ValueError("spec.checkpoint.keepLast must be at least 1")
-        self.store = open_store(uri)
+        self.store = open_store(uri, s3)
         self.keep_last = keep_last
         self.protected: int | None = None  # the checkpoint this run resumed from: never deleted
 

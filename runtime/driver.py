@@ -439,7 +439,7 @@ def tune(
 
 
 def launch_options(job: LLMTrainingJob, place: Place, run_name: str) -> LaunchOptions:
-    """How a training run is launched here (resources, restarts, labels, the workers' S3 env)."""
+    """How a training run is launched here (resources, restarts, labels)."""
     from llmtrain.runtime.trainer import LaunchOptions
 
     spec = job.spec
@@ -452,15 +452,8 @@ def launch_options(job: LLMTrainingJob, place: Place, run_name: str) -> LaunchOp
         namespace=job.metadata.namespace or "default",
         job=job.metadata.name,
         metrics_addr=place.metrics_addr,
-        # S3 checkpoints find their endpoint the standard boto3 way.
-        env=tuple(
-            (k, v)
-            for k, v in (
-                ("AWS_ENDPOINT_URL", spec.storage.endpoint),
-                ("AWS_DEFAULT_REGION", spec.storage.region),
-            )
-            if v
-        ),
+        # No S3 environment: the workers open every store with spec.storage's settings, which
+        # reach them in the RuntimeConfig (train.storage_*) and the loader's S3Options.
     )
 
 
@@ -477,7 +470,11 @@ def train(
     from llmtrain.runtime.checkpoint import Lineage
     from llmtrain.runtime.trainer import launch
 
-    lineage = Lineage(cfg.train.checkpoint_uri or "", keep_last=cfg.train.checkpoint_keep_last)
+    # spec.storage's endpoint (storage_options), not boto3's default: a local run against any
+    # S3 server but AWS's has no AWS_ENDPOINT_URL.
+    lineage = Lineage(
+        cfg.train.checkpoint_uri or "", keep_last=cfg.train.checkpoint_keep_last, s3=storage_options
+    )
     for step in lineage.complete_steps()[-cfg.train.checkpoint_keep_last :]:
         report.snapshot.add_checkpoint(CheckpointEntry(step, lineage.uri_of(step)))
     latest = report.snapshot.latest_checkpoint
@@ -695,14 +692,6 @@ def run_submitted(
     configure_logging()
     secrets = secret_values()
     report = Reporter(RunSnapshot(submission_id=submission_id))
-    # Checkpoints find their S3 endpoint the standard boto3 way, in this process as in the
-    # workers (LaunchOptions.env); a pod has these from the operator, a hand-run may not.
-    for key, value in (
-        ("AWS_ENDPOINT_URL", job.spec.storage.endpoint),
-        ("AWS_DEFAULT_REGION", job.spec.storage.region),
-    ):
-        if value:
-            os.environ.setdefault(key, value)
     token = os.environ.get("RAY_AUTH_TOKEN", "")
     server = None
     if progress_port is not None:

@@ -395,11 +395,12 @@ class CheckpointRef:
         return f"{self.root}/step_{self.step:08d}"
 
 
-def resolve_checkpoint(uri: str) -> CheckpointRef:
+def resolve_checkpoint(uri: str, s3: Any = None) -> CheckpointRef:
     """A lineage root (→ its newest *complete* checkpoint) or one ``step_XXXXXXXX`` directory.
 
     Read-only: unlike ``Lineage.latest`` this never deletes incomplete checkpoints, because the
-    lineage may belong to a run that is saving right now.
+    lineage may belong to a run that is saving right now. ``s3``: spec.storage's ``S3Options``
+    (None: boto3's defaults from the environment).
     """
     from llmtrain.runtime.checkpoint import Lineage
 
@@ -407,7 +408,7 @@ def resolve_checkpoint(uri: str) -> CheckpointRef:
     parent, _, name = trimmed.rpartition("/")
     m = _STEP_RE.match(name)
     if m is not None:
-        lineage = Lineage(parent or ".", keep_last=1)
+        lineage = Lineage(parent or ".", keep_last=1, s3=s3)
         step = int(m.group(1))
         if step not in lineage.complete_steps():
             raise ExportError(
@@ -415,7 +416,7 @@ def resolve_checkpoint(uri: str) -> CheckpointRef:
                 "was interrupted; pass the lineage root to use the newest complete one"
             )
     else:
-        lineage = Lineage(trimmed, keep_last=1)
+        lineage = Lineage(trimmed, keep_last=1, s3=s3)
         steps = lineage.complete_steps()
         if not steps:
             raise ExportError(f"{uri} holds no complete checkpoint (no step_*/COMPLETE)")
@@ -424,7 +425,7 @@ def resolve_checkpoint(uri: str) -> CheckpointRef:
     return CheckpointRef(root=lineage.store.uri, step=step, marker=info.meta)
 
 
-def read_checkpoint_weights(ref: CheckpointRef) -> dict[str, Tensor]:
+def read_checkpoint_weights(ref: CheckpointRef, s3: Any = None) -> dict[str, Tensor]:
     """The model tensors of a checkpoint, full and on the CPU, in one process (no process group).
 
     DCP reshards on load: the template holds full-size tensors, so shards written by any
@@ -436,7 +437,7 @@ def read_checkpoint_weights(ref: CheckpointRef) -> dict[str, Tensor]:
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    store = open_store(ref.root)
+    store = open_store(ref.root, s3)
     staging = Path(tempfile.mkdtemp(prefix="llmtrain-export-meta-"))
     try:
         store.get_file(f"step_{ref.step:08d}/{METADATA}", staging / METADATA)
@@ -457,7 +458,7 @@ def read_checkpoint_weights(ref: CheckpointRef) -> dict[str, Tensor]:
     with warnings.catch_warnings():
         # "assuming the intent is to load in a single process": yes, that is the point.
         warnings.filterwarnings("ignore", message=".*single process.*")
-        Lineage(ref.root, keep_last=1).load(info, {"model": template})
+        Lineage(ref.root, keep_last=1, s3=s3).load(info, {"model": template})
     return template
 
 
@@ -509,8 +510,9 @@ def export_checkpoint(
     """``llmtrain export``: checkpoint (any world size) → HF Llama directory at ``out_uri``."""
     if fmt != EXPORT_FORMAT:  # before reading any weights
         raise ExportError(f"spec.export.format {fmt!r} is not supported: use {EXPORT_FORMAT!r}")
-    ref = resolve_checkpoint(checkpoint_uri)
-    weights = read_checkpoint_weights(ref)
+    # The checkpoint is read from the same storage (spec.storage) the export is written to.
+    ref = resolve_checkpoint(checkpoint_uri, s3)
+    weights = read_checkpoint_weights(ref, s3)
     cfg = model_config_for_checkpoint(ref, weights, job)
     export_model(weights, cfg, out_uri, tokenizer, fmt=fmt, dtype=dtype, s3=s3)
     return ref, cfg

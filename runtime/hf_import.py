@@ -212,21 +212,24 @@ def load_initial_weights(model: nn.Module, cfg: RuntimeConfig) -> None:
     kind, uri = cfg.train.init_kind, cfg.train.init_uri
     if kind == "random":
         return
+    from llmtrain.runtime.data.storage import S3Options
+
+    s3 = S3Options.from_train(cfg.train)  # spec.storage, not the worker's environment
     if not uri:
         raise ModelImportError(f"spec.model.init.{kind}.uri is empty")
     if kind == "pretrained":
-        pre = read_pretrained(uri)
+        pre = read_pretrained(uri, s3)
         check_compatible(pre, cfg.model)
         copy_full_weights(model, from_hf_state_dict(pre.tensors, cfg.model, uri=pre.uri))
     elif kind == "checkpoint":
-        _load_checkpoint_weights(model, cfg.model, uri)
+        _load_checkpoint_weights(model, cfg.model, uri, s3)
     else:
         raise ModelImportError(
             f"unknown init kind {kind!r} (spec.model.init: random, checkpoint or pretrained)"
         )
 
 
-def _load_checkpoint_weights(model: nn.Module, cfg: ModelConfig, uri: str) -> None:
+def _load_checkpoint_weights(model: nn.Module, cfg: ModelConfig, uri: str, s3: Any = None) -> None:
     """Weights only (no optimizer, step or data position) from another run's checkpoint.
 
     Rank 0 picks the checkpoint and broadcasts it, so a lineage that completes a save while
@@ -241,7 +244,7 @@ def _load_checkpoint_weights(model: nn.Module, cfg: ModelConfig, uri: str) -> No
     picked: list[Any] = [None]
     if not distributed or dist.get_rank() == 0:
         try:
-            ref = resolve_checkpoint(uri)
+            ref = resolve_checkpoint(uri, s3)
             picked[0] = (ref.root, ref.step, ref.marker, None)
         except ExportError as e:
             picked[0] = (None, None, None, f"spec.model.init.checkpoint.uri: {e}")
@@ -250,7 +253,7 @@ def _load_checkpoint_weights(model: nn.Module, cfg: ModelConfig, uri: str) -> No
     root, step, marker, error = picked[0]
     if error is not None:
         raise ModelImportError(error)
-    _check_checkpoint_shapes(root, step, cfg)
+    _check_checkpoint_shapes(root, step, cfg, s3)
     state = {"model": get_model_state_dict(model)}
     info = CheckpointInfo(
         step=step, uri=f"{root}/step_{step:08d}", world_size=marker["world_size"], meta=marker
@@ -258,11 +261,11 @@ def _load_checkpoint_weights(model: nn.Module, cfg: ModelConfig, uri: str) -> No
     with warnings.catch_warnings():
         # Without a process group DCP warns that it assumes a single process: it is one.
         warnings.filterwarnings("ignore", message=".*single process.*")
-        Lineage(root, keep_last=1).load(info, state)
+        Lineage(root, keep_last=1, s3=s3).load(info, state)
     set_model_state_dict(model, state["model"])
 
 
-def _check_checkpoint_shapes(root: str, step: int, cfg: ModelConfig) -> None:
+def _check_checkpoint_shapes(root: str, step: int, cfg: ModelConfig, s3: Any = None) -> None:
     """DCP's own size-mismatch error names no spec field: compare shapes first."""
     import shutil
     import tempfile
@@ -272,7 +275,7 @@ def _check_checkpoint_shapes(root: str, step: int, cfg: ModelConfig) -> None:
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    lineage = Lineage(root, keep_last=1)
+    lineage = Lineage(root, keep_last=1, s3=s3)
     staging = Path(tempfile.mkdtemp(prefix="llmtrain-init-meta-"))
     try:
         lineage.store.get_file(f"step_{step:08d}/{METADATA}", staging / METADATA)

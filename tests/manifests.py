@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from llmtrain.api.job import MAX_NAME_LENGTH
 from llmtrain.api.validate import root_schema
 
 BASE: dict[str, Any] = {
@@ -246,8 +247,10 @@ def schema_cases() -> list[Case]:
                 cid = f"max {where}"
                 cases.append(Case(cid, _mutated(parts, bad, cid), where))
         if kind == "string" and "pattern" in node:
+            # "Not Valid!" is a fine local path to a URI field's pattern: a mistyped s3 URI is not.
+            bad = next(v for v in ("Not Valid!", "s3:/Not Valid") if not re.match(node["pattern"], v))
             cid = f"pattern {where}"
-            cases.append(Case(cid, _mutated(parts, "Not Valid!", cid), where))
+            cases.append(Case(cid, _mutated(parts, bad, cid), where))
     return cases
 
 
@@ -283,6 +286,13 @@ def _all(*edits: Any) -> Any:
             e(spec)
 
     return edit
+
+
+def name_too_long_case() -> Case:
+    """metadata.name one character over the limit (the apiserver alone allows 253 for a CR)."""
+    doc = base()
+    doc["metadata"]["name"] = "n" * (MAX_NAME_LENGTH + 1)
+    return Case("name too long", doc, "metadata.name")
 
 
 def rule_cases() -> list[Case]:
@@ -420,6 +430,24 @@ def rule_cases() -> list[Case]:
             _set("storage.secretAccessKey", "abc"),
         ),
         _case("inline storage accessKeyId", "spec.storage.accessKeyId", _set("storage.accessKeyId", "AKIA")),
+        # Found by trying the product as a new user (issue 13): a mistyped s3 URI was taken for
+        # a local path (a directory "s3:" on the pod's disk) by both validators.
+        _case("s3 uri with one slash", "spec.checkpoint.uri", _set("checkpoint.uri", "s3:/artifacts/ckpt")),
+        _case("s3 uri without bucket", "spec.export.uri", _set("export.uri", "s3:///model")),
+        _case("uri of another scheme", "spec.data.outputUri", _set("data.outputUri", "gs://data/x")),
+        _case(
+            "s3 uri with one slash in init",
+            "spec.model.init.checkpoint.uri",
+            _all(_del("model.init.random"), _set("model.init.checkpoint", {"uri": "s3:/artifacts/ckpt"})),
+        ),
+        _case("minLr above lr", "spec.training.schedule.minLr", _set("training.schedule.minLr", 0.002)),
+        # A whole number (lr: 1) is an int on the wire: both validators compare it with a double.
+        _case(
+            "minLr above an integer lr",
+            "spec.training.schedule.minLr",
+            _all(_set("training.optimizer.lr", 1), _set("training.schedule.minLr", 1.5)),
+        ),
+        name_too_long_case(),
         # Transition rules (update)
         _case(
             "architecture immutable",
@@ -545,4 +573,16 @@ def valid_cases() -> list[Case]:
         # null means unset: the apiserver prunes it and applies the default.
         _case("null optional object is unset", "spec.training.fsdp", _set("training.fsdp", None)),
         _case("null optional field is unset", "spec.export.format", _set("export.format", None)),
+        # What the URI pattern must keep accepting (issue 13 tightened it).
+        _case("s3 uri of a bucket", "spec.checkpoint.uri", _set("checkpoint.uri", "s3://artifacts")),
+        _case("relative local uri", "spec.export.uri", _set("export.uri", "runs/x/model")),
+        _case("local uri with a colon", "spec.data.outputUri", _set("data.outputUri", "./runs/a:b/data")),
+        _case("minLr equal to lr", "spec.training.schedule.minLr", _set("training.schedule.minLr", 0.001)),
+        name_of_length_case(MAX_NAME_LENGTH),
     ]
+
+
+def name_of_length_case(length: int) -> Case:
+    doc = base()
+    doc["metadata"]["name"] = "n" * length
+    return Case(f"name of {length} characters", doc, "metadata.name")

@@ -89,6 +89,10 @@ class TrainConfig:
     init_uri: str | None = None
     metrics_enabled: bool = True
     metrics_port: int = 9400
+    # spec.storage: every worker opens its checkpoints (and init weights) there itself; the
+    # environment's AWS_ENDPOINT_URL is not consulted (a run may have none, or another).
+    storage_endpoint: str | None = None
+    storage_region: str = "us-east-1"
 
     def __post_init__(self) -> None:
         per_step = self.micro_batch_size * self.world_size
@@ -222,5 +226,7 @@ def runtime_config_from_spec(
         init_uri=init_uri,
         metrics_enabled=spec.metrics.enabled,
         metrics_port=spec.metrics.port,
+        storage_endpoint=spec.storage.endpoint,
+        storage_region=spec.storage.region,
     )
     return RuntimeConfig(model=model, optimizer=optimizer, schedule=schedule, train=train)

@@ -21,6 +21,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from llmtrain.api.base import ApiModel
+from llmtrain.api.job import LLMTrainingJob
 from llmtrain.api.spec import (
     CATEGORIES,
     GROUP,
@@ -116,6 +117,11 @@ def _apply_constraints(schema: dict[str, Any], metadata: list[Any]) -> None:
     kind = schema.get("type")
     for m in metadata:
         if isinstance(m, WithJsonSchema):
+            continue
+        if isinstance(m, FieldInfo):
+            # Optional[Annotated[str, Field(...)]] (``Uri | None``) keeps its Field whole in
+            # the Annotated metadata; without this its bounds and pattern never reach the CRD.
+            _apply_constraints(schema, list(m.metadata))
             continue
         for attr, key in (("ge", "minimum"), ("le", "maximum"), ("gt", "minimum"), ("lt", "maximum")):
             value = getattr(m, attr, None)
@@ -254,11 +260,14 @@ def crd() -> dict[str, Any]:
         "properties": {
             "apiVersion": {"type": "string", "description": "API version: llmtrain.dev/v1alpha1."},
             "kind": {"type": "string", "description": "LLMTrainingJob."},
-            "metadata": {"type": "object"},
+            # name declared so that the root rule's fieldPath (.metadata.name) resolves: the
+            # apiserver allows a schema to restrict metadata.name and generateName, nothing else.
+            "metadata": {"type": "object", "properties": {"name": {"type": "string"}}},
             "spec": spec_schema(),
             "status": status_schema(),
         },
         "required": ["spec"],
+        "x-kubernetes-validations": [r.as_schema() for r in LLMTrainingJob.cel_rules],
     }
     return {
         "apiVersion": "apiextensions.k8s.io/v1",

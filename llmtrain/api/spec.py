@@ -57,7 +57,30 @@ Quantity = Annotated[
 
 # Bounded strings keep CEL rules within the apiserver's cost budget.
 Name = Annotated[str, Field(min_length=1, max_length=253)]
-Uri = Annotated[str, Field(min_length=1, max_length=1024)]
+
+# A URI field holds s3://bucket[/prefix] or a local path. The runtime opens anything not
+# starting with "s3://" as a local path, so a mistyped "s3:/bucket/x" or "s3:///x" would
+# silently become a directory named "s3:" on the pod's disk: a local path therefore may not
+# carry a ':' before its first '/' (RFC 3986's rule for a relative reference, which would
+# otherwise read as a scheme; write ./a:b), which rules out every other scheme too. RE2 and
+# Rust regex (apiserver, pydantic) have no look-ahead, hence the two alternatives. The bucket
+# is only required to be there: S3-compatible servers differ in the names they allow.
+URI_PATTERN = r"^(s3://[^/]+(/.*)?|[^:/]*(/.*)?)$"
+_URI_RE = re.compile(URI_PATTERN)
+
+
+def _uri(value: Any) -> Any:
+    # Before the pattern check, so the error says what to write instead of quoting the regex
+    # (the CRD carries the same pattern; the apiserver quotes it).
+    if isinstance(value, str) and not _URI_RE.match(value):
+        raise ValueError(
+            f"{value!r} is neither an s3:// URI nor a local path: write s3://bucket/prefix or a local "
+            "path (./a:b if its first part has a ':')"
+        )
+    return value
+
+
+Uri = Annotated[str, BeforeValidator(_uri), Field(min_length=1, max_length=1024, pattern=URI_PATTERN)]
 
 
 # --------------------------------------------------------------------------- data
@@ -80,7 +103,9 @@ class TextUnit(StrEnum):
 class S3Source(ApiModel):
     """Objects under an S3 prefix (listing paginates; ``.gz`` objects are decompressed)."""
 
-    uri: Uri = Field(
+    uri: str = Field(
+        min_length=1,
+        max_length=1024,
         pattern=r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$",
         description="S3 prefix, s3://bucket/prefix/. Every object under it whose name ends in the "
         "format's extension (optionally .gz) is read.",
@@ -525,6 +550,16 @@ class FsdpSpec(ApiModel):
 
 class TrainingSpec(ApiModel):
     """Optimizer, schedule, batch, duration and numerics."""
+
+    cel_rules: ClassVar[tuple[CelRule, ...]] = (
+        # The schedule decays from lr to minLr (runtime/train.py lr_at): above lr it would rise.
+        cel(
+            "self.schedule.minLr <= self.optimizer.lr",
+            "training.schedule.minLr must be at most training.optimizer.lr: the schedule decays "
+            "from the peak lr down to minLr; lower minLr or raise lr",
+            ".schedule.minLr",
+        ),
+    )
 
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec, description="Optimizer.")
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec, description="Learning-rate schedule.")

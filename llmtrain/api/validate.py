@@ -183,9 +183,20 @@ def _cel_problems(schema: dict[str, Any], value: Any, path: str, old: Any) -> li
             # list): already reported by the schema layer; the apiserver skips CEL then too.
             continue
         if ok is not True and not (isinstance(ok, celpy.celtypes.BoolType) and bool(ok)):
-            where = path + rule.get("fieldPath", "")
+            where = (path + rule.get("fieldPath", "")).lstrip(".") or "<root>"
             out.append(Problem(where, rule["message"], "cel"))
     return out
+
+
+def _root_cel_problems(doc: dict[str, Any]) -> list[Problem]:
+    """The rules at the CRD's root (metadata.name): the apiserver shows them the object with
+    metadata reduced to name and generateName, so they get the same here."""
+    rules = root_schema().get("x-kubernetes-validations", [])
+    meta = doc.get("metadata")
+    if not rules or not isinstance(meta, dict):
+        return []
+    value = {"metadata": {k: meta[k] for k in ("name", "generateName") if k in meta}}
+    return _cel_problems({"x-kubernetes-validations": rules}, value, "", None)
 
 
 def _set_paths(value: Any, path: str) -> set[str]:
@@ -229,6 +240,7 @@ def validate_object(doc: dict[str, Any], old: dict[str, Any] | None = None) -> l
         if old is not None and isinstance(old.get("spec"), dict):
             old_spec = apply_defaults(spec_schema, copy.deepcopy(old["spec"]))
         problems += _cel_problems(spec_schema, new, "spec", old_spec)
+    problems += _root_cel_problems(doc)
     problems += _unsupported_problems(spec)
     # One problem per (path, message), schema layer first.
     seen: set[tuple[str, str]] = set()

@@ -53,6 +53,11 @@ class S3Options:
         """From ``spec.storage`` (endpoint, region); credentials stay ambient (env / secretRef)."""
         return cls(endpoint=storage.endpoint, region=storage.region)
 
+    @classmethod
+    def from_train(cls, train: Any) -> S3Options:
+        """From a worker's ``TrainConfig`` (spec.storage, carried to the workers in the config)."""
+        return cls(endpoint=train.storage_endpoint, region=train.storage_region)
+
 
 # Backoff between whole-GET retries: 0.1, 0.2, 0.4 … s, at most 5 s (botocore's own base is 0.5 s
 # with jitter; ours only follows a request that already succeeded once, so it starts lower).

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from llmtrain.api import validate as validate_mod
 from llmtrain.api.validate import validate_object
 from llmtrain.cli import app
-from tests.manifests import Case, base, invalid_cases
+from tests.manifests import Case, base, invalid_cases, valid_cases
 
 REPO = Path(__file__).resolve().parents[2]
 CASES = invalid_cases()
@@ -211,3 +211,28 @@ def test_null_means_unset_as_on_the_apiserver(tmp_path: Path) -> None:
     doc = base()
     doc["spec"]["data"]["sources"] = None  # required: pruned, then missing (no CEL crash)
     assert [p.path for p in validate_object(doc)] == ["spec.data.sources"]
+
+
+@pytest.mark.parametrize("case", valid_cases(), ids=[c.id for c in valid_cases()])
+def test_valid_variants_accepted(case: Case) -> None:
+    """What both validators must accept (tests/integration/test_validate_parity.py sends the
+    same manifests to the apiserver)."""
+    assert validate_object(case.manifest) == []
+
+
+def test_issue13_defects_named_with_a_fix() -> None:
+    """The defects found by trying the product as a new user: each rejected at its field, with a
+    message that says what to write instead."""
+    by_id = {c.id: c for c in CASES}
+    expected = {
+        "s3 uri with one slash": "write s3://bucket/prefix",
+        "s3 uri without bucket": "write s3://bucket/prefix",
+        "minLr above lr": "lower minLr or raise lr",
+        "minLr above an integer lr": "lower minLr or raise lr",
+        "name too long": "choose a shorter name",
+    }
+    for case_id, fix in expected.items():
+        case = by_id[case_id]
+        problems = validate_object(case.manifest)
+        assert [p.path for p in problems] == [case.path], [str(p) for p in problems]
+        assert fix in problems[0].message
