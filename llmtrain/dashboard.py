@@ -128,6 +128,20 @@ def _quantiles(metric: str, by: str, window: str, label: str = "") -> list[tuple
     ]
 
 
+def _label_variable(name: str, label: str, selector: str) -> db.QueryVariable:
+    """A multi-select variable over the values of label ``name`` of the series ``selector`` picks."""
+    return (
+        db.QueryVariable(name)
+        .label(label)
+        .datasource(DS)
+        .query(f"label_values({selector}, {name})")
+        .refresh(dm.VariableRefresh.ON_TIME_RANGE_CHANGED)
+        .sort(dm.VariableSort.ALPHABETICAL_ASC)
+        .include_all(True)
+        .all_value(".*")
+    )
+
+
 def build() -> dm.Dashboard:
     training = [
         _series(
@@ -316,26 +330,8 @@ def build() -> dm.Dashboard:
         ),
     ]
 
-    namespace = (
-        db.QueryVariable("namespace")
-        .label("Namespace")
-        .datasource(DS)
-        .query(f'label_values({{__name__=~"{JOB_SERIES}"}}, namespace)')
-        .refresh(dm.VariableRefresh.ON_TIME_RANGE_CHANGED)
-        .sort(dm.VariableSort.ALPHABETICAL_ASC)
-        .include_all(True)
-        .all_value(".*")
-    )
-    job = (
-        db.QueryVariable("job")
-        .label("Job")
-        .datasource(DS)
-        .query(f'label_values({{__name__=~"{JOB_SERIES}", namespace=~"$namespace"}}, job)')
-        .refresh(dm.VariableRefresh.ON_TIME_RANGE_CHANGED)
-        .sort(dm.VariableSort.ALPHABETICAL_ASC)
-        .include_all(True)
-        .all_value(".*")
-    )
+    namespace = _label_variable("namespace", "Namespace", f'{{__name__=~"{JOB_SERIES}"}}')
+    job = _label_variable("job", "Job", f'{{__name__=~"{JOB_SERIES}", namespace=~"$namespace"}}')
     d = (
         db.Dashboard(TITLE)
         .uid(UID)

@@ -28,6 +28,7 @@ Imports torch and the standard library; boto3 lazily, for s3:// only.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -405,33 +406,32 @@ def _downloading_reader(
     staging: Path, store: Store, name: str, expected: dict[str, Any] | None, uri: str
 ) -> Any:
     """A FileSystemReader that fetches from the store only the files its read plan needs,
-    and checks each against the marker before DCP reads it (a class made on first use, so
-    that this module imports without torch)."""
-    global _DownloadingReader
-    if _DownloadingReader is None:
-        from torch.distributed.checkpoint import FileSystemReader
-        from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
-        from torch.futures import Future
-
-        class Reader(FileSystemReader):
-            def __init__(
-                self, staging: Path, store: Store, name: str, expected: dict[str, Any] | None, uri: str
-            ) -> None:
-                super().__init__(staging)
-                self._staging, self._store, self._name = staging, store, name
-                self._expected, self._uri = expected, uri
-
-            def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
-                needed = {self.storage_data[item.storage_index].relative_path for item in plan.items}
-                for relative in sorted(needed):
-                    local = self._staging / relative
-                    if not local.exists():
-                        self._store.get_file(f"{self._name}/{relative}", local)
-                        verify_file(local, self._expected, f"{self._uri}/{relative}")
-                return super().read_data(plan, planner)
-
-        _DownloadingReader = Reader
-    return _DownloadingReader(staging, store, name, expected, uri)
+    and checks each against the marker before DCP reads it."""
+    return _reader_class()(staging, store, name, expected, uri)
 
 
-_DownloadingReader: Any = None
+@functools.cache
+def _reader_class() -> type:
+    """The reader's class, made on first use: this module imports without torch."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
+    from torch.futures import Future
+
+    class DownloadingReader(FileSystemReader):
+        def __init__(
+            self, staging: Path, store: Store, name: str, expected: dict[str, Any] | None, uri: str
+        ) -> None:
+            super().__init__(staging)
+            self._staging, self._store, self._name = staging, store, name
+            self._expected, self._uri = expected, uri
+
+        def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+            needed = {self.storage_data[item.storage_index].relative_path for item in plan.items}
+            for relative in sorted(needed):
+                local = self._staging / relative
+                if not local.exists():
+                    self._store.get_file(f"{self._name}/{relative}", local)
+                    verify_file(local, self._expected, f"{self._uri}/{relative}")
+            return super().read_data(plan, planner)
+
+    return DownloadingReader

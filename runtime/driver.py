@@ -490,11 +490,10 @@ def train(
             report.on_stage(f"resume from step {latest.step}")
     place.connect()
     # Only the first launch of an untuned run measures start-up (drive() sets the first marks).
-    startup = (
-        None if not report.startup or "ray" in report.startup else {**report.startup, "ray": time.time()}
-    )
-    if startup is not None:
-        report.startup["ray"] = startup["ray"]
+    startup = None
+    if report.startup and "ray" not in report.startup:
+        report.startup["ray"] = time.time()
+        startup = dict(report.startup)
     channel = RunChannel()
     options = launch_options(job, place, "train")
     errors: list[BaseException] = []
