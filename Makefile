@@ -14,7 +14,7 @@ VENV := .venv
 PY := $(VENV)/bin/python -P
 # The torch build every environment uses; pyproject's `runtime` extra pins the same.
 TORCH := torch==2.11.0
-APT_PACKAGES := openssl
+APT_PACKAGES := openssl containerd runc containernetworking-plugins iptables conntrack gcc libc6-dev
 PYTEST_ARGS ?=
 
 .PHONY: setup apt venv austen cluster-tools lint typecheck test quickstart k8s-demo clean
