@@ -198,11 +198,52 @@ install_tools() {
   log "installed into $TOOLS_BIN"
 }
 
+# Cluster DNS of the real node: CoreDNS built from tests/cluster/coredns/main.go with only
+# the plugins a cluster.local-only server needs (no forward compiled in).
+COREDNS_BIN="$CACHE/bin/coredns-$COREDNS_VERSION"
+build_coredns() {
+  if [ -x "$COREDNS_BIN/coredns" ]; then
+    log "coredns $COREDNS_VERSION: cached in $COREDNS_BIN"
+    return
+  fi
+  command -v go >/dev/null || { echo "go toolchain not found (need go >= 1.26)" >&2; exit 1; }
+  local out
+  out="$(mktemp -d "$CACHE/bin/.coredns-build.XXXXXX")"
+  log "building coredns $COREDNS_VERSION (plugins: bind ready health errors loadbalance cache kubernetes)"
+  (cd "$HERE/coredns" && timed go build -trimpath \
+      -ldflags "-s -w -X github.com/coredns/coredns/coremain.GitCommit=$COREDNS_VERSION" \
+      -o "$out/coredns" .)
+  mkdir -p "$COREDNS_BIN"
+  mv "$out/coredns" "$COREDNS_BIN/coredns"
+  rmdir "$out"
+  log "installed into $COREDNS_BIN"
+}
+
+# NetworkPolicy engine of the real node: sigs.k8s.io/kube-network-policies (nftables +
+# nfqueue) behind tests/cluster/netpol/main.go, which adds --kubeconfig.
+NETPOL_BIN="$CACHE/bin/kube-network-policies-$KUBE_NETWORK_POLICIES_VERSION"
+build_netpol() {
+  if [ -x "$NETPOL_BIN/kube-network-policies" ]; then
+    log "kube-network-policies $KUBE_NETWORK_POLICIES_VERSION: cached in $NETPOL_BIN"
+    return
+  fi
+  command -v go >/dev/null || { echo "go toolchain not found (need go >= 1.26)" >&2; exit 1; }
+  local out
+  out="$(mktemp -d "$CACHE/bin/.netpol-build.XXXXXX")"
+  log "building kube-network-policies $KUBE_NETWORK_POLICIES_VERSION"
+  (cd "$HERE/netpol" && timed go build -trimpath -ldflags "-s -w" \
+      -o "$out/kube-network-policies" .)
+  mkdir -p "$NETPOL_BIN"
+  mv "$out/kube-network-policies" "$NETPOL_BIN/kube-network-policies"
+  rmdir "$out"
+  log "installed into $NETPOL_BIN"
+}
+
 check() {
   local missing=0
   for f in "$K8S_BIN/kube-apiserver" "$K8S_BIN/kube-controller-manager" "$K8S_BIN/kube-scheduler" \
            "$ETCD_BIN/etcd" "$KWOK_BIN/kwok" "$TOOLS_BIN/kubectl" "$TOOLS_BIN/helm" \
-           "$GOFAKES3_BIN/gofakes3" \
+           "$GOFAKES3_BIN/gofakes3" "$COREDNS_BIN/coredns" "$NETPOL_BIN/kube-network-policies" \
            "$K8S_BIN/kubelet" "$K8S_BIN/kube-proxy" "$PAUSE_BIN/pause"; do
     if [ -x "$f" ]; then echo "ok      $f"; else echo "MISSING $f"; missing=1; fi
   done
@@ -212,12 +253,14 @@ check() {
 
 mkdir -p "$CACHE/bin"
 case "${1:-all}" in
-  all) install_tools; build_k8s; build_node; build_kwok; build_gofakes3; check ;;
+  all) install_tools; build_k8s; build_node; build_kwok; build_gofakes3; build_coredns; build_netpol; check ;;
   k8s) build_k8s ;;
   node) build_node ;;
   kwok) build_kwok ;;
   tools) install_tools ;;
   s3) build_gofakes3 ;;
+  coredns) build_coredns ;;
+  netpol) build_netpol ;;
   check) check ;;
   *) echo "usage: $0 [all|k8s|node|kwok|tools|s3|check]" >&2; exit 2 ;;
 esac
