@@ -15,9 +15,12 @@ PY := $(VENV)/bin/python -P
 # The torch build every environment uses; pyproject's `runtime` extra pins the same.
 TORCH := torch==2.11.0
 APT_PACKAGES := openssl containerd runc containernetworking-plugins iptables conntrack gcc libc6-dev
+# The image builder (tools/images.sh): buildah, mmdebstrap for the local Debian base, and
+# containerd for the import check of the archives.
+APT_PACKAGES += buildah mmdebstrap containerd
 PYTEST_ARGS ?=
 
-.PHONY: setup apt venv austen cluster-tools lint typecheck test quickstart k8s-demo clean
+.PHONY: setup apt venv austen cluster-tools images lint typecheck test quickstart k8s-demo clean
 
 setup: apt venv
 
@@ -48,6 +51,12 @@ venv: $(VENV)/.installed
 cluster-tools:
 	bash tests/cluster/build.sh all
 
+# The Dockerfile's `operator` and `runtime` images, built with buildah on a local Debian
+# base (no registry is needed), as archives for `ctr images import` under
+# ~/.cache/llmtrain/images; layers cached in ~/.cache/llmtrain/containers (tools/images.sh).
+images: apt
+	bash tools/images.sh all
+
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -55,7 +64,7 @@ lint: venv
 typecheck: venv
 	$(PY) tools/typecheck.py
 
-test: setup austen cluster-tools lint typecheck
+test: setup austen cluster-tools images lint typecheck
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 quickstart: setup
