@@ -1,6 +1,14 @@
 """``make k8s-demo``: an LLMTrainingJob trained through the operator, on one machine.
 
-What it stands up (the same pieces the integration tests use, nothing mocked):
+By default on a **real node** (``tests/realcluster.py``): the control plane in node mode, a
+kubelet + containerd node in the network namespace ``llmtrain-node``, the operator installed
+by Helm and running as a pod from the image ``make images`` built, moto S3 on the node link;
+the job's head and worker pods run the runtime image and train. It applies
+``examples/k8s-demo.yaml``, prints ``kubectl get ltj -w`` until the job ends, then
+``kubectl get pods -o wide`` as it was during training and ``kubectl describe ltj``.
+
+``--standin`` (machines without a container runtime) stands up instead (the same pieces the
+KWOK integration tests use, nothing mocked):
 
 1. the local control plane (``tests/cluster/run.sh up``: kube-apiserver, etcd, scheduler,
    controller-manager, KWOK GPU and CPU nodes);
@@ -26,6 +34,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,6 +43,7 @@ sys.path.append(str(ROOT))  # tests.raystandin; appended: operator/ must not sha
 
 from controlplane import ControlPlane, cache_dir  # noqa: E402
 
+from tests import realcluster  # noqa: E402
 from tests.raystandin import RayStandIn, free_port  # noqa: E402
 
 NAMESPACE = "llmtrain-system"
@@ -82,17 +92,111 @@ def service_account_kubeconfig(cp: ControlPlane, out: Path) -> Path:
     return out
 
 
+def watch_job(
+    kenv: dict[str, str], name: str, namespace: str, timeout: float, during_training: Callable[[], None]
+) -> tuple[str, float | None]:
+    """Print `kubectl get ltj -w` until the job ends; the seconds to the first step in status."""
+    applied_at = time.monotonic()
+    watch = subprocess.Popen(
+        ["kubectl", "get", "ltj", "-n", namespace, "-w"], env=kenv, stdout=subprocess.PIPE, text=True
+    )
+    first_step: float | None = None
+    phase = ""
+    assert watch.stdout is not None
+    deadline = time.monotonic() + timeout
+    for line in watch.stdout:
+        print(line, end="", flush=True)
+        cols = line.split()
+        if len(cols) > 1 and cols[0] == name:
+            phase = cols[1]
+            if (
+                first_step is None
+                and phase == "Training"
+                and len(cols) > 3
+                and cols[3].isdigit()
+                and int(cols[3]) > 0
+            ):
+                first_step = time.monotonic() - applied_at
+                during_training()
+        if phase in ("Succeeded", "Failed") or time.monotonic() > deadline:
+            break
+    watch.terminate()
+    return phase, first_step
+
+
+def real_node(args: argparse.Namespace, work: Path) -> int:
+    t0 = time.monotonic()
+    reason = realcluster.skip_reason()
+    if reason:
+        raise SystemExit(f"the real node cannot run here: {reason} (or run with --standin)")
+    rc = realcluster.RealCluster(work)
+    try:
+        say(
+            "control plane (node mode) + a real node in netns llmtrain-node: containerd, kubelet, kube-proxy, CoreDNS, NetworkPolicy engine"
+        )
+        say(
+            "helm install llmtrain charts/llmtrain (the operator runs as a pod from ghcr.io/llmtrain/llmtrain-operator:0.1.0); moto S3 on the node link"
+        )
+        rc.start()
+        kenv = {**os.environ, **rc.env}
+        rc.kubectl("get", "pods", "-n", NAMESPACE, "-o", "wide")
+        print(rc.kubectl("get", "nodes,pods", "-n", NAMESPACE, "-o", "wide").stdout, flush=True)
+        rc.namespace_with_s3("default")
+        text = rc.job_text(args.job)
+        name = text.split("name:", 1)[1].split()[0]
+        say(f"kubectl apply -f {args.job.relative_to(ROOT) if args.job.is_relative_to(ROOT) else args.job}")
+        subprocess.run(["kubectl", "apply", "-f", "-"], input=text.encode(), env=kenv, check=True)
+        say("kubectl get ltj -w")
+        pods_seen: list[str] = []
+
+        def show_pods() -> None:
+            pods_seen.append(rc.kubectl("get", "pods", "-o", "wide").stdout)
+
+        phase, first_step = watch_job(kenv, name, "default", args.timeout, show_pods)
+        if pods_seen:
+            say("kubectl get pods -o wide (at the first training step)")
+            print(pods_seen[0], flush=True)
+        say(f"kubectl describe ltj {name}")
+        subprocess.run(["kubectl", "describe", "ltj", name], env=kenv)
+        total = time.monotonic() - t0
+        ready = rc.timings.get("operator ready", 0.0)
+        say(
+            f"{name}: {phase} — demo wall time {total:.0f} s (node + operator ready in {ready:.0f} s)"
+            + (
+                f", apply → first training step in status {first_step:.0f} s"
+                if first_step is not None
+                else ""
+            )
+        )
+        if args.keep:
+            say(f"still running: KUBECONFIG={rc.cp.kubeconfig if rc.cp else ''} (Ctrl-C stops everything)")
+            signal.pause()
+        return 0 if phase == "Succeeded" else 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        rc.stop(keep_logs=True)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--job", type=Path, default=JOB, help="the LLMTrainingJob to apply")
     p.add_argument("--keep", action="store_true", help="leave everything running at the end")
     p.add_argument("--timeout", type=float, default=1200, help="seconds to wait for the job")
+    p.add_argument(
+        "--standin",
+        action="store_true",
+        help="KWOK pods + a local Ray cluster standing in for them (no container runtime needed)",
+    )
     args = p.parse_args()
-
-    t0 = time.monotonic()
     work = cache_dir() / "run" / "k8s-demo"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
+    return run_standin(args, work) if args.standin else real_node(args, work)
+
+
+def run_standin(args: argparse.Namespace, work: Path) -> int:
+    t0 = time.monotonic()
     env = {
         **os.environ,
         # moto's dummy credentials, as a pod would get them from spec.storage.secretRef.
@@ -161,33 +265,30 @@ def main() -> int:
             cwd=work,
         )
         procs.append(operator)
+        # The Secret the job's spec.storage.secretRef names (the stand-in Ray reads the same
+        # dummy credentials from its environment).
+        subprocess.run(
+            [
+                "kubectl",
+                "create",
+                "secret",
+                "generic",
+                realcluster.S3_SECRET,
+                "-n",
+                "default",
+                "--from-literal=AWS_ACCESS_KEY_ID=demo",
+                "--from-literal=AWS_SECRET_ACCESS_KEY=demo",
+            ],
+            env=kenv,
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
         text = args.job.read_text().replace("http://S3_ENDPOINT", endpoint)
         say(f"kubectl apply -f {args.job.relative_to(ROOT) if args.job.is_relative_to(ROOT) else args.job}")
-        applied_at = time.monotonic()
         subprocess.run(["kubectl", "apply", "-f", "-"], input=text.encode(), env=kenv, check=True)
         name = text.split("name:", 1)[1].split()[0]
         say("kubectl get ltj -w")
-        watch = subprocess.Popen(["kubectl", "get", "ltj", "-w"], env=kenv, stdout=subprocess.PIPE, text=True)
-        first_step: float | None = None
-        phase = ""
-        assert watch.stdout is not None
-        deadline = time.monotonic() + args.timeout
-        for line in watch.stdout:
-            print(line, end="", flush=True)
-            cols = line.split()
-            if len(cols) > 1 and cols[0] == name:
-                phase = cols[1]
-                if (
-                    first_step is None
-                    and phase == "Training"
-                    and len(cols) > 3
-                    and cols[3].isdigit()
-                    and int(cols[3]) > 0
-                ):
-                    first_step = time.monotonic() - applied_at
-            if phase in ("Succeeded", "Failed") or time.monotonic() > deadline:
-                break
-        watch.terminate()
+        phase, first_step = watch_job(kenv, name, "default", args.timeout, lambda: None)
         say(f"kubectl describe ltj {name}")
         subprocess.run(["kubectl", "describe", "ltj", name], env=kenv)
         total = time.monotonic() - t0
