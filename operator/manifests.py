@@ -392,9 +392,14 @@ def _probe() -> dict[str, Any]:
     return {"httpGet": {"path": "/api/healthz", "port": PORT_DASHBOARD_AGENT}}
 
 
+# Ray opens a file per connection and object; container runtimes often default to 1024. A
+# non-root container can raise its soft limit only up to the hard limit the runtime gave it
+# (a sandboxed node may cap that below 65536): then take the hard limit, silently.
+RAISE_NOFILE = 'ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"'
+
+
 def _shell(cmd: str) -> dict[str, Any]:
-    # Ray opens a file per connection and object; container runtimes often default to 1024.
-    return {"command": ["/bin/bash", "-c", "--"], "args": [f"ulimit -n 65536; exec {cmd}"]}
+    return {"command": ["/bin/bash", "-c", "--"], "args": [f"{RAISE_NOFILE}; exec {cmd}"]}
 
 
 # ------------------------------------------------------------------------------- pods

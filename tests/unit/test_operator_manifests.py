@@ -57,7 +57,7 @@ def test_head_runs_no_training_and_serves_dashboard() -> None:
         "--dashboard-agent-listen-port=52365",
     ):
         assert flag in cmd
-    assert cmd.startswith("ulimit -n 65536; exec ")
+    assert cmd.startswith(f"{m.RAISE_NOFILE}; exec ")
     assert head["spec"]["restartPolicy"] == "Never"
     probe = ray(head)["readinessProbe"]["httpGet"]
     assert probe == {"path": "/api/healthz", "port": 52365}
