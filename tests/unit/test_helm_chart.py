@@ -556,6 +556,22 @@ def dockerfile_problems(text: str) -> list[str]:
         problems.append("torch must be installed before the runtime extra (so pip never swaps it)")
     if "ray --version" not in rt:
         problems.append("the runtime stage does not check that `ray` is on PATH")
+    # The base is a build arg (tools/images.sh passes a local Debian base; users keep the
+    # default), and each image installs its dependencies before the project's wheel, so a
+    # Python-only change rebuilds one small layer (tests/integration/test_images.py checks
+    # the built layers).
+    if not re.search(r"^ARG BASE_IMAGE=python:3\.11-slim-bookworm$", text, re.M) or not re.search(
+        r"^FROM \$\{BASE_IMAGE\} AS base$", text, re.M
+    ):
+        problems.append("the base image is not the BASE_IMAGE build arg (default python:3.11-slim-bookworm)")
+    for target in ("operator", "runtime"):
+        steps = stages[target]
+        deps = [i for i, s in enumerate(steps) if s.startswith("RUN") and "-r /tmp/requirements.txt" in s]
+        wheel = [i for i, s in enumerate(steps) if s.startswith("COPY --from=wheel /wheels")]
+        if not deps or not wheel or deps[0] > wheel[0]:
+            problems.append(
+                f"the {target} stage does not install its dependencies before the project's wheel"
+            )
     for target in ("operator", "runtime"):
         users = [i.split(None, 1)[1] for i in stages[target] if i.upper().startswith("USER ")]
         if not users or users[-1].split(":")[0] in ("0", "root"):
@@ -587,6 +603,15 @@ def test_dockerfile_structure() -> None:
         text[: text.rindex("USER 65532:65532")] + "USER root" + text[text.rindex("USER 65532:65532") + 16 :]
     )
     assert dockerfile_problems(rooted) == ["the runtime image runs as root"]
+    fixed_base = text.replace("FROM ${BASE_IMAGE} AS base", "FROM python:3.11-slim-bookworm AS base")
+    assert dockerfile_problems(fixed_base) == [
+        "the base image is not the BASE_IMAGE build arg (default python:3.11-slim-bookworm)"
+    ]
+    deps_with_code = text.replace("-r /tmp/requirements.txt", "-r /tmp/reqs.txt")
+    assert dockerfile_problems(deps_with_code) == [
+        f"the {t} stage does not install its dependencies before the project's wheel"
+        for t in ("operator", "runtime")
+    ]
 
 
 def test_dockerignore_keeps_the_context_small() -> None:
