@@ -230,12 +230,24 @@ build_netpol() {
   command -v go >/dev/null || { echo "go toolchain not found (need go >= 1.26)" >&2; exit 1; }
   local out
   out="$(mktemp -d "$CACHE/bin/.netpol-build.XXXXXX")"
-  log "building kube-network-policies $KUBE_NETWORK_POLICIES_VERSION"
-  (cd "$HERE/netpol" && timed go build -trimpath -ldflags "-s -w" \
+  log "building kube-network-policies $KUBE_NETWORK_POLICIES_VERSION (queueing through the xt NFQUEUE target: netpol/nfqueue_xt.go.in)"
+  # The kernel here lacks nftables' native queue expression (CONFIG_NFT_QUEUE): build against a
+  # patched copy of the module (go.mod replace, in a temporary -modfile; the module cache and
+  # netpol/go.mod stay as they are) whose controller.go queues through the xt NFQUEUE target.
+  local src
+  src="$(cd "$HERE/netpol" && go mod download -json sigs.k8s.io/kube-network-policies | sed -n 's/^\t"Dir": "\(.*\)",$/\1/p')"
+  cp -r "$src" "$out/src"
+  chmod -R u+w "$out/src"
+  patch -s "$out/src/pkg/networkpolicy/controller.go" "$HERE/netpol/nfqueue-xt-target.patch"
+  cp "$HERE/netpol/nfqueue_xt.go.in" "$out/src/pkg/networkpolicy/zz_nfqueue_xt.go"
+  cp "$HERE/netpol/go.mod" "$out/go.mod"
+  cp "$HERE/netpol/go.sum" "$out/go.sum"
+  (cd "$HERE/netpol" && go mod edit -modfile="$out/go.mod" -replace "sigs.k8s.io/kube-network-policies=$out/src")
+  (cd "$HERE/netpol" && timed go build -trimpath -ldflags "-s -w" -modfile="$out/go.mod" \
       -o "$out/kube-network-policies" .)
   mkdir -p "$NETPOL_BIN"
   mv "$out/kube-network-policies" "$NETPOL_BIN/kube-network-policies"
-  rmdir "$out"
+  rm -rf "$out"
   log "installed into $NETPOL_BIN"
 }
 
