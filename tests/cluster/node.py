@@ -123,8 +123,30 @@ DEBIAN_BINARIES = {
 CTR_NAMESPACE = "k8s.io"
 
 
+# What the kubelet's container manager wants these host-wide kernel settings to be (k8s.io/
+# component-helpers/node/util/sysctl, v0.35): it shows them to the kubelet alone (see _start_kubelet).
+KUBELET_KERNEL_TUNABLES = {
+    "vm/overcommit_memory": "1",
+    "vm/panic_on_oom": "0",
+    "kernel/panic": "10",
+    "kernel/panic_on_oops": "1",
+    "kernel/keys/root_maxkeys": "1000000",
+    "kernel/keys/root_maxbytes": "25000000",
+}
+
+
 class NodeError(RuntimeError):
     pass
+
+
+def node_env() -> dict[str, str]:
+    """The components' environment: the system dirs first on PATH (containerd finds runc and the
+    shim there, the CNI bridge plugin and kube-proxy find iptables)."""
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join(
+        ["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin", env.get("PATH", "")]
+    )
+    return env
 
 
 # --------------------------------------------------------------------------- binaries
@@ -340,6 +362,8 @@ def kubelet_config(
         "syncFrequency": "10s",
         "fileCheckFrequency": "10s",
         "shutdownGracePeriod": "0s",
+        # the default -999 is refused by this sandbox (no negative oom_score_adj)
+        "oomScoreAdj": 0,
         "logging": {"format": "text"},
     }
 
@@ -365,6 +389,8 @@ def kube_proxy_config(*, kubeconfig: Path, cluster_cidr: str = POD_CIDR) -> dict
         },
         # NodePorts on the node's address only; no route_localnet for 127.0.0.1 NodePorts
         "nodePortAddresses": [f"{NODE_IP}/32"],
+        # the default -999 is refused by this sandbox (no negative oom_score_adj)
+        "oomScoreAdj": 0,
         "iptables": {"localhostNodePorts": False, "syncPeriod": "30s", "minSyncPeriod": "0s"},
     }
 
@@ -479,6 +505,10 @@ class NodeNetwork:
             _run([ip, "-n", self.netns, "link", "set", "lo", "up"])
             _run([ip, "-n", self.netns, "addr", "add", f"{NODE_IP}/{LINK_PREFIX}", "dev", NODE_IF])
             _run([ip, "-n", self.netns, "link", "set", NODE_IF, "up"])
+            # The Service range as local addresses of the namespace: a process in it connecting to a
+            # ClusterIP needs a route before kube-proxy's OUTPUT DNAT can apply (there is no default
+            # route), and a ClusterIP without a rule is then refused here instead of being sent on.
+            _run([ip, "-n", self.netns, "route", "add", "local", controlplane.SERVICE_CIDR, "dev", "lo"])
             # Per-namespace settings, made inside it: the host's own values are not touched.
             # ip_forward: pods -> lt-node (172.31.200.1) and ClusterIP DNAT between pods;
             # bridge-nf-call-iptables: kube-proxy's rules see pod-to-pod traffic on lt-cni0.
@@ -678,8 +708,13 @@ class Node:
         *,
         nofile: int | None = None,
         env: dict[str, str] | None = None,
+        wrapper: list[str] | None = None,
     ) -> int:
-        """Start `exe args` inside the namespace, log to logs/<name>.log; `stop()` ends it by PID."""
+        """Start `exe args` inside the namespace, log to logs/<name>.log; `stop()` ends it by PID.
+
+        `wrapper`: commands that set up and then exec `exe args` (e.g. ``unshare ... sh -c``); every
+        step execs in place, so the PID stays the component's own.
+        """
         self.log_dir.mkdir(parents=True, exist_ok=True)
 
         def preexec() -> None:
@@ -692,14 +727,14 @@ class Node:
             log.write(f"$ {exe} {' '.join(args)}\n".encode())
             log.flush()
             p = subprocess.Popen(
-                nsenter_argv(str(exe), *args, netns=self.netns),
+                nsenter_argv(*(wrapper or []), str(exe), *args, netns=self.netns),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 cwd=self.workdir,
                 start_new_session=True,
                 preexec_fn=preexec,
-                env=env,
+                env=env if env is not None else node_env(),
             )
         # nsenter execs `exe` in place: the PID is the component's own
         self._procs[name] = p
@@ -871,10 +906,30 @@ class Node:
         self._mark("images imported" + (f" ({', '.join(imported)})" if imported else " (none new)"))
 
     def _start_kubelet(self) -> None:
+        # The kubelet would set host-wide kernel tunables (vm.overcommit_memory=1, kernel.panic=10,
+        # kernel.panic_on_oops=1, ...) that other work on this machine would then live with. It
+        # runs in a mount namespace of its own where files holding the values it wants are bound
+        # over those /proc/sys entries (private: nothing propagates back), so it reads what it
+        # wants and writes nothing to the kernel. Its root dir is made a shared mount first, so the
+        # volumes it mounts there (secrets, tokens) propagate to containerd's, the host's, view.
+        root = self.kubelet_root
+        root.mkdir(parents=True, exist_ok=True)
+        _run(["mount", "--bind", str(root), str(root)])
+        _run(["mount", "--make-shared", str(root)])
+        masks = self.workdir / "kernel-tunables"
+        masks.mkdir(parents=True, exist_ok=True)
+        binds = []
+        for key, value in KUBELET_KERNEL_TUNABLES.items():
+            f = masks / key.replace("/", ".")
+            f.write_text(value + "\n")
+            binds.append(f"mount --bind {f} /proc/sys/{key}")
+        script = "set -e; " + "; ".join(binds) + '; exec "$0" "$@"'
+        unshare = ["/usr/bin/unshare", "--mount", "--propagation", "unchanged", "--", "/bin/sh", "-c", script]
         self.spawn(
             "kubelet",
             node_binaries()["kubelet"],
-            [
+            wrapper=unshare,
+            args=[
                 f"--config={self.workdir / 'kubelet.yaml'}",
                 f"--kubeconfig={self.workdir / 'kubelet.kubeconfig'}",
                 f"--root-dir={self.kubelet_root}",
@@ -890,8 +945,6 @@ class Node:
             "kube-proxy",
             node_binaries()["kube-proxy"],
             [f"--config={self.workdir / 'kube-proxy.yaml'}", "--v=1"],
-            # kube-proxy runs iptables-restore: find Debian's (nf_tables backend) on PATH
-            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
         )
 
     def _start_addons(self) -> None:

@@ -94,6 +94,10 @@ def _allow_the_node_link() -> Iterator[None]:
         socket.socket.connect = guarded  # type: ignore[method-assign]
 
 
+def _host_forward() -> str:
+    return Path("/proc/sys/net/ipv4/ip_forward").read_text().strip()
+
+
 def _on_link(host: Any) -> bool:
     try:
         return ipaddress.ip_address(host) in LINK
@@ -106,6 +110,9 @@ class NodeCluster:
     cp: controlplane.ControlPlane
     node: node_mod.Node
     startup_seconds: float
+    # the host's net.ipv4.ip_forward before the node started: the node must leave it as it was
+    # (0 on a clean machine; another tool on the host, e.g. a CNI-networked builder, may set it)
+    host_forward: str = "0"
     stopped: bool = False
 
     def kubectl(self, *args: str, check: bool = True, input: str | None = None) -> str:
@@ -132,9 +139,10 @@ def nc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeCluster]:
         pytest.skip(reason)
     if node_mod.NodeNetwork().exists():
         pytest.skip(f"network namespace {node_mod.NETNS} exists: another node runs (run.sh down)")
+    forward = _host_forward()
     t0 = time.monotonic()
     cp, node = node_mod.start_node_cluster(tmp_path_factory.mktemp("realnode"), die_with_parent=True)
-    c = NodeCluster(cp, node, time.monotonic() - t0)
+    c = NodeCluster(cp, node, time.monotonic() - t0, host_forward=forward)
     try:
         yield c
     finally:
@@ -187,7 +195,7 @@ def test_node_ready(nc: NodeCluster) -> None:
     # the namespace has no route off the machine: only the veth's link route
     routes = node_mod.NodeNetwork().routes()
     assert "default" not in routes, routes
-    assert Path("/proc/sys/net/ipv4/ip_forward").read_text().strip() == "0"
+    assert _host_forward() == nc.host_forward
     print(f"\nnode cluster start -> node Ready: {nc.startup_seconds:.1f}s; {nc.node.timings}")
 
 
@@ -301,4 +309,4 @@ def test_teardown_leaves_nothing(nc: NodeCluster) -> None:
     alive = {n: p for n, p in pids.items() if controlplane._pid_alive(p)}
     assert not alive, alive
     assert node_mod._mounts_under([workdir, node_mod.containerd_root()]) == []
-    assert Path("/proc/sys/net/ipv4/ip_forward").read_text().strip() == "0"
+    assert _host_forward() == nc.host_forward
