@@ -61,6 +61,7 @@ import json
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -535,6 +536,36 @@ class NodeNetwork:
         ino = _netns_inode(self.path)
         return _pids_in_netns({ino} if ino is not None else set())
 
+    def live_components(self) -> list[int]:
+        """PIDs of a node's containerd/kubelet/kube-proxy running in this namespace (a live node)."""
+        bins = node_binaries()
+        exes = {os.path.realpath(bins[n]) for n in ("kubelet", "kube-proxy")}
+        exes.add(os.path.realpath(DEBIAN_BINARIES["containerd"]))
+        live = []
+        for pid in self.pids_inside():
+            try:
+                if os.path.realpath(f"/proc/{pid}/exe") in exes:
+                    live.append(pid)
+            except OSError:
+                pass
+        return live
+
+    def remove_stale(self) -> bool:
+        """Remove what a killed run left (namespace, veth, shims and their containers, mounts of our
+        run-dir layout) when no node component runs in it; raise if a live node does."""
+        if not self.exists() and not Path(f"/sys/class/net/{HOST_IF}").exists():
+            return False
+        live = self.live_components()
+        if live:
+            raise NodeError(
+                f"a node runs in network namespace {self.netns} (PIDs {live}): "
+                "one node at a time (tests/cluster/run.sh down, or wait for its test)"
+            )
+        _kill_trees(self.pids_inside())
+        _unmount_all([], stale=True)
+        self.delete()
+        return True
+
     def delete(self) -> None:
         """Remove the namespace (and with it lt-node, and so its peer lt-host); lt-host if left."""
         ip = str(DEBIAN_BINARIES["ip"])
@@ -559,6 +590,58 @@ def _pids_in_netns(inodes: set[int]) -> list[int]:
     return pids
 
 
+def _parents() -> dict[int, int]:
+    """pid -> parent pid, for every process."""
+    out: dict[int, int] = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                out[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                pass
+    return out
+
+
+def _kill_trees(roots: list[int], timeout: float = 5.0) -> list[int]:
+    """SIGKILL `roots` and all their descendants (a container's processes outlive its shim
+    otherwise: they are re-parented, not killed); wait until they are gone. Returns the PIDs."""
+    parents = _parents()
+    tree = set(roots)
+    frontier = list(roots)
+    while frontier:
+        kids = [c for c, p in parents.items() if p in frontier and c not in tree]
+        tree.update(kids)
+        frontier = kids
+    tree.discard(os.getpid())
+    for pid in tree:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    deadline = time.monotonic() + timeout
+    for pid in tree:
+        while _pid_alive(pid) and time.monotonic() < deadline:
+            try:  # reap our own children
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+            time.sleep(0.02)
+    return sorted(tree)
+
+
+# The run-directory layout this module makes (pytest's or run.sh's): mounts there are ours.
+_OUR_MOUNT_PARTS = ("/node/containerd/", "/node/kubelet/")
+
+
+def _stale_mounts() -> list[str]:
+    """Mounts a killed run left: under some `.../node/containerd/` or `.../node/kubelet` of ours."""
+    return [
+        m
+        for m in _mounts_under([Path("/")])
+        if any(part in m + "/" for part in _OUR_MOUNT_PARTS) and not m.startswith(str(containerd_root()))
+    ]
+
+
 def _mounts_under(prefixes: list[Path]) -> list[str]:
     """Mount points (from /proc/self/mountinfo) under any of `prefixes`, deepest first."""
     roots = [str(p.resolve()).rstrip("/") + "/" for p in prefixes]
@@ -577,11 +660,12 @@ def _mounts_under(prefixes: list[Path]) -> list[str]:
     return sorted(set(found), key=lambda m: (-m.count("/"), m))
 
 
-def _unmount_all(prefixes: list[Path]) -> list[str]:
-    """Unmount (lazily, deepest first) everything mounted under `prefixes`; returns what was."""
+def _unmount_all(prefixes: list[Path], stale: bool = False) -> list[str]:
+    """Unmount (lazily, deepest first) everything mounted under `prefixes` (with `stale`, what a
+    killed run of ours left anywhere); returns what was."""
     done = []
     for _ in range(5):  # stacked mounts: repeat until nothing is left
-        mounts = _mounts_under(prefixes)
+        mounts = _mounts_under(prefixes) + (_stale_mounts() if stale else [])
         if not mounts:
             break
         for mp in mounts:
@@ -1028,11 +1112,10 @@ class Node:
         if pid is not None:
             stop_pid(pid, self.exes.get("containerd") or str(DEBIAN_BINARIES["containerd"]))
         # Whatever still runs in the node's namespaces (shims, pod processes, an addon that did not
-        # use spawn()) is ours by construction: end it by PID.
+        # use spawn()), and every descendant of it, is ours by construction: end it by PID.
         netns_inodes = {i for i in [_netns_inode(self.netns_path)] if i is not None}
         netns_inodes |= {i for p in self._pod_netns_mounts() if (i := _netns_inode(Path(p))) is not None}
-        for pid in _pids_in_netns(netns_inodes):
-            stop_pid(pid, timeout=5)
+        _kill_trees(_pids_in_netns(netns_inodes))
         self.pids.clear()
         self._procs.clear()
         _unmount_all([self.workdir, containerd_root()])
@@ -1083,6 +1166,7 @@ def start_node_cluster(
     if reason:
         raise NodeError(reason)
     network = NodeNetwork()
+    network.remove_stale()  # a killed run's leftovers; raises if another node is live
     network.create()  # before the apiserver: it binds the host end of the veth
     cp = ControlPlane(workdir=workdir, die_with_parent=die_with_parent, node=True, fake_nodes=fake_nodes)
     try:

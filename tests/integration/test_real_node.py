@@ -137,8 +137,9 @@ def nc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeCluster]:
     reason = node_mod.node_skip_reason()
     if reason:
         pytest.skip(reason)
-    if node_mod.NodeNetwork().exists():
-        pytest.skip(f"network namespace {node_mod.NETNS} exists: another node runs (run.sh down)")
+    live = node_mod.NodeNetwork().live_components()
+    if live:  # one node per machine (one namespace name, one veth address pair)
+        pytest.skip(f"a node runs in network namespace {node_mod.NETNS} (PIDs {live}): run.sh down")
     forward = _host_forward()
     t0 = time.monotonic()
     cp, node = node_mod.start_node_cluster(tmp_path_factory.mktemp("realnode"), die_with_parent=True)

@@ -18,6 +18,7 @@ import ipaddress
 import json
 import sys
 import tarfile
+import time
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -196,6 +197,22 @@ def test_needs_import(tmp_path: Path) -> None:
     assert node.needs_import(tar, stamp)
     stamp.write_text("not json")
     assert node.needs_import(tar, stamp)
+
+
+def test_kill_trees_takes_the_descendants() -> None:
+    """A container's processes outlive a killed shim (re-parented): the stop kills whole trees."""
+    import subprocess
+
+    p = subprocess.Popen(["/bin/sh", "-c", "sleep 60 & sleep 60 & wait"])
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and len([c for c, pp in node._parents().items() if pp == p.pid]) < 2:
+        time.sleep(0.02)
+    kids = [c for c, pp in node._parents().items() if pp == p.pid]
+    assert len(kids) == 2
+    killed = node._kill_trees([p.pid])
+    assert set(killed) == {p.pid, *kids}
+    p.wait(timeout=5)
+    assert not any(controlplane._pid_alive(k) for k in kids)
 
 
 # --------------------------------------------------------------------------- the pause image
