@@ -331,6 +331,7 @@ class Controller:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._said: dict[Key, str] = {}  # the last requeue reason logged per job
+        self._foreign_said: dict[Key, str] = {}  # the other Ray job last logged per job
         self._backoff: dict[Key, Backoff] = {}
         self._backoff_lock = threading.Lock()
         self.monotonic: Callable[[], float] = time.monotonic
@@ -343,6 +344,7 @@ class Controller:
             self.cache.forget(key)
             self.metrics.forget(*key)
             self._said.pop(key, None)
+            self._foreign_said.pop(key, None)
             with self._backoff_lock:
                 self._backoff.pop(key, None)
             return
@@ -470,6 +472,19 @@ class Controller:
             self.metrics.provisioning_seconds.observe(out.provisioning_seconds)
         if out.restarted:
             self.metrics.restarts.inc()
+        for source, other in out.foreign:
+            self.metrics.foreign_snapshots.labels(source=source).inc()
+            # Once per other run, not on every poll while it lasts (the metric counts those).
+            if self._foreign_said.get(key) != other:
+                log.warning(
+                    "%s/%s: ignored a %s snapshot of Ray job %s, not this job's (the condition "
+                    "says ForeignProgress if it lasts)",
+                    ns,
+                    name,
+                    source,
+                    other or "(unnamed)",
+                )
+            self._foreign_said[key] = other
         if out.requeue:
             # Every requeue states its reason; logged when it changes, not on every tick.
             said = out.requeue.split(" (")[0]

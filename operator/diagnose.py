@@ -18,17 +18,16 @@ from typing import Any
 
 from llmtrain.operator.manifests import KUEUE_ADMISSION_GATE, LABEL_JOB, LABEL_ROLE, RAY_CONTAINER
 
+from llmtrain.api.status import Reason
+
 # Container waiting reasons that will not fix themselves: surfaced at once.
-STUCK_WAITING_REASONS = frozenset(
-    {
-        "ErrImagePull",
-        "ImagePullBackOff",
-        "InvalidImageName",
-        "CreateContainerConfigError",
-        "CreateContainerError",
-        "RunContainerError",
-        "CrashLoopBackOff",
-    }
+IMAGE_REASONS = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName"})
+CONFIG_REASONS = frozenset({"CreateContainerConfigError", "CreateContainerError", "RunContainerError"})
+STUCK_WAITING_REASONS = IMAGE_REASONS | CONFIG_REASONS | {"CrashLoopBackOff"}
+# What the user can do about each kind, appended to the kubelet's own words.
+IMAGE_HINT = "fix spec.resources.image (or its pull secret): the stuck pods are made again with it"
+CONFIG_HINT = (
+    "a Secret, ConfigMap or key the pod references is missing: create it and the kubelet starts the container"
 )
 
 
@@ -55,6 +54,10 @@ class PodView:
     exit_reason: str | None
     running_since: str | None  # latest container start: when the pod as a whole was Running
     annotations: tuple[tuple[str, str], ...]
+    image: str | None = None  # the Ray container's image, as the pod spec says
+    # The Ray container ran in a container runtime (its status has a containerID), so the
+    # kubelet has a log of it; KWOK's played containers have none.
+    ran: bool = False
 
     @property
     def running(self) -> bool:
@@ -85,6 +88,7 @@ def pod_view(body: Mapping[str, Any]) -> PodView:
     waiting: list[tuple[str, str, str]] = []
     exit_code: int | None = None
     exit_reason: str | None = None
+    ran = False
     started: list[str] = []
     for cs in (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or []):
         state = cs.get("state") or {}
@@ -98,6 +102,11 @@ def pod_view(body: Mapping[str, Any]) -> PodView:
         if t and cs.get("name") == RAY_CONTAINER:
             exit_code = t.get("exitCode")
             exit_reason = t.get("reason")
+        if cs.get("name") == RAY_CONTAINER and (cs.get("containerID") or (t or {}).get("containerID")):
+            ran = True
+    image = next(
+        (c.get("image") for c in spec.get("containers") or [] if c.get("name") == RAY_CONTAINER), None
+    )
     return PodView(
         name=meta.get("name", ""),
         namespace=meta.get("namespace", ""),
@@ -118,6 +127,8 @@ def pod_view(body: Mapping[str, Any]) -> PodView:
         exit_reason=exit_reason,
         running_since=max(started) if started and status.get("phase") == "Running" else None,
         annotations=tuple(sorted((meta.get("annotations") or {}).items())),
+        image=image,
+        ran=ran,
     )
 
 
@@ -141,6 +152,7 @@ class Diagnosis:
     running: int
     expected: int
     failed_pod: str | None = None
+    reason: Reason | None = None  # the Running condition's reason when it is not the state's own
 
 
 def _group(items: Iterable[tuple[str, str]]) -> str:
@@ -171,8 +183,10 @@ def diagnose(
     running = sum(1 for p in present if p.running)
     n = len(expected)
 
-    def d(state: ClusterState, message: str, failed: str | None = None) -> Diagnosis:
-        return Diagnosis(state, message, scheduled, running, n, failed)
+    def d(
+        state: ClusterState, message: str, failed: str | None = None, reason: Reason | None = None
+    ) -> Diagnosis:
+        return Diagnosis(state, message, scheduled, running, n, failed, reason)
 
     finished = [p for p in present if p.finished]
     if finished:
@@ -182,9 +196,9 @@ def diagnose(
             why += f", {p.exit_reason}"
         return d(ClusterState.Failed, f"pod {p.name} ({p.role}) ended {p.phase} ({why})", p.name)
 
-    stuck = [(p.name, f"{c} {r}: {m}".rstrip(": ")) for p in present for c, r, m in p.waiting]
+    stuck = [(p.name, c, r, m, p.image) for p in present for c, r, m in p.waiting]
     if stuck:
-        return d(ClusterState.Stuck, _group(stuck))
+        return stuck_diagnosis(stuck, d)
 
     queued = [p.name for p in present if p.queued_by_kueue]
     if queued:
@@ -216,3 +230,41 @@ def diagnose(
         return d(ClusterState.Starting, f"all {n} pods scheduled, {running}/{n} Running")
 
     return d(ClusterState.Ready, f"Ray cluster ready: 1 head + {n - 1} workers Running")
+
+
+Stuck = tuple[str, str, str, str, str | None]  # (pod, container, waiting reason, message, image)
+
+
+def stuck_message(container: str, reason: str, message: str, image: str | None) -> str:
+    """One stuck container in the kubelet's words; an image error names the image even when
+    the kubelet's message does not (InvalidImageName's, for one)."""
+    head = f"container {container} {reason}"
+    if reason in IMAGE_REASONS and image and f'"{image}"' not in message:
+        head += f' (image "{image}")'
+    return f"{head}: {message}" if message else head
+
+
+def stuck_diagnosis(stuck: list[Stuck], d: Callable[..., Diagnosis]) -> Diagnosis:
+    """State Stuck, the kubelet's messages grouped by pod, and a reason and hint by kind:
+    an image that cannot be pulled, or a configuration the kubelet cannot assemble."""
+    reasons = {r for _, _, r, _, _ in stuck}
+    if reasons & IMAGE_REASONS:
+        reason, hint = Reason.ImagePullFailed, IMAGE_HINT
+    elif reasons & CONFIG_REASONS:
+        reason, hint = Reason.ContainerConfigError, CONFIG_HINT
+    else:  # CrashLoopBackOff only (a Ray pod never restarts a container: restartPolicy Never)
+        reason, hint = Reason.Provisioning, "the container keeps exiting"
+    text = _group((pod, stuck_message(c, r, m, image)) for pod, c, r, m, image in stuck)
+    return d(ClusterState.Stuck, f"{text} ({hint})", reason=reason)
+
+
+def server_trouble(pods: Iterable[PodView]) -> tuple[str, tuple[str, str] | None] | None:
+    """Why spec.serve's pods have no ready replica, when a container cannot start or keeps
+    crashing (a Deployment restarts it: CrashLoopBackOff): the kubelet's words grouped by pod,
+    and the (pod, container) of the first crash-looping one, whose last log lines say why.
+    None when no container is stuck (the server is still loading the model)."""
+    stuck = [(p.name, c, r, m) for p in pods if not p.deleting for c, r, m in p.waiting]
+    if not stuck:
+        return None
+    looping = next(((pod, c) for pod, c, r, _ in stuck if r == "CrashLoopBackOff"), None)
+    return _group((pod, stuck_message(c, r, m, None)) for pod, c, r, m in stuck), looping

@@ -69,6 +69,17 @@ class KubeApi(Protocol):
         """Events of reason FailedScheduling about one pod, oldest first."""
         ...
 
+    def list_pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
+        """The pods of a namespace that match a label selector (the model server's)."""
+        ...
+
+    def pod_log(
+        self, namespace: str, pod: str, container: str, *, tail_lines: int, previous: bool = False
+    ) -> str:
+        """The last ``tail_lines`` lines of a container's log (``previous``: of its last
+        terminated instance), read through the API server from the kubelet."""
+        ...
+
 
 # kind → (API path prefix, resource): every kind the reconciler creates, reads or deletes.
 # The Helm chart's RBAC rules are checked against this table (tests/unit/test_helm_chart.py).
@@ -304,6 +315,36 @@ class RestApi:
         items.sort(key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
         return items
 
+    def list_pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
+        out = self.http.request("GET", _path("Pod", namespace), query={"labelSelector": selector})
+        items: list[dict[str, Any]] = (out or {}).get("items", [])
+        return items
+
+    def pod_log(
+        self, namespace: str, pod: str, container: str, *, tail_lines: int, previous: bool = False
+    ) -> str:
+        query: dict[str, Any] = {
+            "container": container,
+            "tailLines": tail_lines,
+            "limitBytes": POD_LOG_BYTES,
+        }
+        if previous:
+            query["previous"] = "true"
+        resp = self.http.request(
+            "GET",
+            f"{_path('Pod', namespace, pod)}/log",
+            query=query,
+            stream=True,
+            # The API server proxies this to the node's kubelet: an unreachable node must not
+            # hold a reconcile thread for the full read timeout.
+            read_timeout=10.0,
+        )
+        try:
+            data: bytes = resp.read(POD_LOG_BYTES + 1)
+        finally:
+            resp.release_conn()
+        return data[:POD_LOG_BYTES].decode(errors="replace")
+
     # -- the jobs themselves (what Kopf's patches did before: see llmtrain.operator.controller)
 
     def patch_job(self, namespace: str, name: str, patch: dict[str, Any], *, status: bool) -> dict[str, Any]:
@@ -364,6 +405,9 @@ class RestApi:
         status: dict[str, Any] = items[0].get("status") or {}
         return status
 
+
+# A crashed container's last lines are all a condition needs (and all it can hold).
+POD_LOG_BYTES = 16 * 1024
 
 # Watches end server-side after this long (the client waits a bit longer): a silently
 # dropped connection costs at most this much staleness before the watch is re-opened.

@@ -63,6 +63,15 @@ class OperatorMetrics:
             "Ray cluster restarts after a pod ended.",
             registry=self.registry,
         )
+        # Exposed as llmtrain_operator_foreign_snapshots_total.
+        self.foreign_snapshots = Counter(
+            "llmtrain_operator_foreign_snapshots",
+            "Run snapshots refused because another Ray job's driver sent them (never written into "
+            "a job's status), by source: progress (the live endpoint), log (the final snapshot), "
+            "checkpoint (a suspend's checkpoint request).",
+            ["source"],
+            registry=self.registry,
+        )
 
     def set_phase(self, namespace: str, name: str, phase: Phase) -> None:
         with self._lock:

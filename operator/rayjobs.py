@@ -13,8 +13,14 @@ What goes where (the driver side is ``llmtrain/runtime/driver.py``)::
     GET  /api/jobs/<id>          PENDING | RUNNING | SUCCEEDED | FAILED | STOPPED
     GET  /api/jobs/<id>/logs     once, when the job has ended: the final snapshot + log tail
     POST /api/jobs/<id>/stop     before the pods are deleted (suspend, deadline, failure)
-    GET  :8266/progress          the running driver's RunSnapshot (every resync)
-    POST :8266/checkpoint        "checkpoint now", before a suspend deletes the pods
+    GET  :8266/progress?submissionId=<id>    the running driver's RunSnapshot (every resync)
+    POST :8266/checkpoint?submissionId=<id>  "checkpoint now", before a suspend deletes the pods
+
+Both driver requests name the attempt they are for: a driver that runs another Ray job
+(a head Service selecting another job's head, a stale endpoint, a shared stand-in head)
+answers 409 with its own id, and a snapshot whose ``submission_id`` is not the attempt's
+is refused here too (:func:`check_snapshot`): another run's progress never reaches a
+job's status.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import urllib3
 from llmtrain.operator.manifests import OperatorSettings, service_name, spec_digest
@@ -38,10 +44,24 @@ LOG_TAIL_BYTES = 256 * 1024
 CONNECT_TIMEOUT = 3.0
 READ_TIMEOUT = 10.0
 SUBMIT_TIMEOUT = 60.0  # the first submission on a new head starts its job manager: slow
+# The query parameter naming the attempt a driver request is for (runtime/driver.py).
+SID_PARAM = "submissionId"
 
 
 class HeadError(Exception):
     """The head did not answer usefully (connection refused, timeout, 5xx, auth)."""
+
+
+class ForeignSnapshot(HeadError):
+    """The driver that answered runs another Ray job than the one asked for."""
+
+    def __init__(self, expected: str, found: str | None, source: str) -> None:
+        super().__init__(
+            f"the {source} snapshot is Ray job {found or '(unnamed)'}'s, not {expected}'s: ignored"
+        )
+        self.expected = expected
+        self.found = found
+        self.source = source  # "progress" (the live endpoint) or "log" (the final snapshot)
 
 
 @dataclass(frozen=True)
@@ -120,12 +140,30 @@ def stop_request(head: Head, token: str, sid: str) -> Request:
     return Request("POST", f"{head.dashboard}/api/jobs/{quote(sid)}/stop", _auth(token))
 
 
-def progress_request(head: Head, token: str) -> Request:
-    return Request("GET", f"{head.progress}/progress", _auth(token))
+def progress_request(head: Head, token: str, sid: str) -> Request:
+    return Request("GET", f"{head.progress}/progress?{urlencode({SID_PARAM: sid})}", _auth(token))
 
 
-def checkpoint_request(head: Head, token: str) -> Request:
-    return Request("POST", f"{head.progress}/checkpoint", _auth(token))
+def checkpoint_request(head: Head, token: str, sid: str) -> Request:
+    return Request("POST", f"{head.progress}/checkpoint?{urlencode({SID_PARAM: sid})}", _auth(token))
+
+
+def check_snapshot(snap: RunSnapshot, sid: str, source: str) -> RunSnapshot:
+    """``snap`` if it is the attempt ``sid``'s; else :class:`ForeignSnapshot`. A snapshot
+    that names no attempt is refused too: every driver the operator submits is given one."""
+    if snap.submission_id != sid:
+        raise ForeignSnapshot(sid, snap.submission_id, source)
+    return snap
+
+
+def foreign_id(text: str) -> str | None:
+    """The driver's own id from its 409 answer to a request for another attempt."""
+    try:
+        raw = json.loads(text)
+    except ValueError:
+        return None
+    found = raw.get("submission_id") if isinstance(raw, dict) else None
+    return found if isinstance(found, str) else None
 
 
 def already_submitted(status: int, text: str) -> bool:
@@ -229,9 +267,12 @@ class RayJobs:
     def stop(self, head: Head, token: str, sid: str) -> None:
         self._send(stop_request(head, token, sid))
 
-    def checkpoint(self, head: Head, token: str) -> int:
-        """Ask the driver for a checkpoint at its next log step; the step it had reached."""
-        status, text = self._send(checkpoint_request(head, token))
+    def checkpoint(self, head: Head, token: str, sid: str) -> int:
+        """Ask the driver of attempt ``sid`` for a checkpoint at its next log step; the step
+        it had reached. Another attempt's driver refuses (409): :class:`ForeignSnapshot`."""
+        status, text = self._send(checkpoint_request(head, token, sid))
+        if status == 409 and foreign_id(text) not in (None, sid):
+            raise ForeignSnapshot(sid, foreign_id(text), "checkpoint")
         if status != 202:
             raise HeadError(f"POST checkpoint: HTTP {status}: {text[:300]}")
         try:
@@ -239,11 +280,17 @@ class RayJobs:
         except (ValueError, KeyError, TypeError):
             raise HeadError(f"POST checkpoint: unexpected answer {text[:200]!r}") from None
 
-    def progress(self, head: Head, token: str) -> RunSnapshot:
-        status, text = self._send(progress_request(head, token))
+    def progress(self, head: Head, token: str, sid: str) -> RunSnapshot:
+        """The snapshot of attempt ``sid``'s driver; :class:`ForeignSnapshot` when the
+        driver that answers runs another Ray job (it says 409, or an older driver that
+        ignores the parameter serves a snapshot naming another id)."""
+        status, text = self._send(progress_request(head, token, sid))
+        if status == 409:
+            raise ForeignSnapshot(sid, foreign_id(text), "progress")
         if status != 200:
             raise HeadError(f"GET progress: HTTP {status}: {text[:300]}")
         try:
-            return RunSnapshot.from_json(text)
+            snap = RunSnapshot.from_json(text)
         except ValueError as e:
             raise HeadError(f"GET progress: {e}") from None
+        return check_snapshot(snap, sid, "progress")

@@ -40,7 +40,8 @@ from typing import Any
 
 from llmtrain.operator import manifests as m
 from llmtrain.operator import rayjobs as rj
-from llmtrain.operator.diagnose import ClusterState, Diagnosis, PodView, diagnose
+from llmtrain.operator import references as refs
+from llmtrain.operator.diagnose import ClusterState, Diagnosis, PodView, diagnose, pod_view, server_trouble
 from llmtrain.operator.kube import ApiError, KubeApi
 from llmtrain.operator.rayjobs import HeadError, RayJobs
 from pydantic import ValidationError
@@ -103,6 +104,11 @@ WARNING_REASONS = frozenset(
         Reason.RunFailed,
         Reason.DataError,
         Reason.NonFiniteLoss,
+        Reason.SecretNotFound,
+        Reason.ConfigMapNotFound,
+        Reason.ImagePullFailed,
+        Reason.ContainerConfigError,
+        Reason.ForeignProgress,
     }
 )
 
@@ -151,6 +157,9 @@ class Outcome:
     restarted: bool = False
     error: str | None = None  # an API failure worth a TemporaryError
     finalizer: bool | None = None  # add (True) or remove (False) FINALIZER
+    # (source, the other Ray job's id) per snapshot refused as another run's this reconcile:
+    # counted in llmtrain_operator_foreign_snapshots_total, logged once per other id.
+    foreign: list[tuple[str, str]] = field(default_factory=list)
 
 
 class Conditions:
@@ -234,6 +243,7 @@ class JobFacts:
     pod_names: tuple[str, ...]
     serve_replicas: int | None  # spec.serve (None: unset)
     serve_port: int
+    image: str  # spec.resources.image: stuck pods made with another one are made again
 
     @classmethod
     def of(cls, job: LLMTrainingJob) -> JobFacts:
@@ -249,6 +259,7 @@ class JobFacts:
             pod_names=tuple(m.pod_names(job)),
             serve_replicas=s.serve.replicas if s.serve else None,
             serve_port=s.serve.port if s.serve else 0,
+            image=s.resources.image,
         )
 
 
@@ -415,16 +426,19 @@ class Reconciler:
         # 5. a Ray node ended: the cluster is restarted as a whole (its GCS state and the
         # training group die with any one node), up to spec.backoffLimit times.
         diag = diagnose(expected, live, self._event_lookup(meta))
+        in_flight = (st.get("rayJob") or {}).get("status") in ("PENDING", "RUNNING")
         if diag.state == ClusterState.Failed:
             failed = live.get(diag.failed_pod or "")
-            in_flight = (st.get("rayJob") or {}).get("status") in ("PENDING", "RUNNING")
+            log = self._crash_log(failed) if failed is not None else ""
             if failed is not None and failed.role == m.ROLE_WORKER and in_flight:
                 # The head and the Ray job live on: a new pod for the lost worker, and Ray
                 # Train's FailureConfig restarts the worker group from the newest checkpoint
                 # in the same attempt.
-                self._recreate_worker(tick, failed, diag.message, handled)
+                self._recreate_worker(tick, failed, diag.message, handled, log)
             else:
-                self._restart(tick, diag.message, Reason.BackoffLimitExceeded)
+                self._restart(tick, diag.message, Reason.BackoffLimitExceeded, log)
+            return self._finish(st, conds, old_owned, out)
+        if diag.state == ClusterState.Stuck and self._remake_stale(tick, live, in_flight, diag):
             return self._finish(st, conds, old_owned, out)
 
         # 6. create what is missing (children before pods: pods mount the ConfigMap and
@@ -440,7 +454,12 @@ class Reconciler:
         for n in just_made:
             seen[n] = _just_created(n, meta)
         if missing:
-            created = self._ensure_children(self._model(body), body, mine, pods, missing, out)
+            model = self._model(body)
+            absent = refs.first_missing(self.api.get, job.namespace, refs.references(model))
+            if absent is not None:
+                self._wait_for_reference(tick, absent, expected, seen, old_phase, annotations)
+                return self._finish(st, conds, old_owned, out)
+            created = self._ensure_children(model, body, mine, pods, missing, out)
             if out.error:
                 out.requeue = out.error
             for n in created:
@@ -642,9 +661,10 @@ class Reconciler:
             )
             out.requeue = out.requeue or f"pod {name} relabeled"
 
-    def _restart(self, t: Tick, why: str, fail_reason: Reason) -> None:
+    def _restart(self, t: Tick, why: str, fail_reason: Reason, log: str = "") -> None:
         """A new attempt on a new Ray cluster (its GCS state and the training group die with
-        any one node), resuming from the newest checkpoint; up to spec.backoffLimit times."""
+        any one node), resuming from the newest checkpoint; up to spec.backoffLimit times.
+        ``log``: the crashed container's last lines, last in the message."""
         job, meta, mine, st, conds, out, now = t.job, t.meta, t.mine, t.st, t.conds, t.out, t.now
         restarts = int(st.get("restarts") or 0)
         if restarts >= job.backoff_limit:
@@ -653,7 +673,7 @@ class Reconciler:
                 conds,
                 out,
                 fail_reason,
-                f"{why}; {restarts} restarts reached spec.backoffLimit={job.backoff_limit}",
+                f"{why}; {restarts} restarts reached spec.backoffLimit={job.backoff_limit}{log}",
                 now,
             )
             self._delete_pods(meta, mine, out)
@@ -669,7 +689,7 @@ class Reconciler:
         out.restarted = True
         out.annotations[ANN_RESTARTED_PODS] = ",".join(sorted(p.uid for p in mine.values()))
         out.annotations[ANN_ATTEMPT_STARTED] = rfc3339(now)
-        msg = f"{why}; restarting the Ray cluster as attempt {st['attempt']} (restart {restarts + 1} of {job.backoff_limit})"
+        msg = f"{why}; restarting the Ray cluster as attempt {st['attempt']} (restart {restarts + 1} of {job.backoff_limit}){log}"
         self._delete_pods(meta, mine, out, end_group=False)
         out.events.append(Event("Warning", Reason.Restarting.value, msg))
         conds.set(ConditionType.Running, False, Reason.Restarting, msg)
@@ -678,14 +698,14 @@ class Reconciler:
         out.phase = Phase.Provisioning
         out.requeue = "restarting: waiting for the old pods to go"
 
-    def _recreate_worker(self, t: Tick, failed: PodView, why: str, handled: set[str]) -> None:
+    def _recreate_worker(self, t: Tick, failed: PodView, why: str, handled: set[str], log: str = "") -> None:
         """A worker pod ended while its Ray job runs: delete it (the next tick creates it
         again, it rejoins the head); the run resumes in the same attempt. Counts against
         spec.backoffLimit like a cluster restart."""
         job, st, conds, out = t.job, t.st, t.conds, t.out
         restarts = int(st.get("restarts") or 0)
         if restarts >= job.backoff_limit:
-            self._restart(t, why, Reason.BackoffLimitExceeded)
+            self._restart(t, why, Reason.BackoffLimitExceeded, log)
             return
         st["restarts"] = restarts + 1
         out.restarted = True
@@ -693,11 +713,84 @@ class Reconciler:
         self.api.delete("Pod", failed.namespace, failed.name, uid=failed.uid)
         msg = (
             f"{why}; pod {failed.name} recreated, the run resumes from the newest checkpoint in attempt "
-            f"{st.get('attempt') or 1} (restart {restarts + 1} of {job.backoff_limit})"
+            f"{st.get('attempt') or 1} (restart {restarts + 1} of {job.backoff_limit}){log}"
         )
         out.events.append(Event("Warning", Reason.Restarting.value, msg))
         conds.set(ConditionType.Running, True, Reason.Restarting, msg)
         out.requeue = f"worker {failed.name} recreated"
+
+    # The lines of a crashed container's log that go into the condition (as for a failed
+    # driver's log, rayjobs.log_tail).
+    CRASH_LOG_LINES = 20
+
+    def _crash_log(self, pod: PodView) -> str:
+        """The last lines of a Ray container that exited with an error, for the condition; ''
+        when it did not run in a container runtime (a KWOK pod: there is no log to ask the
+        kubelet for) or ended cleanly. One GET per failed pod: the pod is deleted next."""
+        if not pod.ran or not pod.exit_code:
+            return ""
+        try:
+            text = self.api.pod_log(pod.namespace, pod.name, m.RAY_CONTAINER, tail_lines=self.CRASH_LOG_LINES)
+        except (ApiError, OSError) as e:
+            return f"\n(its log could not be read: {e})"
+        tail = rj.log_tail(text, lines=self.CRASH_LOG_LINES)
+        return f"\n--- container {m.RAY_CONTAINER}, last log lines ---\n{tail}" if tail else ""
+
+    def _remake_stale(self, t: Tick, live: Mapping[str, PodView], in_flight: bool, diag: Diagnosis) -> bool:
+        """Pods stuck before their containers start were made from an older
+        ``spec.resources.image`` (the user fixed a wrong one): delete them and the next
+        reconcile makes them with the image the spec names now; otherwise the fix would never
+        take (a pod's image is the one it was made with). Before the Ray job runs, every pod
+        of the attempt goes (one image per Ray cluster); while it runs, only stuck ones.
+        No restart is counted: nothing ran. True if pods were deleted."""
+        image = t.job.image
+        stale = {
+            n: p
+            for n, p in live.items()
+            if p.image is not None and p.image != image and (not in_flight or p.waiting)
+        }
+        if not stale:
+            return False
+        self._delete_pods(t.meta, stale, t.out, end_group=False)
+        msg = (
+            f"spec.resources.image is now {image}: pods {', '.join(sorted(stale))} were made with "
+            f"{', '.join(sorted({str(p.image) for p in stale.values()}))} and were stuck ({diag.message}); "
+            "they are made again with the new image"
+        )
+        t.out.events.append(Event("Normal", "PodsRecreated", msg))
+        t.conds.set(ConditionType.Running, False, Reason.Provisioning, msg)
+        t.st["phase"] = Phase.Provisioning.value
+        t.out.phase = Phase.Provisioning
+        t.out.requeue = f"recreating {len(stale)} pods with image {image}"
+        return True
+
+    def _wait_for_reference(
+        self,
+        t: Tick,
+        absent: refs.Missing,
+        expected: list[str],
+        seen: Mapping[str, PodView],
+        old_phase: Phase | None,
+        annotations: Mapping[str, str],
+    ) -> None:
+        """6a. A Secret or ConfigMap the pods reference is missing (or lacks a key): no pod is
+        made; the condition and one Event name the object and the spec field. The resync
+        looks again, so creating it lets the job go on; ``preRunningDeadlineSeconds`` still
+        counts."""
+        conds, out = t.conds, t.out
+        msg = absent.message(t.job.namespace)
+        old = conds.get(ConditionType.Running) or {}
+        diag = diagnose(expected, seen)
+        diag = Diagnosis(
+            ClusterState.Waiting, f"{diag.message}: {msg}", diag.scheduled, diag.running, diag.expected
+        )
+        self._apply_diagnosis(t.job, diag, t.st, conds, old_phase, annotations, out, t.now)
+        if Phase(t.st["phase"]) == Phase.Failed:  # the pre-running deadline passed
+            return
+        conds.set(ConditionType.Running, False, absent.reason, msg)
+        if old.get("reason") != absent.reason.value or old.get("message") != msg:
+            out.events.append(Event("Warning", absent.reason.value, msg))
+        out.requeue = f"waiting for {absent.ref.kind} {absent.ref.name}"
 
     def _ray_token(self, namespace: str, name: str, uid: str) -> str:
         """The job's Ray token, from the Secret this operator made (kept per job uid)."""
@@ -769,10 +862,7 @@ class Reconciler:
         ray_job["status"] = info.status
         st["rayJob"] = ray_job
         if info.status not in rj.TERMINAL:
-            try:
-                self._mirror(self.ray.progress(head, token), st, conds, out)
-            except HeadError as e:  # the driver is starting, or busy: the next poll will tell
-                out.requeue = f"no progress from the driver yet: {e}"
+            self._poll_progress(t, head, token, ray_job)
             return
         # The Ray job ended: its log's last line is the driver's final snapshot.
         try:
@@ -782,6 +872,10 @@ class Reconciler:
         except HeadError as e:
             text = f"(the driver's log could not be read: {e})"
         snap = snapshot_from_log(text)
+        if snap is not None and snap.submission_id != sid:
+            # Not this attempt's final word (its failure reason included): nothing of it is kept.
+            out.foreign.append(("log", snap.submission_id or ""))
+            snap = None
         if snap is not None:
             self._mirror(snap, st, conds, out)
         tail = rj.log_tail(text)
@@ -802,6 +896,48 @@ class Reconciler:
             self._fail(st, conds, out, reason, f"{why}\n--- driver log, last lines ---\n{tail}", now)
             return
         self._restart(t, f"Ray job {sid} {info.status.lower()}: {why}", Reason.RunFailed)
+
+    def _poll_progress(self, t: Tick, head: rj.Head, token: str, ray_job: dict[str, Any]) -> None:
+        """The running driver's snapshot into status, if it is this attempt's driver."""
+        try:
+            snap = self.ray.progress(head, token, ray_job["submissionId"])
+        except rj.ForeignSnapshot as e:
+            self._foreign_progress(t, head, ray_job, e)
+            return
+        except HeadError as e:  # the driver is starting, or busy: the next poll will tell
+            t.out.requeue = f"no progress from the driver yet: {e}"
+            return
+        ray_job.pop("foreignProgressSince", None)
+        self._mirror(snap, t.st, t.conds, t.out)
+
+    # A progress endpoint that answers for another Ray job this long is worth the Running
+    # condition (shorter: one poll that raced a restart); its figures are never written.
+    FOREIGN_GRACE_SECONDS = 15.0
+
+    def _foreign_progress(
+        self, t: Tick, head: rj.Head, ray_job: dict[str, Any], e: rj.ForeignSnapshot
+    ) -> None:
+        """The driver that answered the progress poll runs another Ray job: nothing of its
+        snapshot goes into status; counted (``Outcome.foreign``), and the Running condition
+        says so (``ForeignProgress``) once it has lasted FOREIGN_GRACE_SECONDS."""
+        conds, out, now = t.conds, t.out, t.now
+        out.foreign.append((e.source, e.found or ""))
+        since = parse_time(ray_job.get("foreignProgressSince"))
+        if since is None:
+            since = now
+            ray_job["foreignProgressSince"] = rfc3339(now)
+        t.st["rayJob"] = ray_job
+        why = (
+            f"the progress endpoint {head.progress} answers for Ray job {e.found or '(unnamed)'}, not "
+            f"this attempt's {e.expected}, since {ray_job['foreignProgressSince']}: none of its figures "
+            "are written into status (a head Service that selects another job's head pod, or a stale "
+            "endpoint?)"
+        )
+        if (now - since).total_seconds() >= self.FOREIGN_GRACE_SECONDS:
+            if (conds.get(ConditionType.Running) or {}).get("reason") != Reason.ForeignProgress.value:
+                out.events.append(Event("Warning", Reason.ForeignProgress.value, why))
+            conds.set(ConditionType.Running, True, Reason.ForeignProgress, why)
+        out.requeue = why
 
     def _set_stage(self, st: dict[str, Any], conds: Conditions, stage: str, message: str) -> None:
         st["phase"] = STAGE_PHASE.get(stage, Phase.Training.value)
@@ -846,9 +982,16 @@ class Reconciler:
         if want == 0:
             conds.set(ConditionType.Serving, False, Reason.ServerScaledToZero, "spec.serve.replicas is 0")
         elif ready == 0:
-            msg = f"0 of {want} server replicas ready: loading {model_uri}"
-            conds.set(ConditionType.Serving, False, Reason.ServerStarting, msg)
-            out.requeue = f"model server: {msg}"
+            trouble = self._server_trouble(ns, name)
+            if trouble is not None:
+                if (conds.get(ConditionType.Serving) or {}).get("reason") != Reason.ServerFailing.value:
+                    out.events.append(Event("Warning", Reason.ServerFailing.value, trouble))
+                conds.set(ConditionType.Serving, False, Reason.ServerFailing, trouble)
+                out.requeue = f"model server: {trouble.splitlines()[0]}"
+            else:
+                msg = f"0 of {want} server replicas ready: loading {model_uri}"
+                conds.set(ConditionType.Serving, False, Reason.ServerStarting, msg)
+                out.requeue = f"model server: {msg}"
         else:
             if not conds.is_true(ConditionType.Serving):
                 out.events.append(
@@ -860,6 +1003,31 @@ class Reconciler:
                 Reason.ServerReady,
                 f"{ready} of {want} replicas ready at {st['serving']['url']}",
             )
+
+    def _server_trouble(self, ns: str, name: str) -> str | None:
+        """Why no server replica is ready when a container cannot start or crash-loops: the
+        kubelet's words, and a crash-looping container's last log lines (of the instance that
+        crashed). One LIST (and one log GET) per resync, only while no replica is ready."""
+        try:
+            pods = self.api.list_pods(ns, f"{m.LABEL_SERVE}={name}")
+        except ApiError:
+            return None
+        found = server_trouble(pod_view(p) for p in pods)
+        if found is None:
+            return None
+        text, looping = found
+        if looping is None:
+            return text
+        try:
+            log = self.api.pod_log(ns, *looping, tail_lines=self.CRASH_LOG_LINES, previous=True)
+        except (ApiError, OSError) as e:
+            return f"{text}\n(its log could not be read: {e})"
+        tail = rj.log_tail(log, lines=self.CRASH_LOG_LINES)
+        return (
+            f"{text}\n--- pod {looping[0]}, container {looping[1]}, last log lines ---\n{tail}"
+            if tail
+            else text
+        )
 
     def _ensure_server(self, objs: list[dict[str, Any]], body: Mapping[str, Any], out: Outcome) -> bool:
         """Create each serving object, or patch it when it was made from another spec; never
@@ -1064,12 +1232,16 @@ class Reconciler:
         limit = self.settings.suspend_checkpoint_seconds
         try:
             token = self._ray_token(ns, name, str(meta.get("uid", "")))
+            sid = str(ray_job.get("submissionId") or "")
             if not ray_job.get("checkpointAskedAt"):
-                step = self.ray.checkpoint(head, token)
+                step = self.ray.checkpoint(head, token, sid)
                 ray_job.update(checkpointAskedAt=rfc3339(now), checkpointAskedStep=step)
                 st["rayJob"] = ray_job
             else:
-                self._mirror(self.ray.progress(head, token), st, conds, out)
+                self._mirror(self.ray.progress(head, token, sid), st, conds, out)
+        except rj.ForeignSnapshot as e:  # another run's driver: suspend with what exists
+            out.foreign.append((e.source, e.found or ""))
+            return False
         except (HeadError, ApiError):
             return False
         asked_at = parse_time(ray_job["checkpointAskedAt"]) or now
@@ -1229,10 +1401,15 @@ class Reconciler:
                     out.provisioning_seconds = max(0.0, (now - started).total_seconds())
                 out.events.append(Event("Normal", "RayClusterReady", diag.message))
         else:
-            reason = {
+            reason = diag.reason or {
                 ClusterState.Queued: Reason.QueuedByKueue,
                 ClusterState.Unschedulable: Reason.Unschedulable,
             }.get(diag.state, Reason.Provisioning)
+            if diag.state == ClusterState.Stuck and old_running.get("reason") != reason.value:
+                # Once per kind of trouble (the kubelet alternates ErrImagePull and
+                # ImagePullBackOff: not an Event each time): the image and the error.
+                kind = "Warning" if reason in WARNING_REASONS else "Normal"
+                out.events.append(Event(kind, reason.value, diag.message))
             # Pending: waiting for capacity (unschedulable, queued by Kueue); otherwise the
             # pods are on their way (being created, scheduled or started): Provisioning.
             waiting_for_capacity = diag.state in (ClusterState.Unschedulable, ClusterState.Queued)

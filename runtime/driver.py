@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, urlsplit
 
 from llmtrain.api.config import RuntimeConfig, runtime_config_from_spec
 from llmtrain.api.job import LLMTrainingJob
@@ -597,6 +598,7 @@ def _causes(error: BaseException) -> list[BaseException]:
 
 PROGRESS_PATH = "/progress"
 CHECKPOINT_PATH = "/checkpoint"
+SID_PARAM = "submissionId"  # the attempt a request is for (llmtrain.operator.rayjobs.SID_PARAM)
 
 
 class ProgressServer:
@@ -604,6 +606,10 @@ class ProgressServer:
     Ray token (``Authorization: Bearer``; 401 without it, 403 with another).
     ``POST /checkpoint`` → 202 and rank 0 checkpoints at its next log step (409 when no
     training runs); the operator asks before it suspends the job.
+    Both name the attempt they are for (``?submissionId=<id>``): a request for another one
+    is answered 409 with this driver's own id, so an operator that reached the wrong driver
+    (a head Service selecting another job's head, a stale endpoint) writes none of its
+    progress into its job's status and makes no other run checkpoint.
 
     The operator pulls (KubeRay's way for job state) rather than the driver pushing: the
     operator makes every connection, so no endpoint of the control plane is reachable from
@@ -617,11 +623,11 @@ class ProgressServer:
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
-                if self._authorized(PROGRESS_PATH):
+                if self._authorized(PROGRESS_PATH) and self._ours():
                     self._send(200, reporter.json().encode())
 
             def do_POST(self) -> None:
-                if not self._authorized(CHECKPOINT_PATH):
+                if not (self._authorized(CHECKPOINT_PATH) and self._ours()):
                     return
                 ask = reporter.ask_checkpoint
                 if ask is None:
@@ -632,9 +638,19 @@ class ProgressServer:
                     step = reporter.snapshot.progress.step if reporter.snapshot.progress else 0
                 self._send(202, json.dumps({"requested": True, "step": step}).encode())
 
+            def _ours(self) -> bool:
+                """The request names this driver's attempt, or none (an older operator)."""
+                asked = parse_qs(urlsplit(self.path).query).get(SID_PARAM)
+                own = reporter.snapshot.submission_id
+                if asked is None or asked[-1] == own:
+                    return True
+                body = {"error": f"this driver runs Ray job {own}, not {asked[-1]}", "submission_id": own}
+                self._send(409, json.dumps(body).encode())
+                return False
+
             def _authorized(self, path: str) -> bool:
                 given = (self.headers.get("Authorization") or "").encode()
-                if self.path != path:
+                if urlsplit(self.path).path != path:
                     self._send(404, b'{"error":"not found"}')
                 elif not given:
                     self._send(401, b'{"error":"missing token"}')

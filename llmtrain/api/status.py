@@ -58,6 +58,14 @@ class Reason(StrEnum):
     TuningRunning = "TuningRunning"  # the hyperparameter search of spec.tuning
     Restarting = "Restarting"
     Exporting = "Exporting"
+    # A spec reference the pods would need is missing: no pods are made until it exists.
+    SecretNotFound = "SecretNotFound"
+    ConfigMapNotFound = "ConfigMapNotFound"
+    # A container cannot start (the kubelet's reason in the message; fixable by a spec edit).
+    ImagePullFailed = "ImagePullFailed"
+    ContainerConfigError = "ContainerConfigError"
+    # The progress endpoint answered for another Ray job: nothing of it is written.
+    ForeignProgress = "ForeignProgress"
     # Succeeded
     Completed = "Completed"
     # Failed (the Running condition carries the same reason, see below)
@@ -77,6 +85,7 @@ class Reason(StrEnum):
     ServerReady = "ServerReady"
     ServerStarting = "ServerStarting"
     ServerScaledToZero = "ServerScaledToZero"
+    ServerFailing = "ServerFailing"  # a server container crash-loops or cannot start
 
 
 # Documented reasons per condition type (``kubectl describe`` readers and tests use it).
@@ -113,6 +122,11 @@ CONDITION_REASONS: dict[ConditionType, tuple[Reason, ...]] = {
         Reason.TrainingRunning,
         Reason.Restarting,
         Reason.Exporting,
+        Reason.SecretNotFound,
+        Reason.ConfigMapNotFound,
+        Reason.ImagePullFailed,
+        Reason.ContainerConfigError,
+        Reason.ForeignProgress,
         Reason.Completed,
         Reason.SuspendedByUser,
         *FAILURE_REASONS,
@@ -120,7 +134,12 @@ CONDITION_REASONS: dict[ConditionType, tuple[Reason, ...]] = {
     ConditionType.Succeeded: (Reason.Completed,),
     ConditionType.Failed: FAILURE_REASONS,
     ConditionType.Suspended: (Reason.SuspendedByUser, Reason.Resumed),
-    ConditionType.Serving: (Reason.ServerReady, Reason.ServerStarting, Reason.ServerScaledToZero),
+    ConditionType.Serving: (
+        Reason.ServerReady,
+        Reason.ServerStarting,
+        Reason.ServerScaledToZero,
+        Reason.ServerFailing,
+    ),
 }
 
 
@@ -223,6 +242,11 @@ class RayJobStatus(ApiModel):
     )
     checkpoint_asked_step: int | None = Field(
         None, ge=0, description="The step the run had reached when that checkpoint was asked for."
+    )
+    foreign_progress_since: str | None = Field(
+        None,
+        description="When the progress endpoint started answering for another Ray job than this "
+        "attempt's (RFC 3339; nothing of it is written into status); unset while it answers for this one.",
     )
 
 

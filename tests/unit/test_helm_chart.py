@@ -114,6 +114,7 @@ def operator_needs(namespaced: bool, peering: bool = True) -> tuple[set[Rule], s
         group, resource = KIND_RESOURCES[kind]
         ns.add((group, resource, "patch"))
     ns.add(("", "events", "list"))
+    ns.add(("", "pods/log", "get"))  # RestApi.pod_log: a crashed container's last lines
     # The operator's own pod watch (podwatch.PodWatch over kube.RestPods).
     ns |= {("", "pods", "list"), ("", "pods", "watch")}
 
@@ -127,6 +128,8 @@ def operator_needs(namespaced: bool, peering: bool = True) -> tuple[set[Rule], s
         "annotate",
         "patch",
         "scheduler_events",
+        "pod_log",
+        "list_pods",
         "patch_job",
         "post_event",
         "peering_status",

@@ -79,6 +79,7 @@ class FakeApi:
         self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
         self.calls: list[tuple[str, str, str]] = []
         self.events: dict[str, list[dict[str, Any]]] = {}
+        self.logs: dict[str, str] = {}  # pod → its Ray container's log (pod_log)
         self.fail: dict[str, ApiError] = {}  # verb → error raised once
         self._uids = (f"uid-{i}" for i in itertools.count())
 
@@ -130,7 +131,35 @@ class FakeApi:
         self.calls.append(("events", "Event", pod))
         return self.events.get(pod, [])
 
+    def list_pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
+        self.calls.append(("list", "Pod", selector))
+        key, _, value = selector.partition("=")
+        return [
+            o
+            for (k, ns, _), o in self.objects.items()
+            if k == "Pod" and ns == namespace and (o["metadata"].get("labels") or {}).get(key) == value
+        ]
+
+    def pod_log(
+        self, namespace: str, pod: str, container: str, *, tail_lines: int, previous: bool = False
+    ) -> str:
+        self.calls.append(("log", "Pod", pod))
+        self._maybe_fail("log")
+        return "\n".join(self.logs.get(pod, "").splitlines()[-tail_lines:])
+
     # ---- test helpers
+    def put(self, kind: str, namespace: str, name: str, data: dict[str, str]) -> None:
+        """A user's Secret or ConfigMap (values base64 for a Secret, as the API returns them)."""
+        import base64
+
+        if kind == "Secret":
+            data = {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}
+        self.objects[(kind, namespace, name)] = {
+            "kind": kind,
+            "metadata": {"name": name, "namespace": namespace, "uid": next(self._uids)},
+            "data": data,
+        }
+
     def pods(self) -> dict[str, dict[str, Any]]:
         return {k[2]: v for k, v in self.objects.items() if k[0] == "Pod"}
 
@@ -269,18 +298,22 @@ class FakeRayJobs:
         self._check(token)
         return self.jobs.get(sid)
 
-    def progress(self, head: Any, token: str) -> Any:
-        from llmtrain.operator.rayjobs import HeadError
+    def progress(self, head: Any, token: str, sid: str) -> Any:
+        from llmtrain.operator.rayjobs import HeadError, check_snapshot
 
         self._check(token)
         if self.snapshot is None:
             raise HeadError("connection refused (the driver is not serving yet)")
-        return self.snapshot
+        # The driver refuses a request for another attempt (409 with its own id), as
+        # RayJobs.progress turns into ForeignSnapshot.
+        return check_snapshot(self.snapshot, sid, "progress")
 
-    def checkpoint(self, head: Any, token: str) -> int:
-        from llmtrain.operator.rayjobs import HeadError
+    def checkpoint(self, head: Any, token: str, sid: str) -> int:
+        from llmtrain.operator.rayjobs import ForeignSnapshot, HeadError
 
         self._check(token)
+        if self.snapshot is not None and self.snapshot.submission_id != sid:
+            raise ForeignSnapshot(sid, self.snapshot.submission_id, "checkpoint")
         if self.snapshot is None or self.snapshot.progress is None:
             raise HeadError("POST checkpoint: HTTP 409: no training runs")
         self.checkpoints_asked += 1

@@ -232,3 +232,22 @@ def test_kubeconfig_errors_name_the_problem(tmp_path: Path) -> None:
         load_connection(str(path))
     with pytest.raises(ValueError, match="does not exist"):
         load_connection(str(tmp_path / "missing"))
+
+
+def test_pod_log_asks_the_api_server_for_a_containers_tail_and_returns_its_text(server: Recorder) -> None:
+    api = RestApi(_http(server))
+    path = "/api/v1/namespaces/ns1/pods/j-worker-0/log"
+    # The recorder answers JSON; what comes back is the body's text as it was sent.
+    server.replies[("GET", path)] = (200, "last line")
+    assert api.pod_log("ns1", "j-worker-0", "ray", tail_lines=20) == '"last line"'
+    q = server.requests[-1]["query"]
+    assert "container=ray" in q and "tailLines=20" in q and f"limitBytes={16 * 1024}" in q
+    assert "previous" not in q
+    api.pod_log("ns1", "j-worker-0", "ray", tail_lines=5, previous=True)
+    assert "previous=true" in server.requests[-1]["query"]
+    server.replies[("GET", path)] = (
+        400,
+        {"kind": "Status", "message": 'container "ray" is waiting to start'},
+    )
+    with pytest.raises(ApiError, match="HTTP 400: container"):
+        api.pod_log("ns1", "j-worker-0", "ray", tail_lines=20)

@@ -32,8 +32,12 @@ TOKEN = "t" * 64
 
 
 def running(**top: object) -> Harness:
-    """A job whose Ray cluster is Ready and whose head answers."""
+    """A job whose Ray cluster is Ready and whose head answers (the storage Secret it
+    references made first, as a user does)."""
     h = Harness(**top)
+    ref = (top.get("storage") or {}).get("secretRef")  # type: ignore[attr-defined]
+    if ref:
+        h.api.put("Secret", "ns1", ref["name"], {"AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b"})
     h.tick()
     set_all(h.api, "running")
     h.ray.down = False
@@ -172,7 +176,9 @@ def test_permanent_failure_fails_at_once_with_the_reason_and_log_tail() -> None:
     h = running(backoffLimit=3)
     h.tick(1)
     failed = RunSnapshot(
-        stage="failed", failure=RunFailure("DataError", "data: no objects under s3://x/", True)
+        stage="failed",
+        submission_id="demo-1",
+        failure=RunFailure("DataError", "data: no objects under s3://x/", True),
     )
     log = "\n".join(f"log line {i}" for i in range(40)) + "\n" + RESULT_PREFIX + failed.to_json()
     h.ray.end("demo-1", "FAILED", log)
@@ -340,8 +346,10 @@ def test_requests_carry_the_token_and_deterministic_ids() -> None:
     assert rj.status_request(head, "s", "big-3").url.endswith("/api/jobs/big-3")
     assert rj.stop_request(head, "s", "big-3").method == "POST"
     assert (
-        rj.progress_request(head, "s").url == "http://big-head-svc.research.svc.cluster.local:8266/progress"
+        rj.progress_request(head, "s", "big-3").url
+        == "http://big-head-svc.research.svc.cluster.local:8266/progress?submissionId=big-3"
     )
+    assert rj.checkpoint_request(head, "s", "big-3").url.endswith("/checkpoint?submissionId=big-3")
     assert rj.already_submitted(
         500, "Job with submission_id big-3 already exists. Please use a different submission_id."
     )
@@ -398,13 +406,13 @@ def test_snapshot_from_log_takes_the_last_result_line() -> None:
 # --------------------------------------------------------------- the driver's endpoint
 
 
-def test_progress_server_answers_only_the_jobs_token() -> None:
+def test_progress_server_answers_only_the_jobs_token_and_its_own_attempt() -> None:
     import urllib.error
     import urllib.request
 
     from llmtrain.runtime.driver import ProgressServer, Reporter
 
-    report = Reporter()
+    report = Reporter(RunSnapshot(submission_id="big-3"))
     report.event(ProgressEvent(step=3, total_steps=9, train_loss=1.0, time=time.time()))
     server = ProgressServer(report, TOKEN, "127.0.0.1", 0)
     url = f"http://127.0.0.1:{server.port}/progress"
@@ -421,18 +429,37 @@ def test_progress_server_answers_only_the_jobs_token() -> None:
         assert snap.progress is not None and snap.progress.step == 3
         # The operator's client reads it the same way.
         head = rj.Head("http://unused", f"http://127.0.0.1:{server.port}")
-        assert rj.RayJobs().progress(head, TOKEN).progress == snap.progress
+        assert rj.RayJobs().progress(head, TOKEN, "big-3").progress == snap.progress
         with pytest.raises(rj.HeadError, match="token was refused"):
-            rj.RayJobs().progress(head, "nope")
+            rj.RayJobs().progress(head, "nope", "big-3")
+        # Asked for another attempt, the driver refuses with its own id (409): the client
+        # says whose snapshot it would have been, and nothing of it comes back.
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(
+                urllib.request.Request(
+                    f"{url}?submissionId=other-1", headers={"Authorization": f"Bearer {TOKEN}"}
+                ),
+                timeout=5,
+            )
+        assert e.value.code == 409 and json.loads(e.value.read())["submission_id"] == "big-3"
+        with pytest.raises(rj.ForeignSnapshot) as foreign:
+            rj.RayJobs().progress(head, TOKEN, "other-1")
+        assert (foreign.value.expected, foreign.value.found, foreign.value.source) == (
+            "other-1",
+            "big-3",
+            "progress",
+        )
         # POST /checkpoint: refused while no training runs, then handed to rank 0's queue.
         with pytest.raises(rj.HeadError, match="HTTP 409"):
-            rj.RayJobs().checkpoint(head, TOKEN)
+            rj.RayJobs().checkpoint(head, TOKEN, "big-3")
         asked: list[bool] = []
         report.ask_checkpoint = lambda: asked.append(True)
         with pytest.raises(rj.HeadError, match="token was refused"):
-            rj.RayJobs().checkpoint(head, "nope")
+            rj.RayJobs().checkpoint(head, "nope", "big-3")
+        with pytest.raises(rj.ForeignSnapshot):  # another run's driver never checkpoints for us
+            rj.RayJobs().checkpoint(head, TOKEN, "other-1")
         assert asked == []
-        assert rj.RayJobs().checkpoint(head, TOKEN) == 3 and asked == [True]
+        assert rj.RayJobs().checkpoint(head, TOKEN, "big-3") == 3 and asked == [True]
     finally:
         server.close()
 

@@ -24,7 +24,9 @@ SECRET = "canary/S3cr3t+9f3c1e7a5b2d4c6e8f0a1b3c5d7e9f"
 def test_the_jobs_ray_token_in_the_drivers_log_never_reaches_status_or_events() -> None:
     h = running(backoffLimit=3)
     h.tick(1)
-    failed = RunSnapshot(stage="failed", failure=RunFailure("DataError", "data: no objects", True))
+    failed = RunSnapshot(
+        stage="failed", submission_id="demo-1", failure=RunFailure("DataError", "data: no objects", True)
+    )
     log = f"RAY_AUTH_TOKEN={TOKEN}\nheaders: Authorization: Bearer {TOKEN}\n{RESULT_PREFIX}{failed.to_json()}"
     h.ray.end("demo-1", "FAILED", log)
     h.tick(5)

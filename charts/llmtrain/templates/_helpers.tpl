@@ -84,6 +84,10 @@ handlers and Kopf's own needs, and the cluster test runs the operator on these r
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["get", "list", "watch", "create", "delete", "patch"]
+# A crashed Ray container's last log lines go into the job's condition (kube.RestApi.pod_log).
+- apiGroups: [""]
+  resources: ["pods/log"]
+  verbs: ["get"]
 # Per-job children made create-if-absent (get after a 409) and deleted after the TTL:
 # the head Service, the Ray auth-token Secret, the job-spec ConfigMap.
 - apiGroups: [""]
