@@ -413,16 +413,34 @@ def kubeconfig_for(server: str, ca_crt: Path, crt: Path, key: Path, user: str) -
     )
 
 
+def image_id(tar: Path) -> str | None:
+    """The image id `make images` writes beside its archive (`<name>.id`), if any."""
+    try:
+        return tar.with_suffix(".id").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def import_stamp(tar: Path) -> dict[str, Any]:
+    """What a stamp records of an imported archive (see needs_import)."""
+    st = tar.stat()
+    return {"mtime_ns": st.st_mtime_ns, "size": st.st_size, "id": image_id(tar)}
+
+
 def needs_import(tar: Path, stamp: Path) -> bool:
-    """Import an image archive when it is newer than (or of another size than) its last import."""
+    """Import an archive unless its stamp shows this content imported: the same image id (a
+    rebuild that changed nothing writes a new tar of the same image), or else the same mtime and
+    size. A multi-GB runtime image takes minutes to import: only a real change pays that."""
     if not stamp.exists():
         return True
     try:
         seen = json.loads(stamp.read_text())
     except (OSError, ValueError):
         return True
-    st = tar.stat()
-    return bool(seen.get("mtime_ns") != st.st_mtime_ns or seen.get("size") != st.st_size)
+    now = import_stamp(tar)
+    if now["id"] is not None and seen.get("id") is not None:
+        return bool(now["id"] != seen["id"])
+    return bool(seen.get("mtime_ns") != now["mtime_ns"] or seen.get("size") != now["size"])
 
 
 def raise_nofile(want: int) -> int:
@@ -981,12 +999,11 @@ class Node:
                 stamp = stamps / f"{tar.parent.name}-{tar.name}.json"
             if not needs_import(tar, stamp):
                 continue
-            st = tar.stat()
+            before = import_stamp(tar)
+            t0 = time.monotonic()
             r = self.ctr("images", "import", str(tar), timeout=1800)
-            stamp.write_text(
-                json.dumps({"mtime_ns": st.st_mtime_ns, "size": st.st_size, "ctr": r.stdout.strip()})
-            )
-            imported.append(tar.name)
+            stamp.write_text(json.dumps(before | {"ctr": r.stdout.strip()}))
+            imported.append(f"{tar.name} {time.monotonic() - t0:.1f}s")
         self._mark("images imported" + (f" ({', '.join(imported)})" if imported else " (none new)"))
 
     def _start_kubelet(self) -> None:

@@ -197,6 +197,13 @@ def test_needs_import(tmp_path: Path) -> None:
     assert node.needs_import(tar, stamp)
     stamp.write_text("not json")
     assert node.needs_import(tar, stamp)
+    # with `make images`' id file: the id decides, not the file's times
+    (tmp_path / "img.id").write_text("sha256:aaa\n")
+    stamp.write_text(json.dumps(node.import_stamp(tar)))
+    tar.write_bytes(b"same image, new tar")
+    assert not node.needs_import(tar, stamp)
+    (tmp_path / "img.id").write_text("sha256:bbb\n")
+    assert node.needs_import(tar, stamp)
 
 
 def test_kill_trees_takes_the_descendants() -> None:
