@@ -864,6 +864,7 @@ class Reconciler:
         if info.status not in rj.TERMINAL:
             self._poll_progress(t, head, token, ray_job)
             return
+        ray_job.pop("foreignProgressSince", None)  # no more polls: a mark that cannot clear
         # The Ray job ended: its log's last line is the driver's final snapshot.
         try:
             # Its tail goes into status and an Event: the job's own Ray token never does

@@ -115,11 +115,16 @@ def test_a_final_snapshot_of_another_run_is_not_kept() -> None:
     h.tick(1)
     foreign = snapshot(10, stage="done", export_uri="s3://other/model")
     foreign.submission_id = "other-1"
+    h.ray.jobs["demo-1"] = h.ray.JobInfo("RUNNING")
+    h.ray.snapshot = foreign  # live too: the mark is set, then cleared when the job ends
+    h.tick(5)
+    assert "foreignProgressSince" in h.status["rayJob"]
     h.ray.end("demo-1", "SUCCEEDED", "line\n" + RESULT_PREFIX + foreign.to_json() + "\n")
     out = h.tick(5)
     assert h.status["phase"] == Phase.Succeeded
     assert "exportUri" not in h.status and "progress" not in h.status
     assert out.foreign == [("log", "other-1")]
+    assert h.status["rayJob"] == {"submissionId": "demo-1", "status": "SUCCEEDED"}
 
 
 def test_a_suspend_never_asks_another_runs_driver_for_a_checkpoint() -> None:
