@@ -11,7 +11,7 @@
 # Everything lives under ${LLMTRAIN_CACHE:-~/.cache/llmtrain}, keyed by version;
 # a piece is built only when its binaries are missing.
 #
-# usage: tests/cluster/build.sh [all|k8s|node|kwok|tools|s3|check]   (default: all)
+# usage: tests/cluster/build.sh [all|k8s|node|kwok|tools|s3|coredns|netpol|check]   (default: all)
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -274,5 +274,5 @@ case "${1:-all}" in
   coredns) build_coredns ;;
   netpol) build_netpol ;;
   check) check ;;
-  *) echo "usage: $0 [all|k8s|node|kwok|tools|s3|check]" >&2; exit 2 ;;
+  *) echo "usage: $0 [all|k8s|node|kwok|tools|s3|coredns|netpol|check]" >&2; exit 2 ;;
 esac

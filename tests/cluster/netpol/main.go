@@ -10,6 +10,9 @@
 //   - the metrics listener is off unless --metrics-bind-address is given: nothing needs it, and
 //     an open port on every address of the node is surface for nothing.
 //   - AdminNetworkPolicy / BaselineAdminNetworkPolicy are left out: their CRDs are not installed.
+//   - build.sh netpol builds it against a patched copy of the module whose nftables rules queue
+//     through the xt NFQUEUE target (nfqueue_xt.go.in, nfqueue-xt-target.patch): the test
+//     machines' kernels lack nftables' native queue expression.
 //
 // The engine puts the first packet of each new connection towards (and from) a local pod
 // selected by a NetworkPolicy on an nfqueue, evaluates the policies in user space, and gives
