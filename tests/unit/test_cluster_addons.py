@@ -7,6 +7,8 @@ can send a query elsewhere (no forward; the binary has none either, see build.sh
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -131,3 +133,43 @@ def test_binaries_are_keyed_by_version() -> None:
 def test_netpol_refuses_the_host_namespace(tmp_path: Path) -> None:
     with pytest.raises(addons.AddonError, match="inside a network namespace"):
         addons.start_netpol(netns="", kubeconfig=KUBECONFIG, workdir=tmp_path, node_name="n")
+
+
+def test_stop_addons_from_another_process_stops_by_recorded_pid(tmp_path: Path) -> None:
+    """`run.sh down` runs in a new process: stop_addons(node) finds the PIDs in addons.json."""
+    import subprocess
+    from types import SimpleNamespace
+
+    sleeper = subprocess.Popen(["/bin/sleep", "60"])
+    other = subprocess.Popen(["/bin/sleep", "60"])
+    try:
+        exe = os.path.realpath("/bin/sleep")
+        state = {
+            "coredns": {"pid": sleeper.pid, "exe": exe},
+            "stale": {"pid": other.pid, "exe": "/not/this/binary"},
+        }
+        (tmp_path / addons.STATE_FILE).write_text(json.dumps(state))
+        addons.stop_addons(SimpleNamespace(workdir=tmp_path))
+        assert not addons._pid_alive(sleeper.pid)  # SIGTERMed and reaped by stop_pid
+        # a recorded PID now running another binary (PID reuse) is left alone
+        assert other.poll() is None
+        assert not (tmp_path / addons.STATE_FILE).exists()
+        addons.stop_addons(SimpleNamespace(workdir=tmp_path))  # nothing recorded: nothing to do
+    finally:
+        for p in (sleeper, other):
+            p.kill()
+            p.wait()
+
+
+def test_addons_stop_ends_its_processes_last_first(tmp_path: Path) -> None:
+    import subprocess
+
+    a = addons.Addons(tmp_path)
+    procs = [subprocess.Popen(["/bin/sleep", "60"]) for _ in range(2)]
+    for name, p in zip(("coredns", "kube-network-policies"), procs, strict=True):
+        a.add(name, p, Path("/bin/sleep"))
+    assert a.pids == {"coredns": procs[0].pid, "kube-network-policies": procs[1].pid}
+    assert set(json.loads((tmp_path / addons.STATE_FILE).read_text())) == {"coredns", "kube-network-policies"}
+    a.stop()
+    assert not any(addons._pid_alive(p.pid) for p in procs)
+    assert len(a) == 0 and not (tmp_path / addons.STATE_FILE).exists()
