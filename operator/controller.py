@@ -467,6 +467,13 @@ class Controller:
         else:
             with self._backoff_lock:
                 self._backoff.pop(key, None)
+        self._account(key, out)
+        return out
+
+    def _account(self, key: Key, out: Outcome) -> None:
+        """What one reconcile decided, into metrics and the log (each requeue reason and
+        each other run's snapshot logged when it changes, not on every tick)."""
+        ns, name = key
         self.metrics.set_phase(ns, name, out.phase)
         if out.provisioning_seconds is not None:
             self.metrics.provisioning_seconds.observe(out.provisioning_seconds)
@@ -493,7 +500,6 @@ class Controller:
             self._said[key] = said
         else:
             self._said.pop(key, None)
-        return out
 
     def _failed(self, key: Key, body: Mapping[str, Any], kind: str) -> float:
         """Count one failed reconcile and back the job off; the delay until the next try."""

@@ -426,19 +426,7 @@ class Reconciler:
         # 5. a Ray node ended: the cluster is restarted as a whole (its GCS state and the
         # training group die with any one node), up to spec.backoffLimit times.
         diag = diagnose(expected, live, self._event_lookup(meta))
-        in_flight = (st.get("rayJob") or {}).get("status") in ("PENDING", "RUNNING")
-        if diag.state == ClusterState.Failed:
-            failed = live.get(diag.failed_pod or "")
-            log = self._crash_log(failed) if failed is not None else ""
-            if failed is not None and failed.role == m.ROLE_WORKER and in_flight:
-                # The head and the Ray job live on: a new pod for the lost worker, and Ray
-                # Train's FailureConfig restarts the worker group from the newest checkpoint
-                # in the same attempt.
-                self._recreate_worker(tick, failed, diag.message, handled, log)
-            else:
-                self._restart(tick, diag.message, Reason.BackoffLimitExceeded, log)
-            return self._finish(st, conds, old_owned, out)
-        if diag.state == ClusterState.Stuck and self._remake_stale(tick, live, in_flight, diag):
+        if self._pods_ended_or_stale(tick, diag, live, handled):
             return self._finish(st, conds, old_owned, out)
 
         # 6. create what is missing (children before pods: pods mount the ConfigMap and
@@ -455,9 +443,7 @@ class Reconciler:
             seen[n] = _just_created(n, meta)
         if missing:
             model = self._model(body)
-            absent = refs.first_missing(self.api.get, job.namespace, refs.references(model))
-            if absent is not None:
-                self._wait_for_reference(tick, absent, expected, seen, old_phase, annotations)
+            if self._references_missing(tick, model, expected, seen, old_phase, annotations):
                 return self._finish(st, conds, old_owned, out)
             created = self._ensure_children(model, body, mine, pods, missing, out)
             if out.error:
@@ -661,6 +647,25 @@ class Reconciler:
             )
             out.requeue = out.requeue or f"pod {name} relabeled"
 
+    def _pods_ended_or_stale(
+        self, t: Tick, diag: Diagnosis, live: Mapping[str, PodView], handled: set[str]
+    ) -> bool:
+        """5. A pod ended: a restart (or a new worker); pods stuck with an image the spec no
+        longer names: made again. True if either happened (the tick ends there)."""
+        in_flight = (t.st.get("rayJob") or {}).get("status") in ("PENDING", "RUNNING")
+        if diag.state == ClusterState.Failed:
+            failed = live.get(diag.failed_pod or "")
+            log = self._crash_log(failed) if failed is not None else ""
+            if failed is not None and failed.role == m.ROLE_WORKER and in_flight:
+                # The head and the Ray job live on: a new pod for the lost worker, and Ray
+                # Train's FailureConfig restarts the worker group from the newest checkpoint
+                # in the same attempt.
+                self._recreate_worker(t, failed, diag.message, handled, log)
+            else:
+                self._restart(t, diag.message, Reason.BackoffLimitExceeded, log)
+            return True
+        return diag.state == ClusterState.Stuck and self._remake_stale(t, live, in_flight, diag)
+
     def _restart(self, t: Tick, why: str, fail_reason: Reason, log: str = "") -> None:
         """A new attempt on a new Ray cluster (its GCS state and the training group die with
         any one node), resuming from the newest checkpoint; up to spec.backoffLimit times.
@@ -764,19 +769,22 @@ class Reconciler:
         t.out.requeue = f"recreating {len(stale)} pods with image {image}"
         return True
 
-    def _wait_for_reference(
+    def _references_missing(
         self,
         t: Tick,
-        absent: refs.Missing,
+        model: LLMTrainingJob,
         expected: list[str],
         seen: Mapping[str, PodView],
         old_phase: Phase | None,
         annotations: Mapping[str, str],
-    ) -> None:
-        """6a. A Secret or ConfigMap the pods reference is missing (or lacks a key): no pod is
-        made; the condition and one Event name the object and the spec field. The resync
-        looks again, so creating it lets the job go on; ``preRunningDeadlineSeconds`` still
-        counts."""
+    ) -> bool:
+        """6a. Before any pod: a Secret or ConfigMap the pods reference is missing (or lacks a
+        key)? Then no pod is made; the condition and one Event name the object and the spec
+        field. The resync looks again, so creating it lets the job go on;
+        ``preRunningDeadlineSeconds`` still counts. True if one is missing."""
+        absent = refs.first_missing(self.api.get, t.job.namespace, refs.references(model))
+        if absent is None:
+            return False
         conds, out = t.conds, t.out
         msg = absent.message(t.job.namespace)
         old = conds.get(ConditionType.Running) or {}
@@ -786,11 +794,12 @@ class Reconciler:
         )
         self._apply_diagnosis(t.job, diag, t.st, conds, old_phase, annotations, out, t.now)
         if Phase(t.st["phase"]) == Phase.Failed:  # the pre-running deadline passed
-            return
+            return True
         conds.set(ConditionType.Running, False, absent.reason, msg)
         if old.get("reason") != absent.reason.value or old.get("message") != msg:
             out.events.append(Event("Warning", absent.reason.value, msg))
         out.requeue = f"waiting for {absent.ref.kind} {absent.ref.name}"
+        return True
 
     def _ray_token(self, namespace: str, name: str, uid: str) -> str:
         """The job's Ray token, from the Secret this operator made (kept per job uid)."""
@@ -865,18 +874,7 @@ class Reconciler:
             self._poll_progress(t, head, token, ray_job)
             return
         ray_job.pop("foreignProgressSince", None)  # no more polls: a mark that cannot clear
-        # The Ray job ended: its log's last line is the driver's final snapshot.
-        try:
-            # Its tail goes into status and an Event: the job's own Ray token never does
-            # (the driver masks it in its log; this holds for any other line that prints it).
-            text = self.ray.logs(head, token, sid).replace(token, "<redacted>")
-        except HeadError as e:
-            text = f"(the driver's log could not be read: {e})"
-        snap = snapshot_from_log(text)
-        if snap is not None and snap.submission_id != sid:
-            # Not this attempt's final word (its failure reason included): nothing of it is kept.
-            out.foreign.append(("log", snap.submission_id or ""))
-            snap = None
+        text, snap = self._final_snapshot(head, token, sid, out)
         if snap is not None:
             self._mirror(snap, st, conds, out)
         tail = rj.log_tail(text)
@@ -897,6 +895,23 @@ class Reconciler:
             self._fail(st, conds, out, reason, f"{why}\n--- driver log, last lines ---\n{tail}", now)
             return
         self._restart(t, f"Ray job {sid} {info.status.lower()}: {why}", Reason.RunFailed)
+
+    def _final_snapshot(
+        self, head: rj.Head, token: str, sid: str, out: Outcome
+    ) -> tuple[str, RunSnapshot | None]:
+        """The ended Ray job's log and the driver's final snapshot in it (its last line), if
+        that is this attempt's: another run's (its failure reason included) is not kept."""
+        try:
+            # Its tail goes into status and an Event: the job's own Ray token never does
+            # (the driver masks it in its log; this holds for any other line that prints it).
+            text = self.ray.logs(head, token, sid).replace(token, "<redacted>")
+        except HeadError as e:
+            text = f"(the driver's log could not be read: {e})"
+        snap = snapshot_from_log(text)
+        if snap is not None and snap.submission_id != sid:
+            out.foreign.append(("log", snap.submission_id or ""))
+            return text, None
+        return text, snap
 
     def _poll_progress(self, t: Tick, head: rj.Head, token: str, ray_job: dict[str, Any]) -> None:
         """The running driver's snapshot into status, if it is this attempt's driver."""
@@ -1402,15 +1417,7 @@ class Reconciler:
                     out.provisioning_seconds = max(0.0, (now - started).total_seconds())
                 out.events.append(Event("Normal", "RayClusterReady", diag.message))
         else:
-            reason = diag.reason or {
-                ClusterState.Queued: Reason.QueuedByKueue,
-                ClusterState.Unschedulable: Reason.Unschedulable,
-            }.get(diag.state, Reason.Provisioning)
-            if diag.state == ClusterState.Stuck and old_running.get("reason") != reason.value:
-                # Once per kind of trouble (the kubelet alternates ErrImagePull and
-                # ImagePullBackOff: not an Event each time): the image and the error.
-                kind = "Warning" if reason in WARNING_REASONS else "Normal"
-                out.events.append(Event(kind, reason.value, diag.message))
+            reason = _not_ready_reason(diag, old_running, out)
             # Pending: waiting for capacity (unschedulable, queued by Kueue); otherwise the
             # pods are on their way (being created, scheduled or started): Provisioning.
             waiting_for_capacity = diag.state in (ClusterState.Unschedulable, ClusterState.Queued)
@@ -1454,6 +1461,20 @@ class Reconciler:
             out.status = patch
         out.phase = Phase(st["phase"])
         return out
+
+
+def _not_ready_reason(diag: Diagnosis, old_running: Mapping[str, Any], out: Outcome) -> Reason:
+    """The Running condition's reason while the pods are not all Running; a container that
+    cannot start gets one Event per kind of trouble (the kubelet alternates ErrImagePull and
+    ImagePullBackOff: not an Event each time), naming the image and the error."""
+    reason = diag.reason or {
+        ClusterState.Queued: Reason.QueuedByKueue,
+        ClusterState.Unschedulable: Reason.Unschedulable,
+    }.get(diag.state, Reason.Provisioning)
+    if diag.state == ClusterState.Stuck and old_running.get("reason") != reason.value:
+        kind = "Warning" if reason in WARNING_REASONS else "Normal"
+        out.events.append(Event(kind, reason.value, diag.message))
+    return reason
 
 
 def _owner_uids(obj: Mapping[str, Any]) -> list[str]:
