@@ -189,6 +189,9 @@ def main() -> int:
         help="KWOK pods + a local Ray cluster standing in for them (no container runtime needed)",
     )
     args = p.parse_args()
+    # SIGTERM (and SIGINT, which a shell's `&` leaves ignored) tear everything down as Ctrl-C does.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.default_int_handler)
     work = cache_dir() / "run" / "k8s-demo"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)

@@ -104,16 +104,18 @@ def job_manifest(name: str, ns: str, corpus: str, endpoint: str, **resources: An
                 "outputUri": f"{base}/data",
                 "validationFraction": 0.05,
             },
+            # ~0.25 s a step on the worker's one CPU: ~150 s of training, long enough for the
+            # losses the test inflicts mid-run (each costs ~30–90 s of recovery).
             "model": {
-                "architecture": {"layers": 2, "dModel": 96, "heads": 4, "kvHeads": 2, "contextLength": 128}
+                "architecture": {"layers": 4, "dModel": 192, "heads": 6, "kvHeads": 3, "contextLength": 128}
             },
             "training": {
                 "batch": {"globalBatchSize": 8, "microBatchSize": 8},
-                "duration": {"maxSteps": 240},
+                "duration": {"maxSteps": 600},
                 "logEverySteps": 5,
             },
-            "validation": {"everySteps": 40, "batches": 2},
-            "checkpoint": {"uri": f"{base}/checkpoints", "everySteps": 20, "keepLast": 3},
+            "validation": {"everySteps": 100, "batches": 2},
+            "checkpoint": {"uri": f"{base}/checkpoints", "everySteps": 25, "keepLast": 3},
             "export": {"uri": f"{base}/model"},
             "storage": {
                 "endpoint": endpoint,
@@ -196,7 +198,6 @@ def ray_jobs_on_head(rc: realcluster.RealCluster, name: str, ns: str) -> list[st
 
 def test_train_recover_serve(rc: realcluster.RealCluster) -> None:
     ns = fresh_namespace(rc, "train")
-    other = fresh_namespace(rc, "other")
     name = "tiny"
     corpus = upload_corpus(rc, ns)
     t0 = time.monotonic()
@@ -213,29 +214,7 @@ def test_train_recover_serve(rc: realcluster.RealCluster) -> None:
     print(rc.kubectl("get", "pods", "-n", ns, "-o", "wide").stdout)
     wait(lambda: status(rc, name, ns).get("checkpoint", {}).get("latestUri"), 300, "a checkpoint")
 
-    # 2. The NetworkPolicy: a pod of another namespace is refused the head's 8265, and admitted
-    # once the policy is gone (negative control; the operator is scaled to 0 meanwhile, since
-    # it would recreate the policy at once). Scaling it back up is also the operator's takeover.
-    head_ip = running_ip(rc, head, ns)
-    refused = connect_from_pod(rc, other, head_ip, 8265)
-    print(f"other namespace → {head}:8265 with the policy: {refused}")
-    assert refused.startswith("REFUSED"), refused
-    rc.kubectl("scale", "deploy/llmtrain", "-n", realcluster.NAMESPACE, "--replicas=0")
-    rc.kubectl("delete", "networkpolicy", f"{name}-ray", "-n", ns)
-    admitted = connect_from_pod(rc, other, head_ip, 8265)
-    print(f"other namespace → {head}:8265 without the policy: {admitted}")
-    assert admitted == "CONNECTED", admitted
-    rc.kubectl("scale", "deploy/llmtrain", "-n", realcluster.NAMESPACE, "--replicas=1")
-    wait(
-        lambda: rc.get("networkpolicy", f"{name}-ray", ns), 120, "the operator to recreate the NetworkPolicy"
-    )
-    wait(
-        lambda: connect_from_pod(rc, other, head_ip, 8265).startswith("REFUSED"),
-        60,
-        "the policy enforced again",
-    )
-
-    # 3. The operator pod goes: its successor takes over with no second submission.
+    # 2. The operator pod goes: its successor takes over with no second submission.
     before = step(rc, name, ns)
     rc.kubectl(
         "delete", "pod", "-n", realcluster.NAMESPACE, "-l", "app.kubernetes.io/name=llmtrain", "--wait=false"
@@ -245,7 +224,7 @@ def test_train_recover_serve(rc: realcluster.RealCluster) -> None:
     print(f"Ray jobs on the head after the operator's restart: {jobs}")
     assert jobs == [f"{name}-1"], jobs
 
-    # 4. The worker pod goes: recreated, the run goes on in the same attempt.
+    # 3. The worker pod goes: recreated, the run goes on in the same attempt.
     before = step(rc, name, ns)
     worker_uid = pod(rc, worker, ns)["metadata"]["uid"]
     rc.kubectl("delete", "pod", worker, "-n", ns, "--wait=false")
@@ -261,7 +240,7 @@ def test_train_recover_serve(rc: realcluster.RealCluster) -> None:
     )
     assert st["rayJob"]["submissionId"] == f"{name}-1"
 
-    # 5. The head pod goes: attempt 2 resumes from the newest checkpoint.
+    # 4. The head pod goes: attempt 2 resumes from the newest checkpoint.
     latest = status(rc, name, ns)["checkpoint"]["latestStep"]
     rc.kubectl("delete", "pod", head, "-n", ns, "--wait=false")
     wait(
@@ -274,7 +253,7 @@ def test_train_recover_serve(rc: realcluster.RealCluster) -> None:
     print(f"attempt 2 resumed from {resumed}")
     assert resumed["step"] >= latest
 
-    # 6. Succeeded, the export in S3, and the model server answers the openai client.
+    # 5. Succeeded, the export in S3, and the model server answers the openai client.
     wait(lambda: status(rc, name, ns).get("phase") in ("Succeeded", "Failed"), 900, "the job to end")
     st = status(rc, name, ns)
     assert st["phase"] == "Succeeded", st.get("conditions")
@@ -341,3 +320,66 @@ def test_wrong_image_then_fixed(rc: realcluster.RealCluster) -> None:
         "the fixed job to proceed",
     )
     rc.kubectl("delete", "ltj", name, "-n", ns, "--wait=false")
+
+
+def test_network_policy(rc: realcluster.RealCluster) -> None:
+    """The job's NetworkPolicy, enforced by a real engine: a pod of another namespace is refused
+    the head's Jobs API (8265); the job's own pods and the operator connect. Negative control:
+    with the policy deleted (the operator scaled to 0 meanwhile, or it would recreate it at
+    once) the same pod connects. The job's worker asks 8 CPUs of a 2-CPU node, so the head runs
+    and the job waits, Unschedulable, for as long as the test needs."""
+    ns = fresh_namespace(rc, "policy")
+    other = fresh_namespace(rc, "other")
+    name = "fenced"
+    corpus = upload_corpus(rc, ns)
+    apply(rc, job_manifest(name, ns, corpus, rc.s3_endpoint, worker={"cpu": "8", "memory": "4Gi"}))
+    head = f"{name}-head"
+    head_ip = wait(lambda: running_ip(rc, head, ns), 300, "the head Running")
+    wait(lambda: rc.get("networkpolicy", f"{name}-ray", ns), 60, "the job's NetworkPolicy")
+    reason = wait(lambda: running_reason(rc, name, ns) == "Unschedulable", 120, "Unschedulable")
+    assert reason
+
+    refused = connect_from_pod(rc, other, head_ip, 8265)
+    own = connect_from_pod(rc, ns, head_ip, 8265, labels=f"llmtrain.dev/job={name}")
+    operator = operator_connect(rc, head_ip, 8265)
+    print(f"to {head}:8265 with the policy: other namespace {refused}; own pod {own}; operator {operator}")
+    assert refused.startswith("REFUSED") and own == "CONNECTED" and operator == "CONNECTED"
+
+    rc.kubectl("scale", "deploy/llmtrain", "-n", realcluster.NAMESPACE, "--replicas=0")
+    try:
+        rc.kubectl("delete", "networkpolicy", f"{name}-ray", "-n", ns)
+        admitted = connect_from_pod(rc, other, head_ip, 8265)
+        print(f"other namespace → {head}:8265 without the policy: {admitted}")
+        assert admitted == "CONNECTED", admitted
+    finally:
+        rc.kubectl("scale", "deploy/llmtrain", "-n", realcluster.NAMESPACE, "--replicas=1")
+    wait(
+        lambda: rc.get("networkpolicy", f"{name}-ray", ns), 180, "the operator to recreate the NetworkPolicy"
+    )
+    again = wait(
+        lambda: (r := connect_from_pod(rc, other, head_ip, 8265)).startswith("REFUSED") and r,
+        60,
+        "refused again",
+    )
+    print(f"other namespace → {head}:8265 with the policy recreated: {again}")
+    rc.kubectl("delete", "ltj", name, "-n", ns, "--wait=false")
+
+
+def running_reason(rc: realcluster.RealCluster, name: str, ns: str) -> str:
+    for c in status(rc, name, ns).get("conditions", []):
+        if c.get("type") == "Running":
+            return str(c.get("reason", ""))
+    return ""
+
+
+def operator_connect(rc: realcluster.RealCluster, ip: str, port: int) -> str:
+    """The operator's own pod (its image has Python) tries the same connect."""
+    script = (
+        "import socket\n"
+        "try:\n"
+        f"    socket.create_connection(('{ip}', {port}), timeout=3).close(); print('CONNECTED')\n"
+        "except OSError as e:\n"
+        "    print('REFUSED', type(e).__name__, e)\n"
+    )
+    r = rc.kubectl("exec", "-n", realcluster.NAMESPACE, "deploy/llmtrain", "--", "python", "-c", script)
+    return r.stdout.strip()
