@@ -70,11 +70,12 @@ test: setup austen cluster-tools images lint typecheck
 quickstart: setup
 	$(VENV)/bin/llmtrain run examples/quickstart.yaml
 
-# The operator end to end on this machine: local control plane + Helm chart + moto S3 + a
-# token-auth Ray cluster standing in for the KWOK pods; applies examples/k8s-demo.yaml and
-# prints `kubectl get ltj -w` until it ends (tools/k8s_demo.py).
-k8s-demo: setup cluster-tools
-	$(PY) tools/k8s_demo.py
+# The operator end to end on this machine: local control plane + a real node (netns
+# llmtrain-node) + the Helm chart (operator pod from `make images`) + moto S3; applies
+# examples/k8s-demo.yaml and prints `kubectl get ltj -w` until it ends (tools/k8s_demo.py).
+# ARGS=--standin: KWOK pods and a local token-auth Ray cluster standing in for them.
+k8s-demo: setup cluster-tools images
+	$(PY) tools/k8s_demo.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs .mypy_cache .pytest_cache .ruff_cache
