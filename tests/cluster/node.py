@@ -56,6 +56,8 @@ containernetworking-plugins iptables conntrack``.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib
 import json
 import os
@@ -66,7 +68,7 @@ import subprocess
 import sys
 import time
 import urllib.error
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -489,10 +491,6 @@ def _netns_inode(path: Path) -> int | None:
         return None
 
 
-def _host_ip_forward() -> str:
-    return Path("/proc/sys/net/ipv4/ip_forward").read_text().strip()
-
-
 @dataclass
 class NodeNetwork:
     """The namespace `llmtrain-node` and the veth pair lt-host/lt-node; nothing else on the host."""
@@ -514,10 +512,11 @@ class NodeNetwork:
             )
         if Path(f"/sys/class/net/{HOST_IF}").exists():
             raise NodeError(f"interface {HOST_IF} exists: tear the previous node down first")
-        forward_before = _host_ip_forward()
         ip = str(DEBIAN_BINARIES["ip"])
+        # `ip netns add` fails if the name exists: of two racing starts only one gets past it, and
+        # the other must not delete what it did not make.
+        _run([ip, "netns", "add", self.netns])
         try:
-            _run([ip, "netns", "add", self.netns])
             _run([ip, "link", "add", HOST_IF, "type", "veth", "peer", "name", NODE_IF, "netns", self.netns])
             _run([ip, "addr", "add", f"{NODE_HOST_IP}/{LINK_PREFIX}", "dev", HOST_IF])
             _run([ip, "link", "set", HOST_IF, "up"])
@@ -536,8 +535,8 @@ class NodeNetwork:
         except BaseException:
             self.delete()
             raise
-        if _host_ip_forward() != forward_before:  # the rule this design rests on
-            raise NodeError(f"host net.ipv4.ip_forward changed from {forward_before}: refusing to go on")
+        # Nothing here writes the host's net.ipv4.ip_forward: the node needs none of it.
+        _write_owner(self.netns)
 
     def sysctl(self, key: str, value: str) -> None:
         path = "/proc/sys/" + key.replace(".", "/")
@@ -568,12 +567,21 @@ class NodeNetwork:
                 pass
         return live
 
+    def in_use(self) -> list[int]:
+        """PIDs that make the namespace someone's: its node components, or the process that made it
+        and may still be starting the node (before any component runs)."""
+        live = self.live_components()
+        owner = _read_owner(self.netns)
+        if owner is not None and _pid_alive(owner) and owner != os.getpid():
+            live.append(owner)
+        return live
+
     def remove_stale(self) -> bool:
         """Remove what a killed run left (namespace, veth, shims and their containers, mounts of our
-        run-dir layout) when no node component runs in it; raise if a live node does."""
+        run-dir layout) when nobody uses it; raise if a live node (or one starting) does."""
         if not self.exists() and not Path(f"/sys/class/net/{HOST_IF}").exists():
             return False
-        live = self.live_components()
+        live = self.in_use()
         if live:
             raise NodeError(
                 f"a node runs in network namespace {self.netns} (PIDs {live}): "
@@ -591,6 +599,39 @@ class NodeNetwork:
             _run([ip, "netns", "delete", self.netns], check=False)
         if Path(f"/sys/class/net/{HOST_IF}").exists():
             _run([ip, "link", "delete", HOST_IF], check=False)
+        if not self.exists():
+            _owner_file(self.netns).unlink(missing_ok=True)
+
+
+def _owner_file(netns: str) -> Path:
+    return cache_dir() / "node" / f"{netns}.owner"
+
+
+def _write_owner(netns: str) -> None:
+    """Record which process made the namespace: while it lives, the namespace is not stale."""
+    f = _owner_file(netns)
+    f.parent.mkdir(parents=True, exist_ok=True)
+    f.write_text(str(os.getpid()))
+
+
+def _read_owner(netns: str) -> int | None:
+    try:
+        return int(_owner_file(netns).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+@contextlib.contextmanager
+def _start_lock() -> Iterator[None]:
+    """One start at a time on this machine: the stale check and the namespace's creation together."""
+    f = cache_dir() / "node" / "start.lock"
+    f.parent.mkdir(parents=True, exist_ok=True)
+    with open(f, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _pids_in_netns(inodes: set[int]) -> list[int]:
@@ -1183,8 +1224,9 @@ def start_node_cluster(
     if reason:
         raise NodeError(reason)
     network = NodeNetwork()
-    network.remove_stale()  # a killed run's leftovers; raises if another node is live
-    network.create()  # before the apiserver: it binds the host end of the veth
+    with _start_lock():
+        network.remove_stale()  # a killed run's leftovers; raises if another node is live
+        network.create()  # before the apiserver: it binds the host end of the veth
     cp = ControlPlane(workdir=workdir, die_with_parent=die_with_parent, node=True, fake_nodes=fake_nodes)
     try:
         cp.start()

@@ -94,6 +94,13 @@ def _allow_the_node_link() -> Iterator[None]:
         socket.socket.connect = guarded  # type: ignore[method-assign]
 
 
+FORWARD_CHANGED = (
+    "the host's net.ipv4.ip_forward changed while the node ran: the node never writes it (its "
+    "forwarding is set inside llmtrain-node); look for a tool with a bridge network on the host "
+    "(a buildah/podman RUN step with CNI networking sets it)"
+)
+
+
 def _host_forward() -> str:
     return Path("/proc/sys/net/ipv4/ip_forward").read_text().strip()
 
@@ -137,12 +144,17 @@ def nc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeCluster]:
     reason = node_mod.node_skip_reason()
     if reason:
         pytest.skip(reason)
-    live = node_mod.NodeNetwork().live_components()
+    live = node_mod.NodeNetwork().in_use()
     if live:  # one node per machine (one namespace name, one veth address pair)
         pytest.skip(f"a node runs in network namespace {node_mod.NETNS} (PIDs {live}): run.sh down")
     forward = _host_forward()
     t0 = time.monotonic()
-    cp, node = node_mod.start_node_cluster(tmp_path_factory.mktemp("realnode"), die_with_parent=True)
+    try:
+        cp, node = node_mod.start_node_cluster(tmp_path_factory.mktemp("realnode"), die_with_parent=True)
+    except node_mod.NodeError as e:
+        if "a node runs" in str(e):  # another test's node won the start
+            pytest.skip(str(e))
+        raise
     c = NodeCluster(cp, node, time.monotonic() - t0, host_forward=forward)
     try:
         yield c
@@ -196,7 +208,7 @@ def test_node_ready(nc: NodeCluster) -> None:
     # the namespace has no route off the machine: only the veth's link route
     routes = node_mod.NodeNetwork().routes()
     assert "default" not in routes, routes
-    assert _host_forward() == nc.host_forward
+    assert _host_forward() == nc.host_forward, FORWARD_CHANGED
     print(f"\nnode cluster start -> node Ready: {nc.startup_seconds:.1f}s; {nc.node.timings}")
 
 
@@ -310,4 +322,4 @@ def test_teardown_leaves_nothing(nc: NodeCluster) -> None:
     alive = {n: p for n, p in pids.items() if controlplane._pid_alive(p)}
     assert not alive, alive
     assert node_mod._mounts_under([workdir, node_mod.containerd_root()]) == []
-    assert _host_forward() == nc.host_forward
+    assert _host_forward() == nc.host_forward, FORWARD_CHANGED
