@@ -905,7 +905,15 @@ class Node:
                 r = ok()
                 if r:
                     return r
-            except (urllib.error.URLError, OSError, ValueError, KeyError, NodeError):
+            # SubprocessError: a probe command that timed out (a loaded machine) is a "not yet".
+            except (
+                urllib.error.URLError,
+                OSError,
+                ValueError,
+                KeyError,
+                NodeError,
+                subprocess.SubprocessError,
+            ):
                 pass
             time.sleep(0.2)
         raise NodeError(f"timed out after {timeout:.0f}s waiting for {what}; logs in {self.log_dir}")
