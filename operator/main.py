@@ -289,6 +289,9 @@ def run(
         # Kopf logs every successful handler call at INFO: at 1000 jobs, hundreds of lines
         # a second of "Handler 'observe' succeeded" and a measurable share of the CPU.
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+        # Kopf's liveness endpoint is aiohttp's: an access line for every kubelet probe (two
+        # every 10 s in a pod) buries the operator's own lines in `kubectl logs`.
+        logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     opts = Options(
         namespaces=list(namespaces) if namespaces else None,
         liveness_port=liveness_port,
