@@ -9,9 +9,10 @@ apiserver, from inside the namespace; ``kubectl logs`` goes apiserver -> kubelet
 image fails fast (ErrImagePull: no registry has a route); and the stop leaves no namespace,
 no lt-* interface, no process and no mount behind.
 
-Negative control of the teardown check (run by hand on 2026-12-07): with ``Node.stop`` planted
-to skip ``self.network.delete()``, ``test_teardown_leaves_nothing`` failed on
-``llmtrain-node`` still listed by ``ip netns list`` and ``lt-host`` by ``ip link``.
+Negative control of the teardown check (run by hand on 2026-12-07, /tmp/negctl.py): with
+``NodeNetwork.delete`` planted as a no-op (the stop forgets the namespace and the veth),
+``test_teardown_leaves_nothing`` failed: ``assert 'llmtrain-node' not in 'llmtrain-node (id: 0)'``
+(``ip netns list``); ``NodeNetwork().remove_stale()`` then removed the leftovers.
 
 Skipped, with the reason, when not root or when the binaries/packages are missing
 (``tests/cluster/build.sh all``, ``make apt``).
@@ -22,6 +23,7 @@ from __future__ import annotations
 import _socket
 import ipaddress
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -313,13 +315,28 @@ def test_missing_image_fails_fast(nc: NodeCluster, ns: str) -> None:
 def test_teardown_leaves_nothing(nc: NodeCluster) -> None:
     pids = dict(nc.node.pids) | dict(nc.cp.pids)
     workdir = nc.cp.workdir
+    # Another test may start the next node the moment this one is gone (same names): what must be
+    # gone is this namespace (made by this process: its owner file names it) and this veth (its
+    # ifindex: the host never reuses one soon).
+    veth = _ifindex(node_mod.HOST_IF)
+    assert veth is not None and node_mod._read_owner(node_mod.NETNS) == os.getpid()
     nc.stopped = True
     node_mod.stop_node_cluster(nc.cp, nc.node, keep_logs=True)
     netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
-    assert node_mod.NETNS not in netns, netns
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True).stdout
-    assert not [x for x in links.splitlines() if ": lt-" in x], links
+    assert not node_mod.NodeNetwork().exists() or node_mod._read_owner(node_mod.NETNS) != os.getpid(), netns
+    assert _ifindex(node_mod.HOST_IF) != veth, links
+    if not node_mod.NodeNetwork().exists():  # nobody started another node meanwhile: no name left
+        assert node_mod.NETNS not in netns, netns
+        assert not [x for x in links.splitlines() if ": lt-" in x], links
     alive = {n: p for n, p in pids.items() if controlplane._pid_alive(p)}
     assert not alive, alive
     assert node_mod._mounts_under([workdir, node_mod.containerd_root()]) == []
     assert _host_forward() == nc.host_forward, FORWARD_CHANGED
+
+
+def _ifindex(name: str) -> int | None:
+    try:
+        return int(Path("/sys/class/net", name, "ifindex").read_text())
+    except (OSError, ValueError):
+        return None
