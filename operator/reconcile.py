@@ -653,6 +653,15 @@ class Reconciler:
         """5. A pod ended: a restart (or a new worker); pods stuck with an image the spec no
         longer names: made again. True if either happened (the tick ends there)."""
         in_flight = (t.st.get("rayJob") or {}).get("status") in ("PENDING", "RUNNING")
+        lost = self._deleted_under_the_run(t, live)
+        if lost is not None:
+            name, pod = lost
+            why = f"pod {name} was deleted while Ray job {t.st['rayJob']['submissionId']} ran"
+            if pod is not None and pod.role == m.ROLE_WORKER:
+                self._recreate_worker(t, pod, why, handled)
+            else:
+                self._restart(t, why, Reason.BackoffLimitExceeded)
+            return True
         if diag.state == ClusterState.Failed:
             failed = live.get(diag.failed_pod or "")
             log = self._crash_log(failed) if failed is not None else ""
@@ -665,6 +674,27 @@ class Reconciler:
                 self._restart(t, diag.message, Reason.BackoffLimitExceeded, log)
             return True
         return diag.state == ClusterState.Stuck and self._remake_stale(t, live, in_flight, diag)
+
+    def _deleted_under_the_run(
+        self, t: Tick, live: Mapping[str, PodView]
+    ) -> tuple[str, PodView | None] | None:
+        """A Ray pod someone else deleted (``kubectl delete pod``, a node drain, Kueue) while
+        this attempt's Ray job runs: a deleted pod never shows an ended phase, and recreating
+        it as merely missing would put a fresh head under a Ray job that died with the old
+        GCS. (The pods this operator deletes are in ``handled``, so not in ``live``, or belong
+        to an earlier attempt.) A head that is gone altogether counts too; a worker that is
+        gone is simply made again (step 6), its loss already handled by Ray Train."""
+        ray_job = t.st.get("rayJob") or {}
+        sid = rj.submission_id(t.job.name, int(t.st.get("attempt") or 1))
+        if ray_job.get("submissionId") != sid or ray_job.get("status") not in ("PENDING", "RUNNING"):
+            return None
+        for name in t.job.pod_names:
+            pod = live.get(name)
+            if pod is not None and pod.deleting:
+                return name, pod
+            if pod is None and name == m.head_name(t.job.name):
+                return name, None
+        return None
 
     def _restart(self, t: Tick, why: str, fail_reason: Reason, log: str = "") -> None:
         """A new attempt on a new Ray cluster (its GCS state and the training group die with

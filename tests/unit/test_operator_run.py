@@ -486,6 +486,50 @@ def test_a_lost_worker_is_recreated_and_the_attempt_goes_on() -> None:
     assert h.ray.posts == ["demo-1"] and h.ray.stopped == []  # the same Ray job goes on
 
 
+def test_a_head_pod_deleted_under_the_run_is_a_new_attempt() -> None:
+    """`kubectl delete pod <job>-head` on a real node: the pod shows deletionTimestamp, then
+    is gone; it never shows an ended phase. Found on the real node: treated as merely missing,
+    the head was made again in the same attempt and Ray job demo-1 submitted to the new head
+    while the old worker died with the old GCS (negative control: without
+    _deleted_under_the_run this test fails on attempt == 1)."""
+    h = running(backoffLimit=2)
+    h.tick(1)
+    h.ray.jobs["demo-1"] = h.ray.JobInfo("RUNNING")
+    h.tick(1)
+    h.api.pods()["demo-head"]["metadata"]["deletionTimestamp"] = "2026-12-07T16:40:00Z"
+    out = h.tick(1)
+    assert out.restarted and h.status["attempt"] == 2 and h.status["restarts"] == 1
+    assert "demo-head was deleted while Ray job demo-1 ran" in h.cond(ConditionType.Running)["message"]
+    assert h.api.names("Pod") == {"demo-head"}  # the workers go too; the head is going already
+
+    # Gone before the operator looked (no deleting state seen): the same.
+    h = running(backoffLimit=2)
+    h.tick(1)
+    h.ray.jobs["demo-1"] = h.ray.JobInfo("RUNNING")
+    h.tick(1)
+    del h.api.objects[("Pod", "ns1", "demo-head")]
+    out = h.tick(1)
+    assert out.restarted and h.status["attempt"] == 2
+    h.tick(1)
+    set_all(h.api, "running")
+    h.tick(1)
+    assert h.ray.posts == ["demo-1", "demo-2"]  # attempt 2 is a new Ray job, on the new head
+
+
+def test_a_worker_pod_deleted_under_the_run_counts_and_the_attempt_goes_on() -> None:
+    h = running(backoffLimit=2)
+    h.tick(1)
+    h.ray.jobs["demo-1"] = h.ray.JobInfo("RUNNING")
+    h.tick(1)
+    h.api.pods()["demo-worker-0"]["metadata"]["deletionTimestamp"] = "2026-12-07T16:40:00Z"
+    out = h.tick(1)
+    assert out.restarted and h.status["restarts"] == 1 and h.status["attempt"] == 1
+    assert "demo-worker-0 was deleted" in h.cond(ConditionType.Running)["message"]
+    h.tick(1)
+    assert h.status["restarts"] == 1  # counted once
+    assert h.ray.posts == ["demo-1"]
+
+
 def test_a_lost_worker_before_submission_restarts_the_whole_cluster() -> None:
     h = Harness(backoffLimit=2)
     h.tick()
