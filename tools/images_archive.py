@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import base64
 import hashlib
-import io
 import json
 import os
 import stat
@@ -32,6 +31,7 @@ import sys
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 FALLBACK = 3  # exit status: use `buildah push` instead
 BLOCK = tarfile.BLOCKSIZE
@@ -98,7 +98,7 @@ def _xattrs(path: str) -> dict[str, bytes]:
         return {}
 
 
-def layer_tar(diff: Path, out: io.BufferedWriter) -> str:
+def layer_tar(diff: Path, out: BinaryIO) -> str:
     """Write the overlay directory ``diff`` as a layer tar to ``out``; its sha256."""
     digest = hashlib.sha256()
 
@@ -178,7 +178,7 @@ def _header(name: str, size: int) -> bytes:
     return ti.tobuf(tarfile.GNU_FORMAT)
 
 
-def _pad(out: io.BufferedWriter, size: int) -> None:
+def _pad(out: BinaryIO, size: int) -> None:
     if size % BLOCK:
         out.write(b"\0" * (BLOCK - size % BLOCK))
 
@@ -201,7 +201,7 @@ def write_archive(storage: Path, name: str, previous: Path, out_path: Path, tmp:
             continue
         tmp_layer = tmp / f"layer-{i}.tar"
         with open(tmp_layer, "wb") as f:
-            diff_ids[i] = layer_tar(storage / "overlay" / la.id / "diff", f)  # type: ignore[arg-type]
+            diff_ids[i] = layer_tar(storage / "overlay" / la.id / "diff", f)
         fresh[i] = tmp_layer
     # Unchanged layers keep buildah's config byte for byte (its digest is the image ID).
     config_bytes = (
