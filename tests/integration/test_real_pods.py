@@ -238,7 +238,7 @@ def test_train_recover_serve(rc: realcluster.RealCluster) -> None:
     print(
         f"after the worker's loss: attempt {st.get('attempt')}, {st.get('rayJob')}, restarts {st.get('restarts')}"
     )
-    assert st["rayJob"]["submissionId"] == f"{name}-1"
+    assert st["rayJob"]["submissionId"] == f"{name}-1" and st["restarts"] == 1
 
     # 4. The head pod goes: attempt 2 resumes from the newest checkpoint.
     latest = status(rc, name, ns)["checkpoint"]["latestStep"]
@@ -252,6 +252,11 @@ def test_train_recover_serve(rc: realcluster.RealCluster) -> None:
     resumed = status(rc, name, ns)["checkpoint"]["resumedFrom"]
     print(f"attempt 2 resumed from {resumed}")
     assert resumed["step"] >= latest
+    st = status(rc, name, ns)
+    assert st["attempt"] == 2 and st["restarts"] == 2, st
+    jobs = ray_jobs_on_head(rc, name, ns)
+    print(f"Ray jobs on the new head: {jobs}")
+    assert jobs == [f"{name}-2"], jobs  # one Ray job per attempt, none resubmitted under an old id
 
     # 5. Succeeded, the export in S3, and the model server answers the openai client.
     wait(lambda: status(rc, name, ns).get("phase") in ("Succeeded", "Failed"), 900, "the job to end")
@@ -272,21 +277,28 @@ def test_train_recover_serve(rc: realcluster.RealCluster) -> None:
     )
     url = status(rc, name, ns)["serving"]["url"]
     answer = openai_completion(rc, url, name)
-    print(f"openai client via {url}: {answer!r}")
-    assert answer
+    print(f"openai client via {url}: {answer}")
+    assert answer["model"] == name and answer["finish_reason"] in ("stop", "length"), answer
+    assert answer["completion_tokens"] >= 1 or answer["finish_reason"] == "stop", answer
 
 
-def openai_completion(rc: realcluster.RealCluster, base_url: str, model: str) -> str:
+def openai_completion(rc: realcluster.RealCluster, base_url: str, model: str) -> dict[str, Any]:
     """The official openai client inside the node's namespace, resolving the Service's name
-    through the cluster DNS, as a client pod would."""
+    through the cluster DNS, as a client pod would: the answer's model, text, finish reason and
+    token count (a small model may well stop at once: the text alone proves nothing)."""
     script = textwrap.dedent(f"""
+        import json
         from openai import OpenAI
         c = OpenAI(base_url="{base_url}", api_key="unused", timeout=60, max_retries=2)
-        r = c.completions.create(model="{model}", prompt="def ", max_tokens=16, temperature=0)
-        print(r.choices[0].text)
+        r = c.completions.create(model="{model}", prompt="import ", max_tokens=16, temperature=0)
+        print(json.dumps({{"model": r.model, "text": r.choices[0].text,
+                          "finish_reason": r.choices[0].finish_reason,
+                          "completion_tokens": r.usage.completion_tokens if r.usage else None}}))
     """)
-    r = rc.in_node_with_cluster_dns(f"{sys.executable} -c '{script}'", timeout=180)
-    return r.stdout.strip()
+    path = rc.workdir / "openai_client.py"
+    path.write_text(script)
+    r = rc.in_node_with_cluster_dns(f"{sys.executable} {path}", timeout=180)
+    return dict(json.loads(r.stdout.strip().splitlines()[-1]))
 
 
 def test_wrong_image_then_fixed(rc: realcluster.RealCluster) -> None:
