@@ -1041,7 +1041,8 @@ class Node:
         stamps = containerd_root() / "llmtrain-imported"
         stamps.mkdir(parents=True, exist_ok=True)
         tars = [node_binaries()["pause.tar"], *sorted(images_dir().glob("*.tar"))]
-        imported = []
+        imported: list[str] = []
+        failed: list[str] = []
         for tar in tars:
             stamp = stamps / (tar.name + ".json")
             if tar.parent != images_dir():
@@ -1050,10 +1051,19 @@ class Node:
                 continue
             before = import_stamp(tar)
             t0 = time.monotonic()
-            r = self.ctr("images", "import", str(tar), timeout=1800)
+            r = self.ctr("images", "import", str(tar), check=tar.parent != images_dir(), timeout=1800)
+            if r.returncode != 0:
+                # Not an image archive (another tool's file in the shared folder) or a broken one: the
+                # node still starts; a pod that needs the image then shows ErrImagePull naming it.
+                failed.append(f"{tar.name}: {r.stderr.strip()}")
+                continue
             stamp.write_text(json.dumps(before | {"ctr": r.stdout.strip()}))
             imported.append(f"{tar.name} {time.monotonic() - t0:.1f}s")
         self._mark("images imported" + (f" ({', '.join(imported)})" if imported else " (none new)"))
+        if failed:
+            self._mark("images NOT imported: " + "; ".join(failed))
+            with open(self.log_dir / "containerd.log", "a") as log:
+                log.write("".join(f"[node.py] import failed: {f}\n" for f in failed))
 
     def _start_kubelet(self) -> None:
         # The kubelet would set host-wide kernel tunables (vm.overcommit_memory=1, kernel.panic=10,
