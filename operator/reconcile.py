@@ -673,7 +673,7 @@ class Reconciler:
             else:
                 self._restart(t, diag.message, Reason.BackoffLimitExceeded, log)
             return True
-        return diag.state == ClusterState.Stuck and self._remake_stale(t, live, in_flight, diag)
+        return diag.state == ClusterState.Stuck and self._remake_stale(t, live, in_flight, diag, handled)
 
     def _deleted_under_the_run(
         self, t: Tick, live: Mapping[str, PodView]
@@ -771,7 +771,9 @@ class Reconciler:
         tail = rj.log_tail(text, lines=self.CRASH_LOG_LINES)
         return f"\n--- container {m.RAY_CONTAINER}, last log lines ---\n{tail}" if tail else ""
 
-    def _remake_stale(self, t: Tick, live: Mapping[str, PodView], in_flight: bool, diag: Diagnosis) -> bool:
+    def _remake_stale(
+        self, t: Tick, live: Mapping[str, PodView], in_flight: bool, diag: Diagnosis, handled: set[str]
+    ) -> bool:
         """Pods stuck before their containers start were made from an older
         ``spec.resources.image`` (the user fixed a wrong one): delete them and the next
         reconcile makes them with the image the spec names now; otherwise the fix would never
@@ -786,6 +788,9 @@ class Reconciler:
         }
         if not stale:
             return False
+        # Handled (as the pods a restart deletes): while they are being deleted they are
+        # neither "deleted under the run" nor live, just missing, and made again.
+        t.out.annotations[ANN_RESTARTED_PODS] = ",".join(sorted(handled | {p.uid for p in stale.values()}))
         self._delete_pods(t.meta, stale, t.out, end_group=False)
         msg = (
             f"spec.resources.image is now {image}: pods {', '.join(sorted(stale))} were made with "

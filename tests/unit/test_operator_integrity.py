@@ -407,3 +407,31 @@ def test_a_crash_looping_server_says_why_with_its_last_log_lines() -> None:
     assert [e.reason for e in out.events] == ["ServerFailing"]
     assert ("log", "Pod", pod) in h.api.calls
     assert [e.reason for e in h.tick(5).events] == []  # one Event while it lasts
+
+
+def test_a_stuck_worker_with_an_old_image_is_made_again_under_a_running_job_without_a_restart() -> None:
+    import copy
+
+    h = running(backoffLimit=2, resources={"image": IMAGE})
+    h.tick(1)
+    h.ray.jobs["demo-1"] = h.ray.JobInfo("RUNNING")
+    h.ray.snapshot = snapshot(4)
+    h.tick(5)
+    # A worker made again mid-run (it ended) is stuck on the image; the user fixes the spec.
+    pods = h.api.pods()
+    waiting(pods["demo-worker-1"], "ImagePullBackOff", BACKOFF)
+    h.body["spec"]["resources"]["image"] = "ghcr.io/llmtrain/llmtrain:0.1.0"
+    gone = copy.deepcopy(pods["demo-worker-1"])
+    out = h.tick(5)
+    assert "PodsRecreated" in [e.reason for e in out.events]
+    assert set(h.api.names("Pod")) == {"demo-head", "demo-worker-0"}  # only the stuck one goes
+    # While the API server still shows it being deleted, it is not a pod lost under the run
+    # (negative control, by hand: without marking it handled, restarts == 1 here).
+    gone["metadata"]["deletionTimestamp"] = "2026-11-26T12:00:20Z"
+    h.api.objects[("Pod", "ns1", "demo-worker-1")] = gone
+    out = h.tick(1)
+    assert h.status["restarts"] == 0 and "Restarting" not in [e.reason for e in out.events]
+    del h.api.objects[("Pod", "ns1", "demo-worker-1")]
+    h.tick(1)
+    made = h.api.pods()["demo-worker-1"]["spec"]["containers"][0]["image"]
+    assert made == "ghcr.io/llmtrain/llmtrain:0.1.0" and h.status["restarts"] == 0
