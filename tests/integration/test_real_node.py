@@ -11,8 +11,9 @@ no lt-* interface, no process and no mount behind.
 
 Negative control of the teardown check (run by hand on 2026-12-07, /tmp/negctl.py): with
 ``NodeNetwork.delete`` planted as a no-op (the stop forgets the namespace and the veth),
-``test_teardown_leaves_nothing`` failed: ``assert 'llmtrain-node' not in 'llmtrain-node (id: 0)'``
-(``ip netns list``); ``NodeNetwork().remove_stale()`` then removed the leftovers.
+``test_teardown_leaves_nothing`` failed: the namespace ``llmtrain-node`` still existed, owned by the
+test's own PID (``assert (not True or 20954 != 20954)``); ``NodeNetwork().remove_stale()`` then
+removed the leftovers.
 
 Skipped, with the reason, when not root or when the binaries/packages are missing
 (``tests/cluster/build.sh all``, ``make apt``).
