@@ -952,10 +952,13 @@ def _cli(argv: list[str] | None = None) -> int:
 
         node = node_mod.Node.load(node_dir, cp=cp)
     if args.command == "down":
+        t0 = time.monotonic()
         if node is not None:
             node.stop(keep_logs=False)  # the node first: its pods, mounts, namespace and veth
+            steps = ", ".join(f"{k} {v:.1f}s" for k, v in node.stop_timings.items())
+            print(f"# node stopped ({steps})", file=sys.stderr)
         cp.stop(keep_logs=False)
-        print("stopped", file=sys.stderr)
+        print(f"stopped ({time.monotonic() - t0:.1f}s)", file=sys.stderr)
     elif args.command == "status":
         for name, alive in cp.running().items():
             print(

@@ -66,6 +66,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 from collections.abc import Callable, Iterator
@@ -649,6 +650,13 @@ def _pids_in_netns(inodes: set[int]) -> list[int]:
     return pids
 
 
+def _exe(pid: int) -> str:
+    try:
+        return os.path.realpath(f"/proc/{pid}/exe")
+    except OSError:
+        return ""
+
+
 def _parents() -> dict[int, int]:
     """pid -> parent pid, for every process."""
     out: dict[int, int] = {}
@@ -753,6 +761,8 @@ class Node:
     cp: ControlPlane | None = field(default=None, repr=False)
     _procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict, repr=False)
     _addons_stop: Callable[[], Any] | None = field(default=None, repr=False)
+    # seconds from stop() to the end of each phase (the last stop)
+    stop_timings: dict[str, float] = field(default_factory=dict)
     _t0: float = field(default=0.0, repr=False)
 
     # ---- paths
@@ -1167,26 +1177,43 @@ class Node:
         """Kill every task and delete every container of containerd's k8s.io namespace (ours alone)."""
         r = self.ctr("containers", "list", "-q", check=False, timeout=30)
         ids = [i for i in r.stdout.split() if i]
-        for cid in ids:
-            self.ctr("tasks", "kill", "-s", "SIGKILL", cid, check=False, timeout=30)
-        for cid in ids:
-            self.ctr("tasks", "delete", "-f", cid, check=False, timeout=30)
-            self.ctr("containers", "delete", cid, check=False, timeout=30)
+        if not ids:
+            return ids
+        # The containers' processes, at once: every shim's process tree (`ctr tasks kill` is one
+        # container per call, and a pod's grace period is no concern of a test node's stop).
+        shim = os.path.realpath("/usr/bin/containerd-shim-runc-v2")
+        shims = [p for p in self.network.pids_inside() if _exe(p) == shim]
+        _kill_trees([c for s in shims for c, parent in _parents().items() if parent == s])
+        self.ctr("tasks", "delete", "-f", *ids, check=False, timeout=60)
+        self.ctr("containers", "delete", *ids, check=False, timeout=60)
         return ids
 
     def stop(self, keep_logs: bool = True, delete_network: bool = True) -> None:
         """Stop everything by PID, unmount what was mounted, remove the namespace and the veth."""
+        t0 = time.monotonic()
         self._stop_addons()
+        self.stop_timings = {"addons": round(time.monotonic() - t0, 2)}
         bins = node_binaries()
-        for name in [n for n in self.pids if n not in NODE_COMPONENTS] + ["kube-proxy", "kubelet"]:
-            pid = self.pids.get(name)
-            if pid is not None:
-                stop_pid(pid, self.exes.get(name) or str(bins.get(name, "")))
+        # kubelet, kube-proxy and spawn()ed extras together: SIGTERM all, then wait (SIGKILL at 10 s)
+        names = [n for n in self.pids if n != "containerd"]
+        threads = [
+            threading.Thread(
+                target=stop_pid, args=(self.pids[n], self.exes.get(n) or str(bins.get(n, ""))), daemon=True
+            )
+            for n in names
+        ]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        self.stop_timings["kubelet, kube-proxy"] = round(time.monotonic() - t0, 2)
         if "containerd" in self.pids and self.containerd_socket.exists() and self.running().get("containerd"):
             self._remove_containers()
+        self.stop_timings["containers"] = round(time.monotonic() - t0, 2)
         pid = self.pids.get("containerd")
         if pid is not None:
             stop_pid(pid, self.exes.get("containerd") or str(DEBIAN_BINARIES["containerd"]))
+        self.stop_timings["containerd"] = round(time.monotonic() - t0, 2)
         # Whatever still runs in the node's namespaces (shims, pod processes, an addon that did not
         # use spawn()), and every descendant of it, is ours by construction: end it by PID.
         netns_inodes = {i for i in [_netns_inode(self.netns_path)] if i is not None}
@@ -1197,6 +1224,7 @@ class Node:
         _unmount_all([self.workdir, containerd_root()])
         if delete_network:
             self.network.delete()
+        self.stop_timings["mounts, network"] = round(time.monotonic() - t0, 2)
         if keep_logs:
             self.save_state()
             # the rest of the run dir (kubelet root, containerd state, leases) is per run

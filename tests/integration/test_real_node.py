@@ -322,7 +322,9 @@ def test_teardown_leaves_nothing(nc: NodeCluster) -> None:
     veth = _ifindex(node_mod.HOST_IF)
     assert veth is not None and node_mod._read_owner(node_mod.NETNS) == os.getpid()
     nc.stopped = True
+    t0 = time.monotonic()
     node_mod.stop_node_cluster(nc.cp, nc.node, keep_logs=True)
+    print(f"\nstop: {time.monotonic() - t0:.1f}s; node phases {nc.node.stop_timings}")
     netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True).stdout
     assert not node_mod.NodeNetwork().exists() or node_mod._read_owner(node_mod.NETNS) != os.getpid(), netns
