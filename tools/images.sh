@@ -46,8 +46,9 @@ BASE=localhost/llmtrain-base:bookworm
 OPERATOR=ghcr.io/llmtrain/llmtrain-operator:0.1.0
 RUNTIME=ghcr.io/llmtrain/llmtrain:0.1.0
 MIRROR=${LLMTRAIN_DEBIAN_MIRROR:-http://deb.debian.org}
-# Heavy steps yield to whatever else runs on the machine (CI builds Kubernetes alongside).
-NICE=(nice -n 10)
+# Heavy steps yield to whatever else runs on the machine (other builds, test suites);
+# LLMTRAIN_IMAGES_NICE=0 when the rebuild itself is what matters.
+NICE=(nice -n "${LLMTRAIN_IMAGES_NICE:-10}")
 
 # buildah keeps RUN --mount=type=cache directories under os.TempDir(): pointing TMPDIR
 # into the cache keeps pip's download cache (torch's ~3 GB of wheels) across builds and
@@ -69,10 +70,21 @@ need_root() {
 	[ "$(id -u)" = 0 ] || { log "run as root (buildah with its own storage under $STORE)"; exit 1; }
 }
 
+# One build at a time (`make images` from two shells, or a test run beside a manual one):
+# the archives and their ID files are written as a set. Under the lock, temporary
+# directories of an interrupted build (a killed buildah leaves GBs in TMPDIR) are removed.
+build_lock() {
+	exec 9>"$STORE/build.lock"
+	flock 9
+	find "$TMPDIR" -mindepth 1 -maxdepth 1 \( -name 'buildah[0-9]*' -o -name 'storage[0-9]*' \) \
+		-exec rm -rf {} +
+}
+
 image_id() { bah inspect --type image --format '{{.FromImageID}}' "$1" 2>/dev/null; }
 
 cmd_base() {
 	need_root
+	build_lock
 	if id=$(image_id "$BASE"); then
 		log "base $BASE present (${id:0:12})"
 		return
@@ -112,7 +124,7 @@ build_target() {
 	# --network host: RUN steps reach PyPI from the host's network namespace (the build
 	# never runs inside the node's). --pull=never: every FROM is local (the base, stages).
 	"${NICE[@]}" buildah --root "$STORE/storage" --runroot "$STORE/run" --storage-driver overlay \
-		bud --layers --pull=never --network host --target "$target" "${TRUST[@]}" \
+		bud --layers --force-rm --pull=never --network host --target "$target" "${TRUST[@]}" \
 		--build-arg BASE_IMAGE="$BASE" -t "$name" -f "$ROOT/Dockerfile" "$ROOT"
 	log "$target built in $((SECONDS - t0)) s"
 	archive "$target" "$name"
@@ -154,6 +166,7 @@ archive() {
 
 cmd_build() {
 	need_root
+	build_lock
 	image_id "$BASE" >/dev/null || { log "no base image $BASE: run tools/images.sh base"; exit 1; }
 	build_target operator "$OPERATOR"
 	build_target runtime "$RUNTIME"
