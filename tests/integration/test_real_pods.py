@@ -395,3 +395,20 @@ def operator_connect(rc: realcluster.RealCluster, ip: str, port: int) -> str:
     )
     r = rc.kubectl("exec", "-n", realcluster.NAMESPACE, "deploy/llmtrain", "--", "python", "-c", script)
     return r.stdout.strip()
+
+
+def test_a_crashing_container_shows_its_last_log_lines(rc: realcluster.RealCluster) -> None:
+    """An image that exists but is no runtime image (the operator's: no `ray` in it): the head
+    container exits at once; with backoffLimit 0 the job fails, and the Failed condition
+    carries the container's own last log lines, read through the kubelet."""
+    ns = fresh_namespace(rc, "crash")
+    name = "noray"
+    manifest = job_manifest(
+        name, ns, "s3://llmtrain/unused/", rc.s3_endpoint, image=realcluster.OPERATOR_IMAGE
+    )
+    manifest["spec"]["backoffLimit"] = 0
+    apply(rc, manifest)
+    wait(lambda: status(rc, name, ns).get("phase") == "Failed", 240, "the job to fail")
+    failed = next(c for c in status(rc, name, ns)["conditions"] if c["type"] == "Failed")
+    print(f"Failed condition: {failed['reason']}: {failed['message']}")
+    assert "last log lines" in failed["message"] and "ray" in failed["message"].split("last log lines")[1]
