@@ -5,7 +5,7 @@
 # or, with no Docker engine and no registry: `make images` (tools/images.sh: buildah, on a
 # Debian base made locally, written as archives for `ctr images import`).
 # `operator` is what the Helm chart (charts/llmtrain) runs: Kopf and urllib3 (no Kubernetes client),
-# no torch (~150 MB instead of several GB, and no CUDA libraries to patch).
+# no torch (~300 MB instead of 6 GB, and no CUDA libraries to patch).
 # `runtime` is every Ray head/worker pod's image (spec.resources.image): torch pinned to the
 # Makefile's TORCH, then the project's `runtime` extra, with `ray` and `llmtrain` on PATH.
 # tests/unit/test_helm_chart.py checks this structure; tests/integration/test_images.py the

@@ -76,7 +76,7 @@ need_root() {
 build_lock() {
 	exec 9>"$STORE/build.lock"
 	flock 9
-	find "$TMPDIR" -mindepth 1 -maxdepth 1 \( -name 'buildah[0-9]*' -o -name 'storage[0-9]*' \) \
+	find "$TMPDIR" -mindepth 1 -maxdepth 1 \( -name 'buildah[0-9]*' -o -name 'storage[0-9]*' -o -name 'base.*' \) \
 		-exec rm -rf {} +
 }
 
@@ -90,8 +90,8 @@ cmd_base() {
 		return
 	fi
 	local work ctr t0=$SECONDS
+	# Removed below; after a failure, by the next build_lock.
 	work=$(mktemp -d "$TMPDIR/base.XXXXXX")
-	trap 'rm -rf "$work"' RETURN
 	log "base: mmdebstrap bookworm minbase + python3 (from $MIRROR)"
 	# passwd (useradd/groupadd) is only 'important' in Debian, not in minbase. The sources
 	# are given explicitly: with none, mmdebstrap would read them from a non-tty stdin.
@@ -106,6 +106,7 @@ cmd_base() {
 	bah config --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
 		--env LANG=C.UTF-8 --cmd /bin/bash --created-by "tools/images.sh base (mmdebstrap bookworm)" "$ctr"
 	bah commit --rm "$ctr" "$BASE" >/dev/null
+	rm -rf "$work"
 	log "base $BASE built in $((SECONDS - t0)) s ($(image_id "$BASE" | cut -c1-12))"
 }
 
