@@ -278,8 +278,19 @@ def _wait(
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def _http_ok(url: str) -> bool:
-    with _DIRECT.open(url, timeout=2) as r:
+def route_stays_local(ip: str) -> bool:
+    """True if this namespace reaches `ip` without a gateway (loopback, or a directly attached
+    link such as the node's veth). The node's addresses are not reserved: when the veth is
+    gone (a node stopped, or torn down by another run), 172.31.200.2 routes through the
+    default gateway, and a probe there would leave the machine."""
+    r = subprocess.run(["ip", "-o", "route", "get", ip], capture_output=True, text=True, timeout=10)
+    return r.returncode == 0 and " via " not in r.stdout
+
+
+def _http_ok(ip: str, port: int, path: str) -> bool:
+    if not route_stays_local(ip):
+        raise AddonError(f"{ip} is not on a local link (its route has a gateway): refusing to probe it")
+    with _DIRECT.open(f"http://{ip}:{port}{path}", timeout=2) as r:
         return int(r.status) == 200
 
 
@@ -320,7 +331,7 @@ def start_coredns(
     try:
         _wait(
             f"CoreDNS ready on {listen_ip}:{ready_port}",
-            lambda: _http_ok(f"http://{listen_ip}:{ready_port}/ready"),
+            lambda: _http_ok(listen_ip, ready_port, "/ready"),
             proc,
             workdir / "logs" / "coredns.log",
             timeout,

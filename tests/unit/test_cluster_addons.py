@@ -173,3 +173,12 @@ def test_addons_stop_ends_its_processes_last_first(tmp_path: Path) -> None:
     a.stop()
     assert not any(addons._pid_alive(p.pid) for p in procs)
     assert len(a) == 0 and not (tmp_path / addons.STATE_FILE).exists()
+
+
+def test_probes_only_go_to_addresses_on_a_local_link() -> None:
+    """A route lookup only (`ip route get` sends nothing): loopback is local; an address that
+    would go through a gateway (or has no route at all) is refused before any connection."""
+    assert addons.route_stays_local("127.0.0.1")
+    assert not addons.route_stays_local("203.0.113.7")  # TEST-NET-3: never on a local link
+    with pytest.raises(addons.AddonError, match="not on a local link"):
+        addons._http_ok("203.0.113.7", 8181, "/ready")
