@@ -18,7 +18,9 @@ containerd: the policy engine does not judge what the node's own root processes 
 (upstream's rule, so kubelet probes pass), so ``nsenter`` from the host would prove nothing.
 
 Skipped, with the reason, when not root, when a binary or package is missing
-(``tests/cluster/build.sh all``, ``make apt``), without gcc, or while another node runs.
+(``tests/cluster/build.sh all``, ``make apt``), without gcc or Debian's ``nftables``, or while
+another node runs. ``tcpdump`` and ``dig``, when installed, add the packet capture and the
+REFUSED check.
 """
 
 from __future__ import annotations
@@ -215,6 +217,8 @@ def _skip_reason() -> str | None:
         return "addons not built (tests/cluster/build.sh coredns netpol): " + ", ".join(missing)
     if shutil.which("gcc") is None:
         return "gcc not installed: the probe image is compiled here (make apt)"
+    if not os.access(addons.NFT, os.X_OK):
+        return f"{addons.NFT} not installed (Debian nftables): the engine's table is read with it"
     live = node_mod.NodeNetwork().in_use()
     if live:  # one node per machine (one namespace name, one veth address pair)
         return f"a node runs in network namespace {node_mod.NETNS} (PIDs {live}): run.sh down"
