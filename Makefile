@@ -14,7 +14,7 @@ VENV := .venv
 PY := $(VENV)/bin/python -P
 # The torch build every environment uses; pyproject's `runtime` extra pins the same.
 TORCH := torch==2.11.0
-APT_PACKAGES := openssl containerd runc containernetworking-plugins iptables conntrack gcc libc6-dev
+APT_PACKAGES := openssl containerd runc containernetworking-plugins iptables conntrack gcc libc6-dev nftables patch curl
 # The image builder (tools/images.sh): buildah, mmdebstrap for the local Debian base, and
 # containerd for the import check of the archives.
 APT_PACKAGES += buildah mmdebstrap containerd

@@ -179,7 +179,9 @@ run_as_pod() {
 	local name=$1 ctr rc=0
 	shift
 	ctr=$(bah from --pull=never "$name")
-	bah run --user 65532:65532 "$ctr" -- "$@" || rc=$?
+	# --network none: buildah's default (CNI) would make a host bridge, iptables chains and
+	# switch the host's net.ipv4.ip_forward on; these checks need no network at all.
+	bah run --network none --user 65532:65532 "$ctr" -- "$@" || rc=$?
 	bah rm "$ctr" >/dev/null
 	return "$rc"
 }
@@ -239,6 +241,12 @@ EOF
 	[ "$rc" = 0 ] && log "import check passed" || log "import check FAILED"
 	return "$rc"
 }
+
+# The host's forwarding switch must end as it began: a build container on buildah's default
+# (CNI) network would turn it on and leave a bridge and iptables chains behind. Every buildah
+# call here uses the host network or none; this makes a slip fail loudly.
+forward_before=$(cat /proc/sys/net/ipv4/ip_forward)
+trap '[ "$(cat /proc/sys/net/ipv4/ip_forward)" = "$forward_before" ] || { log "net.ipv4.ip_forward changed from $forward_before: a buildah call used CNI networking"; exit 3; }' EXIT
 
 case ${1:-all} in
 all)
