@@ -99,6 +99,8 @@ from controlplane import (  # noqa: E402
 NETNS = "llmtrain-node"
 NETNS_DIR = Path("/var/run/netns")
 HOST_IF = "lt-host"
+# Host route that keeps traffic for the link off the default route (NodeNetwork.create).
+GUARD_ROUTE = "172.31.200.0/24"
 NODE_IF = "lt-node"
 LINK_PREFIX = 30
 NODE_NAME = "llmtrain-node"
@@ -517,6 +519,12 @@ class NodeNetwork:
         # `ip netns add` fails if the name exists: of two racing starts only one gets past it, and
         # the other must not delete what it did not make.
         _run([ip, "netns", "add", self.netns])
+        # The link's range is refused on the host whenever the veth is not there (before a node,
+        # after one, or while another test tears one down): without it a client still aimed at
+        # 172.31.200.x (kubectl, moto's clients) would follow the default route off the machine.
+        # The veth's own /30 is more specific and wins while it exists. Kept on purpose at
+        # tear-down: it only ever turns such traffic into an immediate "unreachable".
+        _run([ip, "route", "replace", "unreachable", GUARD_ROUTE])
         try:
             _run([ip, "link", "add", HOST_IF, "type", "veth", "peer", "name", NODE_IF, "netns", self.netns])
             _run([ip, "addr", "add", f"{NODE_HOST_IP}/{LINK_PREFIX}", "dev", HOST_IF])

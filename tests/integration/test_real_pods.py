@@ -170,7 +170,7 @@ def connect_from_pod(rc: realcluster.RealCluster, ns: str, ip: str, port: int, l
     args = ["run", name, "-n", ns, f"--image={CLIENT_IMAGE}", "--image-pull-policy=IfNotPresent"]
     args += ["--restart=Never", "--command", "--", "python", "-c", script]
     if labels:
-        args.insert(3, f"--labels={labels}")
+        args.insert(2, f"--labels={labels}")  # before `-n ns`, after the pod's name
     rc.kubectl(*args)
     wait(
         lambda: pod(rc, name, ns).get("status", {}).get("phase") in ("Succeeded", "Failed"),
