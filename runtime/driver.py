@@ -294,8 +294,14 @@ class RunChannel:
 
     def __init__(self) -> None:
         import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        self.actor: Any = ray.remote(num_cpus=0)(_Channel).remote(10_000)
+        # On this process's node (the head, on Kubernetes), not wherever Ray finds room: the
+        # head runs no tasks (num-cpus 0), so an unpinned actor lands on a worker node, and
+        # losing that worker pod killed the channel and with it the whole Ray job, where Ray
+        # Train would have restarted the worker group (seen on the real node).
+        here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+        self.actor: Any = ray.remote(num_cpus=0)(_Channel).options(scheduling_strategy=here).remote(10_000)
 
     def drain(self, timeout: float) -> list[ProgressEvent]:
         """The events so far; waits ``timeout`` seconds first when there are none."""
