@@ -75,9 +75,26 @@ def wait(fn: Callable[[], T], timeout: float, what: str, interval: float = 1.0) 
         pytest.fail(str(e))
 
 
+_NAMESPACES: list[str] = []
+
+
+@pytest.fixture(autouse=True)
+def _namespaces_go(rc: realcluster.RealCluster) -> Iterator[None]:
+    """Each test's namespaces (its jobs, their pods and model servers) are gone before the next
+    test starts: the node has 2 CPUs, and a model server left running made the next job's
+    worker unschedulable."""
+    yield
+    if _NAMESPACES:
+        rc.kubectl(
+            "delete", "namespace", *_NAMESPACES, "--wait=true", "--timeout=300s", check=False, timeout=330
+        )
+        _NAMESPACES.clear()
+
+
 def fresh_namespace(rc: realcluster.RealCluster, prefix: str) -> str:
     ns = f"{prefix}-{uuid.uuid4().hex[:5]}"
     rc.namespace_with_s3(ns)
+    _NAMESPACES.append(ns)
     return ns
 
 
@@ -338,7 +355,6 @@ def test_wrong_image_then_fixed(rc: realcluster.RealCluster) -> None:
         600,
         "the fixed job to proceed",
     )
-    rc.kubectl("delete", "ltj", name, "-n", ns, "--wait=false")
 
 
 def test_network_policy(rc: realcluster.RealCluster) -> None:
@@ -385,7 +401,6 @@ def test_network_policy(rc: realcluster.RealCluster) -> None:
         "refused again",
     )
     print(f"other namespace → {head}:8265 with the policy recreated: {again}")
-    rc.kubectl("delete", "ltj", name, "-n", ns, "--wait=false")
 
 
 def running_reason(rc: realcluster.RealCluster, name: str, ns: str) -> str:
