@@ -450,6 +450,11 @@ class Reconciler:
                 out.requeue = out.error
             for n in created:
                 seen[n] = _just_created(n, meta)
+        elif uid not in self._children_made and not just_made:
+            # Every pod exists, but this process has not yet seen the job's Secret, ConfigMap,
+            # Service and NetworkPolicy: check them once (an operator restarted after one was
+            # deleted makes it again; without it a job's pods stayed unfenced until a restart).
+            self._ensure_static_children(self._model(body), body, out)
         if missing or just_made:
             diag = diagnose(expected, seen, self._event_lookup(meta))
 

@@ -599,3 +599,21 @@ def test_the_driver_waits_for_the_submitted_spec_and_names_a_stale_one(tmp_path:
     with pytest.raises(ValueError, match=r"--spec .*job.yaml: still not the submitted spec after 1 s"):
         load_job(str(spec), digest, wait_seconds=1)
     assert load_job(str(spec)).metadata.name == "demo"  # by hand: no digest, no wait
+
+
+def test_a_new_operator_process_makes_a_deleted_network_policy_again() -> None:
+    """Found on the real node: the job's NetworkPolicy deleted while no operator ran (scaled to
+    0), every pod still there; the new operator pod left the head unfenced, because the
+    children were checked only when a pod was missing. Negative control: without the once-per-
+    process check in step 6 the policy stays gone."""
+    h = running()
+    h.tick(1)
+    del h.api.objects[("NetworkPolicy", "ns1", "demo-ray")]
+    h.tick(1)
+    assert ("NetworkPolicy", "ns1", "demo-ray") not in h.api.objects  # the same process: no GET per tick
+    h.rec._children_made.clear()  # a new operator process
+    h.tick(1)
+    assert ("NetworkPolicy", "ns1", "demo-ray") in h.api.objects
+    calls = len(h.api.calls)
+    h.tick(1)
+    assert not [c for c in h.api.calls[calls:] if c[1] == "NetworkPolicy"]  # once per process
