@@ -49,6 +49,9 @@ def test_the_run_channel_lives_on_the_drivers_node(tmp_path: Path) -> None:
     ray_tmp = tempfile.mkdtemp(prefix="ray-")  # short: unix socket paths must stay < 108 bytes
     ray = str(Path(sys.executable).parent / "ray")
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    # Set by llmtrain.runtime.ray_local (imported by earlier tests) for one-node local Ray; a
+    # second node refuses to join under it. Every address here is given as 127.0.0.1.
+    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
     port = free_port()
     common = ["--node-ip-address=127.0.0.1", "--disable-usage-stats"]
     head = [ray, "start", "--head", f"--port={port}", "--num-cpus=0", "--include-dashboard=false"]
