@@ -139,7 +139,6 @@ def real_node(args: argparse.Namespace, work: Path) -> int:
         )
         rc.start()
         kenv = {**os.environ, **rc.env}
-        rc.kubectl("get", "pods", "-n", NAMESPACE, "-o", "wide")
         print(rc.kubectl("get", "nodes,pods", "-n", NAMESPACE, "-o", "wide").stdout, flush=True)
         rc.namespace_with_s3("default")
         text = rc.job_text(args.job)

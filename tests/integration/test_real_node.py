@@ -21,11 +21,9 @@ Skipped, with the reason, when not root or when the binaries/packages are missin
 
 from __future__ import annotations
 
-import _socket
 import ipaddress
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -46,7 +44,6 @@ import ociimage  # noqa: E402
 pytestmark = pytest.mark.cluster
 
 POD_NET = ipaddress.ip_network(node_mod.POD_CIDR)
-LINK = ipaddress.ip_network(f"{controlplane.NODE_HOST_IP}/{node_mod.LINK_PREFIX}", strict=False)
 ECHO_IMAGE = "llmtrain.dev/test-echo:1"
 # A static HTTP responder for the Service check (the pause image listens on nothing): it logs
 # one line at start (the `kubectl logs` check) and answers every request with its hostname and uid.
@@ -78,25 +75,6 @@ int main(int argc, char **argv) {
 """
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _allow_the_node_link() -> Iterator[None]:
-    """The session guard refuses every private address; the veth link 172.31.200.0/30 is this
-    machine's own (host end: the node-mode apiserver), so connections there go through."""
-    guarded = socket.socket.connect
-
-    def connect(self: socket.socket, address: Any) -> None:
-        if isinstance(address, tuple) and address and _on_link(address[0]):
-            _socket.socket.connect(self, address)
-            return
-        guarded(self, address)
-
-    socket.socket.connect = connect  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        socket.socket.connect = guarded  # type: ignore[method-assign]
-
-
 FORWARD_CHANGED = (
     "the host's net.ipv4.ip_forward changed while the node ran: the node never writes it (its "
     "forwarding is set inside llmtrain-node); look for a tool with a bridge network on the host "
@@ -106,13 +84,6 @@ FORWARD_CHANGED = (
 
 def _host_forward() -> str:
     return Path("/proc/sys/net/ipv4/ip_forward").read_text().strip()
-
-
-def _on_link(host: Any) -> bool:
-    try:
-        return ipaddress.ip_address(host) in LINK
-    except ValueError:
-        return False
 
 
 @dataclass
