@@ -167,7 +167,24 @@ def _stop_trial() -> None:
     if thread is not None and thread.is_alive() and stop is not None:
         _TRIAL["stopping"] = True
         stop.ask()
-        thread.join(timeout=120)
+        _join_draining(thread, getattr(session, "_inter_actor_queue", None), timeout=120)
+
+
+def _join_draining(thread: Any, reports: Any, timeout: float) -> None:
+    """Wait for the trial's run while throwing away its reports.
+
+    Ray Train's controller hands each report to this actor through a one-slot Ray queue
+    (``TuneReportCallback``) and blocks while the slot is full; once Tune stops a trial nothing
+    reads that queue, so the controller would block there forever, never see rank 0 stop, and
+    keep the trial's workers (and their CPUs/GPUs) from the next trial."""
+    from ray.util.queue import Empty
+
+    deadline = time.monotonic() + timeout
+    while thread.is_alive() and time.monotonic() < deadline:
+        if reports is not None:
+            with contextlib.suppress(Empty):
+                reports.get_nowait()
+        thread.join(timeout=0.2)
 
 
 @dataclass(frozen=True)
