@@ -15,17 +15,16 @@ Child names are deterministic (``<job>-head``, ``<job>-worker-<i>``; never
 from __future__ import annotations
 
 import base64
+import copy
 import hashlib
 import json
-import math
-import re
 from dataclasses import dataclass, field
-from decimal import Decimal
 from typing import Any
 
 import yaml
 
 from llmtrain.api.job import API_VERSION, LLMTrainingJob
+from llmtrain.api.quantity import parse_quantity, ray_num_cpus
 from llmtrain.api.spec import KIND, EnvVar, Toleration, VolumeMount
 
 # ---------------------------------------------------------------------------- constants
@@ -41,6 +40,10 @@ LABEL_RAY_NODE_TYPE = "ray.io/node-type"
 ROLE_HEAD = "head"
 ROLE_WORKER = "worker"
 RESERVED_LABELS = (LABEL_JOB, LABEL_ROLE, LABEL_WORKER_INDEX, LABEL_RAY_CLUSTER, LABEL_RAY_NODE_TYPE)
+# Every label under these prefixes is the operator's (or KubeRay's, or Kueue's) to set: a user
+# label such as llmtrain.dev/serve=<other job> would make this job's Ray pods endpoints of
+# another job's Service, and app.kubernetes.io/managed-by would claim them for another tool.
+RESERVED_LABEL_PREFIXES = ("llmtrain.dev/", "ray.io/", "kueue.x-k8s.io/")
 
 # Kueue's plain-pod integration: pods with the same group name are admitted together once
 # all ``total-count`` of them exist (https://kueue.sigs.k8s.io/docs/tasks/run/plain_pods/).
@@ -162,40 +165,6 @@ def head_address(job: LLMTrainingJob, settings: OperatorSettings) -> str:
     """``<svc>.<ns>.svc.<domain>:6379``: what workers join (resolved by cluster DNS, not by us)."""
     ns = _namespace(job)
     return f"{service_name(job.metadata.name)}.{ns}.svc.{settings.cluster_domain}:{PORT_GCS}"
-
-
-# ---------------------------------------------------------------------------- quantities
-
-_SUFFIX: dict[str, int | Decimal] = {
-    "": 1,
-    "m": Decimal("0.001"),
-    "k": 10**3,
-    "M": 10**6,
-    "G": 10**9,
-    "T": 10**12,
-    "P": 10**15,
-    "E": 10**18,
-    "Ki": 2**10,
-    "Mi": 2**20,
-    "Gi": 2**30,
-    "Ti": 2**40,
-    "Pi": 2**50,
-    "Ei": 2**60,
-}
-_QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
-
-
-def parse_quantity(value: str) -> Decimal:
-    """A Kubernetes quantity as a number (``500m`` → 0.5, ``16Gi`` → 17179869184)."""
-    m = _QUANTITY.match(str(value))
-    if not m:
-        raise ValueError(f"{value!r} is not a Kubernetes quantity")
-    return Decimal(m.group(1)) * Decimal(str(_SUFFIX[m.group(2) or ""]))
-
-
-def ray_num_cpus(cpu: str) -> int:
-    """Ray's logical CPUs for a pod's CPU limit: rounded up, like KubeRay (500m → 1)."""
-    return max(1, math.ceil(parse_quantity(cpu)))
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -342,7 +311,7 @@ def _volumes_and_mounts(job: LLMTrainingJob) -> tuple[list[dict[str, Any]], list
 def _labels(job: LLMTrainingJob, role: str, index: int | None) -> dict[str, str]:
     res = job.spec.resources
     for key in res.pod_labels:
-        if key in RESERVED_LABELS or key.startswith("kueue.x-k8s.io/"):
+        if key in RESERVED_LABELS or key == LABEL_MANAGED_BY or key.startswith(RESERVED_LABEL_PREFIXES):
             raise ManifestError(f"spec.resources.podLabels.{key}", f"{key} is set by the operator; remove it")
     labels = {
         **res.pod_labels,
@@ -405,14 +374,34 @@ def _shell(cmd: str) -> dict[str, Any]:
 # ------------------------------------------------------------------------------- pods
 
 
+# The `restricted` Pod Security Standard, on every pod and container the operator makes: the
+# pods run only Python and Ray as the image's numeric non-root user (65532 in ours; an image
+# whose USER is a name or root is refused by the kubelet with a clear CreateContainerConfigError).
+POD_SECURITY_CONTEXT: dict[str, Any] = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+CONTAINER_SECURITY_CONTEXT: dict[str, Any] = {
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+}
+
+
+def _restricted(container: dict[str, Any]) -> dict[str, Any]:
+    container["securityContext"] = copy.deepcopy(CONTAINER_SECURITY_CONTEXT)
+    return container
+
+
 def _pod_identity(job: LLMTrainingJob) -> dict[str, Any]:
-    """Pull secrets, service account and priority class: the same for every pod of the job."""
+    """Pull secrets, service account, API token, priority class and the pod's security
+    context: the same for every pod of the job."""
     res = job.spec.resources
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"securityContext": copy.deepcopy(POD_SECURITY_CONTEXT)}
     if res.image_pull_secrets:
         out["imagePullSecrets"] = [_dump(s) for s in res.image_pull_secrets]
     if res.service_account_name:
         out["serviceAccountName"] = res.service_account_name
+    else:
+        # Ray and `llmtrain serve` never call the Kubernetes API: without a ServiceAccount the
+        # user chose, a pod gets no API token to leak (the namespace default's would be mounted).
+        out["automountServiceAccountToken"] = False
     if res.priority_class_name:
         out["priorityClassName"] = res.priority_class_name
     return out
@@ -438,11 +427,11 @@ def _pod(
         # (status.restarts, spec.backoffLimit), never the kubelet behind its back.
         "restartPolicy": "Never",
         "enableServiceLinks": False,
-        "containers": [container],
+        "containers": [_restricted(container)],
         "volumes": volumes,
     }
     if init_containers:
-        spec["initContainers"] = init_containers
+        spec["initContainers"] = [_restricted(c) for c in init_containers]
     spec.update(_pod_identity(job))
     if role == ROLE_WORKER:
         # Placement targets the GPU pool; the head runs no training and stays off it.
@@ -758,7 +747,7 @@ def serve_deployment(job: LLMTrainingJob, model_uri: str) -> dict[str, Any]:
             "failureThreshold": 6,
         },
     }
-    pod: dict[str, Any] = {"enableServiceLinks": False, "containers": [container]}
+    pod: dict[str, Any] = {"enableServiceLinks": False, "containers": [_restricted(container)]}
     node_selector = res.node_selector if serve.node_selector is None else serve.node_selector
     tolerations = res.tolerations if serve.tolerations is None else serve.tolerations
     if node_selector:

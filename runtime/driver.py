@@ -45,6 +45,7 @@ from llmtrain.api.progress import (
     RunSnapshot,
     process_started_at,
 )
+from llmtrain.api.quantity import ray_num_cpus
 from llmtrain.api.shards import Manifest
 from llmtrain.api.status import Reason
 
@@ -769,8 +770,6 @@ def _join_ray() -> None:
 
 def _worker_cpus(job: LLMTrainingJob) -> float:
     """A worker takes its whole pod's CPUs (the pod runs nothing else)."""
-    from llmtrain.operator.manifests import ray_num_cpus
-
     return float(ray_num_cpus(job.spec.resources.worker.cpu))
 
 
