@@ -18,20 +18,19 @@ Errors name the spec field and leave no manifest behind.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import math
-import pickle
 import time
 from collections import defaultdict
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from llmtrain.runtime.data import clean as cleanmod
 from llmtrain.runtime.data import collect, shard, tokenize
+from llmtrain.runtime.data.blocks import CleanedDoc, Executor, encode_block, parallel_map, read_clean_block
 from llmtrain.runtime.data.storage import S3Options, Storage, StorageError, open_storage, split_s3_uri
 
 from llmtrain.api.shards import (
@@ -48,7 +47,6 @@ if TYPE_CHECKING:
     from llmtrain.api.spec import LLMTrainingJobSpec
 
 PIPELINE_VERSION = "llmtrain-data/1"
-Executor = Literal["auto", "local", "ray"]
 
 
 class PrepareError(ValueError):
@@ -124,114 +122,6 @@ def fingerprint(spec: LLMTrainingJobSpec) -> str:
         extra["python"] = collect.python_version()
     blob = json.dumps({"data": data, **extra}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
-
-
-# ------------------------------------------------------------------ parallel map
-
-
-def _ray_map(fn: Callable[[list[Any]], list[Any]], items: list[Any], num_blocks: int) -> list[Any]:
-    """Run ``fn`` over ``num_blocks`` blocks of ``items`` on Ray Data; results in any order.
-
-    Each block's result travels as one pickled blob: documents and variable-length token
-    arrays do not fit Ray Data's columnar batches without per-row conversion cost.
-    """
-    import ray
-    import ray.data
-
-    if not ray.is_initialized():
-        from llmtrain.runtime.ray_local import init_local_ray
-
-        init_local_ray()  # on loopback, never the machine's private address
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ds = ray.data.from_items([{"item": pickle.dumps(x)} for x in items], override_num_blocks=num_blocks)
-
-    def run_block(batch: dict[str, Any]) -> dict[str, Any]:
-        res = fn([pickle.loads(b) for b in batch["item"]])
-        return {"payload": np.array([pickle.dumps(res)], dtype=object)}
-
-    out: list[Any] = []
-    for row in ds.map_batches(run_block, batch_size=None, batch_format="numpy").iter_rows():
-        out.extend(pickle.loads(row["payload"]))
-    return out
-
-
-def parallel_map(
-    fn: Callable[[list[Any]], list[Any]],
-    items: list[Any],
-    *,
-    executor: Executor = "auto",
-    num_blocks: int | None = None,
-) -> list[Any]:
-    """``fn`` maps a block (list) of items to a list of results. Order of results is NOT kept:
-    callers sort by stable key."""
-    if not items:
-        return []
-    use_ray = executor == "ray"
-    if executor == "auto":
-        try:
-            import ray
-
-            use_ray = ray.is_initialized()
-        except ImportError:
-            use_ray = False
-    blocks = max(1, min(num_blocks or 1, len(items)))
-    if use_ray:
-        if num_blocks is None:
-            import ray
-
-            blocks = max(1, min(int(ray.cluster_resources().get("CPU", 1)), len(items)))
-        return _ray_map(fn, items, blocks)
-    out: list[Any] = []
-    size = math.ceil(len(items) / blocks)
-    # Last block first: like Ray Data, arrival order is not item order, so any step that
-    # leans on arrival order shows up as a difference between 1 and N blocks in the tests.
-    for i in reversed(range(0, len(items), size)):
-        out.extend(fn(items[i : i + size]))
-    return out
-
-
-# ------------------------------------------------------------------ block functions
-
-
-@dataclass
-class CleanedDoc:
-    key: str
-    source: str
-    text: str
-    digest: str  # content hash for dedup
-
-
-def _read_clean_block(units: list[dict[str, Any]], cfg: cleanmod.CleanConfig, s3: S3Options) -> list[Any]:
-    """Worker side: read units, split into documents, clean. Returns docs and per-unit stats."""
-    out: list[Any] = []
-    parsed = [collect.WorkUnit.from_dict(u) for u in units]
-    # Object reads are latency-bound (one GET each): overlap them; the cleaning below is cheap.
-    with ThreadPoolExecutor(
-        max_workers=8 if any(u.location.startswith("s3://") for u in parsed) else 1
-    ) as pool:
-        read = list(pool.map(lambda u: collect.read_unit(u, s3), parsed))
-    for unit, got in zip(parsed, read, strict=True):
-        drops: dict[str, int] = defaultdict(int)
-        drops["undecodable"] += got.undecodable
-        docs = []
-        for key, text in got.docs:
-            cleaned, reason = cleanmod.clean_document(text, cfg)
-            if cleaned is None:
-                drops[str(reason)] += 1
-                continue
-            docs.append(CleanedDoc(key, unit.source.name, cleaned, cleanmod.content_hash(cleaned)))
-        out.append(("unit", unit.source.name, unit.ident, got.raw_sha256, dict(drops), docs))
-    return out
-
-
-def _encode_block(items: list[tuple[str, str]], tok_json: str, eot: int) -> list[tuple[str, np.ndarray]]:
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_str(tok_json)
-    keys = [k for k, _ in items]
-    arrays = tokenize.encode_documents(tok, [t for _, t in items], eot)
-    return list(zip(keys, arrays, strict=True))
 
 
 # ------------------------------------------------------------------ driver steps
@@ -374,126 +264,209 @@ def prepare(
     executor: Executor = "auto",
     log: Callable[[str], None] | None = None,
 ) -> PrepareResult:
+    """The data stage as named steps, in order; each returns what the next ones read."""
     say = log or (lambda _m: None)
     if num_blocks is not None and executor == "auto":
         executor = "ray"
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     out = open_storage(cfg.output_uri, cfg.s3)
-    try:
-        reusable = _check_output(out, cfg, overwrite)
-    except StorageError as e:  # missing bucket, no credentials: name the spec field too
-        raise PrepareError(f"spec.data.outputUri: {e}") from e
+    reusable = _reusable_output(out, cfg, overwrite)
     if reusable is not None:
         say(f"reusing {out.describe(MANIFEST_NAME)} (same input fingerprint)")
         return PrepareResult(out.describe(MANIFEST_NAME), reusable, True, _summary(reusable), 0.0)
 
-    # 1. collect + clean (parallel)
+    corpus = _collect_clean(cfg, executor, num_blocks, say)
+    timings["collect_clean_s"] = time.perf_counter() - t0  # from t0: the output check counts too
+    _dedup(corpus, cfg, say)
+    with _timed(timings, "tokenizer_s"):
+        tok = _tokenizer(corpus, cfg, say)
+    with _timed(timings, "encode_s"):
+        encoded = _encode(corpus, tok, executor, num_blocks)
+    split = _split(corpus, cfg)
+    mix = _mix(corpus, cfg, split, encoded)
+    _check_validation_size(corpus, cfg, mix, encoded)
+    with _timed(timings, "write_s"):
+        written = _write_shards(out, cfg, tok, mix, encoded)
+    manifest = _manifest(corpus, cfg, tok, mix, encoded, written)
+    uri = shard.write_manifest(out, manifest)
+    timings["total_s"] = time.perf_counter() - t0
+    stats = _summary(manifest)
+    stats.update(timings)
+    stats["etags"] = {w.info.path: w.etag for w in written if w.etag}
+    say(f"wrote {uri}")
+    return PrepareResult(uri, manifest, False, stats, timings["total_s"])
+
+
+@contextlib.contextmanager
+def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
+    t = time.perf_counter()
+    yield
+    timings[name] = time.perf_counter() - t
+
+
+@dataclass
+class _Corpus:
+    """The cleaned documents by key and what each source lost on the way (collect → dedup)."""
+
+    docs: dict[str, CleanedDoc]
+    dropped: dict[str, int]  # drop step → documents, over all sources
+    units: dict[str, list[tuple[str, str]]]  # source → [(file/object ident, raw sha256)]
+    drops: dict[str, dict[str, int]]  # source → drop step → documents
+    val_names: set[str]  # the spec.data.validationSources, by name
+    keys: list[str] = field(default_factory=list)  # sorted document keys, set by _dedup
+    in_validation: int = 0  # training documents removed as copies of validation ones
+
+    def count(self, source: str, keys: list[str]) -> int:
+        return sum(1 for k in keys if self.docs[k].source == source)
+
+
+@dataclass(frozen=True)
+class _Tokenizer:
+    json: bytes
+    vocab: int
+    eot: int
+    dtype: str
+
+
+@dataclass(frozen=True)
+class _Mixture:
+    by_source: dict[str, list[tuple[str, int]]]  # source → natural [(train key, tokens)]
+    weights: dict[str, float] | None  # None: no source has a weight, natural mix
+    copies: dict[str, list[tuple[str, int]]]  # source → [(train key, copies)]
+    train_stream: list[tuple[str, str]]  # (order key, document key), in shard order
+    val_keys: list[str]
+
+
+def _reusable_output(out: Storage, cfg: PrepareConfig, overwrite: bool) -> Manifest | None:
+    try:
+        return _check_output(out, cfg, overwrite)
+    except StorageError as e:  # missing bucket, no credentials: name the spec field too
+        raise PrepareError(f"spec.data.outputUri: {e}") from e
+
+
+def _collect_clean(
+    cfg: PrepareConfig, executor: Executor, num_blocks: int | None, say: Callable[[str], None]
+) -> _Corpus:
+    """Plan every source's files/objects, then read + clean them in parallel blocks."""
     all_sources = cfg.sources + cfg.validation_sources
     units: list[collect.WorkUnit] = []
     for src in all_sources:
         units.extend(collect.plan_source(src, cfg.s3))
     say(f"collect: {len(units)} files/objects from {len(all_sources)} sources")
     results = parallel_map(
-        lambda block: _read_clean_block(block, cfg.clean, cfg.s3),
+        lambda block: read_clean_block(block, cfg.clean, cfg.s3),
         [u.to_dict() for u in units],
         executor=executor,
         num_blocks=num_blocks,
     )
-    timings["collect_clean_s"] = time.perf_counter() - t0
-
-    dropped = dict.fromkeys(cleanmod.DROP_STEPS, 0)
-    per_source_units: dict[str, list[tuple[str, str]]] = defaultdict(list)
-    per_source_drops: dict[str, dict[str, int]] = {
-        s.name: dict.fromkeys(cleanmod.DROP_STEPS, 0) for s in all_sources
-    }
-    docs: dict[str, CleanedDoc] = {}
+    corpus = _Corpus(
+        docs={},
+        dropped=dict.fromkeys(cleanmod.DROP_STEPS, 0),
+        units=defaultdict(list),
+        drops={s.name: dict.fromkeys(cleanmod.DROP_STEPS, 0) for s in all_sources},
+        val_names={s.name for s in cfg.validation_sources},
+    )
     for _, source, ident, raw_sha, drops, unit_docs in results:
-        per_source_units[source].append((ident, raw_sha))
+        corpus.units[source].append((ident, raw_sha))
         for k, v in drops.items():
-            dropped[k] += v
-            per_source_drops[source][k] += v
+            corpus.dropped[k] += v
+            corpus.drops[source][k] += v
         for d in unit_docs:
-            docs[d.key] = d
+            corpus.docs[d.key] = d
+    return corpus
 
-    # 2a. a validation document is never trained on: its exact copies leave the training sources
-    val_names = {s.name for s in cfg.validation_sources}
-    in_validation = _remove_validation_copies(docs, val_names)
-    if in_validation:
-        say(f"{in_validation} training documents also in spec.data.validationSources: removed from training")
 
-    # 2b. global exact dedup: smallest key wins, whatever the block layout
+def _dedup(corpus: _Corpus, cfg: PrepareConfig, say: Callable[[str], None]) -> None:
+    """Validation copies out of training, then global exact dedup; every source keeps a document."""
+    docs = corpus.docs
+    # A validation document is never trained on: its exact copies leave the training sources.
+    corpus.in_validation = _remove_validation_copies(docs, corpus.val_names)
+    if corpus.in_validation:
+        say(
+            f"{corpus.in_validation} training documents also in spec.data.validationSources: "
+            "removed from training"
+        )
+    # Smallest key wins, whatever the block layout.
     keep, dup = cleanmod.dedup_keep(((d.key, d.digest) for d in docs.values()), cfg.clean)
-    dropped["duplicate"] = dup
+    corpus.dropped["duplicate"] = dup
     for k in [k for k in docs if k not in keep]:
-        per_source_drops[docs[k].source]["duplicate"] += 1
+        corpus.drops[docs[k].source]["duplicate"] += 1
         del docs[k]
-    ordered_keys = sorted(docs)
-    for src in all_sources:
-        if not any(docs[k].source == src.name for k in ordered_keys):
+    corpus.keys = sorted(docs)
+    for src in cfg.sources + cfg.validation_sources:
+        if not corpus.count(src.name, corpus.keys):
             raise PrepareError(
                 f"{src.spec_path}: source {src.name!r} has no documents left after cleaning "
-                f"(dropped: {per_source_drops[src.name]}); check the source or spec.data.preprocessing"
+                f"(dropped: {corpus.drops[src.name]}); check the source or spec.data.preprocessing"
             )
 
-    # 3. tokenizer: train on a stable-key sample, or load
-    t1 = time.perf_counter()
+
+def _tokenizer(corpus: _Corpus, cfg: PrepareConfig, say: Callable[[str], None]) -> _Tokenizer:
+    """Load the tokenizer, or train BPE on a stable-key sample of the training documents."""
     if cfg.tokenizer.load_uri is not None:
         tok = _load_tokenizer(cfg.tokenizer, cfg.s3)
     else:
         # Validation sources stay out of the tokenizer's training too.
         sample = tokenize.choose_sample(
-            ((k, docs[k].text) for k in ordered_keys if docs[k].source not in val_names),
+            ((k, corpus.docs[k].text) for k in corpus.keys if corpus.docs[k].source not in corpus.val_names),
             cfg.seed,
             cfg.tokenizer.sample_bytes,
         )
         say(f"tokenizer: training BPE vocab {cfg.tokenizer.vocab_size} on {len(sample)} documents")
         tok = tokenize.train_bpe(sample, cfg.tokenizer)
-    tok_bytes = tokenize.tokenizer_json(tok)
     vocab = tokenize.vocab_size(tok)
-    eot_token = cfg.tokenizer.eot_token
-    eot = tokenize.eot_id(tok, eot_token)
+    eot = tokenize.eot_id(tok, cfg.tokenizer.eot_token)
     try:
         dtype = dtype_for_vocab(vocab)
     except ShardFormatError as e:
         raise PrepareError(f"spec.data.tokenizer: {e}") from e
-    timings["tokenizer_s"] = time.perf_counter() - t1
+    return _Tokenizer(tokenize.tokenizer_json(tok), vocab, eot, dtype)
 
-    # 4. encode (parallel)
-    t2 = time.perf_counter()
-    tok_str = tok_bytes.decode("utf-8")
-    encoded = dict(
+
+def _encode(
+    corpus: _Corpus, tok: _Tokenizer, executor: Executor, num_blocks: int | None
+) -> dict[str, np.ndarray]:
+    """Every document's token ids (end-of-text appended), in parallel blocks; by key."""
+    tok_str = tok.json.decode("utf-8")
+    return dict(
         parallel_map(
-            lambda block: _encode_block(block, tok_str, eot),
-            [(k, docs[k].text) for k in ordered_keys],
+            lambda block: encode_block(block, tok_str, tok.eot),
+            [(k, corpus.docs[k].text) for k in corpus.keys],
             executor=executor,
             num_blocks=num_blocks,
         )
     )
-    timings["encode_s"] = time.perf_counter() - t2
 
-    # 5. split: by source when validationSources is set, else by hash(key, seed); never empty
-    if val_names:
-        split = {k: "validation" if docs[k].source in val_names else "train" for k in ordered_keys}
+
+def _split(corpus: _Corpus, cfg: PrepareConfig) -> dict[str, str]:
+    """train/validation per key: by source when validationSources is set, else by hash(key,
+    seed); neither split is ever empty."""
+    keys = corpus.keys
+    if corpus.val_names:
+        split = {k: "validation" if corpus.docs[k].source in corpus.val_names else "train" for k in keys}
     else:
-        split = {k: split_of(k, cfg.seed, cfg.validation_fraction) for k in ordered_keys}
-    if len(ordered_keys) < 2:
+        split = {k: split_of(k, cfg.seed, cfg.validation_fraction) for k in keys}
+    if len(keys) < 2:
         raise PrepareError(
-            f"spec.data.sources: only {len(ordered_keys)} document after cleaning; a train and a "
+            f"spec.data.sources: only {len(keys)} document after cleaning; a train and a "
             "validation split need at least 2 (use a finer textUnit, e.g. paragraph)"
         )
     if not any(v == "validation" for v in split.values()):
-        split[min(ordered_keys, key=lambda k: hashlib.sha256(f"v{cfg.seed}{k}".encode()).digest())] = (
-            "validation"
-        )
+        split[min(keys, key=lambda k: hashlib.sha256(f"v{cfg.seed}{k}".encode()).digest())] = "validation"
     if not any(v == "train" for v in split.values()):
-        split[min(ordered_keys, key=lambda k: hashlib.sha256(f"t{cfg.seed}{k}".encode()).digest())] = "train"
+        split[min(keys, key=lambda k: hashlib.sha256(f"t{cfg.seed}{k}".encode()).digest())] = "train"
+    return split
 
-    # 6. mixture sampling of the training documents
+
+def _mix(
+    corpus: _Corpus, cfg: PrepareConfig, split: dict[str, str], encoded: dict[str, np.ndarray]
+) -> _Mixture:
+    """Mixture sampling of the training documents and the order they are written in."""
     by_source: dict[str, list[tuple[str, int]]] = defaultdict(list)
-    for k in ordered_keys:
+    for k in corpus.keys:
         if split[k] == "train":
-            by_source[docs[k].source].append((k, int(encoded[k].size)))
+            by_source[corpus.docs[k].source].append((k, int(encoded[k].size)))
     for src in cfg.sources:
         if not by_source.get(src.name):
             raise PrepareError(
@@ -505,50 +478,102 @@ def prepare(
         weights = {s.name: float(s.weight or 0) for s in cfg.sources}
     copies = mixture_copies(by_source, weights, cfg.seed)
     train_stream = sorted((copy_key(k, c), k) for s in copies.values() for k, n in s for c in range(n))
-    val_keys = [k for k in ordered_keys if split[k] == "validation"]
+    val_keys = [k for k in corpus.keys if split[k] == "validation"]
+    return _Mixture(by_source, weights, copies, train_stream, val_keys)
 
-    # 7. validation big enough for spec.validation.batches? (checked before anything is written)
-    val_tokens = sum(int(encoded[k].size) for k in val_keys)
-    if cfg.context_length is not None and cfg.val_windows_needed is not None:
-        have = _windows(val_tokens, cfg.shard_max_tokens, cfg.context_length)
-        if have < cfg.val_windows_needed:
-            what = (
-                "spec.data.validationSources"
-                if val_names
-                else f"spec.data.validationFraction {cfg.validation_fraction}"
-            )
-            fix = "add validation data" if val_names else "raise validationFraction, add data"
-            raise PrepareError(
-                f"{what}: the validation split has "
-                f"{val_tokens} tokens = {have} windows of contextLength {cfg.context_length} + 1, but "
-                f"spec.validation.batches × microBatchSize × workers needs {cfg.val_windows_needed}; "
-                f"{fix} or lower spec.validation.batches"
-            )
 
-    # 8. shards, tokenizer, and the manifest last
-    t3 = time.perf_counter()
-    written = shard.write_split(out, "train", (encoded[k] for _, k in train_stream), vocab_size=vocab,
-                                eot_id=eot, max_tokens=cfg.shard_max_tokens)  # fmt: skip
-    written += shard.write_split(out, "validation", (encoded[k] for k in val_keys), vocab_size=vocab,
-                                 eot_id=eot, max_tokens=cfg.shard_max_tokens)  # fmt: skip
-    out.put(TOKENIZER_NAME, tok_bytes)
-    timings["write_s"] = time.perf_counter() - t3
+def _check_validation_size(
+    corpus: _Corpus, cfg: PrepareConfig, mix: _Mixture, encoded: dict[str, np.ndarray]
+) -> None:
+    """Is validation big enough for spec.validation.batches? Checked before anything is written."""
+    if cfg.context_length is None or cfg.val_windows_needed is None:
+        return
+    val_tokens = sum(int(encoded[k].size) for k in mix.val_keys)
+    have = _windows(val_tokens, cfg.shard_max_tokens, cfg.context_length)
+    if have >= cfg.val_windows_needed:
+        return
+    val_names = corpus.val_names
+    what = (
+        "spec.data.validationSources"
+        if val_names
+        else f"spec.data.validationFraction {cfg.validation_fraction}"
+    )
+    fix = "add validation data" if val_names else "raise validationFraction, add data"
+    raise PrepareError(
+        f"{what}: the validation split has "
+        f"{val_tokens} tokens = {have} windows of contextLength {cfg.context_length} + 1, but "
+        f"spec.validation.batches × microBatchSize × workers needs {cfg.val_windows_needed}; "
+        f"{fix} or lower spec.validation.batches"
+    )
 
+
+def _write_shards(
+    out: Storage, cfg: PrepareConfig, tok: _Tokenizer, mix: _Mixture, encoded: dict[str, np.ndarray]
+) -> list[shard.WrittenShard]:
+    """Both splits' shards and the tokenizer; the manifest is written last, by the caller."""
+    written = shard.write_split(out, "train", (encoded[k] for _, k in mix.train_stream), vocab_size=tok.vocab,
+                                eot_id=tok.eot, max_tokens=cfg.shard_max_tokens)  # fmt: skip
+    written += shard.write_split(out, "validation", (encoded[k] for k in mix.val_keys), vocab_size=tok.vocab,
+                                 eot_id=tok.eot, max_tokens=cfg.shard_max_tokens)  # fmt: skip
+    out.put(TOKENIZER_NAME, tok.json)
+    return written
+
+
+def _manifest(
+    corpus: _Corpus,
+    cfg: PrepareConfig,
+    tok: _Tokenizer,
+    mix: _Mixture,
+    encoded: dict[str, np.ndarray],
+    written: list[shard.WrittenShard],
+) -> Manifest:
+    val_keys = mix.val_keys
+    return Manifest(
+        fingerprint=cfg.fingerprint,
+        tokenizer=TokenizerInfo(
+            path=TOKENIZER_NAME,
+            sha256=hashlib.sha256(tok.json).hexdigest(),
+            vocab_size=tok.vocab,
+            eot_id=tok.eot,
+            eot_token=cfg.tokenizer.eot_token,
+        ),
+        dtype=tok.dtype,
+        shards=[w.info for w in written],
+        sources=_source_stats(corpus, cfg, mix, encoded),
+        dropped=corpus.dropped,
+        seed=cfg.seed,
+        extra={
+            "pipeline": PIPELINE_VERSION,
+            "documents": {"train": len(corpus.keys) - len(val_keys), "validation": len(val_keys)},
+            "train_documents_after_mixture": len(mix.train_stream),
+            "validation_fraction": cfg.validation_fraction,
+            "validation_set": cfg.validation_set,
+            "removed_from_training_in_validation": corpus.in_validation,
+            "shard_max_tokens": cfg.shard_max_tokens,
+        },
+    )
+
+
+def _source_stats(
+    corpus: _Corpus, cfg: PrepareConfig, mix: _Mixture, encoded: dict[str, np.ndarray]
+) -> list[SourceStats]:
+    """Per source: documents, training tokens after the mixture, target vs realised fraction."""
     train_tokens_by_source: dict[str, int] = defaultdict(int)
-    for s, lst in copies.items():
+    for s, lst in mix.copies.items():
         train_tokens_by_source[s] = sum(int(encoded[k].size) * n for k, n in lst)
     total_train = sum(train_tokens_by_source.values())
+    weights = mix.weights
     wsum = sum(weights.values()) if weights else 0.0
     sources = []
-    for src in all_sources:
-        idents = sorted(per_source_units[src.name])
+    for src in cfg.sources + cfg.validation_sources:
+        idents = sorted(corpus.units[src.name])
         extra: dict[str, Any] = {
             "kind": src.kind,
             "files": len(idents),
             "content_sha256": hashlib.sha256("\n".join(f"{i} {h}" for i, h in idents).encode()).hexdigest(),
-            "dropped": per_source_drops[src.name],
-            "validation_documents": sum(1 for k in val_keys if docs[k].source == src.name),
-            "natural_train_tokens": sum(n for _, n in by_source.get(src.name, [])),
+            "dropped": corpus.drops[src.name],
+            "validation_documents": corpus.count(src.name, mix.val_keys),
+            "natural_train_tokens": sum(n for _, n in mix.by_source.get(src.name, [])),
         }
         if src.is_validation:
             extra["split"] = "validation"
@@ -558,44 +583,14 @@ def prepare(
         sources.append(
             SourceStats(
                 name=src.name,
-                documents=sum(1 for k in ordered_keys if docs[k].source == src.name),
+                documents=corpus.count(src.name, corpus.keys),
                 tokens=train_tokens_by_source[src.name],
                 target_fraction=(weights[src.name] / wsum) if weights else None,
                 realised_fraction=round(train_tokens_by_source.get(src.name, 0) / total_train, 6),
                 extra=extra,
             )
         )
-    manifest = Manifest(
-        fingerprint=cfg.fingerprint,
-        tokenizer=TokenizerInfo(
-            path=TOKENIZER_NAME,
-            sha256=hashlib.sha256(tok_bytes).hexdigest(),
-            vocab_size=vocab,
-            eot_id=eot,
-            eot_token=eot_token,
-        ),
-        dtype=dtype,
-        shards=[w.info for w in written],
-        sources=sources,
-        dropped=dropped,
-        seed=cfg.seed,
-        extra={
-            "pipeline": PIPELINE_VERSION,
-            "documents": {"train": len(ordered_keys) - len(val_keys), "validation": len(val_keys)},
-            "train_documents_after_mixture": len(train_stream),
-            "validation_fraction": cfg.validation_fraction,
-            "validation_set": cfg.validation_set,
-            "removed_from_training_in_validation": in_validation,
-            "shard_max_tokens": cfg.shard_max_tokens,
-        },
-    )
-    uri = shard.write_manifest(out, manifest)
-    timings["total_s"] = time.perf_counter() - t0
-    stats = _summary(manifest)
-    stats.update(timings)
-    stats["etags"] = {w.info.path: w.etag for w in written if w.etag}
-    say(f"wrote {uri}")
-    return PrepareResult(uri, manifest, False, stats, timings["total_s"])
+    return sources
 
 
 def _remove_validation_copies(docs: dict[str, CleanedDoc], val_names: set[str]) -> int:
