@@ -184,6 +184,30 @@ def test_resources_image_pull_secrets() -> None:
 def test_resources_service_account_name() -> None:
     for p in all_pods(job(resources={"serviceAccountName": "trainer"})):
         assert p["spec"]["serviceAccountName"] == "trainer"
+        assert "automountServiceAccountToken" not in p["spec"]  # the user's account, the user's call
+    for p in all_pods(job()):
+        assert p["spec"]["automountServiceAccountToken"] is False  # no API token to leak
+
+
+def pod_specs(j: LLMTrainingJob) -> list[dict[str, Any]]:
+    """Every pod spec the operator makes for a job: Ray pods and the serve Deployment's."""
+    serving = m.serve_deployment(j, "s3://bucket/model")["spec"]["template"]["spec"]
+    return [p["spec"] for p in all_pods(j)] + [serving]
+
+
+def test_every_pod_meets_the_restricted_pod_security_standard() -> None:
+    """The fields `restricted` checks, on every pod and container (init containers too); the
+    apiserver's own admission is tested in tests/integration/test_pod_security.py."""
+    j = job(resources={"workers": 2}, serve={})
+    for spec in pod_specs(j):
+        assert spec["securityContext"] == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+        for c in spec["containers"] + spec.get("initContainers", []):
+            sc = c["securityContext"]
+            assert sc == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+            assert "privileged" not in sc and "runAsUser" not in sc
+    # One dict per container, so a later edit of one pod's context cannot change another's.
+    a, b = pod_specs(j)[:2]
+    assert a["containers"][0]["securityContext"] is not b["containers"][0]["securityContext"]
 
 
 def test_resources_env() -> None:
@@ -241,6 +265,19 @@ def test_resources_pod_labels() -> None:
     with pytest.raises(m.ManifestError) as e:
         all_pods(job(resources={"podLabels": {m.LABEL_JOB: "other"}}))
     assert e.value.field == f"spec.resources.podLabels.{m.LABEL_JOB}"
+
+
+@pytest.mark.parametrize(
+    "key",
+    [m.LABEL_SERVE, m.LABEL_MANAGED_BY, "llmtrain.dev/anything", "ray.io/is-ray-node", "kueue.x-k8s.io/x"],
+)
+def test_resources_pod_labels_cannot_take_the_operators_labels(key: str) -> None:
+    """llmtrain.dev/serve=<other job> would make this job's Ray pods endpoints of that job's
+    serve Service; every label of the operator's, KubeRay's and Kueue's prefixes is refused."""
+    with pytest.raises(m.ManifestError) as e:
+        all_pods(job(resources={"podLabels": {key: "other"}}))
+    assert e.value.field == f"spec.resources.podLabels.{key}"
+    assert "set by the operator" in str(e.value)
 
 
 def test_resources_pod_annotations() -> None:
