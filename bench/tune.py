@@ -42,9 +42,10 @@ def main() -> int:
     if args.trials > 10:
         parser.error("--trials at most 10: the status table (the best 10) must hold every trial")
 
-    from llmtrain.runtime.driver import Place, Reporter, launch_options, prepare_data
+    from llmtrain.runtime.driver import launch_options, prepare_data
     from llmtrain.runtime.ray_local import init_local_ray
     from llmtrain.runtime.run import with_absolute_paths
+    from llmtrain.runtime.stage import Place, Reporter
     from llmtrain.runtime.tune import tune_stage
 
     from llmtrain.api.job import LLMTrainingJob, read_manifests

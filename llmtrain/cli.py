@@ -303,7 +303,8 @@ def driver(
 
     from llmtrain.api.progress import RESULT_PREFIX, RunFailure, RunSnapshot
     from llmtrain.api.status import Reason
-    from llmtrain.runtime.driver import load_job, run_submitted
+    from llmtrain.runtime.spec_file import load_job
+    from llmtrain.runtime.submitted import run_submitted
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

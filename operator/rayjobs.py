@@ -7,7 +7,7 @@ no submitter pod, no ``ray`` import — with a deterministic ``submission_id``
 exists" and means "submitted". Requests are built by pure functions (unit-tested without a
 head); :class:`RayJobs` sends them over one urllib3 pool made at start-up.
 
-What goes where (the driver side is ``llmtrain/runtime/driver.py``)::
+What goes where (the driver side is ``runtime/submitted.py`` and ``runtime/progress_server.py``)::
 
     POST /api/jobs/              submit the attempt (entrypoint: llmtrain driver …)
     GET  /api/jobs/<id>          PENDING | RUNNING | SUCCEEDED | FAILED | STOPPED
@@ -44,7 +44,7 @@ LOG_TAIL_BYTES = 256 * 1024
 CONNECT_TIMEOUT = 3.0
 READ_TIMEOUT = 10.0
 SUBMIT_TIMEOUT = 60.0  # the first submission on a new head starts its job manager: slow
-# The query parameter naming the attempt a driver request is for (runtime/driver.py).
+# The query parameter naming the attempt a driver request is for (runtime/progress_server.py).
 SID_PARAM = "submissionId"
 
 

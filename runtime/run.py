@@ -153,8 +153,10 @@ def run_job(
     """The local launcher: :func:`~llmtrain.runtime.driver.drive` on a local Ray cluster
     (started only when training needs it, so data preparation has every core), then a
     sample from the exported model."""
-    from llmtrain.runtime.driver import DriverError, Place, Reporter, drive
+    from llmtrain.runtime.driver import drive
+    from llmtrain.runtime.failures import DriverError
     from llmtrain.runtime.ray_local import init_local_ray
+    from llmtrain.runtime.stage import Place, Reporter
 
     started = time.perf_counter()
     opts = opts or RunOptions()

@@ -31,6 +31,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+from llmtrain.runtime.failures import short_error
+
 from llmtrain.api.job import LLMTrainingJob
 from llmtrain.api.progress import TrialRecord, TuningInfo, better, summarize
 from llmtrain.api.spec import SearchAlgorithm, TuningSpec
@@ -40,12 +42,12 @@ from llmtrain.api.tuning import (
     grid_configs,
     job_document,
     trial_document,
-    trial_problems,
     typed_config,
 )
+from llmtrain.api.validate import trial_problems
 
 if TYPE_CHECKING:
-    from llmtrain.runtime.driver import Place, Reporter
+    from llmtrain.runtime.stage import Place, Reporter
     from llmtrain.runtime.trainer import LaunchOptions
 
 log = logging.getLogger("llmtrain.tune")
@@ -202,7 +204,7 @@ class TrialContext:
 def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     """One trial: validate its configuration, then train it through the shared launch path,
     every validation reported to Tune."""
-    from llmtrain.runtime.driver import make_shard_loader
+    from llmtrain.runtime.stage import make_shard_loader
     from llmtrain.runtime.trainer import launch
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -233,18 +235,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     except Exception as e:
         if _TRIAL.get("stopping"):
             return  # stopped by the search (ASHA): not a failure
-        raise RuntimeError(_short_error(e)) from e
-
-
-def _short_error(error: BaseException) -> str:
-    """The innermost worker error's message (Ray wraps it in a page of traceback), with the
-    pod's secrets masked: it becomes status.tuning and a TrialFailed Event."""
-    from llmtrain.runtime.driver import _causes, redact, secret_values
-
-    causes = _causes(error)
-    msg = str(causes[-1]) if causes else str(error)
-    short = msg.strip().splitlines()[-1][:500] if msg.strip() else type(error).__name__
-    return redact(short, secret_values())
+        raise RuntimeError(short_error(e)) from e
 
 
 def trainable(ctx: TrialContext) -> Any:
@@ -327,7 +318,7 @@ class TrialTracker:
 
     def error(self, trial: Any, *, quiet: bool = False) -> None:
         err = trial.get_error()
-        message = _short_error(err) if err is not None else "failed"
+        message = short_error(err) if err is not None else "failed"
         record = self._update(trial, state="failed", message=message, ended=time.time())
         if not quiet:
             self._line(record, f"failed: {message}")

@@ -35,7 +35,7 @@ DRIVER = textwrap.dedent(
     """
     import sys, ray
     ray.init(address=sys.argv[1])
-    from llmtrain.runtime.driver import RunChannel
+    from llmtrain.runtime.channel import RunChannel
     here = ray.get_runtime_context().get_node_id()
     workers = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")]
     channel = RunChannel()

@@ -410,7 +410,8 @@ def test_progress_server_answers_only_the_jobs_token_and_its_own_attempt() -> No
     import urllib.error
     import urllib.request
 
-    from llmtrain.runtime.driver import ProgressServer, Reporter
+    from llmtrain.runtime.progress_server import ProgressServer
+    from llmtrain.runtime.stage import Reporter
 
     report = Reporter(RunSnapshot(submission_id="big-3"))
     report.event(ProgressEvent(step=3, total_steps=9, train_loss=1.0, time=time.time()))
@@ -585,7 +586,7 @@ def test_deleting_a_job_stops_its_ray_job_then_drops_the_finalizer() -> None:
 
 
 def test_the_driver_waits_for_the_submitted_spec_and_names_a_stale_one(tmp_path: Path) -> None:
-    from llmtrain.runtime.driver import load_job
+    from llmtrain.runtime.spec_file import load_job
 
     spec = tmp_path / "job.yaml"
     old = yaml.safe_dump(job_body())

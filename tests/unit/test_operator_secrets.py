@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from llmtrain.runtime import driver
+from llmtrain.runtime import redaction, submitted
 
 from llmtrain.api.progress import RESULT_PREFIX, RunFailure, RunSnapshot
 from llmtrain.api.status import ConditionType, Phase
@@ -45,7 +45,7 @@ def root_logger(monkeypatch: pytest.MonkeyPatch) -> Iterator[io.StringIO]:
         ("AWS_SECRET_ACCESS_KEY", SECRET),
         ("RAY_AUTH_TOKEN", TOKEN),
         ("AWS_SESSION_TOKEN", "short"),  # under 8 characters: not masked (ordinary words)
-        (driver.LOG_LEVEL_ENV, "debug"),
+        (redaction.LOG_LEVEL_ENV, "debug"),
     ):
         monkeypatch.setenv(k, v)
     root = logging.getLogger()
@@ -60,11 +60,11 @@ def root_logger(monkeypatch: pytest.MonkeyPatch) -> Iterator[io.StringIO]:
 
 
 def test_the_drivers_log_masks_the_pods_secrets_at_debug(root_logger: io.StringIO) -> None:
-    driver.configure_logging()
-    driver.configure_logging()  # idempotent: one filter per handler
+    redaction.configure_logging()
+    redaction.configure_logging()  # idempotent: one filter per handler
     root = logging.getLogger()
     assert root.level == logging.DEBUG
-    assert sum(isinstance(f, driver.RedactSecrets) for f in root.handlers[0].filters) == 1
+    assert sum(isinstance(f, redaction.RedactSecrets) for f in root.handlers[0].filters) == 1
     # What botocore logs at DEBUG for each request: the Authorization header names the key id.
     logging.getLogger("botocore.endpoint").debug(
         "Sending http request: %s", {"Authorization": f"AWS4-HMAC-SHA256 Credential={KEY_ID}/20261205/s3"}
@@ -94,11 +94,13 @@ def test_a_failed_runs_message_is_masked_before_it_reaches_status(
     def drive(*_: object) -> None:
         raise RuntimeError(f"S3 said no to {KEY_ID}:{SECRET}")
 
-    monkeypatch.setattr(driver, "drive", drive)
+    monkeypatch.setattr(submitted, "drive", drive)
     monkeypatch.setenv("LLMTRAIN_RUN_DIR", str(tmp_path))
     body = job_body(checkpoint={"uri": "s3://bucket/x/checkpoints"})
     job = LLMTrainingJob.model_validate(body)
-    assert driver.run_submitted(job, submission_id=None, progress_host="127.0.0.1", progress_port=None) == 1
+    assert (
+        submitted.run_submitted(job, submission_id=None, progress_host="127.0.0.1", progress_port=None) == 1
+    )
     out = capsys.readouterr()
     result = next(line for line in out.out.splitlines() if line.startswith(RESULT_PREFIX))
     assert "S3 said no to <redacted>:<redacted>" in result

@@ -241,7 +241,7 @@ def test_tuning_fixture_is_unchanged() -> None:
 def test_an_invalid_grid_fails_before_any_trial_starts(tmp_path: Any) -> None:
     """A grid point that breaks a spec rule stops the stage up front, naming the path, before
     Ray is even joined (no trial of a bad grid ever runs)."""
-    from llmtrain.runtime.driver import Place, Reporter
+    from llmtrain.runtime.stage import Place, Reporter
 
     doc = tuned(
         search="grid",
@@ -404,8 +404,8 @@ def test_tune_metrics_wait_for_a_scrape_of_the_final_state_before_closing() -> N
 
 def test_a_failed_trials_message_masks_the_pods_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
     """The message becomes status.tuning and a TrialFailed Event: no credential in it."""
-    from llmtrain.runtime.tune import _short_error
+    from llmtrain.runtime.failures import short_error
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-CANARY-value")
     error = RuntimeError("upload failed: signature for s3cr3t-CANARY-value does not match")
-    assert _short_error(error) == "upload failed: signature for <redacted> does not match"
+    assert short_error(error) == "upload failed: signature for <redacted> does not match"
