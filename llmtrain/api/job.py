@@ -9,6 +9,7 @@ import yaml
 from pydantic import ConfigDict, Field, field_validator
 
 from llmtrain.api.base import ApiModel, CelRule, cel
+from llmtrain.api.defaults import as_applied
 from llmtrain.api.spec import GROUP, KIND, VERSION, LLMTrainingJobSpec
 from llmtrain.api.status import LLMTrainingJobStatus
 
@@ -75,6 +76,4 @@ def load_job(path: str | Path) -> LLMTrainingJob:
     docs = [d for d in read_manifests(path) if d.get("kind") == KIND]
     if len(docs) != 1:
         raise ValueError(f"{path}: expected exactly one {KIND} document, found {len(docs)}")
-    from llmtrain.api.validate import as_applied  # imports this module
-
     return LLMTrainingJob.model_validate(as_applied(docs[0]))

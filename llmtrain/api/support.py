@@ -9,13 +9,13 @@ spec is either listed here or mapped to a test that proves its effect.
 
 from __future__ import annotations
 
+from llmtrain.api.schema import spec_schema
+
 NOT_SUPPORTED_YET: dict[str, str] = {}
 
 
 def spec_leaf_paths() -> list[str]:
     """Every leaf of the spec schema (``spec.data.sources[].s3.uri``), in schema order."""
-    from llmtrain.api.crd import spec_schema
-
     out: list[str] = []
 
     def walk(node: dict[str, object], path: str) -> None:

@@ -1,9 +1,10 @@
-"""The pure side of ``spec.tuning``: configurations as manifests, and their validation.
+"""The pure side of ``spec.tuning``: configurations as manifests.
 
 Shared by ``llmtrain validate`` (a grid's configurations are expanded and checked up front,
-before anything reaches a cluster) and the tuning stage (``runtime/tune.py``, which checks
-each configuration again before its trial launches). Standard library and the API only: no
-torch, ray or optuna, so the operator and ``validate`` stay light.
+before anything reaches a cluster, by :func:`llmtrain.api.validate.configuration_problems`)
+and the tuning stage (``runtime/tune.py``, which checks each configuration again before its
+trial launches, by :func:`llmtrain.api.validate.trial_problems`). Standard library and the
+API models only: no torch, ray or optuna, so the operator and ``validate`` stay light.
 """
 
 from __future__ import annotations
@@ -71,33 +72,9 @@ def trial_document(doc: dict[str, Any], config: dict[str, Any], *, checkpoint_ur
     return out
 
 
-def configuration_problems(doc: dict[str, Any], config: dict[str, Any]) -> list[tuple[str, str, str]]:
-    """Every rule the trial's and the final run's spec break with ``config`` applied, as
-    ``(which run, field path, message)`` (the checks of ``llmtrain validate``: schema and
-    the CRD's CEL rules)."""
-    from llmtrain.api.validate import validate_object  # validate imports this module
-
-    out = []
-    for what, candidate in (
-        ("trial", trial_document(doc, config, checkpoint_uri="s3://validate/only")),
-        ("final run", final_document(doc, config)),
-    ):
-        out += [(what, p.path, p.message) for p in validate_object(candidate)]
-    return out
-
-
 def describe(config: dict[str, Any]) -> str:
     """``{training.optimizer.lr=0.001, ...}``: a configuration as problems name it."""
     return "{" + ", ".join(f"{k}={v:g}" for k, v in typed_config(config).items()) + "}"
-
-
-def trial_problems(doc: dict[str, Any], config: dict[str, Any]) -> list[str]:
-    """:func:`configuration_problems` as ``configuration {…} (trial): path: message`` lines."""
-    values = describe(config)
-    return [
-        f"configuration {values} ({what}): {path}: {msg}"
-        for what, path, msg in configuration_problems(doc, config)
-    ]
 
 
 def grid_configs(tuning: TuningSpec) -> list[dict[str, float]]:

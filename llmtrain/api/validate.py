@@ -10,7 +10,10 @@ Three layers, each reporting the exact field path (``spec.model.architecture.kvH
 3. fields that parse but have no effect yet (:mod:`llmtrain.api.support`) are rejected
    with "not supported yet";
 4. a valid grid search (``spec.tuning``) is expanded and each configuration checked by
-   1–3, named with the path it breaks (:func:`grid_problems`).
+   1–3, named with the path it breaks (:func:`grid_problems`; the tuning stage checks
+   each sampled configuration with :func:`trial_problems`).
+
+How the apiserver prunes nulls and fills defaults first is :mod:`llmtrain.api.defaults`.
 """
 
 from __future__ import annotations
@@ -28,9 +31,11 @@ import yaml
 from pydantic import ValidationError
 
 from llmtrain.api.crd import crd
+from llmtrain.api.defaults import apply_defaults, as_applied
 from llmtrain.api.job import LLMTrainingJob, read_manifests
-from llmtrain.api.spec import KIND
+from llmtrain.api.spec import KIND, SearchAlgorithm
 from llmtrain.api.support import NOT_SUPPORTED_YET
+from llmtrain.api.tuning import describe, final_document, grid_configs, job_document, trial_document
 
 _SECRET_KEY = re.compile(r"(secret|password|passwd|token|access[_-]?key|credential|session)", re.I)
 INLINE_SECRET_HINT = (
@@ -108,54 +113,6 @@ def _pydantic_problems(err: ValidationError) -> list[Problem]:
             message = message.removeprefix("Value error, ")
         out.append(Problem(path or "<root>", message, "schema"))
     return out
-
-
-def as_applied(doc: dict[str, Any]) -> dict[str, Any]:
-    """The manifest as the apiserver stores it: nulls of non-nullable fields pruned (it does so
-    before defaulting and validating: `fsdp: null` means "unset", not "a null FsdpSpec").
-    A copy; what every loader hands to the models."""
-    if not isinstance(doc.get("spec"), dict):
-        return doc
-    return {**doc, "spec": drop_nulls(root_schema()["properties"]["spec"], copy.deepcopy(doc["spec"]))}
-
-
-def drop_nulls(schema: dict[str, Any], value: Any) -> Any:
-    """Remove, in place, the null values of object fields (none of ours is nullable), as the
-    apiserver does before defaulting."""
-    if isinstance(value, dict):
-        props = schema.get("properties")
-        extra = schema.get("additionalProperties")
-        for key in list(value):
-            sub = (
-                (props or {}).get(key) if props is not None else (extra if isinstance(extra, dict) else None)
-            )
-            if value[key] is None and sub is not None and not sub.get("nullable"):
-                del value[key]
-            elif sub is not None:
-                drop_nulls(sub, value[key])
-    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
-        for item in value:
-            drop_nulls(schema["items"], item)
-    return value
-
-
-def apply_defaults(schema: dict[str, Any], value: Any) -> Any:
-    """Fill schema defaults the way the apiserver does (parents first, then their children)."""
-    if not isinstance(value, dict):
-        if isinstance(value, list) and isinstance(schema.get("items"), dict):
-            return [apply_defaults(schema["items"], v) for v in value]
-        return value
-    props = schema.get("properties", {})
-    for key, sub in props.items():
-        if key not in value and "default" in sub:
-            value[key] = copy.deepcopy(sub["default"])
-        if key in value:
-            value[key] = apply_defaults(sub, value[key])
-    extra = schema.get("additionalProperties")
-    if isinstance(extra, dict):
-        for key in value:
-            value[key] = apply_defaults(extra, value[key])
-    return value
 
 
 def _cel_problems(schema: dict[str, Any], value: Any, path: str, old: Any) -> list[Problem]:
@@ -264,9 +221,6 @@ def grid_problems(doc: dict[str, Any]) -> list[Problem]:
     runs it and as the final run would) must pass layers 1–3, or it is named with the path
     it breaks. Random and bayesian samples are checked in their trial (they are not known
     before the search runs). The apiserver cannot expand a grid: this layer is ours."""
-    from llmtrain.api.spec import SearchAlgorithm
-    from llmtrain.api.tuning import configuration_problems, describe, grid_configs, job_document
-
     job = LLMTrainingJob.model_validate(doc)
     tuning = job.spec.tuning
     if tuning is None or tuning.search != SearchAlgorithm.grid:
@@ -286,6 +240,28 @@ def grid_problems(doc: dict[str, Any]) -> list[Problem]:
             Problem(path, f"grid configuration {describe(configs[0])} ({what}){also}: {message}", "tuning")
         )
     return out
+
+
+def configuration_problems(doc: dict[str, Any], config: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """Every rule the trial's and the final run's spec break with ``config`` applied, as
+    ``(which run, field path, message)`` (the checks of ``llmtrain validate``: schema and
+    the CRD's CEL rules)."""
+    out = []
+    for what, candidate in (
+        ("trial", trial_document(doc, config, checkpoint_uri="s3://validate/only")),
+        ("final run", final_document(doc, config)),
+    ):
+        out += [(what, p.path, p.message) for p in validate_object(candidate)]
+    return out
+
+
+def trial_problems(doc: dict[str, Any], config: dict[str, Any]) -> list[str]:
+    """:func:`configuration_problems` as ``configuration {…} (trial): path: message`` lines."""
+    values = describe(config)
+    return [
+        f"configuration {values} ({what}): {path}: {msg}"
+        for what, path, msg in configuration_problems(doc, config)
+    ]
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from llmtrain.api.crd import CRD_FILE, PRESERVE_UNKNOWN_ALLOWLIST, crd, crd_yaml, model_schema, spec_schema
+from llmtrain.api.crd import CRD_FILE, crd, crd_yaml
+from llmtrain.api.schema import PRESERVE_UNKNOWN_ALLOWLIST, model_schema, spec_schema
 from llmtrain.api.spec import LLMTrainingJobSpec
 from llmtrain.cli import app
 

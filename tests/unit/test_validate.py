@@ -33,7 +33,7 @@ def test_case_library_covers_every_kind_of_check() -> None:
     for kind in ("enum ", "min ", "max ", "pattern ", "immutable", "inline", "exactly one"):
         assert kind in ids
     # One case per CEL rule in the CRD: count rules and compare with rule cases.
-    from llmtrain.api.crd import spec_schema
+    from llmtrain.api.schema import spec_schema
 
     def rules(node: object) -> int:
         if isinstance(node, dict):
@@ -55,7 +55,7 @@ def test_every_cel_rule_has_its_own_invalid_case() -> None:
     """
     import re
 
-    from llmtrain.api.crd import spec_schema
+    from llmtrain.api.schema import spec_schema
 
     rules: list[tuple[str, str]] = []  # (object path without list indices, message)
 
