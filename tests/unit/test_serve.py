@@ -12,18 +12,9 @@ import pytest
 import torch
 from llmtrain.runtime.generate import Sampling, generate
 from llmtrain.runtime.model import GPT, BatchKVCache, KVCache
-from llmtrain.runtime.serve import (
-    ApiError,
-    ChunkEncoder,
-    Engine,
-    Event,
-    Sequence,
-    TextStream,
-    held_back,
-    parse_completion_request,
-    sse,
-    stop_position,
-)
+from llmtrain.runtime.serve.engine import Engine, Event, Sequence
+from llmtrain.runtime.serve.protocol import ApiError, ChunkEncoder, parse_completion_request, sse
+from llmtrain.runtime.serve.text import TextStream, held_back, stop_position
 
 from llmtrain.api.config import ModelConfig
 from tests.unit.test_export import randomize
