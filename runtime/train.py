@@ -672,7 +672,7 @@ def _log_window(run: _Run, window: _Window) -> None:
 
 def _validate(run: _Run, window: _Window) -> dict[str, Any]:
     """Loss, perplexity and accuracy on the validation split (the same batches every time)."""
-    from llmtrain.runtime.validate import evaluate
+    from llmtrain.runtime.evaluate import evaluate
 
     _log_window(run, window)
     loader = run.make("validation")

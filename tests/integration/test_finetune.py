@@ -19,11 +19,11 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from llmtrain.runtime.evaluate import evaluate
 from llmtrain.runtime.export import TokenizerFiles, export_for_job
 from llmtrain.runtime.hf_import import load_initial_weights
 from llmtrain.runtime.synthetic import SyntheticLoader, run_ranks, tiny_spec_dict, train_worker
 from llmtrain.runtime.train import RunContext, TrainResult, build_model, train
-from llmtrain.runtime.validate import evaluate
 from typer.testing import CliRunner
 
 from llmtrain.api.config import RuntimeConfig, runtime_config_from_spec

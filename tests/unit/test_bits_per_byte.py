@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from llmtrain.runtime.data.loader import open_loader
 from llmtrain.runtime.data.prepare import prepare_data
 from llmtrain.runtime.data.tokenize import token_byte_lengths
+from llmtrain.runtime.evaluate import evaluate
 from llmtrain.runtime.model import GPT
-from llmtrain.runtime.validate import evaluate
 from tokenizers import Tokenizer
 
 from llmtrain.api.config import ModelConfig

@@ -409,7 +409,7 @@ def test_core_imports_with_only_torch() -> None:
     code = (
         f"import sys\nfor m in {blocked!r}: sys.modules[m] = None\n"
         "import llmtrain.runtime.model, llmtrain.runtime.train, llmtrain.runtime.checkpoint\n"
-        "import llmtrain.runtime.validate, llmtrain.runtime.metrics, llmtrain.runtime.synthetic\n"
+        "import llmtrain.runtime.evaluate, llmtrain.runtime.metrics, llmtrain.runtime.synthetic\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
