@@ -35,8 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.append(str(ROOT))  # tests.unit fakes (appended: operator/ must not shadow the stdlib's)
 
 from llmtrain.operator import manifests as m  # noqa: E402
+from llmtrain.operator.outcome import apply_merge_patch  # noqa: E402
 from llmtrain.operator.rayjobs import RayJobs  # noqa: E402
-from llmtrain.operator.reconcile import Reconciler, apply_merge_patch  # noqa: E402
+from llmtrain.operator.reconcile import Reconciler  # noqa: E402
 
 from llmtrain.api.progress import CheckpointEntry, DataInfo, ProgressEvent, RunSnapshot  # noqa: E402
 from tests.unit.test_operator_fakes import FakeApi, job_body, set_all, views  # noqa: E402

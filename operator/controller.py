@@ -41,8 +41,10 @@ from typing import Any, Protocol
 import urllib3
 from llmtrain.operator.kube import ApiError
 from llmtrain.operator.metrics import OperatorMetrics
+from llmtrain.operator.outcome import Event, Outcome, parse_time
 from llmtrain.operator.podwatch import PodStore
-from llmtrain.operator.reconcile import FINALIZER, Event, Outcome, Reconciler, parse_time
+from llmtrain.operator.reconcile import Reconciler
+from llmtrain.operator.tick import FINALIZER
 
 from llmtrain.api.spec import GROUP, KIND, VERSION
 

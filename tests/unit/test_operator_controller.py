@@ -22,8 +22,9 @@ from llmtrain.operator.controller import (
 from llmtrain.operator.kube import ApiError
 from llmtrain.operator.manifests import OperatorSettings
 from llmtrain.operator.metrics import OperatorMetrics
+from llmtrain.operator.outcome import Event, Outcome, apply_merge_patch
 from llmtrain.operator.podwatch import PodStore
-from llmtrain.operator.reconcile import Event, Outcome, Reconciler, apply_merge_patch
+from llmtrain.operator.reconcile import Reconciler
 from prometheus_client import generate_latest
 
 from tests.unit.test_operator_fakes import NOW, FakeApi, job_body, set_all, views

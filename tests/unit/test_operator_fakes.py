@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from llmtrain.operator.diagnose import PodView, pod_view
 from llmtrain.operator.kube import ApiError
-from llmtrain.operator.reconcile import apply_merge_patch
+from llmtrain.operator.outcome import apply_merge_patch
 
 NOW = dt.datetime(2026, 11, 26, 12, 0, 0, tzinfo=dt.UTC)
 JOB_UID = "11111111-2222-3333-4444-555555555555"

@@ -9,7 +9,7 @@ import base64
 from typing import Any
 
 import pytest
-from llmtrain.operator.reconcile import ANN_ATTEMPT_STARTED, ANN_SUSPENDED_SECONDS
+from llmtrain.operator.tick import ANN_ATTEMPT_STARTED, ANN_SUSPENDED_SECONDS
 
 from llmtrain.api.status import ConditionType, Phase
 from tests.unit.test_operator_fakes import set_all, views

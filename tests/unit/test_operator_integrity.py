@@ -19,7 +19,7 @@ from llmtrain.operator import rayjobs as rj
 from llmtrain.operator import references as refs
 from llmtrain.operator.diagnose import ClusterState, diagnose, pod_view
 from llmtrain.operator.kube import ApiError
-from llmtrain.operator.reconcile import Outcome
+from llmtrain.operator.outcome import Outcome
 from prometheus_client import generate_latest
 
 from llmtrain.api.job import LLMTrainingJob

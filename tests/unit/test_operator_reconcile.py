@@ -9,14 +9,9 @@ from typing import Any
 import pytest
 from llmtrain.operator import manifests as m
 from llmtrain.operator.kube import ApiError
-from llmtrain.operator.reconcile import (
-    ANN_CLEANED_UP,
-    ANN_SUSPENDED_SECONDS,
-    Outcome,
-    Reconciler,
-    apply_merge_patch,
-    rfc3339,
-)
+from llmtrain.operator.outcome import Outcome, apply_merge_patch, rfc3339
+from llmtrain.operator.reconcile import Reconciler
+from llmtrain.operator.tick import ANN_CLEANED_UP, ANN_SUSPENDED_SECONDS
 
 from llmtrain.api.status import CONDITION_REASONS, ConditionType, LLMTrainingJobStatus, Phase
 from tests.unit.test_operator_fakes import (

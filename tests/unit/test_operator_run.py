@@ -541,7 +541,7 @@ def test_a_lost_worker_before_submission_restarts_the_whole_cluster() -> None:
 
 
 def test_a_running_ray_job_holds_a_finalizer_until_the_job_ends() -> None:
-    from llmtrain.operator.reconcile import FINALIZER
+    from llmtrain.operator.tick import FINALIZER
 
     h = running()
     out = h.tick(1)
@@ -554,7 +554,7 @@ def test_a_running_ray_job_holds_a_finalizer_until_the_job_ends() -> None:
 
 
 def test_deleting_a_job_stops_its_ray_job_then_drops_the_finalizer() -> None:
-    from llmtrain.operator.reconcile import FINALIZER
+    from llmtrain.operator.tick import FINALIZER
 
     from tests.unit.test_operator_controller import KEY, Setup
     from tests.unit.test_operator_fakes import FakeRayJobs, job_body
