@@ -287,6 +287,89 @@ def test_cluster_wide_install(cluster: Cluster, release_ns: str) -> None:
             rel.uninstall()
 
 
+def as_operator(cluster: Cluster, sa: str, *args: str, body: dict[str, Any] | None = None) -> Any:
+    """kubectl as the operator's ServiceAccount (impersonated: admission sees its username)."""
+    extra = {"input": json.dumps(body)} if body is not None else {}
+    return cluster.kubectl(f"--as={sa}", *args, check=False, **extra)
+
+
+def obj(kind: str, ns: str, name: str, labels: dict[str, str]) -> dict[str, Any]:
+    """A Secret, ConfigMap or (KWOK-scheduled) Pod to aim the operator's identity at."""
+    doc: dict[str, Any] = {
+        "apiVersion": "v1",
+        "kind": kind,
+        "metadata": {"name": name, "namespace": ns, "labels": labels},
+    }
+    if kind == "Pod":
+        doc["spec"] = {"containers": [{"name": "c", "image": "example.invalid/none"}]}
+    else:
+        doc["stringData" if kind == "Secret" else "data"] = {"k": "v"}
+    return doc
+
+
+def test_admission_policy_holds_the_operator_to_its_own_objects(cluster: Cluster, release_ns: str) -> None:
+    """Cluster-wide RBAC lets the operator patch and delete any pod, and delete any Secret; the
+    chart's ValidatingAdmissionPolicy refuses it every object not labelled as its own, and
+    anything in kube-system. Negative control: with the policy off the same patch goes through."""
+    rel = Release(cluster, f"llmtrain-{uuid.uuid4().hex[:5]}", release_ns)
+    other = _ns(cluster, "t-vap")
+    try:
+        rel.install()
+        (dep,) = [d for d in rel.manifest() if d["kind"] == "Deployment"]
+        sa = f"system:serviceaccount:{release_ns}:{dep['spec']['template']['spec']['serviceAccountName']}"
+        ours = {"app.kubernetes.io/managed-by": "llmtrain-operator"}
+        for kind in ("Pod", "Secret"):
+            cluster.kubectl("create", "-f", "-", input=json.dumps(obj(kind, other, "foreign", {"team": "a"})))
+        patch = ["annotate", "pod", "foreign", "-n", other, "llmtrain.dev/x=y"]
+
+        # The policy reaches the apiserver's admission a moment after it is created.
+        refused = cluster.wait_for(
+            lambda: (r := as_operator(cluster, sa, *patch)).returncode != 0 and r,
+            timeout=30,
+            what="the admission policy to refuse the operator's patch of a foreign pod",
+        )
+        assert (
+            "own-objects' with binding" in refused.stderr and "managed-by=llmtrain-operator" in refused.stderr
+        )
+        for kind in ("pod", "secret"):
+            r = as_operator(cluster, sa, "delete", kind, "foreign", "-n", other, "--wait=false")
+            assert r.returncode != 0 and "may only change or delete objects it made" in r.stderr, r.stderr
+        r = as_operator(cluster, sa, "create", "-f", "-", body=obj("Secret", other, "unlabelled", {}))
+        assert r.returncode != 0 and "may only write objects labelled" in r.stderr, r.stderr
+        r = as_operator(
+            cluster, sa, "create", "-f", "-", body=obj("Secret", "kube-system", "llmtrain-x", ours)
+        )
+        assert r.returncode != 0 and "writes nothing in kube-system" in r.stderr, r.stderr
+
+        # Its own objects: created, patched, deleted...
+        for kind in ("Secret", "ConfigMap"):
+            r = as_operator(cluster, sa, "create", "-f", "-", body=obj(kind, other, "own", ours))
+            assert r.returncode == 0, r.stderr
+        r = as_operator(
+            cluster, sa, "patch", "configmap", "own", "-n", other, "--type=merge", "-p", '{"data":{"k":"w"}}'
+        )
+        assert r.returncode == 0, r.stderr
+        # ...but never relabelled away from the operator (it would escape the policy).
+        r = as_operator(
+            cluster, sa, "label", "configmap", "own", "-n", other, "app.kubernetes.io/managed-by-"
+        )
+        assert r.returncode != 0 and "may only write objects labelled" in r.stderr, r.stderr
+        for kind in ("secret", "configmap"):
+            assert as_operator(cluster, sa, "delete", kind, "own", "-n", other).returncode == 0
+
+        # Negative control: RBAC alone lets the operator annotate the foreign pod.
+        cluster.helm("upgrade", rel.name, str(CHART), "-n", release_ns, "--reuse-values",
+                     "--set", "admissionPolicy.enabled=false")  # fmt: skip
+        cluster.wait_for(
+            lambda: as_operator(cluster, sa, *patch).returncode == 0,
+            timeout=30,
+            what="the foreign pod's patch to pass once the policy is gone",
+        )
+    finally:
+        _delete_ns(cluster, other)
+        rel.uninstall()
+
+
 def test_namespaced_install_runs_the_operator_on_its_own_rules(
     cluster: Cluster, release_ns: str, tmp_path: Path
 ) -> None:

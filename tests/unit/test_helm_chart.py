@@ -330,6 +330,8 @@ def test_default_install_is_cluster_wide_and_grants_exactly_what_the_operator_ne
             "Service",
             "Deployment",
             "ClusterKopfPeering",
+            "ValidatingAdmissionPolicy",  # the operator writes only its own objects
+            "ValidatingAdmissionPolicyBinding",
             "Pod",  # the `helm test` hook (templates/tests/), run only by `helm test`
         ]
     ), kinds
@@ -669,3 +671,33 @@ def test_operator_runs_without_the_runtime_packages() -> None:
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert "operator" in json.loads(r.stdout.strip().replace("'", '"'))
+
+
+# Written by the operator but not its children: its own jobs (and their status), Events on
+# them, Kopf's peering heartbeats. Everything else it may write is held to its own objects.
+NOT_CHILDREN = {"llmtrainingjobs", "llmtrainingjobs/status", "events", "kopfpeerings", "clusterkopfpeerings"}
+
+
+@needs_helm
+def test_admission_policy_holds_every_child_kind_the_operator_writes_to_its_own() -> None:
+    """The policy's resources are exactly the kinds the operator may create, patch or delete
+    (derived from its code, as the RBAC check is) minus its own jobs, Events and peerings;
+    it matches the operator's ServiceAccount only. The apiserver's verdicts are tested in
+    tests/integration/test_helm_install.py."""
+    ns_rules, _ = operator_needs(namespaced=False)
+    written = {(g, r) for g, r, v in ns_rules if v in ("create", "patch", "delete") and r not in NOT_CHILDREN}
+    docs = render("--set", "serviceAccount.name=op")
+    (policy,) = of_kind(docs, "ValidatingAdmissionPolicy")
+    (binding,) = of_kind(docs, "ValidatingAdmissionPolicyBinding")
+    covered = {
+        (g, r)
+        for rule in policy["spec"]["matchConstraints"]["resourceRules"]
+        for g in rule["apiGroups"]
+        for r in rule["resources"]
+        if set(rule["operations"]) == {"CREATE", "UPDATE", "DELETE"}
+    }
+    assert covered == written
+    (cond,) = policy["spec"]["matchConditions"]
+    assert cond["expression"] == f'request.userInfo.username == "system:serviceaccount:{RELEASE_NS}:op"'
+    assert binding["spec"] == {"policyName": policy["metadata"]["name"], "validationActions": ["Deny"]}
+    assert not of_kind(render("--set", "admissionPolicy.enabled=false"), "ValidatingAdmissionPolicy")
