@@ -271,12 +271,12 @@ async def _stream(server: ModelServer, job: _Completion) -> AsyncIterator[bytes]
     write: when the client or the loop falls behind the engine, chunks grow instead of piling up.
     """
     encode = ChunkEncoder(job.completion_id, job.created, server.model_id)
-    done = 0
+    queue, first, done = job.queue, job.first, 0  # locals: this loop runs once per engine step
     while done < len(job.seqs):
-        events = [await job.queue.get()]
-        while not job.queue.empty():
-            events.append(job.queue.get_nowait())
-        job.first.seen()
+        events = [await queue.get()]
+        while not queue.empty():
+            events.append(queue.get_nowait())
+        first.seen()
         merged: dict[int, list[Any]] = {}  # index → [text, finish_reason], in arrival order
         for event in events:
             if event.error is not None:
