@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 from llmtrain.api.config import runtime_config_from_spec
 from llmtrain.api.spec import LLMTrainingJobSpec
 from llmtrain.cli import app
-from llmtrain.cli_run import print_summary
+from llmtrain.cli.display import print_summary
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 LOADER = functools.partial(SyntheticLoader, vocab_size=60, windows=32)

@@ -16,7 +16,7 @@ from rich.progress import Progress
 
 from llmtrain.api.job import LLMTrainingJob
 from llmtrain.api.progress import TrialRecord, TuningInfo, summarize
-from llmtrain.cli_run import Screen, chosen_configuration, run_with_display, trial_table
+from llmtrain.cli.display import Screen, chosen_configuration, run_with_display, trial_table
 from tests.manifests import base, with_tuning
 
 LR, MB = "training.optimizer.lr", "training.batch.microBatchSize"

@@ -1,0 +1,5 @@
+"""``python -m llmtrain.cli``: the ``llmtrain`` command."""
+
+from llmtrain.cli import main
+
+main()
