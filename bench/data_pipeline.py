@@ -217,7 +217,9 @@ def bench_loader(prepared: Path, steps: int) -> dict[str, Any]:
     import urllib.request
 
     from llmtrain.runtime.data.loader import ShardLoader
-    from llmtrain.runtime.data.storage import S3Options, S3Storage
+    from llmtrain.runtime.store import S3Store
+
+    from llmtrain.api.s3 import S3Options
 
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
@@ -237,7 +239,7 @@ def bench_loader(prepared: Path, steps: int) -> dict[str, Any]:
             except OSError:
                 time.sleep(0.1)
         opts = S3Options(endpoint=endpoint)
-        store = S3Storage("s3://bench/data", opts)
+        store = S3Store("s3://bench/data", opts)
         store.client.create_bucket(Bucket="bench")
         names = [*sorted(p.name for p in prepared.iterdir() if p.name != "manifest.json"), "manifest.json"]
         for name in names:  # manifest last, as the pipeline writes it

@@ -157,12 +157,12 @@ def write_shards(folder: Path) -> None:
     import hashlib
 
     from llmtrain.runtime.data import shard
-    from llmtrain.runtime.data.storage import LocalStorage
+    from llmtrain.runtime.store import LocalStore
 
     from llmtrain.api.shards import Manifest, ShardInfo, Split, TokenizerInfo
 
     ids = token_stream().numpy().astype("uint32")
-    store = LocalStorage(folder)
+    store = LocalStore(folder)
     half = TOKENS // 2
     parts: list[tuple[Split, int, Any]] = [
         ("train", 0, ids[:half]),

@@ -18,12 +18,11 @@ there at its size, and every load checks each downloaded file against it, so a c
 replaced file is named (file and URI) and never loaded. Markers written before ``files`` existed
 load unchecked.
 
-S3 access goes through :func:`llmtrain.runtime.data.storage.s3_client` (botocore's ``standard``
-retries: 503 SlowDown, resets) and :func:`~llmtrain.runtime.data.storage.read_retrying` for
-bodies that break off; ``upload_file``/``download_file`` are s3transfer's, which retries a
-broken download body itself.
+The files go through :mod:`llmtrain.runtime.store` (local or S3, with its retries), the store
+the data and the exports use too.
 
-Imports torch and the standard library; boto3 lazily, for s3:// only.
+Imports the standard library (torch where a checkpoint is saved or loaded); boto3 lazily, for
+s3:// only.
 """
 
 from __future__ import annotations
@@ -31,16 +30,18 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 import re
 import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
+
+from llmtrain.runtime.store import LocalStore, S3Store, Store
+
+from llmtrain.api.s3 import S3Options
 
 # torch is imported where a checkpoint is saved or loaded, not here: the driver reads the
 # lineage (which steps are complete) before training without paying torch's import (about
@@ -68,143 +69,19 @@ def step_dir(step: int) -> str:
     return f"step_{step:08d}"
 
 
-class Store(Protocol):
-    """The few object-store operations a checkpoint lineage needs."""
-
-    uri: str
-
-    def put_file(self, local: Path, key: str) -> None: ...
-    def get_file(self, key: str, local: Path) -> None: ...
-    def put_bytes(self, key: str, data: bytes) -> None: ...
-    def get_bytes(self, key: str) -> bytes | None: ...
-    def list_dirs(self) -> list[str]: ...
-    def sizes(self, name: str) -> dict[str, int]: ...
-    def delete_dir(self, name: str) -> None: ...
-
-
-class LocalStore:
-    def __init__(self, root: str) -> None:
-        self.root = Path(root).expanduser().resolve()
-        self.uri = str(self.root)
-
-    def put_file(self, local: Path, key: str) -> None:
-        dest = self.root / key
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(dest.name + ".tmp")
-        shutil.copyfile(local, tmp)
-        os.replace(tmp, dest)  # readers never see half a file
-
-    def get_file(self, key: str, local: Path) -> None:
-        shutil.copyfile(self.root / key, local)
-
-    def put_bytes(self, key: str, data: bytes) -> None:
-        dest = self.root / key
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(dest.name + ".tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, dest)
-
-    def get_bytes(self, key: str) -> bytes | None:
-        path = self.root / key
-        return path.read_bytes() if path.is_file() else None
-
-    def list_dirs(self) -> list[str]:
-        if not self.root.is_dir():
-            return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir())
-
-    def sizes(self, name: str) -> dict[str, int]:
-        """Size of every file in the directory ``name`` (relative names)."""
-        base = self.root / name
-        return {p.name: p.stat().st_size for p in base.iterdir() if p.is_file()} if base.is_dir() else {}
-
-    def delete_dir(self, name: str) -> None:
-        shutil.rmtree(self.root / name, ignore_errors=True)
-
-
-class S3Store:
-    """s3://bucket/prefix at ``options``' endpoint and region (an ``S3Options``: a run passes
-    spec.storage's). Without options, boto3's own defaults (AWS_ENDPOINT_URL(_S3),
-    AWS_DEFAULT_REGION), as for the command-line tools run by hand."""
-
-    def __init__(self, uri: str, options: Any = None) -> None:
-        # lazily: the GPU benchmark machine has no boto3 and no s3:// checkpoints
-        from llmtrain.runtime.data.storage import S3Options, s3_client
-
-        bucket, _, prefix = uri.removeprefix("s3://").partition("/")
-        if not bucket:
-            raise ValueError(f"{uri!r} has no bucket (spec.checkpoint.uri: s3://bucket/prefix)")
-        self.uri = uri.rstrip("/")
-        self.bucket, self.prefix = bucket, prefix.strip("/")
-        # No options (or no endpoint in them): boto3 takes AWS_ENDPOINT_URL(_S3) from the environment.
-        self.options = options or S3Options(region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
-        self.client = s3_client(self.options)
-
-    def _key(self, key: str) -> str:
-        return f"{self.prefix}/{key}" if self.prefix else key
-
-    def put_file(self, local: Path, key: str) -> None:
-        self.client.upload_file(str(local), self.bucket, self._key(key))
-
-    def get_file(self, key: str, local: Path) -> None:
-        self.client.download_file(self.bucket, self._key(key), str(local))
-
-    def put_bytes(self, key: str, data: bytes) -> None:
-        self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
-
-    def get_bytes(self, key: str) -> bytes | None:
-        from llmtrain.runtime.data.storage import read_retrying
-
-        def once() -> bytes:
-            return bytes(self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read())
-
-        try:
-            return read_retrying(once, self.options.max_attempts, f"{self.uri}/{key}")
-        except self.client.exceptions.NoSuchKey:
-            return None
-
-    def _objects(self, prefix: str, delimiter: str | None = None) -> Iterator[dict[str, Any]]:
-        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
-        if delimiter:
-            kwargs["Delimiter"] = delimiter
-        yield from self.client.get_paginator("list_objects_v2").paginate(**kwargs)
-
-    def list_dirs(self) -> list[str]:
-        base = f"{self.prefix}/" if self.prefix else ""
-        names = []
-        for page in self._objects(base, "/"):
-            for cp in page.get("CommonPrefixes", []):
-                names.append(cp["Prefix"][len(base) :].rstrip("/"))
-        return sorted(names)
-
-    def sizes(self, name: str) -> dict[str, int]:
-        base = self._key(name) + "/"
-        return {
-            obj["Key"][len(base) :]: int(obj["Size"])
-            for page in self._objects(base)
-            for obj in page.get("Contents", [])
-        }
-
-    def delete_dir(self, name: str) -> None:
-        keys = [
-            {"Key": obj["Key"]}
-            for page in self._objects(self._key(name) + "/")
-            for obj in page.get("Contents", [])
-        ]
-        for i in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
-            self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys[i : i + 1000]})
-
-
-def open_store(uri: str, s3: Any = None) -> Store:
-    """The store of a lineage; ``s3`` (``S3Options``: spec.storage's endpoint and region) is
-    used for s3:// URIs."""
+def open_lineage_store(uri: str, s3: S3Options | None = None) -> Store:
+    """The store of a lineage (``s3``: spec.storage's settings, for s3:// URIs; None: the
+    environment's). A local lineage is named by its absolute path; a URI the lineage cannot
+    use is a ValueError that names spec.checkpoint.uri."""
     if uri.startswith("s3://"):
+        if not uri.removeprefix("s3://").partition("/")[0]:
+            raise ValueError(f"{uri!r} has no bucket (spec.checkpoint.uri: s3://bucket/prefix)")
         return S3Store(uri, s3)
     if "://" in uri:
         raise ValueError(
             f"unsupported checkpoint URI {uri!r} (spec.checkpoint.uri: s3://bucket/prefix or a path)"
         )
-    return LocalStore(uri)
+    return LocalStore(Path(uri).expanduser().resolve())
 
 
 @dataclass(frozen=True)
@@ -244,10 +121,10 @@ def _barrier() -> None:
 class Lineage:
     """The checkpoints of one run under ``uri``: save, find the newest complete, load, prune."""
 
-    def __init__(self, uri: str, keep_last: int, s3: Any = None) -> None:
+    def __init__(self, uri: str, keep_last: int, s3: S3Options | None = None) -> None:
         if keep_last < 1:
             raise ValueError("spec.checkpoint.keepLast must be at least 1")
-        self.store = open_store(uri, s3)
+        self.store = open_lineage_store(uri, s3)
         self.keep_last = keep_last
         self.protected: int | None = None  # the checkpoint this run resumed from: never deleted
 

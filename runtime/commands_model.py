@@ -8,24 +8,13 @@ safetensors, tokenizers and FastAPI are imported inside the commands, so ``llmtr
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-
-def _s3_options(endpoint: str | None, spec: Any = None) -> Any:
-    """S3 settings: --endpoint, else spec.storage of --job, else AWS_ENDPOINT_URL(_S3)."""
-    from llmtrain.runtime.data.storage import S3Options
-
-    region = os.environ.get("AWS_DEFAULT_REGION", "us-east-1")
-    if endpoint is None and spec is not None and spec.storage is not None:
-        endpoint, region = spec.storage.endpoint, spec.storage.region
-    if endpoint is None:
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    return S3Options(endpoint=endpoint, region=region)
+from llmtrain.api.s3 import command_s3_options
 
 
 def _fail(message: str) -> typer.Exit:
@@ -94,7 +83,7 @@ def export_cmd(
             spec = load_job(job).spec
         except Exception as e:
             raise _fail(f"{job}: {e}") from e
-    s3 = _s3_options(endpoint, spec)
+    s3 = command_s3_options(endpoint, None if spec is None else spec.storage)
     source = tokenizer or (spec.data.output_uri if spec is not None else None)
     if source is None:
         raise _fail("no tokenizer: pass --tokenizer (data output directory or tokenizer.json) or --job")
@@ -136,7 +125,7 @@ def generate_cmd(
     from llmtrain.runtime.generate import Sampling, generate, load_text_tokenizer
     from llmtrain.runtime.hf_import import load_pretrained_model
 
-    s3 = _s3_options(endpoint)
+    s3 = command_s3_options(endpoint)
     target = _device(device)
     try:
         sampling = Sampling(
@@ -196,7 +185,7 @@ def serve_cmd(
         server = load_server(
             model,
             device=target,
-            s3=_s3_options(endpoint),
+            s3=command_s3_options(endpoint),
             max_batch=max_batch,
             model_id=served_model_name,
             threads=threads,

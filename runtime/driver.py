@@ -37,6 +37,7 @@ from llmtrain.runtime.stage import Place, Reporter, make_shard_loader
 from llmtrain.api.config import RuntimeConfig, runtime_config_from_spec
 from llmtrain.api.job import LLMTrainingJob
 from llmtrain.api.progress import CheckpointEntry, DataInfo, RunFailure, RunSnapshot, process_started_at
+from llmtrain.api.s3 import S3Options
 from llmtrain.api.shards import Manifest
 from llmtrain.api.status import Reason
 
@@ -51,7 +52,7 @@ log = logging.getLogger("llmtrain.driver")
 class DriveResult:
     snapshot: RunSnapshot
     data_uri: str
-    storage_options: Any
+    storage_options: S3Options
     unigram_cross_entropy: float
     stage_seconds: dict[str, float]
     startup: dict[str, float]  # start-up marks (unix seconds); "step" absent: no step trained
@@ -60,7 +61,9 @@ class DriveResult:
 # --------------------------------------------------------------- stage helpers
 
 
-def unigram_cross_entropy(manifest: Manifest, data_uri: str, storage_options: Any = None) -> float:
+def unigram_cross_entropy(
+    manifest: Manifest, data_uri: str, storage_options: S3Options | None = None
+) -> float:
     """Entropy (nats/token) of the validation split's own unigram distribution.
 
     The loss of the best model that knows only token frequencies, and a conservative bar:
@@ -69,9 +72,9 @@ def unigram_cross_entropy(manifest: Manifest, data_uri: str, storage_options: An
     """
     import torch
     from llmtrain.runtime.data.loader import read_verified_shard
-    from llmtrain.runtime.data.storage import open_storage
+    from llmtrain.runtime.store import open_store
 
-    storage = open_storage(data_uri, storage_options)
+    storage = open_store(data_uri, storage_options)
     counts = torch.zeros(manifest.tokenizer.vocab_size, dtype=torch.float64)
     for info in manifest.split_shards("validation"):
         tokens = read_verified_shard(storage, info, manifest)
@@ -89,7 +92,7 @@ def unigram_cross_entropy(manifest: Manifest, data_uri: str, storage_options: An
     return float(-(p * p.log()).sum())
 
 
-def planned_steps(cfg: RuntimeConfig, data_uri: str, storage_options: Any) -> int:
+def planned_steps(cfg: RuntimeConfig, data_uri: str, storage_options: S3Options) -> int:
     """The optimizer steps of the whole run, as rank 0 computes them (an epoch's steps from
     the training split's loader: only read when the duration is in epochs)."""
     t = cfg.train
@@ -200,7 +203,12 @@ def prepare_data(job: LLMTrainingJob, report: Reporter) -> tuple[str, Any, Manif
 
 
 def tune(
-    job: LLMTrainingJob, data_uri: str, storage_options: Any, vocab_size: int, place: Place, report: Reporter
+    job: LLMTrainingJob,
+    data_uri: str,
+    storage_options: S3Options,
+    vocab_size: int,
+    place: Place,
+    report: Reporter,
 ) -> TuneOutcome:
     """The hyperparameter search of ``spec.tuning`` (Ray Tune; each trial trains through the
     same launch path as :func:`train`); the best configuration as a job."""
@@ -243,7 +251,7 @@ def train(
     job: LLMTrainingJob,
     cfg: RuntimeConfig,
     data_uri: str,
-    storage_options: Any,
+    storage_options: S3Options,
     place: Place,
     report: Reporter,
 ) -> None:
@@ -322,7 +330,12 @@ def train(
 
 
 def export(
-    job: LLMTrainingJob, checkpoints: str, data_uri: str, storage_options: Any, place: Place, report: Reporter
+    job: LLMTrainingJob,
+    checkpoints: str,
+    data_uri: str,
+    storage_options: S3Options,
+    place: Place,
+    report: Reporter,
 ) -> None:
     """The newest complete checkpoint → a Hugging Face Llama directory: ``spec.export.uri``,
     else ``<output prefix>/model``."""

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from llmtrain.api.config import ModelConfig
+from llmtrain.api.s3 import S3Options
 
 EXPORT_FORMAT = "hf-llama-safetensors"
 WEIGHTS_NAME = "model.safetensors"
@@ -190,19 +191,19 @@ class TokenizerFiles:
         return int(max(tok.get_vocab(with_added_tokens=True).values()) + 1)
 
 
-def tokenizer_from_data(uri: str, s3: Any = None) -> TokenizerFiles:
+def tokenizer_from_data(uri: str, s3: S3Options | None = None) -> TokenizerFiles:
     """The tokenizer beside the shards at ``uri`` (spec.data.outputUri): manifest.json names it.
 
     ``uri`` may also be a ``tokenizer.json`` file itself (then the EOT is ``<|endoftext|>``).
     """
-    from llmtrain.runtime.data.storage import StorageError, open_storage
+    from llmtrain.runtime.store import StorageError, open_store
 
     from llmtrain.api.shards import MANIFEST_NAME, Manifest
 
     if uri.endswith(".json") and not uri.endswith(MANIFEST_NAME):
         parent, _, name = uri.rstrip("/").rpartition("/")
-        return TokenizerFiles.from_json_bytes(open_storage(parent or ".", _s3_options(s3)).get(name))
-    store = open_storage(uri, _s3_options(s3))
+        return TokenizerFiles.from_json_bytes(open_store(parent or ".", s3).get(name))
+    store = open_store(uri, s3)
     try:
         manifest = Manifest.from_json(store.get(MANIFEST_NAME))
     except StorageError as e:
@@ -301,19 +302,19 @@ def export_model(
     *,
     fmt: str = EXPORT_FORMAT,
     dtype: str = "float32",
-    s3: Any = None,
+    s3: S3Options | None = None,
     max_shard_bytes: int = MAX_SHARD_BYTES,
 ) -> list[str]:
     """Write the full state dict ``weights`` (our names) as a ``LlamaForCausalLM`` directory.
 
     ``out_uri``: a local directory or ``s3://bucket/prefix`` (spec.export.uri); ``s3`` an
-    optional :class:`~llmtrain.runtime.data.storage.S3Options`. Weights go first and
+    optional :class:`~llmtrain.api.s3.S3Options` (None: the environment's). Weights go first and
     ``config.json`` last, so a reader that finds the config finds a complete export.
     Above ``max_shard_bytes`` the weights are split as ``save_pretrained`` does
     (``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``); only one
     shard's bytes are held in memory at a time. Returns the written keys.
     """
-    from llmtrain.runtime.data.storage import open_storage
+    from llmtrain.runtime.store import open_store
     from safetensors.torch import save
 
     if fmt != EXPORT_FORMAT:
@@ -325,7 +326,7 @@ def export_model(
             f"end-of-text id {tokenizer.eot_id} is outside the model's vocabulary of {cfg.vocab_size} rows"
         )
     hf = to_hf_state_dict(weights, cfg, _DTYPES[dtype])
-    store = open_storage(out_uri, _s3_options(s3))
+    store = open_store(out_uri, s3)
     shards = _split(hf, max_shard_bytes)
     written: list[str] = []
     if len(shards) == 1:
@@ -367,18 +368,6 @@ def _split(tensors: Mapping[str, Tensor], max_bytes: int) -> list[dict[str, Tens
     return shards
 
 
-def _s3_options(s3: Any) -> Any:
-    """Explicit options, else the endpoint from AWS_ENDPOINT_URL(_S3) (what the pods get)."""
-    import os
-
-    from llmtrain.runtime.data.storage import S3Options
-
-    if s3 is not None:
-        return s3
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    return S3Options(endpoint=endpoint, region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
-
-
 # ----------------------------------------------------------------- from checkpoints
 
 _STEP_RE = re.compile(r"^step_(\d{8,})$")
@@ -395,12 +384,12 @@ class CheckpointRef:
         return f"{self.root}/step_{self.step:08d}"
 
 
-def resolve_checkpoint(uri: str, s3: Any = None) -> CheckpointRef:
+def resolve_checkpoint(uri: str, s3: S3Options | None = None) -> CheckpointRef:
     """A lineage root (→ its newest *complete* checkpoint) or one ``step_XXXXXXXX`` directory.
 
     Read-only: unlike ``Lineage.latest`` this never deletes incomplete checkpoints, because the
     lineage may belong to a run that is saving right now. ``s3``: spec.storage's ``S3Options``
-    (None: boto3's defaults from the environment).
+    (None: the environment's).
     """
     from llmtrain.runtime.checkpoint import Lineage
 
@@ -425,7 +414,7 @@ def resolve_checkpoint(uri: str, s3: Any = None) -> CheckpointRef:
     return CheckpointRef(root=lineage.store.uri, step=step, marker=info.meta)
 
 
-def read_checkpoint_weights(ref: CheckpointRef, s3: Any = None) -> dict[str, Tensor]:
+def read_checkpoint_weights(ref: CheckpointRef, s3: S3Options | None = None) -> dict[str, Tensor]:
     """The model tensors of a checkpoint, full and on the CPU, in one process (no process group).
 
     DCP reshards on load: the template holds full-size tensors, so shards written by any
@@ -433,11 +422,11 @@ def read_checkpoint_weights(ref: CheckpointRef, s3: Any = None) -> dict[str, Ten
     """
     import warnings
 
-    from llmtrain.runtime.checkpoint import METADATA, CheckpointInfo, Lineage, open_store, verify_file
+    from llmtrain.runtime.checkpoint import METADATA, CheckpointInfo, Lineage, open_lineage_store, verify_file
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    store = open_store(ref.root, s3)
+    store = open_lineage_store(ref.root, s3)
     staging = Path(tempfile.mkdtemp(prefix="llmtrain-export-meta-"))
     try:
         store.get_file(f"step_{ref.step:08d}/{METADATA}", staging / METADATA)
@@ -505,7 +494,7 @@ def export_checkpoint(
     job: Any = None,
     fmt: str = EXPORT_FORMAT,
     dtype: str = "float32",
-    s3: Any = None,
+    s3: S3Options | None = None,
 ) -> tuple[CheckpointRef, ModelConfig]:
     """``llmtrain export``: checkpoint (any world size) → HF Llama directory at ``out_uri``."""
     if fmt != EXPORT_FORMAT:  # before reading any weights
@@ -518,7 +507,7 @@ def export_checkpoint(
     return ref, cfg
 
 
-def export_for_job(spec: Any, checkpoint_uri: str, *, s3: Any = None) -> str | None:
+def export_for_job(spec: Any, checkpoint_uri: str, *, s3: S3Options | None = None) -> str | None:
     """The end-of-run export ``spec.export`` asks for: the newest complete checkpoint under
     ``checkpoint_uri`` → ``spec.export.uri`` in ``spec.export.format``, with the tokenizer of
     ``spec.data.outputUri``. Returns the export URI, or None when ``spec.export`` is unset.

@@ -18,6 +18,8 @@ import torch
 from llmtrain.runtime.model import GPT, KVCache
 from torch import Tensor, nn
 
+from llmtrain.api.s3 import S3Options
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -128,21 +130,20 @@ class TextTokenizer:
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))  # type: ignore[attr-defined]
 
 
-def load_text_tokenizer(uri: str, s3: object = None) -> TextTokenizer:
+def load_text_tokenizer(uri: str, s3: S3Options | None = None) -> TextTokenizer:
     """tokenizer.json (+ tokenizer_config.json, generation_config.json) of a model directory."""
     import json
 
-    from llmtrain.runtime.data.storage import open_storage
     from llmtrain.runtime.export import (
         GENERATION_CONFIG_NAME,
         TOKENIZER_CONFIG_NAME,
         TOKENIZER_NAME,
         ExportError,
-        _s3_options,
     )
+    from llmtrain.runtime.store import open_store
     from tokenizers import Tokenizer
 
-    store = open_storage(uri, _s3_options(s3))
+    store = open_store(uri, s3)
     if not store.exists(TOKENIZER_NAME):
         raise ExportError(
             f"{uri} has no {TOKENIZER_NAME}: --model must be a directory written by llmtrain export"

@@ -30,6 +30,7 @@ from llmtrain.runtime.export import (
 from torch import Tensor, nn
 
 from llmtrain.api.config import ModelConfig, RuntimeConfig
+from llmtrain.api.s3 import S3Options
 
 
 class ModelImportError(ExportError):
@@ -43,13 +44,12 @@ class Pretrained:
     tensors: dict[str, Tensor]  # HF names
 
 
-def read_pretrained(uri: str, s3: Any = None) -> Pretrained:
+def read_pretrained(uri: str, s3: S3Options | None = None) -> Pretrained:
     """``config.json`` + safetensors of a Llama directory (local or s3://)."""
-    from llmtrain.runtime.data.storage import StorageError, open_storage
-    from llmtrain.runtime.export import _s3_options
+    from llmtrain.runtime.store import StorageError, open_store
     from safetensors.torch import load
 
-    store = open_storage(uri, _s3_options(s3))
+    store = open_store(uri, s3)
     try:
         config = json.loads(store.get(CONFIG_NAME))
     except StorageError as e:
@@ -175,7 +175,9 @@ def from_hf_state_dict(
     return out
 
 
-def load_pretrained_model(uri: str, *, device: str | torch.device = "cpu", s3: Any = None) -> Any:
+def load_pretrained_model(
+    uri: str, *, device: str | torch.device = "cpu", s3: S3Options | None = None
+) -> Any:
     """A :class:`GPT` built from a Llama directory's own config (for ``llmtrain generate``)."""
     from llmtrain.runtime.model import GPT
 
@@ -212,8 +214,6 @@ def load_initial_weights(model: nn.Module, cfg: RuntimeConfig) -> None:
     kind, uri = cfg.train.init_kind, cfg.train.init_uri
     if kind == "random":
         return
-    from llmtrain.runtime.data.storage import S3Options
-
     s3 = S3Options.from_train(cfg.train)  # spec.storage, not the worker's environment
     if not uri:
         raise ModelImportError(f"spec.model.init.{kind}.uri is empty")
@@ -229,7 +229,9 @@ def load_initial_weights(model: nn.Module, cfg: RuntimeConfig) -> None:
         )
 
 
-def _load_checkpoint_weights(model: nn.Module, cfg: ModelConfig, uri: str, s3: Any = None) -> None:
+def _load_checkpoint_weights(
+    model: nn.Module, cfg: ModelConfig, uri: str, s3: S3Options | None = None
+) -> None:
     """Weights only (no optimizer, step or data position) from another run's checkpoint.
 
     Rank 0 picks the checkpoint and broadcasts it, so a lineage that completes a save while
@@ -265,7 +267,7 @@ def _load_checkpoint_weights(model: nn.Module, cfg: ModelConfig, uri: str, s3: A
     set_model_state_dict(model, state["model"])
 
 
-def _check_checkpoint_shapes(root: str, step: int, cfg: ModelConfig, s3: Any = None) -> None:
+def _check_checkpoint_shapes(root: str, step: int, cfg: ModelConfig, s3: S3Options | None = None) -> None:
     """DCP's own size-mismatch error names no spec field: compare shapes first."""
     import shutil
     import tempfile

@@ -22,6 +22,7 @@ from llmtrain.runtime.curves import CURVES, EventLog, read_summary, redraw, writ
 
 from llmtrain.api.job import LLMTrainingJob
 from llmtrain.api.progress import ProgressEvent, startup_breakdown
+from llmtrain.api.s3 import S3Options
 
 log = logging.getLogger("llmtrain.run")
 
@@ -274,7 +275,9 @@ def _finite_or_none(x: float | None) -> float | None:
     return x if x is not None and math.isfinite(x) else None
 
 
-def _sample_prompt(job: LLMTrainingJob, opts: RunOptions, data_uri: str, storage_options: Any) -> str:
+def _sample_prompt(
+    job: LLMTrainingJob, opts: RunOptions, data_uri: str, storage_options: S3Options | None
+) -> str:
     """``--prompt``, else ``spec.export.samplePrompt``, else the first words of a validation
     document: a model trained on novels is not sampled with Python."""
     if opts.sample_prompt is not None:
@@ -284,17 +287,17 @@ def _sample_prompt(job: LLMTrainingJob, opts: RunOptions, data_uri: str, storage
     return validation_prompt(data_uri, storage_options)
 
 
-def validation_prompt(data_uri: str, storage_options: Any = None, words: int = 5) -> str:
+def validation_prompt(data_uri: str, storage_options: S3Options | None = None, words: int = 5) -> str:
     """The first ``words`` words (with their own spacing) of the first validation document."""
     import re
 
     from llmtrain.runtime.data.loader import read_verified_shard
-    from llmtrain.runtime.data.storage import open_storage
+    from llmtrain.runtime.store import open_store
     from tokenizers import Tokenizer
 
     from llmtrain.api.shards import Manifest
 
-    store = open_storage(data_uri, storage_options)
+    store = open_store(data_uri, storage_options)
     manifest = Manifest.from_json(store.get("manifest.json"))
     shards = manifest.split_shards("validation")
     if not shards:
@@ -309,7 +312,7 @@ def validation_prompt(data_uri: str, storage_options: Any = None, words: int = 5
 
 
 def sample_text(
-    model_uri: str, prompt: str, max_tokens: int, storage_options: Any = None, seed: int = 0
+    model_uri: str, prompt: str, max_tokens: int, storage_options: S3Options | None = None, seed: int = 0
 ) -> str:
     """A short sample from an exported model directory (temperature 0.8, top-k 40)."""
     from llmtrain.runtime.generate import Sampling, generate, load_text_tokenizer

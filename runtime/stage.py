@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from llmtrain.api.progress import ProgressEvent, RunSnapshot
+from llmtrain.api.s3 import S3Options
 
 
 @dataclass
@@ -68,7 +69,7 @@ class Reporter:
 
 def make_shard_loader(
     data_uri: str,
-    storage_options: Any,
+    storage_options: S3Options | None,
     *,
     split: str,
     rank: int,

@@ -116,8 +116,10 @@ def _copy_log(job: LLMTrainingJob, submission_id: str | None) -> None:
     """The driver's log (Ray keeps it on the head, which goes with the cluster) →
     ``<output prefix>/logs/<submission id>.log``. Best effort: never the reason a run fails."""
     try:
-        from llmtrain.runtime.data.storage import S3Options, open_storage
         from llmtrain.runtime.ray_local import session_logs_dir
+        from llmtrain.runtime.store import open_store
+
+        from llmtrain.api.s3 import S3Options
 
         if submission_id is None:
             return
@@ -129,7 +131,7 @@ def _copy_log(job: LLMTrainingJob, submission_id: str | None) -> None:
         if not path.exists():
             return
         sys.stdout.flush()
-        store = open_storage(f"{output_prefix(job)}/logs", S3Options.from_spec(job.spec.storage))
+        store = open_store(f"{output_prefix(job)}/logs", S3Options.from_spec(job.spec.storage))
         store.put(f"{submission_id}.log", path.read_bytes())
         print(f"llmtrain driver: log copied to {output_prefix(job)}/logs/{submission_id}.log", flush=True)
     except Exception as e:

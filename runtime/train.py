@@ -495,7 +495,8 @@ def _setup(
     lineage = None
     if t.checkpoint_uri:
         from llmtrain.runtime.checkpoint import Lineage
-        from llmtrain.runtime.data.storage import S3Options
+
+        from llmtrain.api.s3 import S3Options
 
         lineage = Lineage(t.checkpoint_uri, t.checkpoint_keep_last, S3Options.from_train(t))
     return _Run(

@@ -18,7 +18,8 @@ from typing import Any, Literal
 import numpy as np
 from llmtrain.runtime.data import clean as cleanmod
 from llmtrain.runtime.data import collect, tokenize
-from llmtrain.runtime.data.storage import S3Options
+
+from llmtrain.api.s3 import S3Options
 
 Executor = Literal["auto", "local", "ray"]
 

@@ -41,7 +41,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmtrain.runtime.data.storage import S3Options, S3Storage, StorageError, split_s3_uri
+from llmtrain.runtime.store import S3Store, StorageError, split_s3_uri
+
+from llmtrain.api.s3 import S3Options
 
 FORMAT_EXTENSIONS: dict[str, tuple[str, ...]] = {
     "text": (".txt",),
@@ -223,7 +225,7 @@ def plan_source(src: SourceConfig, s3: S3Options | None = None) -> list[WorkUnit
             WorkUnit(src, p, Path(os.path.relpath(p, base)).as_posix(), os.path.getsize(p)) for p in paths
         ]
     if src.kind == "s3":
-        store = S3Storage(src.uri, s3)
+        store = S3Store(src.uri, s3)
         try:
             objects = list(store.iter_objects())
         except StorageError as e:
@@ -280,7 +282,7 @@ def _load_hf(src: SourceConfig) -> Any:
 def _read_bytes(unit: WorkUnit, s3: S3Options | None) -> bytes:
     if unit.location.startswith("s3://"):
         bucket, key = split_s3_uri(unit.location)
-        store = S3Storage(f"s3://{bucket}", s3)
+        store = S3Store(f"s3://{bucket}", s3)
         data = store.get(key)
     else:
         try:

@@ -30,8 +30,8 @@ def prepare(
     already holds a manifest with the same input fingerprint)."""
     from llmtrain.runtime.data.collect import SourceError
     from llmtrain.runtime.data.prepare import PrepareError, prepare_data
-    from llmtrain.runtime.data.storage import StorageError
     from llmtrain.runtime.data.tokenize import TokenizerError
+    from llmtrain.runtime.store import StorageError
 
     from llmtrain.api.job import load_job
 
@@ -84,15 +84,16 @@ def inspect(
 ) -> None:
     """Verify the first shard of a split and decode its first windows."""
     from llmtrain.runtime.data.loader import read_verified_shard
-    from llmtrain.runtime.data.storage import S3Options, StorageError, open_storage
+    from llmtrain.runtime.store import StorageError, open_store
     from tokenizers import Tokenizer
 
+    from llmtrain.api.s3 import command_s3_options
     from llmtrain.api.shards import MANIFEST_NAME, Manifest, ShardFormatError
 
     console = Console()
     err = Console(stderr=True)
     try:
-        store = open_storage(uri, S3Options(endpoint=endpoint))
+        store = open_store(uri, command_s3_options(endpoint))
         manifest = Manifest.from_json(store.get(MANIFEST_NAME))
         shards = manifest.split_shards(split)  # type: ignore[arg-type]
         if not shards:

@@ -9,7 +9,7 @@ Construct one per rank (torch + standard library only; boto3 is imported lazily 
         micro_batch=16,             # sequences per yielded batch
         context_length=256,         # batches are int64 [micro_batch, context_length + 1]
         seed=0,                     # shuffle seed (spec.training.seed)
-        storage=None,               # a Storage, or S3Options (endpoint/region) for s3:// URIs
+        storage=None,               # a Store, or S3Options (endpoint/region) for s3:// URIs
         prefetch_batches=16,        # bounded queue filled by one background thread
     )
     for batch in loader: ...        # the rest of the current epoch; iter() again: next epoch
@@ -52,9 +52,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from llmtrain.runtime.data.storage import S3Options, Storage, StorageError, open_storage
+from llmtrain.runtime.store import ObjectMissing, StorageError, Store, open_store
 
 from llmtrain.api.loader import LoaderResumeError, rank_key
+from llmtrain.api.s3 import S3Options
 from llmtrain.api.shards import (
     HEADER_SIZE,
     MANIFEST_NAME,
@@ -91,7 +92,7 @@ def _decode_tokens(payload: bytes, dtype: str) -> torch.Tensor:
     return raw.to(torch.int32 if dtype == "uint16" else torch.int64)
 
 
-def read_verified_shard(storage: Storage, info: ShardInfo, manifest: Manifest) -> torch.Tensor:
+def read_verified_shard(storage: Store, info: ShardInfo, manifest: Manifest) -> torch.Tensor:
     """Download one shard, check size, header and sha256 against the manifest; return its ids."""
     name = storage.describe(info.path)
     data = storage.get(info.path)
@@ -146,7 +147,7 @@ class ShardLoader:
         micro_batch: int = 1,
         context_length: int = 256,
         seed: int = 0,
-        storage: Storage | S3Options | None = None,
+        storage: Store | S3Options | None = None,
         *,
         prefetch_batches: int = 16,
         shuffle: bool | None = None,
@@ -168,11 +169,11 @@ class ShardLoader:
         # Validation restarts at the first window on every iter(): the same windows each time.
         self.restart_each_iter = split == "validation"
         self.prefetch_batches = max(1, prefetch_batches)
-        self.storage = storage if isinstance(storage, Storage) else open_storage(uri_or_dir, storage)
+        self.storage = storage if isinstance(storage, Store) else open_store(uri_or_dir, storage)
         try:
             self.manifest = Manifest.from_json(self.storage.get(MANIFEST_NAME))
         except StorageError as e:
-            if str(e).endswith("does not exist"):  # the wording of Storage's missing-object errors
+            if isinstance(e, ObjectMissing):
                 raise LoaderError(
                     f"no {MANIFEST_NAME} at {self.storage.describe(MANIFEST_NAME)}: run `llmtrain data "
                     f"prepare` for spec.data.outputUri first ({e})"
@@ -405,7 +406,7 @@ def open_loader(
     micro_batch: int = 1,
     context_length: int = 256,
     seed: int = 0,
-    storage: Storage | S3Options | None = None,
+    storage: Store | S3Options | None = None,
     **kwargs: Any,
 ) -> ShardLoader:
     """Factory with :class:`ShardLoader`'s signature (what the training loop calls)."""

@@ -31,8 +31,9 @@ import numpy as np
 from llmtrain.runtime.data import clean as cleanmod
 from llmtrain.runtime.data import collect, shard, tokenize
 from llmtrain.runtime.data.blocks import CleanedDoc, Executor, encode_block, parallel_map, read_clean_block
-from llmtrain.runtime.data.storage import S3Options, Storage, StorageError, open_storage, split_s3_uri
+from llmtrain.runtime.store import StorageError, Store, open_store, split_s3_uri
 
+from llmtrain.api.s3 import S3Options
 from llmtrain.api.shards import (
     MANIFEST_NAME,
     TOKENIZER_NAME,
@@ -190,7 +191,7 @@ def _load_tokenizer(cfg: tokenize.TokenizerConfig, s3: S3Options) -> Any:
     try:
         if uri.startswith("s3://"):
             bucket, key = split_s3_uri(uri)
-            data = open_storage(f"s3://{bucket}", s3).get(key)
+            data = open_store(f"s3://{bucket}", s3).get(key)
         else:
             with open(uri, "rb") as f:
                 data = f.read()
@@ -207,7 +208,7 @@ def _is_own(name: str) -> bool:
     return base in _OWN_FILES or base.endswith((".bin", ".bin.part", ".json.part"))
 
 
-def _check_output(out: Storage, cfg: PrepareConfig, overwrite: bool) -> Manifest | None:
+def _check_output(out: Store, cfg: PrepareConfig, overwrite: bool) -> Manifest | None:
     """Returns the reusable manifest, or None after clearing the way for a fresh run."""
     existing = out.list_keys()
     if not existing:
@@ -270,7 +271,7 @@ def prepare(
         executor = "ray"
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
-    out = open_storage(cfg.output_uri, cfg.s3)
+    out = open_store(cfg.output_uri, cfg.s3)
     reusable = _reusable_output(out, cfg, overwrite)
     if reusable is not None:
         say(f"reusing {out.describe(MANIFEST_NAME)} (same input fingerprint)")
@@ -338,7 +339,7 @@ class _Mixture:
     val_keys: list[str]
 
 
-def _reusable_output(out: Storage, cfg: PrepareConfig, overwrite: bool) -> Manifest | None:
+def _reusable_output(out: Store, cfg: PrepareConfig, overwrite: bool) -> Manifest | None:
     try:
         return _check_output(out, cfg, overwrite)
     except StorageError as e:  # missing bucket, no credentials: name the spec field too
@@ -508,7 +509,7 @@ def _check_validation_size(
 
 
 def _write_shards(
-    out: Storage, cfg: PrepareConfig, tok: _Tokenizer, mix: _Mixture, encoded: dict[str, np.ndarray]
+    out: Store, cfg: PrepareConfig, tok: _Tokenizer, mix: _Mixture, encoded: dict[str, np.ndarray]
 ) -> list[shard.WrittenShard]:
     """Both splits' shards and the tokenizer; the manifest is written last, by the caller."""
     written = shard.write_split(out, "train", (encoded[k] for _, k in mix.train_stream), vocab_size=tok.vocab,

@@ -4,7 +4,7 @@ The layout is :mod:`llmtrain.api.shards` (256-byte little-endian header, then id
 iff vocab size − 1 ≤ 65535, else uint32). Documents are concatenated in key order, each
 already ending in the end-of-text id; a shard holds at most ``shardMaxTokens`` tokens, and a
 document may continue into the next shard (the loader packs windows within a shard).
-Shards above the multipart threshold go to S3 as multipart uploads (see storage.py).
+Shards above the multipart threshold go to S3 as multipart uploads (see runtime/store.py).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
-from llmtrain.runtime.data.storage import Storage
+from llmtrain.runtime.store import Store
 
 from llmtrain.api.shards import MANIFEST_NAME, Manifest, ShardHeader, ShardInfo, Split, dtype_for_vocab
 
@@ -59,7 +59,7 @@ def _chunks(docs: Iterable[np.ndarray], max_tokens: int, eot_id: int) -> Iterato
 
 
 def write_split(
-    storage: Storage,
+    storage: Store,
     split: Split,
     docs: Iterable[np.ndarray],
     *,
@@ -89,7 +89,7 @@ def write_split(
     return out
 
 
-def write_manifest(storage: Storage, manifest: Manifest) -> str:
+def write_manifest(storage: Store, manifest: Manifest) -> str:
     """The commit point: readers trust only what a manifest lists, so this is written last."""
     storage.put(MANIFEST_NAME, manifest.to_json().encode("utf-8"))
     return storage.describe(MANIFEST_NAME)

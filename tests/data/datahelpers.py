@@ -176,11 +176,11 @@ def make_shards(root: Path, train: list[int], validation: list[int] | None = Non
 
     import numpy as np
     from llmtrain.runtime.data import shard
-    from llmtrain.runtime.data.storage import LocalStorage
+    from llmtrain.runtime.store import LocalStore
 
     from llmtrain.api.shards import Manifest, ShardInfo, TokenizerInfo
 
-    store = LocalStorage(root)
+    store = LocalStore(root)
     infos = []
     start = 0
     for split, sizes in (("train", train), ("validation", validation or [200])):

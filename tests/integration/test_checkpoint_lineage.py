@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 import torch
-from llmtrain.runtime.checkpoint import MARKER, METADATA, Lineage, LocalStore, step_dir
+from llmtrain.runtime.checkpoint import MARKER, METADATA, Lineage, step_dir
+from llmtrain.runtime.store import LocalStore
 
 from tests.data.datahelpers import S3Server, s3_server  # noqa: F401 - the session fixture
 

@@ -21,9 +21,10 @@ from llmtrain.runtime.data import shard
 from llmtrain.runtime.data.collect import SourceError, split_text
 from llmtrain.runtime.data.loader import ShardLoader, read_verified_shard
 from llmtrain.runtime.data.prepare import PrepareConfig, PrepareError, prepare_data
-from llmtrain.runtime.data.storage import S3Options, S3Storage
+from llmtrain.runtime.store import S3Store
 from tokenizers import Tokenizer
 
+from llmtrain.api.s3 import S3Options
 from llmtrain.api.shards import MANIFEST_NAME, TOKENIZER_NAME, Manifest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
@@ -87,7 +88,7 @@ def test_austen_and_records_round_trip_through_s3(s3_server: S3Server, austen: d
         storage={"endpoint": s3_server.endpoint, "region": "us-east-1"},
     )
     res = prepare_data(spec)
-    store = S3Storage("s3://shards/run1", S3Options(endpoint=s3_server.endpoint))
+    store = S3Store("s3://shards/run1", S3Options(endpoint=s3_server.endpoint))
     m = Manifest.from_json(store.get(MANIFEST_NAME))
     expected = [p for t in books.values() for p in split_text(t, "paragraph")]
     expected += AWKWARD_DOCS + [d + " (parquet)" for d in AWKWARD_DOCS]
@@ -114,17 +115,17 @@ def test_storage_region_and_endpoint_come_from_the_spec(s3_server: S3Server) -> 
     )
     cfg = PrepareConfig.from_spec(spec)
     assert cfg.s3.endpoint == s3_server.endpoint and cfg.s3.region == "eu-west-1"
-    assert S3Storage("s3://x", cfg.s3).client.meta.region_name == "eu-west-1"
+    assert S3Store("s3://x", cfg.s3).client.meta.region_name == "eu-west-1"
 
 
 def test_multipart_shard_has_part_suffix_and_reads_back(s3_server: S3Server) -> None:
     s3_server.bucket("multipart")
     opts = S3Options(endpoint=s3_server.endpoint, multipart_threshold=5 * 2**20, multipart_chunk=5 * 2**20)
-    store = S3Storage("s3://multipart/big", opts)
+    store = S3Store("s3://multipart/big", opts)
     tokens = np.random.default_rng(0).integers(0, 50_000, size=3_200_000, dtype=np.uint32)  # 6.4 MB as uint16
     (w,) = shard.write_split(store, "train", [tokens], vocab_size=50_000, eot_id=1, max_tokens=10**8)
     assert w.etag is not None and w.etag.endswith("-2"), w.etag
-    small = S3Storage("s3://multipart/small", opts)
+    small = S3Store("s3://multipart/small", opts)
     (w2,) = shard.write_split(small, "train", [tokens[:1000]], vocab_size=50_000, eot_id=1, max_tokens=10**8)
     assert w2.etag is not None and "-" not in w2.etag
     m = Manifest("f", shard_tokenizer(), "uint16", [w.info], [], {}, 0)

@@ -29,15 +29,16 @@ from typing import Any
 
 import pytest
 import torch
-from llmtrain.runtime.checkpoint import CheckpointCorruptError, Lineage, S3Store
+from llmtrain.runtime.checkpoint import CheckpointCorruptError, Lineage
 from llmtrain.runtime.data.loader import ShardLoader
 from llmtrain.runtime.data.prepare import prepare_data
-from llmtrain.runtime.data.storage import S3Options, S3Storage, StorageError, s3_client
 from llmtrain.runtime.export import export_for_job, read_checkpoint_weights, resolve_checkpoint
+from llmtrain.runtime.store import S3Store, StorageError, s3_client
 from llmtrain.runtime.train import RunContext, train
 from typer.testing import CliRunner
 
 from llmtrain.api.config import runtime_config_from_spec
+from llmtrain.api.s3 import S3Options
 from llmtrain.api.shards import ShardFormatError
 from llmtrain.api.spec import LLMTrainingJobSpec
 from tests.data.datahelpers import S3Server, make_spec, s3_server, stdlib_sample, write_docs  # noqa: F401
@@ -135,7 +136,7 @@ def test_each_transient_fault_is_retried_and_the_bytes_are_exact(moto: Backend, 
     data = bytes(range(256)) * 4096  # 1 MiB: the cut comes mid-body
     moto.client().put_object(Bucket=bucket, Key="obj", Body=data)
     proxied = S3Options(endpoint=moto.proxy.endpoint)
-    store = S3Storage(f"s3://{bucket}", proxied)
+    store = S3Store(f"s3://{bucket}", proxied)
     rule = moto.proxy.add(Rule(fault, "GET", "/obj", times=3, delay=0.3))  # type: ignore[arg-type]
     assert store.get("obj") == data
     assert store.get_range("obj", 1000, 70_000) == data[1000:71_000]
@@ -156,7 +157,7 @@ def test_without_retries_the_same_fault_fails_the_read(moto: Backend, fault: str
     so the faults are real and the exact bytes above came from the retries."""
     bucket = moto.bucket(f"noretry-{fault}")
     moto.client().put_object(Bucket=bucket, Key="obj", Body=b"x" * 100_000)
-    store = S3Storage(f"s3://{bucket}", S3Options(endpoint=moto.proxy.endpoint, max_attempts=0))
+    store = S3Store(f"s3://{bucket}", S3Options(endpoint=moto.proxy.endpoint, max_attempts=0))
     moto.proxy.add(Rule(fault, "GET", "/obj"))  # type: ignore[arg-type]
     with pytest.raises(StorageError, match=rf"s3://{bucket}/obj"):
         store.get("obj")
@@ -166,7 +167,7 @@ def test_retried_puts_land_once(moto: Backend) -> None:
     """A PUT answered 503 SlowDown, or reset after the server stored it, is retried by botocore;
     the object is there once, whole."""
     bucket = moto.bucket("puts")
-    store = S3Storage(f"s3://{bucket}", S3Options(endpoint=moto.proxy.endpoint))
+    store = S3Store(f"s3://{bucket}", S3Options(endpoint=moto.proxy.endpoint))
     slow = moto.proxy.add(Rule("slowdown", "PUT", "/a$", times=2))
     reset = moto.proxy.add(Rule("reset", "PUT", "/b$"))
     store.put("a", b"a" * 5000)
@@ -456,7 +457,7 @@ def test_second_server_multipart_listing_and_errors(backend: Backend) -> None:
     missing-bucket errors — on gofakes3, through the proxy."""
     bucket = backend.bucket("second")
     opts = S3Options(endpoint=backend.proxy.endpoint, multipart_threshold=5 << 20, multipart_chunk=5 << 20)
-    store = S3Storage(f"s3://{bucket}/p", opts)
+    store = S3Store(f"s3://{bucket}/p", opts)
     big = bytes(range(256)) * (11 << 12)  # 11 MiB: three parts
     etag = store.put("big.bin", big)
     # A difference found: gofakes3 gives a multipart object the MD5 of its bytes as ETag, where
@@ -472,4 +473,4 @@ def test_second_server_multipart_listing_and_errors(backend: Backend) -> None:
         store.get("nothing")
     assert not store.exists("nothing")
     with pytest.raises(StorageError, match=r"bucket 'no-such-bucket' does not exist"):
-        S3Storage("s3://no-such-bucket/x", opts).get("y")
+        S3Store("s3://no-such-bucket/x", opts).get("y")

@@ -90,12 +90,13 @@ def test_run_uses_spec_storage_endpoint_without_aws_endpoint_url(
     s3_server: S3Server, tmp_path: Path, no_endpoint_env: None
 ) -> None:
     ray = pytest.importorskip("ray")
-    from llmtrain.runtime.data.storage import S3Options
     from llmtrain.runtime.driver import launch_options
     from llmtrain.runtime.hf_import import load_initial_weights
     from llmtrain.runtime.run import RunOptions, run_job
     from llmtrain.runtime.stage import Place
     from llmtrain.runtime.train import build_model
+
+    from llmtrain.api.s3 import S3Options
 
     assert not ray.is_initialized()  # a running Ray would have been started with another environment
     assert not any(k in os.environ for k in ENDPOINT_VARIABLES)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from llmtrain.runtime.data.loader import LoaderError, ShardLoader, open_loader
-from llmtrain.runtime.data.storage import LocalStorage
+from llmtrain.runtime.store import LocalStore
 
 from llmtrain.api.loader import LoaderResumeError, TokenLoader
 from llmtrain.api.shards import MANIFEST_NAME, ShardFormatError
@@ -214,4 +214,4 @@ def test_abandoned_iteration_stops_its_thread(data: Path) -> None:
     time.sleep(0.2)
     assert not [t for t in threading.enumerate() if t.name.startswith("loader-r0")]
     assert ld.state_dict()["rank_0"]["batches"] == 1
-    assert MANIFEST_NAME in LocalStorage(data).list_keys()
+    assert MANIFEST_NAME in LocalStore(data).list_keys()

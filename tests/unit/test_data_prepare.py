@@ -13,7 +13,7 @@ from llmtrain.runtime.data.clean import CleanConfig
 from llmtrain.runtime.data.collect import SourceError
 from llmtrain.runtime.data.loader import read_verified_shard
 from llmtrain.runtime.data.prepare import PrepareError, mixture_copies, prepare_data
-from llmtrain.runtime.data.storage import LocalStorage
+from llmtrain.runtime.store import LocalStore
 from tokenizers import Tokenizer
 
 from llmtrain.api.shards import MANIFEST_NAME, TOKENIZER_NAME, Manifest
@@ -45,7 +45,7 @@ def data_spec(src_glob: str, out: Path, **kw: Any) -> dict[str, Any]:
 
 def decode_all(out: Path) -> tuple[list[str], Manifest]:
     """Every document in every shard, split at the end-of-text id and decoded."""
-    store = LocalStorage(out)
+    store = LocalStore(out)
     m = Manifest.from_json(store.get(MANIFEST_NAME))
     tok = Tokenizer.from_file(str(out / TOKENIZER_NAME))
     docs: list[str] = []
@@ -314,7 +314,7 @@ def test_the_default_sample_prompt_is_the_start_of_a_validation_document(
     out = tmp_path / "out"
     res = prepare_data(make_spec(data_spec(str(corpus / "*.txt"), out)))
     prompt = validation_prompt(res.manifest_uri.rsplit("/", 1)[0])
-    store = LocalStorage(out)
+    store = LocalStore(out)
     (val,) = res.manifest.split_shards("validation")
     tok = Tokenizer.from_file(str(out / TOKENIZER_NAME))
     ids = read_verified_shard(store, val, res.manifest).tolist()
@@ -367,7 +367,7 @@ def test_validation_sources_are_the_validation_set_and_never_trained_on(corpus: 
     ]
     res = prepare_data(make_spec(d))
     _, m = decode_all(tmp_path / "out")
-    store = LocalStorage(tmp_path / "out")
+    store = LocalStore(tmp_path / "out")
     tok = Tokenizer.from_file(str(tmp_path / "out" / TOKENIZER_NAME))
     (val_shard,) = m.split_shards("validation")
     val_docs = {

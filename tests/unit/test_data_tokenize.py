@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from llmtrain.runtime.data import shard, tokenize
 from llmtrain.runtime.data.loader import read_verified_shard
-from llmtrain.runtime.data.storage import LocalStorage
 from llmtrain.runtime.data.tokenize import TokenizerConfig, TokenizerError
+from llmtrain.runtime.store import LocalStore
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from llmtrain.api.shards import (
@@ -131,7 +131,7 @@ def test_vocab_above_32768_round_trips(tmp_path: Path) -> None:
     eot = tokenize.eot_id(tok, "<|endoftext|>")
     arrays = tokenize.encode_documents(tok, docs, eot)
     assert max(int(a.max()) for a in arrays) >= 32768  # would turn negative if read as int16
-    store = LocalStorage(tmp_path)
+    store = LocalStore(tmp_path)
     (written,) = shard.write_split(store, "train", arrays, vocab_size=vocab, eot_id=eot, max_tokens=10**6)
     manifest = _manifest(written.info, vocab, eot, "uint16")
     ids = read_verified_shard(store, written.info, manifest).tolist()
@@ -170,7 +170,7 @@ def test_dtype_boundary_and_documented_header(tmp_path: Path, vocab: int, dtype:
     assert data[32:HEADER_SIZE] == b"\0" * (HEADER_SIZE - 32)
     body = struct.unpack_from("<" + ("H" if itemsize == 2 else "I") * 5, data, HEADER_SIZE)
     assert list(body) == tokens.tolist()
-    store = LocalStorage(tmp_path)
+    store = LocalStore(tmp_path)
     (w,) = shard.write_split(store, "train", [tokens], vocab_size=vocab, eot_id=7, max_tokens=100)
     assert read_verified_shard(store, w.info, _manifest(w.info, vocab, 7, dtype)).tolist() == tokens.tolist()
 
@@ -181,7 +181,7 @@ def test_id_outside_vocab_is_rejected() -> None:
 
 
 def test_truncated_and_corrupt_shards_are_caught(tmp_path: Path) -> None:
-    store = LocalStorage(tmp_path)
+    store = LocalStore(tmp_path)
     tokens = np.arange(100, dtype=np.uint32)
     (w,) = shard.write_split(store, "train", [tokens], vocab_size=1000, eot_id=99, max_tokens=1000)
     m = _manifest(w.info, 1000, 99, "uint16")
@@ -208,7 +208,7 @@ def test_shard_whose_vocab_is_too_large_for_its_dtype_is_rejected(tmp_path: Path
     with pytest.raises(
         ShardFormatError, match=r"train-00000\.bin: vocab size 70000.*uint16.*spec\.data\.tokenizer"
     ):
-        read_verified_shard(LocalStorage(tmp_path), info, _manifest(info, 70_000, 0, "uint16"))
+        read_verified_shard(LocalStore(tmp_path), info, _manifest(info, 70_000, 0, "uint16"))
 
 
 def test_tokenizer_config_from_spec_maps_every_field() -> None:
