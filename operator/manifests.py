@@ -25,6 +25,7 @@ import yaml
 
 from llmtrain.api.job import API_VERSION, LLMTrainingJob
 from llmtrain.api.quantity import parse_quantity, ray_num_cpus
+from llmtrain.api.s3 import storage_env
 from llmtrain.api.spec import KIND, EnvVar, Toleration, VolumeMount
 
 # ---------------------------------------------------------------------------- constants
@@ -211,28 +212,7 @@ def _env(job: LLMTrainingJob) -> list[dict[str, Any]]:
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
     ]
-    return _with_user_env(job, env + _storage_env(job))
-
-
-def _storage_env(job: LLMTrainingJob) -> list[dict[str, Any]]:
-    """S3's region, endpoint and (from spec.storage.secretRef) credentials."""
-    storage = job.spec.storage
-    env: list[dict[str, Any]] = [{"name": "AWS_REGION", "value": storage.region}]
-    if storage.endpoint:
-        env.append({"name": "AWS_ENDPOINT_URL", "value": storage.endpoint})
-    ref = storage.secret_ref
-    if ref is not None:
-        env += [
-            {
-                "name": "AWS_ACCESS_KEY_ID",
-                "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.access_key_id_key}},
-            },
-            {
-                "name": "AWS_SECRET_ACCESS_KEY",
-                "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.secret_access_key_key}},
-            },
-        ]
-    return env
+    return _with_user_env(job, env + storage_env(job.spec.storage))
 
 
 def _with_user_env(job: LLMTrainingJob, env: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -733,7 +713,7 @@ def serve_deployment(job: LLMTrainingJob, model_uri: str) -> dict[str, Any]:
             "--served-model-name",
             job.metadata.name,
         ],
-        "env": _with_user_env(job, _storage_env(job)),
+        "env": _with_user_env(job, storage_env(job.spec.storage)),
         "resources": _resources(serve.resources.cpu, serve.resources.memory, serve.gpus),
         "ports": [{"name": "http", "containerPort": serve.port}],
         # Loading the model from S3 takes a while: readiness gates traffic, liveness only

@@ -13,9 +13,10 @@ Three sources, one per kind of caller:
   job's spec.storage, else the environment.
 
 Credentials are never options: boto3's default chain finds them (``AWS_ACCESS_KEY_ID`` /
-``AWS_SECRET_ACCESS_KEY`` — on Kubernetes injected from ``spec.storage.secretRef`` — or the
-pod's role). :data:`AMBIENT_VARIABLES` names the variables a client depends on, so a cached
-client is not reused after one of them changed.
+``AWS_SECRET_ACCESS_KEY`` — on Kubernetes set from ``spec.storage.secretRef`` by
+:func:`storage_env`, the variables the operator gives every pod — or the pod's role).
+:data:`AMBIENT_VARIABLES` names the variables a client depends on, so a cached client is not
+reused after one of them changed.
 
 Standard library only: the training workers import this where pydantic and boto3 are absent.
 """
@@ -25,10 +26,11 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # pragma: no cover - typing only
+if TYPE_CHECKING:  # pragma: no cover - typing only: pydantic is absent where workers run
     from llmtrain.api.config import TrainConfig
+    from llmtrain.api.spec import StorageSpec
 
 DEFAULT_REGION = "us-east-1"
 # Objects above this are uploaded in parts (S3's minimum part size is 5 MiB).
@@ -46,15 +48,6 @@ AMBIENT_VARIABLES = (
 )
 
 
-class StorageSettings(Protocol):
-    """What this module reads of ``spec.storage`` (:class:`llmtrain.api.spec.StorageSpec`)."""
-
-    @property
-    def endpoint(self) -> str | None: ...
-    @property
-    def region(self) -> str: ...
-
-
 @dataclass(frozen=True)
 class S3Options:
     """How to reach S3. ``endpoint`` None: boto3 picks it (AWS for the region, or
@@ -69,7 +62,7 @@ class S3Options:
     max_attempts: int = 8
 
     @classmethod
-    def from_spec(cls, storage: StorageSettings) -> S3Options:
+    def from_spec(cls, storage: StorageSpec) -> S3Options:
         """A run's: spec.storage's endpoint and region; credentials stay ambient (secretRef)."""
         return cls(endpoint=storage.endpoint, region=storage.region)
 
@@ -94,7 +87,7 @@ class S3Options:
         return cls(endpoint=endpoint, region=env.get("AWS_DEFAULT_REGION", DEFAULT_REGION))
 
 
-def command_s3_options(endpoint: str | None, storage: StorageSettings | None = None) -> S3Options:
+def command_s3_options(endpoint: str | None, storage: StorageSpec | None = None) -> S3Options:
     """A command's settings: ``--endpoint`` (region from the environment), else the ``--job``'s
     spec.storage (its endpoint, else the environment's), else the environment."""
     if endpoint is None and storage is not None:
@@ -102,3 +95,24 @@ def command_s3_options(endpoint: str | None, storage: StorageSettings | None = N
         ambient = S3Options.from_environment().endpoint
         return S3Options(endpoint=given if given is not None else ambient, region=storage.region)
     return S3Options.from_environment(endpoint)
+
+
+def storage_env(storage: StorageSpec) -> list[dict[str, Any]]:
+    """The container environment (Kubernetes ``env`` entries) the operator gives a job's pods:
+    spec.storage's region and endpoint, and the credentials from spec.storage.secretRef."""
+    env: list[dict[str, Any]] = [{"name": "AWS_REGION", "value": storage.region}]
+    if storage.endpoint:
+        env.append({"name": "AWS_ENDPOINT_URL", "value": storage.endpoint})
+    ref = storage.secret_ref
+    if ref is not None:
+        env += [
+            {
+                "name": "AWS_ACCESS_KEY_ID",
+                "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.access_key_id_key}},
+            },
+            {
+                "name": "AWS_SECRET_ACCESS_KEY",
+                "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.secret_access_key_key}},
+            },
+        ]
+    return env
