@@ -11,17 +11,55 @@ from rich.markup import escape
 
 from llmtrain.cli.consoles import err_console
 
+# The operator's options, declared once here so that its signature reads in one screen
+# (typer takes each flag's name from the parameter, its help from these).
+Namespaces = Annotated[
+    list[str] | None, typer.Option("--namespace", "-n", help="Watch only these namespaces (repeatable).")
+]
+Standalone = Annotated[
+    bool, typer.Option("--standalone", help="No peering: for a single replica without the peering CRDs.")
+]
+Priority = Annotated[
+    str,
+    typer.Option(
+        envvar="LLMTRAIN_OPERATOR_PRIORITY",
+        help="Peering priority: an integer, or 'random' (one per replica: the highest acts).",
+    ),
+]
+RayHeadHost = Annotated[
+    str | None,
+    typer.Option(
+        help="Reach every job's Ray head at this host (a stand-in Ray cluster; default: its Service)."
+    ),
+]
+RayTokenFile = Annotated[
+    str | None, typer.Option(help="New jobs' Ray token from this file (a stand-in's fixed token).")
+]
+RayDriverSpecPath = Annotated[
+    str,
+    typer.Option(
+        help="Where the driver on the head reads the job ({namespace}, {name} filled in; a stand-in's copy)."
+    ),
+]
+ScrapeAnnotations = Annotated[
+    bool, typer.Option(help="prometheus.io/scrape, /port, /path annotations on every Ray pod.")
+]
+PrometheusNamespaceLabels = Annotated[
+    list[str] | None,
+    typer.Option(help="KEY=VALUE (repeatable): Prometheus' namespace, admitted to the jobs' metrics ports."),
+]
+PrometheusPodLabels = Annotated[
+    list[str] | None,
+    typer.Option(help="KEY=VALUE (repeatable): Prometheus' pods, admitted to the jobs' metrics ports."),
+]
+
 
 def operator(
-    namespace: Annotated[
-        list[str] | None, typer.Option("--namespace", "-n", help="Watch only these namespaces (repeatable).")
-    ] = None,
+    namespace: Namespaces = None,
     liveness_port: Annotated[int, typer.Option(help="Port of /healthz.")] = 8080,
     metrics_port: Annotated[int, typer.Option(help="Port of the operator's /metrics.")] = 9090,
     interval: Annotated[float, typer.Option(help="Seconds between level-based reconciles of a job.")] = 5.0,
-    standalone: Annotated[
-        bool, typer.Option("--standalone", help="No peering: for a single replica without the peering CRDs.")
-    ] = False,
+    standalone: Standalone = False,
     kubeconfig: Annotated[
         str | None, typer.Option(help="Kubeconfig (default: in-cluster, then ~/.kube).")
     ] = None,
@@ -32,43 +70,15 @@ def operator(
         str, typer.Option(help="Address of the liveness and metrics servers.")
     ] = "0.0.0.0",
     verbose: Annotated[bool, typer.Option("--verbose", help="Log every Kopf handler call.")] = False,
-    priority: Annotated[
-        str,
-        typer.Option(
-            envvar="LLMTRAIN_OPERATOR_PRIORITY",
-            help="Peering priority: an integer, or 'random' (one per replica: the highest acts).",
-        ),
-    ] = "0",
-    ray_head_host: Annotated[
-        str | None,
-        typer.Option(
-            help="Reach every job's Ray head at this host (a stand-in Ray cluster; default: its Service)."
-        ),
-    ] = None,
+    priority: Priority = "0",
+    ray_head_host: RayHeadHost = None,
     ray_dashboard_port: Annotated[int, typer.Option(help="Port of the heads' Jobs API.")] = 8265,
     ray_progress_port: Annotated[int, typer.Option(help="Port of the drivers' progress endpoint.")] = 8266,
-    ray_token_file: Annotated[
-        str | None, typer.Option(help="New jobs' Ray token from this file (a stand-in's fixed token).")
-    ] = None,
-    ray_driver_spec_path: Annotated[
-        str,
-        typer.Option(
-            help="Where the driver on the head reads the job ({namespace}, {name} filled in; a stand-in's copy)."
-        ),
-    ] = "/etc/llmtrain/job.yaml",
-    prometheus_scrape_annotations: Annotated[
-        bool, typer.Option(help="prometheus.io/scrape, /port, /path annotations on every Ray pod.")
-    ] = False,
-    prometheus_namespace_label: Annotated[
-        list[str] | None,
-        typer.Option(
-            help="KEY=VALUE (repeatable): Prometheus' namespace, admitted to the jobs' metrics ports."
-        ),
-    ] = None,
-    prometheus_pod_label: Annotated[
-        list[str] | None,
-        typer.Option(help="KEY=VALUE (repeatable): Prometheus' pods, admitted to the jobs' metrics ports."),
-    ] = None,
+    ray_token_file: RayTokenFile = None,
+    ray_driver_spec_path: RayDriverSpecPath = "/etc/llmtrain/job.yaml",
+    prometheus_scrape_annotations: ScrapeAnnotations = False,
+    prometheus_namespace_label: PrometheusNamespaceLabels = None,
+    prometheus_pod_label: PrometheusPodLabels = None,
 ) -> None:
     """Run the LLMTrainingJob operator (Kopf) until SIGINT/SIGTERM."""
     import logging
