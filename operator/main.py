@@ -21,7 +21,7 @@ from llmtrain.operator.handlers import register
 from llmtrain.operator.kube import SERVICE_ACCOUNT, Http, RestApi, RestPods, in_cluster, load_connection
 from llmtrain.operator.manifests import SPEC_FILE, SPEC_MOUNT, OperatorSettings
 from llmtrain.operator.metrics import OperatorMetrics
-from llmtrain.operator.podwatch import PodStore, PodWatch, start_watches
+from llmtrain.operator.podwatch import PodStore, PodWatch, not_ready, start_watches
 from llmtrain.operator.reconcile import Reconciler
 
 log = logging.getLogger("llmtrain.operator")
@@ -223,11 +223,16 @@ async def serve(
         )
     )
     registry, metrics, controller = build(opts, http, info, store, peering)
-    if opts.metrics_port is not None:
-        metrics.serve(opts.metrics_port, opts.bind_address)
     # The pod watch runs while this replica is paused by peering too: it only reads, and a
     # replica that takes over then starts with its pods already known.
-    watches: list[PodWatch] = start_watches(RestPods(watch_http), store, opts.namespaces)
+    watches: list[PodWatch] = start_watches(
+        RestPods(watch_http),
+        store,
+        opts.namespaces,
+        on_failure=lambda kind: metrics.pod_watch_failures.labels(kind=kind).inc(),
+    )
+    if opts.metrics_port is not None:
+        metrics.serve(opts.metrics_port, opts.bind_address, readiness=lambda: not_ready(store, watches))
     controller.start()
     try:
         await kopf.operator(

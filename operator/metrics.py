@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import threading
 from collections import Counter as _Tally
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from socketserver import ThreadingMixIn
+from typing import Any, cast
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -63,6 +66,14 @@ class OperatorMetrics:
             "Ray cluster restarts after a pod ended.",
             registry=self.registry,
         )
+        # Exposed as llmtrain_operator_pod_watch_failures_total.
+        self.pod_watch_failures = Counter(
+            "llmtrain_operator_pod_watch_failures",
+            "Failed lists or watches of the jobs' pods, by kind (http_<status>, or the error's "
+            "type); each is retried every second, and a refused one (401, 403) makes /readyz fail.",
+            ["kind"],
+            registry=self.registry,
+        )
         # Exposed as llmtrain_operator_foreign_snapshots_total.
         self.foreign_snapshots = Counter(
             "llmtrain_operator_foreign_snapshots",
@@ -81,5 +92,32 @@ class OperatorMetrics:
         with self._lock:
             self._phases.pop((namespace, name), None)
 
-    def serve(self, port: int, addr: str = "0.0.0.0") -> None:
-        start_http_server(port, addr=addr, registry=self.registry)
+    def serve(self, port: int, addr: str = "0.0.0.0", readiness: Readiness | None = None) -> None:
+        """``/metrics`` (prometheus_client's app) and ``/readyz`` (200 ``ok``, or 503 and why)
+        on one port, in a daemon thread."""
+        metrics_app = make_wsgi_app(self.registry)
+
+        def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+            if environ.get("PATH_INFO") != "/readyz":
+                return cast(Iterable[bytes], metrics_app(environ, start_response))
+            why = readiness() if readiness is not None else None
+            status = "503 Service Unavailable" if why else "200 OK"
+            start_response(status, [("Content-Type", "text/plain; charset=utf-8")])
+            return [(why or "ok").encode() + b"\n"]
+
+        server = make_server(addr, port, app, _ThreadingWSGIServer, handler_class=_QuietHandler)
+        threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+
+
+# Why the operator is not ready to reconcile (None: it is); asked per /readyz request.
+Readiness = Callable[[], str | None]
+
+
+class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    # As prometheus_client's own server: a slow scraper never blocks a probe.
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # one line per probe and scrape would drown the operator's log

@@ -142,6 +142,7 @@ class PodWatch:
         *,
         selector: str = LABEL_JOB,
         on_synced: Callable[[], None] | None = None,
+        on_failure: Callable[[str], None] | None = None,
         retry_delay: float = 1.0,
     ) -> None:
         self.source = source
@@ -150,9 +151,13 @@ class PodWatch:
         self.selector = selector
         self.on_synced = on_synced
         self.retry_delay = retry_delay
+        self.on_failure = on_failure
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.relists = 0
+        # Why the last list or watch failed, and since when (monotonic); None while it works.
+        self.failure: str | None = None
+        self.failing_since: float | None = None
 
     def relist(self) -> str:
         """A full, paged list into the store; the list's resourceVersion."""
@@ -183,6 +188,7 @@ class PodWatch:
                     raise Gone(str(obj.get("message", "")))
                 raise RuntimeError(f"watch error: {obj.get('message', obj)}")
             rv = str((obj.get("metadata") or {}).get("resourceVersion") or rv)
+            self._working()
             if kind in ("ADDED", "MODIFIED", "DELETED"):
                 self.store.apply(kind, obj)
         return rv
@@ -193,17 +199,47 @@ class PodWatch:
             try:
                 if rv is None:
                     rv = self.relist()
+                    self._working()
                     if self.on_synced is not None:
                         self.on_synced()
                 rv = self.watch_once(rv)
             except Gone:
                 log.info("pod watch: resourceVersion %s expired, listing again", rv)
                 rv = None
-            except Exception as e:  # a dropped connection, a timeout, an apiserver restart
+            except Exception as e:  # a dropped connection, a timeout, an apiserver restart, a 403
                 if self._stop.is_set():
                     break
-                log.warning("pod watch (namespace %s) failed, retrying: %s", self.namespace or "*", e)
+                self._failed(e)
                 time.sleep(self.retry_delay)
+
+    def _working(self) -> None:
+        if self.failure is not None:
+            log.info("pod watch (namespace %s) works again", self.namespace or "*")
+        self.failure = self.failing_since = None
+
+    def _failed(self, error: Exception) -> None:
+        """Logged once per distinct reason (a 403 retried every second would flood the log at
+        WARNING and say nothing new), counted every time, shown by :meth:`unhealthy`."""
+        reason = failure_reason(error)
+        if reason != self.failure:
+            where = f"namespace {self.namespace}" if self.namespace else "all namespaces"
+            level = logging.ERROR if reason.startswith(("http_401", "http_403")) else logging.WARNING
+            log.log(level, "pod watch (%s) failed, retrying every %.0fs: %s", where, self.retry_delay, error)
+        if self.failing_since is None:
+            self.failing_since = time.monotonic()
+        self.failure = reason
+        if self.on_failure is not None:
+            self.on_failure(reason.split(" ", 1)[0].rstrip(":"))  # http_403, or the error's type
+
+    def unhealthy(self, grace: float) -> str | None:
+        """Why this watch cannot be trusted, or None. A failure shorter than ``grace`` seconds
+        is a dropped connection being retried; one the server refuses (401, 403) is not."""
+        if self.failure is None or self.failing_since is None:
+            return None
+        refused = self.failure.startswith(("http_401", "http_403"))
+        if not refused and time.monotonic() - self.failing_since < grace:
+            return None
+        return f"pods in {self.namespace or 'all namespaces'}: {self.failure}"
 
     def start(self) -> PodWatch:
         self._thread = threading.Thread(
@@ -218,7 +254,22 @@ class PodWatch:
         self._stop.set()
 
 
-def start_watches(source: PodSource, store: PodStore, namespaces: list[str] | None) -> list[PodWatch]:
+def failure_reason(error: Exception) -> str:
+    """``http_<status> <message>`` for an API error, else the exception's type and message."""
+    status = getattr(error, "status", None)
+    if isinstance(status, int):
+        message = str(getattr(error, "message", "") or error)
+        hint = " (the operator's RBAC must allow list and watch on pods)" if status == 403 else ""
+        return f"http_{status} {message}{hint}"[:300]
+    return f"{type(error).__name__}: {error}"[:300]
+
+
+def start_watches(
+    source: PodSource,
+    store: PodStore,
+    namespaces: list[str] | None,
+    on_failure: Callable[[str], None] | None = None,
+) -> list[PodWatch]:
     """One watch per namespace (or one for all); the store is synced once every one listed."""
     targets: list[str | None] = list(namespaces) if namespaces else [None]
     left = {"n": len(targets)}
@@ -239,8 +290,18 @@ def start_watches(source: PodSource, store: PodStore, namespaces: list[str] | No
                 done["once"] = True
                 one_synced()
 
-        watches.append(PodWatch(source, store, ns, on_synced=synced).start())
+        watches.append(PodWatch(source, store, ns, on_synced=synced, on_failure=on_failure).start())
     return watches
+
+
+def not_ready(store: PodStore, watches: Iterable[PodWatch], grace: float = 10.0) -> str | None:
+    """The operator's readiness: why it cannot reconcile yet (None: it can). Until every
+    namespace's pods are listed the reconcilers wait; a watch the server refuses (RBAC) would
+    keep them waiting forever behind a green liveness probe, so it is said here."""
+    problems = [why for w in watches if (why := w.unhealthy(grace))]
+    if not store.synced:
+        return "the jobs' pods are not listed yet" + (f": {'; '.join(problems)}" if problems else "")
+    return "; ".join(problems) or None
 
 
 def iter_lines(chunks: Iterable[bytes]) -> Iterator[dict[str, Any]]:

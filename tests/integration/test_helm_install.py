@@ -19,6 +19,7 @@ import json
 import signal
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -370,6 +371,91 @@ def test_admission_policy_holds_the_operator_to_its_own_objects(cluster: Cluster
         rel.uninstall()
 
 
+class OperatorProcess:
+    """``python -m llmtrain.operator`` on a token of the chart's ServiceAccount, watching
+    ``namespaces``, its liveness and metrics (+ /readyz) ports on loopback."""
+
+    def __init__(
+        self, cluster: Cluster, release_ns: str, sa_name: str, namespaces: list[str], tmp: Path
+    ) -> None:
+        kcfg = sa_kubeconfig(cluster, release_ns, sa_name, tmp / "operator.kubeconfig")
+        self.live, self.metrics = _free_port(), _free_port()
+        self.log_path = tmp / "operator.log"
+        args = [sys.executable, "-m", "llmtrain.operator", "--interval", "0.5"]
+        args += [a for ns in namespaces for a in ("--namespace", ns)]
+        args += [
+            "--liveness-port",
+            str(self.live),
+            "--metrics-port",
+            str(self.metrics),
+            "--bind-address",
+            "127.0.0.1",
+        ]
+        args += ["--kubeconfig", str(kcfg), "--operator-namespace", release_ns, "--verbose"]
+        # Not from the repository root: its operator/ folder would shadow the standard library's.
+        self.proc = subprocess.Popen(args, stdout=self.log_path.open("wb"), stderr=subprocess.STDOUT, cwd=tmp)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def get(self, port: int, path: str) -> tuple[int, str]:
+        assert self.proc.poll() is None, self.log()[-4000:]
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as r:
+                return int(r.status), r.read().decode()
+        except urllib.error.HTTPError as e:
+            return int(e.code), e.read().decode()
+        except OSError:
+            return 0, ""
+
+    def alive(self) -> bool:
+        return self.get(self.live, "/healthz")[0] == 200
+
+    def readyz(self) -> tuple[int, str]:
+        return self.get(self.metrics, "/readyz")
+
+
+def test_readiness_says_why_when_the_operator_may_not_list_pods(
+    cluster: Cluster, release_ns: str, tmp_path: Path
+) -> None:
+    """Told to watch a namespace its RBAC does not cover, the operator stays alive (liveness
+    200) but not ready: /readyz is 503 naming the namespace and the 403, the failures are
+    counted; once the chart grants that namespace, it becomes ready without a restart."""
+    granted, forgotten = _ns(cluster, "t-granted"), _ns(cluster, "t-forgotten")
+    rel = Release(
+        cluster, f"llmtrain-{uuid.uuid4().hex[:5]}", release_ns, "--set", f"watchNamespaces={{{granted}}}"
+    )
+    op: OperatorProcess | None = None
+    try:
+        rel.install()
+        (dep,) = [d for d in rel.manifest() if d["kind"] == "Deployment"]
+        sa_name = dep["spec"]["template"]["spec"]["serviceAccountName"]
+        op = OperatorProcess(cluster, release_ns, sa_name, [granted, forgotten], tmp_path)
+        cluster.wait_for(op.alive, timeout=60, what="operator liveness endpoint")
+        why = cluster.wait_for(
+            lambda: (r := op.readyz())[0] == 503 and "http_403" in r[1] and r[1],
+            timeout=30,
+            what="/readyz 503, a 403",
+        )
+        assert f"pods in {forgotten}: http_403" in why and "RBAC must allow list and watch on pods" in why, (
+            why
+        )
+        assert granted not in why, why
+        assert op.alive()  # liveness stays green: a restart would not grant anything
+        metrics = op.get(op.metrics, "/metrics")[1]
+        assert 'llmtrain_operator_pod_watch_failures_total{kind="http_403"}' in metrics, metrics[-2000:]
+
+        cluster.helm("upgrade", rel.name, str(CHART), "-n", release_ns, "--reuse-values",
+                     "--set", f"watchNamespaces={{{granted},{forgotten}}}")  # fmt: skip
+        cluster.wait_for(lambda: op.readyz() == (200, "ok\n"), timeout=30, what="/readyz 200 once granted")
+    finally:
+        if op is not None:
+            op.proc.terminate()
+            op.proc.wait(timeout=30)
+        rel.uninstall()
+        _delete_ns(cluster, granted, forgotten)
+
+
 def test_namespaced_install_runs_the_operator_on_its_own_rules(
     cluster: Cluster, release_ns: str, tmp_path: Path
 ) -> None:
@@ -383,7 +469,6 @@ def test_namespaced_install_runs_the_operator_on_its_own_rules(
         f"watchNamespaces={{{','.join(watch)}}}",
     )
     proc: subprocess.Popen[bytes] | None = None
-    log_path = tmp_path / "operator.log"
     try:
         rel.install()
         for crd in CRDS:
@@ -412,34 +497,10 @@ def test_namespaced_install_runs_the_operator_on_its_own_rules(
             assert not can_i(cluster, sa, verb, res, *extra), f"may {verb} {res} {extra}"
 
         # The operator, with peering, on exactly these rights: a token of its ServiceAccount.
-        kcfg = sa_kubeconfig(cluster, release_ns, sa_name, tmp_path / "operator.kubeconfig")
-        live = _free_port()
-        args = [sys.executable, "-m", "llmtrain.operator", "--interval", "0.5"]
-        args += [a for ns in watch for a in ("--namespace", ns)]
-        args += [
-            "--liveness-port",
-            str(live),
-            "--metrics-port",
-            str(_free_port()),
-            "--bind-address",
-            "127.0.0.1",
-        ]
-        args += ["--kubeconfig", str(kcfg), "--operator-namespace", release_ns, "--verbose"]
-        # Not from the repository root: its operator/ folder would shadow the standard library's.
-        proc = subprocess.Popen(args, stdout=log_path.open("wb"), stderr=subprocess.STDOUT, cwd=tmp_path)
-
-        def log() -> str:
-            return log_path.read_text(errors="replace")
-
-        def alive() -> bool:
-            assert proc is not None and proc.poll() is None, log()[-4000:]
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{live}/healthz", timeout=1) as r:
-                    return bool(r.status == 200)
-            except OSError:
-                return False
-
-        cluster.wait_for(alive, timeout=60, what="operator liveness endpoint")
+        op = OperatorProcess(cluster, release_ns, sa_name, watch, tmp_path)
+        proc, log = op.proc, op.log
+        cluster.wait_for(op.alive, timeout=60, what="operator liveness endpoint")
+        assert cluster.wait_for(lambda: op.readyz()[0] == 200, timeout=30, what="/readyz 200")
         ns = watch[0]
         cluster.custom.create_namespaced_custom_object(
             GROUP, VERSION, ns, PLURAL, gpu_job("helm-smoke", resources={"workers": 1})

@@ -422,6 +422,11 @@ def test_operator_pod_is_locked_down_and_probed() -> None:
     assert ports == {"healthz": 8080, "metrics": 9090}
     assert "--liveness-port=8080" in c["args"] and "--metrics-port=9090" in c["args"]
     assert f"--operator-namespace={RELEASE_NS}" in c["args"]
+    # Alive: Kopf's /healthz; ready: the pods listed in every namespace (/readyz, metrics port).
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "healthz"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    (plain,) = of_kind(render("--set", "metrics.enabled=false"), "Deployment")
+    assert plain["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]["path"] == "/healthz"
     # The read-only root filesystem needs a writable /tmp.
     assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]
     (svc,) = of_kind(docs, "Service")

@@ -180,3 +180,60 @@ def test_iter_lines_splits_json_lines_across_chunks(cut: int) -> None:
     chunks = [raw[i : i + cut] for i in range(0, len(raw), cut)]
     assert list(iter_lines(chunks)) == events
     assert list(iter_lines([raw.rstrip(b"\n")])) == events  # a last line without newline
+
+
+def test_a_refused_list_makes_the_operator_not_ready_at_once_counted_and_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """RBAC without `list pods`: the reconcilers would wait forever for the first list behind a
+    green liveness probe. Readiness says why at once; each failure is counted; the log has one
+    line per distinct reason, not one a second; once allowed, the operator is ready."""
+    from llmtrain.operator.kube import ApiError
+    from llmtrain.operator.podwatch import not_ready
+
+    allowed = threading.Event()
+
+    class Refusing(Source):
+        def list(self, namespace: str | None, selector: str, limit: int, cont: str | None) -> dict[str, Any]:
+            if not allowed.is_set():
+                raise ApiError(403, 'pods is forbidden: User "system:serviceaccount:x:op" cannot list')
+            return super().list(namespace, selector, limit, cont)
+
+    store, kinds = PodStore(), []
+    (w,) = start_watches(Refusing([{"metadata": {"resourceVersion": "1"}, "items": []}], []), store, None)
+    w.retry_delay = 0.01
+    w.on_failure = kinds.append
+    deadline = time.monotonic() + 5
+    while len(kinds) < 5 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    why = not_ready(store, [w])
+    assert why is not None and why.startswith(
+        "the jobs' pods are not listed yet: pods in all namespaces: http_403"
+    )
+    assert "cannot list" in why and "RBAC must allow list and watch on pods" in why
+    assert set(kinds) == {"http_403"} and len(kinds) >= 5
+    refusals = [r for r in caplog.records if "pod watch" in r.getMessage() and r.levelname == "ERROR"]
+    assert len(refusals) == 1, [r.getMessage() for r in refusals]
+
+    allowed.set()
+    assert store.wait_synced(5)
+    deadline = time.monotonic() + 5
+    while not_ready(store, [w]) is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    w.stop()
+    assert not_ready(store, [w]) is None
+
+
+def test_a_dropped_connection_is_not_unready_until_it_lasts() -> None:
+    """A reset stream retried at once is normal; only one failing longer than the grace counts."""
+    from llmtrain.operator.podwatch import not_ready
+
+    store = PodStore()
+    store.mark_synced()
+    w = PodWatch(Source([], []), store, "ns1")
+    w._failed(ConnectionResetError("reset by peer"))
+    assert w.failure == "ConnectionResetError: reset by peer"
+    assert not_ready(store, [w], grace=10) is None
+    assert not_ready(store, [w], grace=0) == "pods in ns1: ConnectionResetError: reset by peer"
+    w._working()
+    assert not_ready(store, [w], grace=0) is None
