@@ -52,6 +52,8 @@ from llmtrain.runtime.serve.text import TextStream
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
+from llmtrain.api.s3 import S3Options
+
 # ------------------------------------------------------------------------ the model
 
 
@@ -348,7 +350,7 @@ def load_server(
     model_uri: str,
     *,
     device: str | torch.device = "cpu",
-    s3: Any = None,
+    s3: S3Options | None = None,
     max_batch: int = 32,
     model_id: str | None = None,
     threads: int | None = None,
