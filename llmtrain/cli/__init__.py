@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import typer
 
-from llmtrain.cli import cluster, local, manifests
-from llmtrain.runtime.commands_model import export_cmd, generate_cmd, serve_cmd
-from llmtrain.runtime.data.commands import app as data_app
+from llmtrain.cli import cluster, data, local, manifests, model
 
 app = typer.Typer(
     name="llmtrain",
@@ -29,10 +27,10 @@ app = typer.Typer(
 # Registration order is the order of `llmtrain --help`.
 for command in (manifests.validate, manifests.crd, cluster.operator, local.run, local.report, cluster.driver):
     app.command()(command)
-app.add_typer(data_app, name="data")
-app.command("export")(export_cmd)
-app.command("generate")(generate_cmd)
-app.command("serve")(serve_cmd)
+app.add_typer(data.app, name="data")
+app.command("export")(model.export_cmd)
+app.command("generate")(model.generate_cmd)
+app.command("serve")(model.serve_cmd)
 
 
 def main() -> None:

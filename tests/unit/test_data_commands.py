@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 
 import yaml
-from llmtrain.runtime.data.commands import app
 from typer.testing import CliRunner
+
+from llmtrain.cli.data import app
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
 from datahelpers import BASE_SPEC, stdlib_sample, write_docs
@@ -74,7 +75,7 @@ def _imported_after(stmt: str) -> set[str]:
 
 
 def test_cli_module_is_light() -> None:
-    mods = _imported_after("import llmtrain.runtime.data.commands")
+    mods = _imported_after("import llmtrain.cli.data")
     assert not mods & {"torch", "ray", "tokenizers", "boto3", "numpy", "datasets"}
 
 

@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 import torch
 import typer
-from llmtrain.runtime.commands_model import export_cmd, generate_cmd
 from llmtrain.runtime.export import TokenizerFiles
 from llmtrain.runtime.generate import Sampling, filter_logits, generate, load_text_tokenizer
 from llmtrain.runtime.hf_import import load_pretrained_model
@@ -19,6 +18,7 @@ from torch import Tensor, nn
 from typer.testing import CliRunner
 
 from llmtrain.api.config import ModelConfig
+from llmtrain.cli.model import export_cmd, generate_cmd
 from tests.unit.test_export import export_gpt, hf_model, model_config, random_gpt, tokenizer  # noqa: F401
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -28,12 +28,11 @@ def prepare(
 ) -> None:
     """Collect, clean, tokenize and shard spec.data into spec.data.outputUri (skipped when it
     already holds a manifest with the same input fingerprint)."""
+    from llmtrain.api.job import load_job
     from llmtrain.runtime.data.collect import SourceError
     from llmtrain.runtime.data.prepare import PrepareError, prepare_data
     from llmtrain.runtime.data.tokenize import TokenizerError
     from llmtrain.runtime.store import StorageError
-
-    from llmtrain.api.job import load_job
 
     console = Console()
     err = Console(stderr=True)
@@ -83,12 +82,12 @@ def inspect(
     endpoint: Annotated[str | None, typer.Option("--endpoint", help="S3 endpoint URL.")] = None,
 ) -> None:
     """Verify the first shard of a split and decode its first windows."""
-    from llmtrain.runtime.data.loader import read_verified_shard
-    from llmtrain.runtime.store import StorageError, open_store
     from tokenizers import Tokenizer
 
     from llmtrain.api.s3 import command_s3_options
     from llmtrain.api.shards import MANIFEST_NAME, Manifest, ShardFormatError
+    from llmtrain.runtime.data.loader import read_verified_shard
+    from llmtrain.runtime.store import StorageError, open_store
 
     console = Console()
     err = Console(stderr=True)
