@@ -414,7 +414,7 @@ def _callback() -> Any:
 
 def trial_table(info: TuningInfo) -> str:
     """The trial table, plain text, for the driver's log (``llmtrain run`` draws the same
-    rows with rich: ``llmtrain.cli_run.trial_table``)."""
+    rows with rich: ``llmtrain.cli.display.trial_table``)."""
     rows = [("trial", "state", "steps", info.metric, "configuration")]
     for t in info.trials:
         metric = f"{t.metric:.4f}" if t.metric is not None else "–"
