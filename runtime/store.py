@@ -77,10 +77,13 @@ class Store(ABC):
         for local files)."""
 
     @abstractmethod
-    def put_file(self, local: Path, key: str) -> None: ...
+    def put_file(self, local: Path, key: str) -> None:
+        """Copy a local file to ``key``, whole as :meth:`put` (large files in parts on S3)."""
 
     @abstractmethod
-    def get_file(self, key: str, local: Path) -> None: ...
+    def get_file(self, key: str, local: Path) -> None:
+        """Copy ``key`` to a local file (a missing local file is FileNotFoundError, as it
+        was for the checkpoint lineage's callers)."""
 
     @abstractmethod
     def exists(self, key: str) -> bool: ...
