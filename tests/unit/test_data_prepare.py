@@ -12,7 +12,8 @@ from llmtrain.runtime.data import collect
 from llmtrain.runtime.data.clean import CleanConfig
 from llmtrain.runtime.data.collect import SourceError
 from llmtrain.runtime.data.loader import read_verified_shard
-from llmtrain.runtime.data.prepare import PrepareError, mixture_copies, prepare_data
+from llmtrain.runtime.data.mixture import mixture_copies
+from llmtrain.runtime.data.prepare import PrepareError, prepare_data
 from llmtrain.runtime.store import LocalStore
 from tokenizers import Tokenizer
 
