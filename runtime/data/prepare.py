@@ -1,7 +1,19 @@
 """The data stage: collect → clean → dedup → tokenize → split → mix → shard → manifest.
 
-:func:`prepare_data` is what ``llmtrain data prepare`` and ``llmtrain run`` call. It is
-deterministic: every decision is a function of stable document keys and the seed, never of
+:func:`prepare_data` is what ``llmtrain data prepare`` and ``llmtrain run`` call.
+:func:`prepare` reads top to bottom, one function per step:
+
+    _reusable_output        the same inputs already prepared here? reuse them
+    _collect_clean          plan every source's files, read + clean them in blocks
+    _dedup                  validation copies out of training, global exact dedup
+    _tokenizer              load it, or train BPE on a stable-key sample
+    _encode                 token ids per document, in blocks
+    _split, _mix            train/validation; the mixture's copies (runtime/data/mixture.py)
+    _check_validation_size  enough validation windows, before anything is written
+    _write_shards           both splits and the tokenizer
+    _manifest               last: readers trust nothing without it
+
+It is deterministic: every decision is a function of stable document keys and the seed, never of
 arrival order, so 1 or 8 Ray blocks give a byte-identical manifest and identical shards.
 
 Parallelism: the two heavy maps (read+clean, encode) run on Ray Data when a Ray cluster is
