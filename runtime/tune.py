@@ -13,7 +13,7 @@ at a rung. What the search needs beyond that:
   before it launches: a grid's up front, a sampled one in its trial (reported with the path);
 * a stopped trial frees its workers at once: Tune only stops the trial's actor, which would
   leave its Train run (and the run's placement group) behind, so the trial's rank 0 is told
-  to stop at its next log step (:class:`StopRequests`) and the actor waits for the run to end;
+  to stop at its next log step and the actor waits for the run to end (``runtime/tune_trial.py``);
 * the experiment under ``<output prefix>/tune/search`` (S3 on a cluster), restored when a
   rerun finds it: finished trials are not rerun;
 * the trials, counted and ranked (:class:`TrialTracker` → ``RunSnapshot.tuning``).
@@ -22,7 +22,6 @@ at a rung. What the search needs beyond that:
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import math
 import os
@@ -32,21 +31,23 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from llmtrain.runtime.failures import short_error
+from llmtrain.runtime.tune_trial import TrialContext, trainable
 
 from llmtrain.api.job import LLMTrainingJob
 from llmtrain.api.progress import TrialRecord, TuningInfo, better, summarize
 from llmtrain.api.spec import SearchAlgorithm, TuningSpec
 from llmtrain.api.tuning import (
-    final_document,
+    apply_configuration,
     format_config,
     grid_configs,
     job_document,
-    trial_document,
+    trial_steps,
     typed_config,
 )
 from llmtrain.api.validate import trial_problems
 
 if TYPE_CHECKING:
+    from llmtrain.runtime.metrics import TuneMetrics
     from llmtrain.runtime.stage import Place, Reporter
     from llmtrain.runtime.trainer import LaunchOptions
 
@@ -63,10 +64,6 @@ class TuningError(RuntimeError):
     def __init__(self, message: str, *, permanent: bool) -> None:
         super().__init__(message)
         self.permanent = permanent
-
-
-class TrialStopped(RuntimeError):
-    """Raised on a trial's rank 0 when Tune stopped the trial: ends its Train run early."""
 
 
 # ----------------------------------------------------------------- configurations
@@ -108,155 +105,6 @@ def sampler(tuning: TuningSpec) -> Any:
     return optuna.samplers.RandomSampler(seed=tuning.seed)
 
 
-def budget_steps(doc: dict[str, Any], config: dict[str, Any]) -> int:
-    """Optimizer steps a trial with ``config`` trains (its budget in steps or tokens)."""
-    spec = final_document(doc, config)["spec"]
-    budget = doc["spec"]["tuning"]["trialBudget"]
-    if budget.get("maxSteps") is not None:
-        return int(budget["maxSteps"])
-    tokens_per_step = (
-        spec["training"]["batch"]["globalBatchSize"] * spec["model"]["architecture"]["contextLength"]
-    )
-    return math.ceil(int(budget["maxTokens"]) / tokens_per_step)
-
-
-# ------------------------------------------------------------------------- trials
-
-
-class StopRequests:
-    """ "Stop now" from a trial's actor to its rank 0 (a Ray queue actor, like the driver's
-    checkpoint requests); rank 0 polls it at each log step through ``checkpoint_requested``."""
-
-    def __init__(self) -> None:
-        from ray.util.queue import Queue
-
-        self.queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
-
-    def ask(self) -> None:
-        from ray.util.queue import Full
-
-        try:
-            self.queue.put_nowait(True)
-        except Full:
-            pass
-
-
-def _stop_requested(q: Any) -> bool:
-    # Runs on the trial's rank 0 at each log step: a stop ends the run by raising (the run
-    # is a trial; what it trained is of no further use), which Ray Train sees as a failed
-    # worker group and tears down, placement group included.
-    from ray.util.queue import Empty
-
-    try:
-        q.get_nowait()
-    except Empty:
-        return False
-    raise TrialStopped("the search stopped this trial")
-
-
-# This actor's trial (one trial per actor: actors are not reused). Read only by module-level
-# functions: Tune pickles the trainable's class by value, with copies of the globals it names.
-_TRIAL: dict[str, Any] = {}
-
-
-def _stop_trial() -> None:
-    """In the trial's actor, when Tune stops the trial: ask rank 0 to stop, wait for the run."""
-    from ray.tune.trainable.function_trainable import get_session
-
-    session = get_session()
-    thread = getattr(session, "training_thread", None) if session is not None else None
-    stop = _TRIAL.get("stop")
-    if thread is not None and thread.is_alive() and stop is not None:
-        _TRIAL["stopping"] = True
-        stop.ask()
-        _join_draining(thread, getattr(session, "_inter_actor_queue", None), timeout=120)
-
-
-def _join_draining(thread: Any, reports: Any, timeout: float) -> None:
-    """Wait for the trial's run while throwing away its reports.
-
-    Ray Train's controller hands each report to this actor through a one-slot Ray queue
-    (``TuneReportCallback``) and blocks while the slot is full; once Tune stops a trial nothing
-    reads that queue, so the controller would block there forever, never see rank 0 stop, and
-    keep the trial's workers (and their CPUs/GPUs) from the next trial."""
-    from ray.util.queue import Empty
-
-    deadline = time.monotonic() + timeout
-    while thread.is_alive() and time.monotonic() < deadline:
-        if reports is not None:
-            with contextlib.suppress(Empty):
-                reports.get_nowait()
-        thread.join(timeout=0.2)
-
-
-@dataclass(frozen=True)
-class TrialContext:
-    """What every trial needs, pickled to the trial actors."""
-
-    doc: dict[str, Any]  # the job manifest, spec.tuning included
-    data_uri: str
-    storage_options: Any
-    vocab_size: int
-    trials_prefix: str  # <output prefix>/tune/trials: one checkpoint prefix per trial below it
-    options: LaunchOptions
-
-
-def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
-    """One trial: validate its configuration, then train it through the shared launch path,
-    every validation reported to Tune."""
-    from llmtrain.runtime.stage import make_shard_loader
-    from llmtrain.runtime.trainer import launch
-    from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from llmtrain.api.config import runtime_config_from_spec
-
-    trial_id = tune.get_context().get_trial_id()
-    problems = trial_problems(ctx.doc, config)
-    if problems:
-        raise ValueError("invalid configuration: " + "; ".join(problems))
-    doc = trial_document(ctx.doc, config, checkpoint_uri=f"{ctx.trials_prefix}/{trial_id}")
-    spec = LLMTrainingJob.model_validate(doc).spec
-    cfg = runtime_config_from_spec(spec, vocab_size=ctx.vocab_size)
-    stop = StopRequests()
-    _TRIAL["stop"] = stop
-    try:
-        launch(
-            cfg,
-            functools.partial(make_shard_loader, ctx.data_uri, ctx.storage_options),
-            checkpoint_requested=functools.partial(_stop_requested, stop.queue),
-            options=replace(
-                ctx.options,
-                run_name=f"trial-{trial_id}",
-                max_failures=0,  # a failed trial is a data point, not something to retry
-                callbacks=(TuneReportCallback(),),
-            ),
-        )
-    except Exception as e:
-        if _TRIAL.get("stopping"):
-            return  # stopped by the search (ASHA): not a failure
-        raise RuntimeError(short_error(e)) from e
-
-
-def trainable(ctx: TrialContext) -> Any:
-    """The Tune trainable: :func:`run_trial` whose actor, when Tune stops it, first stops the
-    trial's Train run and waits for it (bounded), so its workers are free for the next trial."""
-    from ray import tune
-    from ray.tune.trainable.function_trainable import wrap_function
-
-    def trial(config: dict[str, Any]) -> None:
-        run_trial(config, ctx)
-
-    class Trial(wrap_function(trial)):  # type: ignore[misc]
-        def cleanup(self) -> None:
-            _stop_trial()
-            super().cleanup()
-
-    # The trial's actor only waits on its Train run, whose workers hold the CPUs/GPUs. Tune
-    # cannot place an empty bundle: one byte of memory stands for nothing.
-    return tune.with_resources(Trial, {"CPU": 0, "memory": 1})
-
-
 # ------------------------------------------------------------------- bookkeeping
 
 
@@ -271,17 +119,29 @@ class TrialTracker:
     """Tune's view of the trials → :class:`TrialRecord` per trial → ``report.snapshot.tuning``,
     and one line per finished trial on stdout (the driver's log; the terminal locally).
 
-    Tune pickles its callbacks with the experiment: the callback (:func:`_callback`) finds the
-    live tracker in ``_active`` rather than holding it, so a restored experiment reports here too."""
+    Each change goes to the run's :class:`Reporter`, the search's metrics and every watcher
+    (:func:`watch`). Tune pickles its callbacks with the experiment: the callback
+    (:func:`_callback`) finds the live tracker in :data:`LIVE` rather than holding it, so a
+    restored experiment reports here too."""
 
-    def __init__(self, doc: dict[str, Any], planned: int | None) -> None:
-        tuning = doc["spec"]["tuning"]
-        self.doc = doc
-        self.search = tuning["search"]
-        self.metric = tuning.get("metric", "valLoss")
-        self.mode = TuningSpec.model_validate(tuning).resolved_mode.value
+    def __init__(
+        self,
+        job: LLMTrainingJob | dict[str, Any],  # the job (or its manifest), spec.tuning included
+        planned: int | None,
+        *,
+        report: Reporter | None = None,
+        metrics: TuneMetrics | None = None,
+    ) -> None:
+        self.job = job if isinstance(job, LLMTrainingJob) else LLMTrainingJob.model_validate(job)
+        tuning = self.job.spec.tuning
+        assert tuning is not None
+        self.search = tuning.search.value
+        self.metric = tuning.metric.value
+        self.mode = tuning.resolved_mode.value
         self.key = METRIC_KEYS[self.metric]
         self.planned = planned
+        self.report = report
+        self.metrics = metrics
         self.records: dict[str, TrialRecord] = {}
         self.seeding = False
 
@@ -309,7 +169,7 @@ class TrialTracker:
     def complete(self, trial: Any, *, quiet: bool = False) -> None:
         record = self.records.get(str(trial.trial_id))
         steps = record.steps if record is not None else 0
-        full = budget_steps(self.doc, dict(trial.config))
+        full = trial_steps(self.job, dict(trial.config))
         state = "completed" if steps >= full else "stopped"
         record = self._update(trial, state=state, ended=time.time())
         if not quiet:
@@ -337,12 +197,10 @@ class TrialTracker:
         if self.seeding:  # a restored search is published once, whole (see tune_stage)
             return
         info = self.info()
-        report = _active.get("report")
-        if report is not None:
-            report.update(tuning=info)
-        metrics = _active.get("metrics")
-        if metrics is not None:
-            metrics.update(info)
+        if self.report is not None:
+            self.report.update(tuning=info)
+        if self.metrics is not None:
+            self.metrics.update(info)
         for watcher in list(_watchers):
             watcher(info)
 
@@ -367,8 +225,29 @@ class TrialTracker:
         )
 
 
-# The running stage's Reporter and tracker (a Reporter holds a lock: not picklable).
-_active: dict[str, Any] = {}
+@dataclass
+class LiveSearch:
+    """The search running in this process, where Tune's callbacks find it: Tune pickles its
+    callbacks with the experiment (and a restored experiment brings back those pickles, not
+    new ones), so a callback cannot hold the tracker (nor its Reporter, which holds a lock)."""
+
+    tracker: TrialTracker | None = None
+
+    @contextlib.contextmanager
+    def running(self, tracker: TrialTracker) -> Iterator[TrialTracker]:
+        self.tracker = tracker
+        try:
+            yield tracker
+        finally:
+            self.tracker = None
+
+    def forward(self, event: str, trial: Any, *args: Any) -> None:
+        if self.tracker is not None:
+            getattr(self.tracker, event)(trial, *args)
+
+
+# The one per process: a search runs at a time (the driver's tuning stage).
+LIVE = LiveSearch()
 # Terminal displays following the search (``llmtrain run``'s live trial table): each gets
 # every TuningInfo the stage publishes, on the driver's thread (keep them quick).
 _watchers: list[Callable[[TuningInfo], None]] = []
@@ -386,9 +265,9 @@ def watch(callback: Callable[[TuningInfo], None]) -> Iterator[None]:
 
 
 def _forward(event: str, trial: Any, *args: Any) -> None:
-    tracker = _active.get("tracker")
-    if tracker is not None:
-        getattr(tracker, event)(trial, *args)
+    # Module-level: Tune's pickle of the callback (its class is pickled by value) names this
+    # function instead of copying what it reads, so the callback reaches the live LIVE.
+    LIVE.forward(event, trial, *args)
 
 
 def _callback() -> Any:
@@ -489,51 +368,10 @@ def tune_stage(
 ) -> TuneOutcome:
     """Run (or resume) the search; the best configuration and where its trial's checkpoint is."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search.optuna import OptunaSearch
 
     tuning = job.spec.tuning
     assert tuning is not None
-    doc = job_document(job)
-    grid = tuning.search == SearchAlgorithm.grid
-    if grid:
-        configs = grid_configs(tuning)
-        problems = [p for c in configs for p in trial_problems(doc, c)]
-        if problems:
-            raise TuningError(
-                f"{len(problems)} problem(s) in the grid of spec.tuning.space: " + "; ".join(problems[:5]),
-                permanent=True,
-            )
-        planned: int | None = len(configs)
-        param_space: dict[str, Any] = {
-            p: tune.grid_search(list(d.choice or [])) for p, d in tuning.space.items()
-        }
-        search_alg = None
-        num_samples = 1
-    else:
-        import optuna
-
-        optuna.logging.set_verbosity(optuna.logging.WARNING)  # a line per study otherwise
-        planned = tuning.num_trials
-        param_space = {}
-        mode = tuning.resolved_mode.value
-        search_alg = OptunaSearch(
-            space=optuna_space(tuning),
-            metric=METRIC_KEYS[tuning.metric.value],
-            mode=mode,
-            sampler=sampler(tuning),
-        )
-        num_samples = tuning.num_trials or 1
-    key = METRIC_KEYS[tuning.metric.value]
-    scheduler: Any = FIFOScheduler()
-    if tuning.early_stopping is not None:
-        full = budget_steps(doc, {})
-        scheduler = ASHAScheduler(
-            time_attr="step",
-            max_t=max(full, tuning.early_stopping.grace_period_steps),
-            grace_period=tuning.early_stopping.grace_period_steps,
-            reduction_factor=tuning.early_stopping.reduction_factor,
-        )
+    plan = _plan(job, tuning)
     prefix = f"{place.output_prefix}/tune"
     # Tune's own console output (an experiment banner, trial tables) would interleave with
     # ours: the tracker prints the trials, and Tune's legacy reporter at verbose=0 prints nothing.
@@ -542,63 +380,31 @@ def tune_stage(
     # adapts up to minutes): an interrupted search then reruns no finished trial.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     ctx = TrialContext(
-        doc=doc,
+        job=job,
         data_uri=data_uri,
         storage_options=storage_options,
         vocab_size=vocab_size,
         trials_prefix=f"{prefix}/trials",
         options=options,
     )
-    tracker = TrialTracker(doc, planned)
     place.connect()
     path = f"{prefix}/{EXPERIMENT}"
     before = _live_placement_groups()
-    _active.update(report=report, tracker=tracker, metrics=_serve_metrics(job, options))
+    tracker = TrialTracker(job, plan.planned, report=report, metrics=_serve_metrics(job, options))
     try:
-        if tune.Tuner.can_restore(path):
-            # A rerun: Tune brings back the searcher's state and every trial; finished ones
-            # are not rerun, unfinished ones start again (from their own checkpoints, if any).
-            if report.on_stage is not None:
-                report.on_stage(f"resume the search at {path}")
-            tuner = tune.Tuner.restore(
-                path, trainable=trainable(ctx), resume_unfinished=True, resume_errored=False
-            )
-            # Seeded quietly, then published once: a snapshot with the counts at zero
-            # and then climbing back would look like trials finishing again (the operator
-            # posts an Event per newly finished trial).
-            tracker.seeding = True
-            for trial in tune.ExperimentAnalysis(path).trials:
-                tracker.seed(trial)
-            tracker.seeding = False
-        else:
-            tuner = tune.Tuner(
-                trainable(ctx),
-                param_space=param_space,
-                tune_config=tune.TuneConfig(
-                    metric=key,
-                    mode=tuning.resolved_mode.value,
-                    search_alg=search_alg,
-                    scheduler=scheduler,
-                    num_samples=num_samples,
-                    max_concurrent_trials=tuning.max_concurrent_trials,
-                ),
-                run_config=tune.RunConfig(
-                    name=EXPERIMENT,
-                    storage_path=prefix,
-                    verbose=0,
-                    callbacks=[_callback()],
-                ),
-            )
-        tracker.publish()
-        tuner.fit()
+        with LIVE.running(tracker):
+            if tune.Tuner.can_restore(path):
+                tuner = _restore(path, ctx, tracker, report)
+            else:
+                tuner = _tuner(tuning, plan, ctx, prefix)
+            tracker.publish()
+            tuner.fit()
     finally:
-        metrics = _active.get("metrics")
-        if metrics is not None:
-            metrics.update(tracker.info())
+        if tracker.metrics is not None:
+            tracker.metrics.update(tracker.info())
             # Once a scraper has seen the end of the search (when anyone scrapes): the final
             # run's rank 0 serves on the same port.
-            metrics.close()
-        _active.clear()
+            tracker.metrics.close()
         _release_leftovers(before)
     info = tracker.info()
     report.update(tuning=info)
@@ -606,12 +412,101 @@ def tune_stage(
         watcher(info)
     if not _watchers:
         print("llmtrain tune: trials\n" + trial_table(info), flush=True)
-    return _outcome(job, doc, tracker, ctx)
+    return _outcome(job, tracker, ctx)
 
 
-def _outcome(
-    job: LLMTrainingJob, doc: dict[str, Any], tracker: TrialTracker, ctx: TrialContext
-) -> TuneOutcome:
+@dataclass(frozen=True)
+class SearchPlan:
+    """How Tune searches ``spec.tuning``: what it samples or expands, and when it stops a trial."""
+
+    planned: int | None  # trials to run (a grid's size, numTrials)
+    param_space: dict[str, Any]
+    search_alg: Any  # OptunaSearch, or None for a grid
+    num_samples: int
+    scheduler: Any  # ASHA with earlyStopping, else FIFO
+
+
+def _plan(job: LLMTrainingJob, tuning: TuningSpec) -> SearchPlan:
+    """The search's plan; a grid's every configuration checked first (before Ray is joined)."""
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    if tuning.search == SearchAlgorithm.grid:
+        doc = job_document(job)
+        configs = grid_configs(tuning)
+        problems = [p for c in configs for p in trial_problems(doc, c)]
+        if problems:
+            raise TuningError(
+                f"{len(problems)} problem(s) in the grid of spec.tuning.space: " + "; ".join(problems[:5]),
+                permanent=True,
+            )
+        space = {p: tune.grid_search(list(d.choice or [])) for p, d in tuning.space.items()}
+        return SearchPlan(len(configs), space, None, 1, _scheduler(job, tuning))
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # a line per study otherwise
+    search_alg = OptunaSearch(
+        space=optuna_space(tuning),
+        metric=METRIC_KEYS[tuning.metric.value],
+        mode=tuning.resolved_mode.value,
+        sampler=sampler(tuning),
+    )
+    return SearchPlan(tuning.num_trials, {}, search_alg, tuning.num_trials or 1, _scheduler(job, tuning))
+
+
+def _scheduler(job: LLMTrainingJob, tuning: TuningSpec) -> Any:
+    """ASHA over the trials' steps with spec.tuning.earlyStopping, else every trial runs its budget."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if tuning.early_stopping is None:
+        return FIFOScheduler()
+    full = trial_steps(job, {})
+    return ASHAScheduler(
+        time_attr="step",
+        max_t=max(full, tuning.early_stopping.grace_period_steps),
+        grace_period=tuning.early_stopping.grace_period_steps,
+        reduction_factor=tuning.early_stopping.reduction_factor,
+    )
+
+
+def _tuner(tuning: TuningSpec, plan: SearchPlan, ctx: TrialContext, prefix: str) -> Any:
+    """A new experiment under ``<prefix>/search``."""
+    from ray import tune
+
+    return tune.Tuner(
+        trainable(ctx),
+        param_space=plan.param_space,
+        tune_config=tune.TuneConfig(
+            metric=METRIC_KEYS[tuning.metric.value],
+            mode=tuning.resolved_mode.value,
+            search_alg=plan.search_alg,
+            scheduler=plan.scheduler,
+            num_samples=plan.num_samples,
+            max_concurrent_trials=tuning.max_concurrent_trials,
+        ),
+        run_config=tune.RunConfig(name=EXPERIMENT, storage_path=prefix, verbose=0, callbacks=[_callback()]),
+    )
+
+
+def _restore(path: str, ctx: TrialContext, tracker: TrialTracker, report: Reporter) -> Any:
+    """A rerun: Tune brings back the searcher's state and every trial; finished ones are not
+    rerun, unfinished ones start again (from their own checkpoints, if any)."""
+    from ray import tune
+
+    if report.on_stage is not None:
+        report.on_stage(f"resume the search at {path}")
+    tuner = tune.Tuner.restore(path, trainable=trainable(ctx), resume_unfinished=True, resume_errored=False)
+    # Seeded quietly, then published once: a snapshot with the counts at zero and then
+    # climbing back would look like trials finishing again (the operator posts an Event per
+    # newly finished trial).
+    tracker.seeding = True
+    for trial in tune.ExperimentAnalysis(path).trials:
+        tracker.seed(trial)
+    tracker.seeding = False
+    return tuner
+
+
+def _outcome(job: LLMTrainingJob, tracker: TrialTracker, ctx: TrialContext) -> TuneOutcome:
     tuning = job.spec.tuning
     assert tuning is not None
     mode = tuning.resolved_mode.value
@@ -631,7 +526,7 @@ def _outcome(
             + (f": {failures[0]}" if failures else ""),
             permanent=invalid,
         )
-    final = LLMTrainingJob.model_validate(final_document(doc, best.config))
+    final = apply_configuration(job, best.config)
     print(
         f"llmtrain tune: best trial {best.number}, {tracker.metric} {best.metric:.4f}: {format_config(best.config)}",
         flush=True,

@@ -25,6 +25,29 @@ def pad_vocab(vocab_size: int, multiple_of: int) -> int:
     return multiple_of * math.ceil(vocab_size / multiple_of)
 
 
+def total_steps(
+    *,
+    max_steps: int | None,
+    max_tokens: int | None,
+    epochs: int | None,
+    tokens_per_step: int,
+    steps_per_epoch: int | None,
+) -> int:
+    """Optimizer steps of a run from its duration (exactly one of the three set): the one
+    place a run's length is counted, for the final run (:meth:`TrainConfig.total_steps`, as
+    rank 0 and the driver see it) and for a tuning trial's budget
+    (:func:`llmtrain.api.tuning.trial_steps`). Tokens are rounded up to whole steps;
+    ``steps_per_epoch`` is optimizer steps (only read for a duration in epochs)."""
+    if max_steps is not None:
+        return max_steps
+    if max_tokens is not None:
+        return math.ceil(max_tokens / tokens_per_step)
+    assert epochs is not None
+    if steps_per_epoch is None:
+        raise ValueError("duration in epochs needs the loader's steps_per_epoch")
+    return epochs * steps_per_epoch
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int  # padded embedding rows (>= tokenizer vocabulary)
@@ -115,14 +138,13 @@ class TrainConfig:
 
     def total_steps(self, steps_per_epoch: int | None, context_length: int) -> int:
         """Optimizer steps in the run. ``steps_per_epoch`` = micro batches per epoch per rank."""
-        if self.max_steps is not None:
-            return self.max_steps
-        if self.max_tokens is not None:
-            return math.ceil(self.max_tokens / self.tokens_per_step(context_length))
-        assert self.epochs is not None
-        if steps_per_epoch is None:
-            raise ValueError("duration in epochs needs the loader's steps_per_epoch")
-        return self.epochs * (steps_per_epoch // self.grad_accum_steps)
+        return total_steps(
+            max_steps=self.max_steps,
+            max_tokens=self.max_tokens,
+            epochs=self.epochs,
+            tokens_per_step=self.tokens_per_step(context_length),
+            steps_per_epoch=None if steps_per_epoch is None else steps_per_epoch // self.grad_accum_steps,
+        )
 
 
 @dataclass(frozen=True)

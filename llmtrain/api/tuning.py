@@ -9,26 +9,20 @@ API models only: no torch, ray or optuna, so the operator and ``validate`` stay 
 
 from __future__ import annotations
 
-import copy
 import itertools
+from collections.abc import Mapping
 from typing import Any
 
+from llmtrain.api.base import ApiModel
+from llmtrain.api.config import total_steps
 from llmtrain.api.job import LLMTrainingJob
-from llmtrain.api.spec import TUNABLE_PATHS, TuningSpec
+from llmtrain.api.spec import TUNABLE_PATHS, CheckpointSpec, DurationSpec, TuningSpec
 
 # Trials checkpoint once, at their end (final.train: false exports the best one's).
 TRIAL_CHECKPOINT_EVERY = 100_000_000
 
 
-def _set_path(doc: dict[str, Any], path: str, value: Any) -> None:
-    node = doc
-    *parents, leaf = path.split(".")
-    for p in parents:
-        node = node.setdefault(p, {})
-    node[leaf] = value
-
-
-def typed_config(config: dict[str, Any]) -> dict[str, float | int]:
+def typed_config(config: Mapping[str, Any]) -> dict[str, float | int]:
     """Sampled values with integer fields rounded (a uniform over microBatchSize yields floats)."""
     return {
         path: round(float(v)) if TUNABLE_PATHS.get(path, False) else float(v)
@@ -47,29 +41,80 @@ def job_document(job: LLMTrainingJob) -> dict[str, Any]:
     return job.model_dump(by_alias=True, exclude_none=True, mode="json")
 
 
-def final_document(doc: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
-    """The job with ``config`` applied, as the final run trains it (full duration, every worker)."""
-    out = copy.deepcopy(doc)
-    out["spec"].pop("tuning", None)
+def apply_configuration(job: LLMTrainingJob, config: Mapping[str, Any]) -> LLMTrainingJob:
+    """The job with ``config`` applied, as the final run trains it (full duration, every
+    worker, no search).
+
+    Typed copies, not validated: a configuration is checked as a manifest, as the apiserver
+    would check it (:func:`llmtrain.api.validate.trial_problems`), before anything trains it."""
+    spec = job.spec.model_copy(update={"tuning": None})
     for path, value in typed_config(config).items():
-        _set_path(out["spec"], path, value)
-    return out
+        spec = _with_field(spec, path.split("."), value)
+    return job.model_copy(update={"spec": spec})
 
 
-def trial_document(doc: dict[str, Any], config: dict[str, Any], *, checkpoint_uri: str) -> dict[str, Any]:
+def trial_job(
+    job: LLMTrainingJob, config: Mapping[str, Any], *, checkpoint_uri: str | None = None
+) -> LLMTrainingJob:
     """The job as one trial trains it: ``config`` applied, the trial budget as its duration,
     workersPerTrial workers, its own checkpoint prefix, no export, no metrics port (trials
     share hosts)."""
-    tuning = doc["spec"]["tuning"]
-    out = final_document(doc, config)
-    spec = out["spec"]
-    spec["training"]["duration"] = dict(tuning["trialBudget"])
-    spec["resources"]["workers"] = tuning["workersPerTrial"]
-    spec["checkpoint"] = {"uri": checkpoint_uri, "everySteps": TRIAL_CHECKPOINT_EVERY, "keepLast": 1}
-    spec["metrics"] = {**spec.get("metrics", {}), "enabled": False}
-    for key in ("export", "serve"):
-        spec.pop(key, None)
-    return out
+    tuning = _tuning(job)
+    final = apply_configuration(job, config).spec
+    budget = tuning.trial_budget
+    spec = final.model_copy(
+        update={
+            "training": final.training.model_copy(
+                update={"duration": DurationSpec(max_steps=budget.max_steps, max_tokens=budget.max_tokens)}
+            ),
+            "resources": final.resources.model_copy(update={"workers": tuning.workers_per_trial}),
+            "checkpoint": CheckpointSpec(uri=checkpoint_uri, every_steps=TRIAL_CHECKPOINT_EVERY, keep_last=1),
+            "metrics": final.metrics.model_copy(update={"enabled": False}),
+            "export": None,
+            "serve": None,
+        }
+    )
+    return job.model_copy(update={"spec": spec})
+
+
+def trial_steps(job: LLMTrainingJob, config: Mapping[str, Any]) -> int:
+    """Optimizer steps a trial with ``config`` trains: its budget in steps, or its tokens in
+    whole steps of the configuration's batch."""
+    spec = trial_job(job, config).spec
+    duration = spec.training.duration
+    return total_steps(
+        max_steps=duration.max_steps,
+        max_tokens=duration.max_tokens,
+        epochs=duration.epochs,
+        tokens_per_step=spec.training.batch.global_batch_size * spec.model.architecture.context_length,
+        steps_per_epoch=None,  # a trial budget is never in epochs
+    )
+
+
+def final_document(doc: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """:func:`apply_configuration` as a manifest (what ``llmtrain validate`` checks)."""
+    return job_document(apply_configuration(LLMTrainingJob.model_validate(doc), config))
+
+
+def trial_document(doc: dict[str, Any], config: dict[str, Any], *, checkpoint_uri: str) -> dict[str, Any]:
+    """:func:`trial_job` as a manifest (what ``llmtrain validate`` checks)."""
+    job = LLMTrainingJob.model_validate(doc)
+    return job_document(trial_job(job, config, checkpoint_uri=checkpoint_uri))
+
+
+def _tuning(job: LLMTrainingJob) -> TuningSpec:
+    if job.spec.tuning is None:
+        raise ValueError(f"{job.metadata.name}: spec.tuning is unset: no trials to run")
+    return job.spec.tuning
+
+
+def _with_field(model: ApiModel, path: list[str], value: Any) -> Any:
+    """A copy of ``model`` with the field at ``path`` (its wire names: ``optimizer``, ``lr``) set."""
+    names = {info.alias or name: name for name, info in type(model).model_fields.items()}
+    name = names[path[0]]
+    if len(path) > 1:
+        value = _with_field(getattr(model, name), path[1:], value)
+    return model.model_copy(update={name: value})
 
 
 def describe(config: dict[str, Any]) -> str:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+from tests.unit.test_api_imports import cycles
+
 REPO = Path(__file__).resolve().parents[2]
 # Folder → the package it is installed as (pyproject.toml's package-dir).
 PACKAGES = {"llmtrain/api": "llmtrain.api", "operator": "llmtrain.operator", "runtime": "llmtrain.runtime"}
@@ -60,6 +62,16 @@ def violations(root: Path = REPO) -> list[str]:
     return out
 
 
+def module_graph(root: Path = REPO) -> dict[str, set[str]]:
+    """Module → the modules of the three packages it imports (anywhere in the file)."""
+    files = {
+        module_name(path, root / folder, package): path
+        for folder, package in PACKAGES.items()
+        for path in sorted((root / folder).rglob("*.py"))
+    }
+    return {me: {t for _, t in imported(path, me) if t in files and t != me} for me, path in files.items()}
+
+
 def test_runtime_and_operator_never_import_each_other_and_the_api_neither() -> None:
     assert violations() == []
 
@@ -82,4 +94,28 @@ def test_a_planted_import_is_found_even_inside_a_function(tmp_path: Path) -> Non
         "operator/plain.py",
         "operator/relative.py",
         "runtime/lazy.py",
+    ]
+
+
+def test_no_import_circle_in_the_runtime_the_operator_or_the_api() -> None:
+    """Not even through an import inside a function (the driver and the tuning stage were one)."""
+    assert cycles(module_graph()) == []
+
+
+def test_a_circle_across_packages_is_found(tmp_path: Path) -> None:
+    """Negative control: a lazy circle between two runtime modules, and one through a package's
+    ``__init__``, are found; one-way arrows are not."""
+    for folder in PACKAGES:
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "__init__.py").write_text("")
+    (tmp_path / "runtime" / "driver.py").write_text("from llmtrain.runtime.stage import Place\n")
+    (tmp_path / "runtime" / "tune.py").write_text("def f():\n    from llmtrain.runtime import driver\n")
+    (tmp_path / "runtime" / "stage.py").write_text("def g():\n    from llmtrain.runtime.tune import f\n")
+    (tmp_path / "runtime" / "data").mkdir()
+    (tmp_path / "runtime" / "data" / "__init__.py").write_text("from .loader import open_loader\n")
+    (tmp_path / "runtime" / "data" / "loader.py").write_text("from llmtrain.runtime.data import x\n")
+    (tmp_path / "operator" / "main.py").write_text("from llmtrain.api import spec\n")
+    assert cycles(module_graph(tmp_path)) == [
+        ["llmtrain.runtime.data", "llmtrain.runtime.data.loader"],
+        ["llmtrain.runtime.driver", "llmtrain.runtime.stage", "llmtrain.runtime.tune"],
     ]

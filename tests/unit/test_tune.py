@@ -16,6 +16,7 @@ from llmtrain.api.job import LLMTrainingJob
 from llmtrain.api.progress import MAX_SNAPSHOT_BYTES, STAGE_PHASE, RunSnapshot, TrialRecord, summarize
 from llmtrain.api.spec import TUNABLE_PATHS, TuningSpec
 from llmtrain.api.status import LLMTrainingJobStatus, Phase, TuningStatus
+from llmtrain.api.tuning import final_document, trial_document, trial_steps
 from llmtrain.api.validate import validate_object
 from tests.manifests import TUNING, base, tuning_cases, with_tuning
 
@@ -82,7 +83,7 @@ def test_a_trial_trains_its_configuration_for_the_budget_on_its_workers() -> Non
         "training.batch.microBatchSize": 3.7,
         "model.architecture.dropout": 0.2,
     }
-    trial = t.trial_document(doc, config, checkpoint_uri="s3://b/tune/trials/x")["spec"]
+    trial = trial_document(doc, config, checkpoint_uri="s3://b/tune/trials/x")["spec"]
     assert trial["training"]["optimizer"]["lr"] == 2e-3
     assert trial["training"]["batch"]["microBatchSize"] == 4  # an integer field: rounded
     assert trial["model"]["architecture"]["dropout"] == 0.2
@@ -90,10 +91,11 @@ def test_a_trial_trains_its_configuration_for_the_budget_on_its_workers() -> Non
     assert trial["resources"]["workers"] == 1  # workersPerTrial
     assert trial["checkpoint"]["uri"] == "s3://b/tune/trials/x"
     assert "tuning" not in trial and "export" not in trial
-    assert t.budget_steps(doc, config) == 6  # tokens rounded up to whole steps of 32 × 512
-    final = t.final_document(doc, config)["spec"]
+    # Tokens rounded up to whole steps of 32 × 512.
+    assert trial_steps(LLMTrainingJob.model_validate(doc), config) == 6
+    final = final_document(doc, config)["spec"]
     assert final["training"]["duration"] == {"maxSteps": 100} and final["resources"]["workers"] == 2
-    assert LLMTrainingJob.model_validate(t.final_document(doc, config)).spec.tuning is None
+    assert LLMTrainingJob.model_validate(final_document(doc, config)).spec.tuning is None
 
 
 def test_an_invalid_sample_is_reported_with_its_path() -> None:
