@@ -18,6 +18,7 @@ from llmtrain.runtime.failures import short_error
 
 from llmtrain.api.config import runtime_config_from_spec
 from llmtrain.api.job import LLMTrainingJob
+from llmtrain.api.s3 import S3Options
 from llmtrain.api.tuning import job_document, trial_job
 from llmtrain.api.validate import trial_problems
 
@@ -66,7 +67,7 @@ class TrialContext:
 
     job: LLMTrainingJob  # spec.tuning included
     data_uri: str
-    storage_options: Any
+    storage_options: S3Options
     vocab_size: int
     trials_prefix: str  # <output prefix>/tune/trials: one checkpoint prefix per trial below it
     options: LaunchOptions
