@@ -35,6 +35,7 @@ from llmtrain.runtime.tune_trial import TrialContext, trainable
 
 from llmtrain.api.job import LLMTrainingJob
 from llmtrain.api.progress import TrialRecord, TuningInfo, better, summarize
+from llmtrain.api.s3 import S3Options
 from llmtrain.api.spec import SearchAlgorithm, TuningSpec
 from llmtrain.api.tuning import (
     apply_configuration,
@@ -360,7 +361,7 @@ def _serve_metrics(job: LLMTrainingJob, options: LaunchOptions) -> Any:
 def tune_stage(
     job: LLMTrainingJob,
     data_uri: str,
-    storage_options: Any,
+    storage_options: S3Options,
     vocab_size: int,
     place: Place,
     report: Reporter,
