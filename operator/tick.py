@@ -15,7 +15,6 @@ import secrets
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Any
 
 from llmtrain.operator import manifests as m
@@ -173,6 +172,8 @@ class Tick:
 
     rec: ReconcilerState
     body: Mapping[str, Any]
+    meta: Mapping[str, Any]  # the body's metadata
+    uid: str  # the job's (this incarnation's)
     pods: Mapping[str, PodView]  # the pods under the job's name (an older incarnation's too)
     mine: Mapping[str, PodView]  # this incarnation's
     st: dict[str, Any]
@@ -182,6 +183,8 @@ class Tick:
     stored: dict[str, Any]  # the stored status' owned fields: the patch's base
     old_phase: Phase | None  # as stored, if readable
     annotations: Mapping[str, str]  # the job's, as stored
+    handled: set[str]  # uids of pods whose end was already counted (a restart's, being deleted)
+    live: dict[str, PodView]  # this incarnation's pods less those handled
     facts: JobFacts | None = None  # set by the parse step
     diag: Diagnosis | None = None  # the pods' diagnosis, once asked for
     suspended_seconds: float = 0.0  # set by the suspend step, read by the deadline step
@@ -223,15 +226,25 @@ class Tick:
         # may still have pods being garbage-collected.
         mine = {n: p for n, p in pods.items() if p.owner_uid == uid}
         annotations = dict(meta.get("annotations") or {})
-        return cls(rec, body, pods, mine, st, conds, out, now, old_owned, old_phase, annotations)
-
-    @property
-    def meta(self) -> Mapping[str, Any]:
-        return self.body.get("metadata") or {}
-
-    @property
-    def uid(self) -> str:
-        return str(self.meta.get("uid", ""))
+        handled = set(filter(None, annotations.get(ANN_RESTARTED_PODS, "").split(",")))
+        live = {n: p for n, p in mine.items() if p.uid not in handled}
+        return cls(
+            rec=rec,
+            body=body,
+            meta=meta,
+            uid=str(uid),
+            pods=pods,
+            mine=mine,
+            st=st,
+            conds=conds,
+            out=out,
+            now=now,
+            stored=old_owned,
+            old_phase=old_phase,
+            annotations=annotations,
+            handled=handled,
+            live=live,
+        )
 
     @property
     def job(self) -> JobFacts:
@@ -244,16 +257,6 @@ class Tick:
     def finished(self) -> bool:
         """The job had finished (Succeeded or Failed) before this tick."""
         return self.old_phase is not None and self.old_phase.terminal
-
-    @cached_property
-    def handled(self) -> set[str]:
-        """The uids of pods whose end was already counted (a restart's, being deleted)."""
-        return set(filter(None, self.annotations.get(ANN_RESTARTED_PODS, "").split(",")))
-
-    @cached_property
-    def live(self) -> dict[str, PodView]:
-        """This incarnation's pods less those already handled."""
-        return {n: p for n, p in self.mine.items() if p.uid not in self.handled}
 
     @property
     def diagnosis(self) -> Diagnosis:
