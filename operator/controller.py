@@ -345,6 +345,7 @@ class Controller:
         if event_type == "DELETED":
             self.cache.forget(key)
             self.metrics.forget(*key)
+            self.reconciler.forget(str((body.get("metadata") or {}).get("uid") or ""))
             self._said.pop(key, None)
             self._foreign_said.pop(key, None)
             with self._backoff_lock:

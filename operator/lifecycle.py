@@ -10,7 +10,7 @@ from typing import Any
 
 from llmtrain.operator import manifests as m
 from llmtrain.operator import rayjobs as rj
-from llmtrain.operator.effects import delete_pods, ray_token, stop_ray_job
+from llmtrain.operator.effects import delete_pods, owner_uids, ray_token, stop_ray_job
 from llmtrain.operator.kube import ApiError
 from llmtrain.operator.mirror import mirror
 from llmtrain.operator.outcome import Event, parse_time, rfc3339
@@ -60,6 +60,7 @@ def finished(t: Tick) -> Stop | None:
 def suspend(t: Tick) -> Stop | None:
     """3. ``suspend: true``: a last checkpoint (while training), then the pods go and the
     status is kept (``Suspended``). Resuming counts the time suspended and is a new attempt."""
+    _own_clocks(t)
     if not t.job.suspend:
         _resume(t)
         return None
@@ -96,7 +97,8 @@ def deadline(t: Tick) -> Stop | None:
     first tick starts the clock and attempt 1."""
     st = t.st
     if not st.get("startTime"):
-        st["startTime"] = rfc3339(t.now)
+        st["startTime"] = st["attemptStartTime"] = rfc3339(t.now)
+        st["suspendedSeconds"] = 0
     if not st.get("attempt"):
         st["attempt"] = 1
     limit = t.job.active_deadline_seconds
@@ -154,7 +156,7 @@ def _ttl(t: Tick) -> None:
     if left > 0:
         out.requeue = f"ttlSecondsAfterFinished: Ray cluster deleted in {left:.0f}s"
         return
-    ns, name = job.namespace, job.name
+    name = job.name
     t.rec._children_made.discard(t.uid)
     t.rec._spec_synced.pop(t.uid, None)
     for kind, child in (
@@ -163,24 +165,39 @@ def _ttl(t: Tick) -> None:
         ("ConfigMap", m.spec_configmap_name(name)),
         ("Secret", m.auth_secret_name(name)),
     ):
-        t.rec.api.delete(kind, ns, child)
+        _delete_own(t, kind, child)
     out.annotations[ANN_CLEANED_UP] = rfc3339(now)
     out.events.append(
         Event("Normal", "RayClusterDeleted", f"ttlSecondsAfterFinished={ttl} passed: Ray cluster deleted")
     )
 
 
+def _delete_own(t: Tick, kind: str, name: str) -> None:
+    """Delete a child by name only if it is this job's, and only that incarnation of it (a
+    uid precondition): an object of the same name that someone else made, or made again
+    since, is left alone and said in an Event."""
+    found = t.rec.api.get(kind, t.job.namespace, name)
+    if found is None:
+        return
+    if t.uid not in owner_uids(found):
+        t.out.events.append(
+            Event("Warning", "NotOwned", f"{kind} {name} is not this job's: left in place after the TTL")
+        )
+        return
+    t.rec.api.delete(kind, t.job.namespace, name, uid=(found.get("metadata") or {}).get("uid"))
+
+
 def _resume(t: Tick) -> None:
     """A job no longer suspended: the time it was is added up (for the active deadline),
     and the pods made again are a new attempt."""
     out, conds, now = t.out, t.conds, t.now
-    t.suspended_seconds = _seconds(t.annotations.get(ANN_SUSPENDED_SECONDS))
+    t.suspended_seconds = _seconds(str(t.st.get("suspendedSeconds") or 0))
     if not conds.is_true(ConditionType.Suspended):
         return
     since = parse_time((conds.get(ConditionType.Suspended) or {}).get("lastTransitionTime")) or now
     t.suspended_seconds += max(0.0, (now - since).total_seconds())
-    out.annotations[ANN_SUSPENDED_SECONDS] = f"{t.suspended_seconds:.0f}"
-    out.annotations[ANN_ATTEMPT_STARTED] = rfc3339(now)
+    t.st["suspendedSeconds"] = round(t.suspended_seconds)
+    t.st["attemptStartTime"] = rfc3339(now)
     conds.set(ConditionType.Suspended, False, Reason.Resumed, "resumed: Ray pods recreated")
     t.st["attempt"] = int(t.st.get("attempt") or 0) + 1
     out.events.append(Event("Normal", Reason.Resumed.value, "resumed: recreating the Ray pods"))
@@ -241,6 +258,24 @@ def _awaiting_checkpoint(t: Tick, ray_job: Mapping[str, Any]) -> bool:
     t.conds.set(ConditionType.Running, True, Reason.SuspendedByUser, why)
     t.out.requeue = "suspending: waiting for the last checkpoint"
     return True
+
+
+def _own_clocks(t: Tick) -> None:
+    """The clocks of the deadlines live in status, which users cannot write (an annotation
+    ``llmtrain.dev/suspended-seconds: 1e9`` once switched activeDeadlineSeconds off). A job
+    started by an older operator has them only as annotations: read once, each held to what
+    can be true (suspended at most as long as the job has existed; the attempt started
+    between the start and now), and kept in status from then on."""
+    st, now = t.st, t.now
+    start = parse_time(st.get("startTime"))
+    if start is None:
+        return  # a new job: the deadline step starts its clocks
+    if "suspendedSeconds" not in st:
+        elapsed = max(0.0, (now - start).total_seconds())
+        st["suspendedSeconds"] = round(min(_seconds(t.annotations.get(ANN_SUSPENDED_SECONDS)), elapsed))
+    if "attemptStartTime" not in st:
+        old = parse_time(t.annotations.get(ANN_ATTEMPT_STARTED))
+        st["attemptStartTime"] = rfc3339(old if old is not None and start <= old <= now else start)
 
 
 def _seconds(s: str | None) -> float:

@@ -10,7 +10,7 @@ from typing import Any
 
 from llmtrain.operator.diagnose import ClusterState, Diagnosis
 from llmtrain.operator.outcome import Event, parse_time
-from llmtrain.operator.tick import ANN_ATTEMPT_STARTED, Stop, Tick
+from llmtrain.operator.tick import Stop, Tick
 
 from llmtrain.api.status import ConditionType, Phase, Reason
 
@@ -148,13 +148,5 @@ def _not_ready_reason(t: Tick, diag: Diagnosis, old_running: Mapping[str, Any]) 
 
 def _attempt_started(t: Tick) -> dt.datetime | None:
     """When the current set of pods was asked for: the start, or the last resume/restart
-    (an unreadable annotation falls back to the start: a deadline is never lost to it)."""
-    for s in (
-        t.out.annotations.get(ANN_ATTEMPT_STARTED),
-        t.annotations.get(ANN_ATTEMPT_STARTED),
-        t.st.get("startTime"),
-    ):
-        parsed = parse_time(s)
-        if parsed is not None:
-            return parsed
-    return None
+    (status.attemptStartTime; unreadable: the start, so a deadline is never lost to it)."""
+    return parse_time(t.st.get("attemptStartTime")) or parse_time(t.st.get("startTime"))

@@ -13,7 +13,7 @@ from llmtrain.operator.diagnose import ClusterState, PodView
 from llmtrain.operator.effects import CRASH_LOG_LINES, delete_pods, stop_ray_job
 from llmtrain.operator.kube import ApiError
 from llmtrain.operator.outcome import Event, rfc3339
-from llmtrain.operator.tick import ANN_ATTEMPT_STARTED, ANN_RESTARTED_PODS, Stop, Tick
+from llmtrain.operator.tick import ANN_RESTARTED_PODS, Stop, Tick
 
 from llmtrain.api.status import ConditionType, Phase, Reason
 
@@ -67,7 +67,7 @@ def restart(t: Tick, why: str, fail_reason: Reason, log: str = "") -> None:
     st["attempt"] = int(st.get("attempt") or 1) + 1
     out.restarted = True
     out.annotations[ANN_RESTARTED_PODS] = ",".join(sorted(p.uid for p in t.mine.values()))
-    out.annotations[ANN_ATTEMPT_STARTED] = rfc3339(now)
+    st["attemptStartTime"] = rfc3339(now)
     msg = f"{why}; restarting the Ray cluster as attempt {st['attempt']} (restart {restarts + 1} of {job.backoff_limit}){log}"
     delete_pods(t, end_group=False)
     out.events.append(Event("Warning", Reason.Restarting.value, msg))

@@ -29,8 +29,10 @@ from llmtrain.api.status import ConditionType, LLMTrainingJobStatus, Phase, Reas
 
 # Job annotations: the operator's own memory, kept on the object so a restarted operator
 # (or another replica) continues where the last one stopped.
-ANN_ATTEMPT_STARTED = "llmtrain.dev/attempt-started-at"  # pre-running clock after resume/restart
-ANN_SUSPENDED_SECONDS = "llmtrain.dev/suspended-seconds"  # excluded from activeDeadlineSeconds
+# Read only from jobs last reconciled by an older operator (now status.attemptStartTime and
+# status.suspendedSeconds, which users cannot write).
+ANN_ATTEMPT_STARTED = "llmtrain.dev/attempt-started-at"
+ANN_SUSPENDED_SECONDS = "llmtrain.dev/suspended-seconds"
 ANN_RESTARTED_PODS = "llmtrain.dev/restarted-pod-uids"  # failures already counted
 ANN_CLEANED_UP = "llmtrain.dev/cleaned-up-at"  # ttlSecondsAfterFinished done
 # On a job while its Ray job may run (from the first submission to the end): deleting the
@@ -45,6 +47,8 @@ OWNED_STATUS_FIELDS = (
     "rayJob",
     "rayClusterName",
     "startTime",
+    "attemptStartTime",
+    "suspendedSeconds",
     "completionTime",
     "observedGeneration",
     # mirrored from the driver's RunSnapshot
@@ -150,6 +154,18 @@ class ReconcilerState:
         # uid → the generation the serving objects were last made or patched for.
         self._serve_synced: dict[str, Any] = {}
         self.clock: Callable[[], float] = time.monotonic
+
+    def forget(self, uid: str) -> None:
+        """A deleted job's memory goes with it: without this, creating and deleting jobs for
+        a long time grew every per-uid dict and set here without bound."""
+        self._tokens.pop(uid, None)
+        self._children_made.discard(uid)
+        for memo in (self._status_ok, self._rechecked, self._spec_synced, self._serve_synced):
+            memo.pop(uid, None)
+        for made in [k for k in self._recent if k[0] == uid]:
+            del self._recent[made]
+        for facts in [k for k in self._cache if k[0] == uid]:
+            del self._cache[facts]
 
     def remember(self, cache: dict[Any, Any], key: Any, value: Any) -> None:
         """``cache[key] = value``, the oldest entry dropped first past CACHE_SIZE."""

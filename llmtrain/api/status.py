@@ -323,6 +323,12 @@ class LLMTrainingJobStatus(ApiModel):
     )
     ray_cluster_name: str | None = Field(None, max_length=253, description="Name of the job's Ray cluster.")
     start_time: str | None = Field(None, description="When the job started (RFC 3339).")
+    attempt_start_time: str | None = Field(
+        None, description="When the current attempt's pods were asked for, after a resume or restart (RFC 3339)."
+    )
+    suspended_seconds: int | None = Field(
+        None, ge=0, description="Seconds spent suspended, not counted against activeDeadlineSeconds."
+    )
     completion_time: str | None = Field(None, description="When the job finished (RFC 3339).")
     observed_generation: int | None = Field(None, ge=0, description="metadata.generation last reconciled.")
     serving: ServingStatus | None = Field(None, description="The model server (spec.serve).")

@@ -245,7 +245,7 @@ def test_provisioning_metric_and_forget_on_delete() -> None:
     s.controller.reconcile_key(KEY)
     set_all(s.api, "running")
     s.store.replace(views(s.api).values())
-    s.writer.jobs[KEY]["metadata"]["annotations"]["llmtrain.dev/attempt-started-at"] = "2026-11-26T11:59:50Z"
+    s.writer.jobs[KEY]["status"]["attemptStartTime"] = "2026-11-26T11:59:50Z"
     s.controller.observe("MODIFIED", s.writer.jobs[KEY])
     s.controller.reconcile_key(KEY)
     text = s.metrics_text()
@@ -498,3 +498,29 @@ def test_a_stored_job_the_api_server_refuses_to_write_still_gets_its_events() ->
     ((kind, reason, message),) = s.writer.events
     assert (kind, reason) == ("Warning", "InvalidSpec") and "spec.resources.workers:" in message
     assert 'kind="http_422"} 1.0' in s.metrics_text() and c.backing_off(KEY) > 0
+
+
+def reconciler_memory(rec: Reconciler) -> dict[str, int]:
+    """The size of every per-job container a reconciler keeps between ticks."""
+    return {name: len(v) for name, v in vars(rec).items() if isinstance(v, (dict, set))}
+
+
+def test_deleted_jobs_leave_nothing_behind_in_the_reconciler_or_controller() -> None:
+    """Churn: 300 jobs created, reconciled (pods, children, tokens, caches filled), then
+    deleted. Every per-job container of the reconciler and the controller is empty again:
+    before, the reconciler's per-uid dicts grew with every job ever seen."""
+    s = Setup()
+    before = reconciler_memory(s.controller.reconciler)
+    for i in range(300):
+        body = job_body(name=f"j{i}")
+        body["metadata"]["uid"] = f"uid-{i}"
+        s.add(body)
+        s.controller.reconcile_key(("ns1", f"j{i}"))
+        s.controller.reconcile_key(("ns1", f"j{i}"))
+    grown = reconciler_memory(s.controller.reconciler)
+    assert grown["_children_made"] == 300 and grown["_cache"] == 300 and grown["_recent"] >= 300
+    for i in range(300):
+        body = s.writer.jobs[("ns1", f"j{i}")]
+        s.controller.observe("DELETED", body)
+    assert reconciler_memory(s.controller.reconciler) == before
+    assert len(s.controller.cache) == 0 and not s.controller._backoff and not s.controller._said

@@ -52,6 +52,40 @@ def test_unreadable_annotations_read_as_absent() -> None:
     assert h.cond(ConditionType.Failed)["reason"] == "PreRunningDeadlineExceeded"
 
 
+def test_users_cannot_switch_the_deadlines_off_with_annotations() -> None:
+    """The deadlines' clocks are in status. Annotations saying the job was suspended for 1e9 s
+    or its attempt started in the future are ignored for a job this operator started."""
+    h = Harness()
+    h.body["spec"]["activeDeadlineSeconds"] = 100
+    h.body["spec"]["preRunningDeadlineSeconds"] = 60
+    h.tick()
+    h.body["metadata"]["annotations"].update(
+        {ANN_SUSPENDED_SECONDS: "1e9", ANN_ATTEMPT_STARTED: "2099-01-01T00:00:00Z"}
+    )
+    assert h.status["suspendedSeconds"] == 0
+    h.tick(61)
+    assert h.cond(ConditionType.Failed)["reason"] == "PreRunningDeadlineExceeded"
+
+
+def test_an_older_operators_clock_annotations_are_read_once_within_what_can_be_true() -> None:
+    """A job started by an operator that kept the clocks in annotations: they move into status
+    once, each held to what is possible (never more suspended time than the job has existed)."""
+    h = Harness()
+    h.body["spec"]["activeDeadlineSeconds"] = 100
+    h.tick()
+    for key in ("suspendedSeconds", "attemptStartTime"):
+        h.body["status"].pop(key)  # as an older operator left it
+    h.body["metadata"]["annotations"][ANN_SUSPENDED_SECONDS] = "1e9"
+    h.tick(50)
+    assert h.status["suspendedSeconds"] == 50  # at most the 50 s the job has existed
+    assert h.status["attemptStartTime"] == h.status["startTime"]  # none given: the start
+    h.body["metadata"]["annotations"][ANN_SUSPENDED_SECONDS] = "1e9"
+    h.tick(99)  # active 149 - 50 = 99 s: not yet
+    assert h.status["phase"] != Phase.Failed
+    h.tick(1)
+    assert h.cond(ConditionType.Failed)["reason"] == "DeadlineExceeded"
+
+
 @pytest.mark.parametrize(
     ("spec", "field"),
     [

@@ -352,7 +352,8 @@ def test_active_deadline_does_not_count_time_suspended() -> None:
     h.tick(1000)  # suspended for a long time
     h.body["spec"]["suspend"] = False
     h.tick(0)
-    assert h.body["metadata"]["annotations"][ANN_SUSPENDED_SECONDS] == "1000"
+    assert h.status["suspendedSeconds"] == 1000
+    assert ANN_SUSPENDED_SECONDS not in h.body["metadata"]["annotations"]  # status: users cannot write it
     assert h.status["phase"] != Phase.Failed
     h.tick(49)
     assert h.status["phase"] != Phase.Failed
@@ -451,6 +452,22 @@ def test_ttl_after_finished_deletes_the_ray_cluster_and_keeps_the_job() -> None:
     h.tick(100)
     assert h.api.calls == []  # done once
     assert h.status["phase"] == Phase.Failed
+
+
+def test_ttl_deletes_only_this_jobs_own_children() -> None:
+    """After the TTL the children go by name only when this job owns them, and only that
+    incarnation (uid precondition): a same-named Secret someone else made stays."""
+    h = Harness(activeDeadlineSeconds=10, ttlSecondsAfterFinished=30)
+    h.tick()
+    h.tick(10)
+    foreign = h.api.objects[("Secret", "ns1", "demo-ray-auth")]
+    foreign["metadata"]["ownerReferences"] = [{"uid": "someone-else"}]
+    out = h.tick(30)
+    assert set(h.api.objects) == {("Secret", "ns1", "demo-ray-auth")}
+    assert [e.message for e in out.events if e.reason == "NotOwned"] == [
+        "Secret demo-ray-auth is not this job's: left in place after the TTL"
+    ]
+    assert ("delete", "Secret", "demo-ray-auth") not in h.api.calls
 
 
 def test_no_ttl_keeps_the_ray_cluster_objects() -> None:
