@@ -119,5 +119,7 @@ class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
 
 
 class _QuietHandler(WSGIRequestHandler):
+    timeout = 10  # a probe or scrape that connects and sends nothing does not keep a thread
+
     def log_message(self, format: str, *args: Any) -> None:
         pass  # one line per probe and scrape would drown the operator's log

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -14,6 +15,8 @@ from llmtrain.runtime.stage import Reporter
 
 PROGRESS_PATH = "/progress"
 CHECKPOINT_PATH = "/checkpoint"
+log = logging.getLogger(__name__)
+
 SID_PARAM = "submissionId"  # the attempt a request is for (llmtrain.operator.rayjobs.SID_PARAM)
 
 
@@ -34,10 +37,26 @@ class ProgressServer:
     The standard library's threaded server: one path, one header, no framework needed.
     """
 
-    def __init__(self, report: Reporter, token: str, host: str, port: int) -> None:
-        reporter, expected = report, f"Bearer {token}".encode()
+    # A client that connects and then sends nothing (or half a request) held its thread and
+    # socket for ever; the operator's own requests take milliseconds.
+    SOCKET_TIMEOUT_SECONDS = 10.0
+
+    def __init__(
+        self,
+        report: Reporter,
+        token: str,
+        host: str,
+        port: int,
+        *,
+        timeout: float | None = SOCKET_TIMEOUT_SECONDS,
+    ) -> None:
+        reporter, expected, socket_timeout = report, f"Bearer {token}".encode(), timeout
 
         class Handler(BaseHTTPRequestHandler):
+            # StreamRequestHandler sets it on each accepted socket: a read that waits longer
+            # ends that connection (and its thread), not the server.
+            timeout = socket_timeout
+
             def do_GET(self) -> None:
                 if self._authorized(PROGRESS_PATH) and self._ours():
                     self._send(200, reporter.json().encode())
@@ -86,8 +105,7 @@ class ProgressServer:
             def log_message(self, format: str, *args: Any) -> None:  # one line per poll: none
                 pass
 
-        ThreadingHTTPServer.allow_reuse_address = True
-        self.server = ThreadingHTTPServer((host, port), Handler)
+        self.server = _Server((host, port), Handler)
         self.port = int(self.server.server_address[1])
         self.thread = threading.Thread(target=self.server.serve_forever, name="progress", daemon=True)
         self.thread.start()
@@ -95,3 +113,12 @@ class ProgressServer:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class _Server(ThreadingHTTPServer):
+    allow_reuse_address = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client gone mid-answer (a timed-out poll, a closed connection): the default
+        # prints a traceback into the driver's log, which the operator reads as the run's.
+        log.debug("progress request from %s failed", client_address, exc_info=True)

@@ -618,3 +618,28 @@ def test_a_new_operator_process_makes_a_deleted_network_policy_again() -> None:
     calls = len(h.api.calls)
     h.tick(1)
     assert not [c for c in h.api.calls[calls:] if c[1] == "NetworkPolicy"]  # once per process
+
+
+@pytest.mark.parametrize("timeout", [0.3, None])
+def test_the_progress_server_drops_a_client_that_sends_nothing(timeout: float | None) -> None:
+    """A connection that sends no request is closed after the socket timeout; without one
+    (the negative control, timeout=None) it would be held open for ever."""
+    import socket
+
+    from llmtrain.runtime.progress_server import ProgressServer
+    from llmtrain.runtime.stage import Reporter
+
+    server = ProgressServer(
+        Reporter(RunSnapshot(submission_id="s-1")), TOKEN, "127.0.0.1", 0, timeout=timeout
+    )  # type: ignore[arg-type]
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as idle:
+            idle.sendall(b"GET /progress HTTP/1.1\r\n")  # half a request, then silence
+            idle.settimeout(2.0)
+            if timeout is None:
+                with pytest.raises(TimeoutError):
+                    idle.recv(1)
+            else:
+                assert idle.recv(1) == b""  # closed by the server
+    finally:
+        server.close()
