@@ -11,7 +11,7 @@ Prometheus scraping a real training run and the real operator.
 Series come from ``runtime/metrics.py`` (per worker: ``namespace``, ``job``, ``rank``
 labels, scraped with ``honor_labels`` so those labels survive; the tuning stage's driver:
 ``llmtrain_tune_*`` with the same job labels), ``operator/metrics.py`` and
-``runtime/serve.py`` (no job labels: the operator's and serving panels are fleet-wide).
+``runtime/serve/metrics.py`` (no job labels: the operator's and serving panels are fleet-wide).
 Queries use only PromQL that Prometheus 2.42 understands. Imports neither torch nor ray.
 """
 
@@ -299,7 +299,7 @@ def build() -> dm.Dashboard:
         ),
     ]
 
-    # `llmtrain serve` (runtime/serve.py): its series carry no job labels (a server serves
+    # `llmtrain serve` (runtime/serve/metrics.py): its series carry no job labels (a server serves
     # an exported model, not a job), so these panels are fleet-wide like the operator's.
     serving = [
         _series(
