@@ -16,6 +16,12 @@ import typer
 
 from llmtrain.api.s3 import command_s3_options
 
+# llmtrain serve's defaults, written out: the runtime's modules (torch, FastAPI) load only inside
+# the command. tests/unit/test_serve_limits.py checks they equal protocol.MAX_BODY_BYTES and
+# limits.CLIENT_TIMEOUT_SECONDS.
+MAX_BODY_BYTES = 8 << 20
+CLIENT_TIMEOUT_SECONDS = 10.0
+
 
 def _fail(message: str) -> typer.Exit:
     typer.echo(f"error: {message}", err=True)
@@ -146,6 +152,14 @@ def generate_cmd(
         typer.echo(tok.decode(prompt_ids + new))
 
 
+def _api_key(path: Path) -> str:
+    """--api-key-file: the key is the file's content, stripped (a Secret's value, often with a newline)."""
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise _fail(f"--api-key-file {path}: {e}") from e
+
+
 def serve_cmd(
     model: Annotated[
         str, typer.Option("--model", help="Exported or Hugging Face Llama directory (local or s3://).")
@@ -165,6 +179,37 @@ def serve_cmd(
     threads: Annotated[
         int | None, typer.Option(help="torch threads (default on CPU: all cores but one, for the HTTP loop).")
     ] = None,
+    max_waiting: Annotated[
+        int | None,
+        typer.Option(
+            "--max-waiting",
+            help="Requests waiting for a batch slot at most; more get 429 with Retry-After "
+            "(default: 4 × --max-batch).",
+        ),
+    ] = None,
+    api_key_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--api-key-file",
+            dir_okay=False,
+            help="Require 'Authorization: Bearer KEY', KEY this file's content (stripped); "
+            "/health stays open.",
+        ),
+    ] = None,
+    metrics_require_key: Annotated[
+        bool, typer.Option("--metrics-require-key", help="/metrics too requires the API key.")
+    ] = False,
+    max_body_bytes: Annotated[
+        int, typer.Option("--max-body-bytes", help="Largest request body; larger gets 413 unread.")
+    ] = MAX_BODY_BYTES,
+    client_timeout: Annotated[
+        float,
+        typer.Option(
+            "--client-timeout",
+            help="Seconds a client has to send a request's headers, to send its body, and to take "
+            "each write of a stream; then the connection is cut.",
+        ),
+    ] = CLIENT_TIMEOUT_SECONDS,
     endpoint: Annotated[str | None, typer.Option(help="S3 endpoint (default: AWS_ENDPOINT_URL).")] = None,
 ) -> None:
     """Serve a trained model behind an OpenAI-compatible API (/v1/completions, /v1/models, /metrics)."""
@@ -172,6 +217,7 @@ def serve_cmd(
 
     from llmtrain.runtime.export import ExportError
     from llmtrain.runtime.serve import load_server, serve
+    from llmtrain.runtime.serve.limits import Limits
 
     if not 0 <= port <= 65535:
         raise _fail(f"--port {port}: must be in [0, 65535]")
@@ -179,6 +225,19 @@ def serve_cmd(
         raise _fail(f"--max-batch {max_batch}: must be ≥ 1")
     if threads is not None and threads < 1:
         raise _fail(f"--threads {threads}: must be ≥ 1")
+    if max_waiting is not None and max_waiting < 1:
+        raise _fail(f"--max-waiting {max_waiting}: must be ≥ 1")
+    try:
+        limits = Limits(
+            max_body_bytes=max_body_bytes,
+            client_timeout=client_timeout,
+            api_key=None if api_key_file is None else _api_key(api_key_file),
+            metrics_require_key=metrics_require_key,
+        )
+    except ValueError as e:
+        raise _fail(str(e)) from e
+    if metrics_require_key and limits.api_key is None:
+        raise _fail("--metrics-require-key needs --api-key-file")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     target = _device(device)
     try:
@@ -189,6 +248,8 @@ def serve_cmd(
             max_batch=max_batch,
             model_id=served_model_name,
             threads=threads,
+            max_waiting=4 * max_batch if max_waiting is None else max_waiting,
+            limits=limits,
         )
     except (ExportError, ValueError) as e:
         raise _fail(str(e)) from e

@@ -32,8 +32,17 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from llmtrain.runtime.generate import Sampling, TextTokenizer, load_text_tokenizer
 from llmtrain.runtime.hf_import import load_pretrained_model
 from llmtrain.runtime.serve.engine import Engine, Event, Sequence
+from llmtrain.runtime.serve.limits import (
+    BodyRefused,
+    Limits,
+    guard,
+    header_timeout_protocol,
+    read_body,
+    refusal,
+)
 from llmtrain.runtime.serve.metrics import FirstToken, ServeMetrics, observing_middleware
 from llmtrain.runtime.serve.protocol import (
+    RETRY_AFTER_SECONDS,
     TORCH_SEED_RANGE,
     ApiError,
     ChunkEncoder,
@@ -44,6 +53,7 @@ from llmtrain.runtime.serve.protocol import (
     model_card,
     model_not_found,
     parse_completion_request,
+    rate_limited,
     sse,
     usage,
     usage_chunk,
@@ -67,6 +77,7 @@ class ModelServer:
     engine: Engine
     metrics: ServeMetrics
     device: str
+    limits: Limits = field(default_factory=Limits)
     created: int = field(default_factory=lambda: int(time.time()))
 
     def sequences(self, req: CompletionRequest, emit: Callable[[Event], None]) -> list[Sequence]:
@@ -113,15 +124,35 @@ def _choice_seed(seed: int, choice: int) -> int:
 
 class EventStream(StreamingResponse):
     """A StreamingResponse that runs ``on_close`` however it ends: completed, the client
-    gone (the send fails, or Starlette cancels the stream on http.disconnect), or shutdown."""
+    gone (the send fails, or Starlette cancels the stream on http.disconnect), or shutdown.
 
-    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], None]) -> None:
+    A client that stays connected but stops reading fills the socket's buffers, and a send
+    then waits; past ``send_timeout`` the stream ends unfinished (uvicorn closes the
+    connection) and ``on_stalled`` counts it."""
+
+    def __init__(
+        self,
+        content: AsyncIterator[bytes],
+        on_close: Callable[[], None],
+        *,
+        send_timeout: float,
+        on_stalled: Callable[[], None],
+    ) -> None:
         super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        self.on_close = on_close
+        self.on_close, self.send_timeout, self.on_stalled = on_close, send_timeout, on_stalled
+
+    async def stream_response(self, send: Any) -> None:
+        async def timed(message: Any) -> None:
+            async with asyncio.timeout(self.send_timeout):
+                await send(message)
+
+        await super().stream_response(timed)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:
             await super().__call__(scope, receive, send)
+        except TimeoutError:  # unfinished on purpose: uvicorn drops the connection
+            self.on_stalled()
         finally:
             self.on_close()
 
@@ -144,13 +175,25 @@ def create_app(server: ModelServer) -> Any:
             req = await _read_request(request, server)
         except ApiError as e:
             return error_response(e)
+        except BodyRefused as e:
+            server.metrics.rejected.labels(e.reason).inc()
+            return e.response
         job = _submit(server, req, mailbox.get(), arrived)
+        if job is None:
+            server.metrics.rejected.labels("queue_full").inc()
+            return refusal(rate_limited(server.engine.waiting_requests), retry_after=RETRY_AFTER_SECONDS)
         if req.stream:
-            return EventStream(_stream(server, job), on_close=lambda: server.engine.cancel(job.seqs))
+            return EventStream(
+                _stream(server, job),
+                on_close=lambda: server.engine.cancel(job.seqs),
+                send_timeout=server.limits.client_timeout,
+                on_stalled=server.metrics.rejected.labels("write_timeout").inc,
+            )
         return await _collect(request, server, job)
 
     paths = {"/health", "/metrics", "/v1/models", "/v1/completions"}
-    return observing_middleware(app, server.metrics, paths)
+    guarded = guard(app, server.limits, lambda reason: server.metrics.rejected.labels(reason).inc())
+    return observing_middleware(guarded, server.metrics, paths)
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -190,7 +233,7 @@ def _add_info_routes(app: FastAPI, server: ModelServer) -> None:
 
 
 async def _read_request(request: Request, server: ModelServer) -> CompletionRequest:
-    body = decode_body(await request.body())
+    body = decode_body(await read_body(request, server.limits))
     tok = server.tokenizer
     return parse_completion_request(
         body,
@@ -217,13 +260,17 @@ class _Completion:
     prompt_tokens: int
 
 
-def _submit(server: ModelServer, req: CompletionRequest, mailbox: Mailbox, arrived: float) -> _Completion:
-    """Hand ``req``'s sequences to the engine; their events arrive in the returned queue."""
+def _submit(
+    server: ModelServer, req: CompletionRequest, mailbox: Mailbox, arrived: float
+) -> _Completion | None:
+    """Hand ``req``'s sequences to the engine; their events arrive in the returned queue.
+    None: the engine's queue is full (``--max-waiting``)."""
     queue: asyncio.Queue[Event] = asyncio.Queue()
     seqs = server.sequences(req, functools.partial(mailbox.post, queue))
+    if not server.engine.submit(seqs):
+        return None
     prompt_tokens = sum(len(p) for p in req.prompts)
     server.metrics.prompt_tokens.inc(prompt_tokens)
-    server.engine.submit(seqs)
     return _Completion(
         req=req,
         seqs=seqs,
@@ -354,6 +401,8 @@ def load_server(
     max_batch: int = 32,
     model_id: str | None = None,
     threads: int | None = None,
+    max_waiting: int | None = None,
+    limits: Limits | None = None,
 ) -> ModelServer:
     """Load an exported directory (as ``llmtrain generate`` does) and start its engine.
 
@@ -368,7 +417,7 @@ def load_server(
 
     tok = load_text_tokenizer(model_uri, s3)
     net = load_pretrained_model(model_uri, device=device, s3=s3)
-    engine = Engine(net, max_batch=max_batch)
+    engine = Engine(net, max_batch=max_batch, max_waiting=max_waiting)
     metrics = ServeMetrics(engine)
     engine._observe_batch = metrics.observe_batch  # the metrics read the engine, and it feeds them
     engine.start()
@@ -379,6 +428,7 @@ def load_server(
         engine=engine,
         metrics=metrics,
         device=str(device),
+        limits=limits or Limits(),
     )
 
 
@@ -398,8 +448,15 @@ def serve(server: ModelServer, host: str, port: int, *, announce: Callable[[str]
         sock.close()
         raise
     bound = sock.getsockname()[1]
+    timed_out = server.metrics.rejected.labels("header_timeout").inc
     config = uvicorn.Config(
-        create_app(server), log_level="warning", access_log=False, timeout_graceful_shutdown=5, backlog=2048
+        create_app(server),
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=5,
+        backlog=2048,
+        http=header_timeout_protocol(server.limits.client_timeout, timed_out),
+        timeout_keep_alive=5,  # uvicorn's default: an idle keep-alive connection closes after 5 s
     )
     shown = f"[{host}]" if family == socket.AF_INET6 else host
     announce(

@@ -21,6 +21,15 @@ loop, so its per-token Python is kept small: text is decoded incrementally
 (:class:`~llmtrain.runtime.serve.text.TextStream`) and each sequence's events go out through the
 ``emit`` callback its request gave (the app batches them into one wake-up of its loop per step).
 
+Isolation: a failure that belongs to one sequence (its prefill, its sampling, its text) fails
+that sequence only; the others go on exactly as if it had never been submitted (a row that fails
+in its prefill never joins the batch; one that fails later leaves it as a finished row does).
+Only a failure of the shared batched forward fails every running row.
+
+Admission is bounded: at most ``max_waiting`` requests (groups of sequences submitted together)
+wait for a slot; :meth:`Engine.submit` refuses more, and a cancelled waiter leaves the queue at
+once, so clients that gave up never hold the bound.
+
 Knows nothing of HTTP or of the OpenAI protocol: sequences in, :class:`Event` s out.
 """
 
@@ -67,6 +76,14 @@ class Sequence:
     generated: int = 0
     finished: bool = False
     cancelled: bool = False  # set by the HTTP side (client gone); the engine drops it next step
+    waiting: _Waiting | None = None  # its request's place in the queue, while it waits
+
+
+@dataclass(eq=False)
+class _Waiting:
+    """One submitted request's sequences not yet admitted: the request waits while any does."""
+
+    left: int
 
 
 class Engine:
@@ -77,12 +94,17 @@ class Engine:
         model: GPT,
         *,
         max_batch: int = 32,
+        max_waiting: int | None = None,
         observe_batch: Callable[[int, float], None] | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max batch must be ≥ 1, got {max_batch} (--max-batch)")
+        if max_waiting is not None and max_waiting < 0:
+            raise ValueError(f"max waiting must be ≥ 0, got {max_waiting} (--max-waiting)")
         self.model = model
         self.max_batch = max_batch
+        self.max_waiting = max_waiting  # requests; None: unbounded
+        self._waiting_requests = 0
         self.device = next(model.parameters()).device
         self.stats = EngineStats()
         self._observe_batch = observe_batch
@@ -102,7 +124,8 @@ class Engine:
         with self._cv:
             self._stopping = True
             self._cv.notify_all()
-        self._thread.join(timeout=30)
+        if self._thread.ident is not None:  # started
+            self._thread.join(timeout=30)
 
     @property
     def alive(self) -> bool:
@@ -116,18 +139,47 @@ class Engine:
     def waiting_count(self) -> int:
         return len(self._waiting)
 
-    def submit(self, seqs: list[Sequence]) -> None:
+    @property
+    def waiting_requests(self) -> int:
+        return self._waiting_requests
+
+    def submit(self, seqs: list[Sequence]) -> bool:
+        """Queue one request's sequences; False (nothing queued) when ``max_waiting`` requests
+        already wait. A request counts as waiting until its last sequence is admitted."""
         with self._cv:
-            self._waiting.extend(seqs)
+            if self.max_waiting is not None and self._waiting_requests >= self.max_waiting:
+                return False
+            if seqs:
+                ticket = _Waiting(len(seqs))
+                for s in seqs:
+                    s.waiting = ticket
+                self._waiting_requests += 1
+                self._waiting.extend(seqs)
             self._cv.notify_all()
+            return True
 
     def cancel(self, seqs: Iterable[Sequence]) -> None:
-        """Drop sequences whose client went away: their slots free at the next step."""
+        """Drop sequences whose client went away: a waiting one leaves the queue now (its
+        request stops counting against ``max_waiting``), a running one's slot frees next step."""
         with self._cv:
             for s in seqs:
-                if not s.finished and not s.cancelled:
-                    s.cancelled = True
+                if s.finished or s.cancelled:
+                    continue
+                s.cancelled = True
+                if s.waiting is not None:
+                    self._waiting.remove(s)
+                    self._unqueue(s)
+                    s.finished = True
+                    self.stats.cancelled += 1
             self._cv.notify_all()
+
+    def _unqueue(self, s: Sequence) -> None:
+        """``s`` left the waiting queue (under the lock)."""
+        ticket, s.waiting = s.waiting, None
+        if ticket is not None:
+            ticket.left -= 1
+            if ticket.left == 0:
+                self._waiting_requests -= 1
 
     # -- the engine thread
 
@@ -144,14 +196,12 @@ class Engine:
                 admitted: list[Sequence] = []
                 while self._waiting and len(self._active) + len(admitted) < self.max_batch:
                     s = self._waiting.popleft()
-                    if s.cancelled:
-                        self.stats.cancelled += 1
-                    else:
-                        admitted.append(s)
+                    self._unqueue(s)
+                    admitted.append(s)
             try:
                 with torch.no_grad():
                     self._step(admitted)
-            except Exception as e:  # a bug or out of memory: fail these requests, keep serving
+            except Exception as e:  # the shared forward failed (a bug, out of memory): every row
                 log.exception("engine step failed")
                 for s in [*self._active, *admitted]:
                     if not s.finished:
@@ -163,8 +213,12 @@ class Engine:
         # New prompts, each alone: exactly generate()'s prefill; it yields their first token.
         # Its cache then joins the batch as the last row.
         for s in admitted:
-            kv = KVCache(len(self.model.layers), self.model.cfg.context_length)
-            logits = self.model(torch.tensor([s.prompt], device=self.device), kv=kv)[0, -1]
+            try:
+                kv = KVCache(len(self.model.layers), self.model.cfg.context_length)
+                logits = self.model(torch.tensor([s.prompt], device=self.device), kv=kv)[0, -1]
+            except Exception as e:  # this prompt's own forward: it fails alone
+                self._fail(s, e)
+                continue
             self._take([s], logits[None])
             if not s.finished:
                 self._batch.add(kv)
@@ -196,18 +250,29 @@ class Engine:
                 self._active.pop()
 
     def _take(self, rows: list[Sequence], logits: torch.Tensor) -> None:
-        """Sample each row's next token from its logits [B, V] and tell its request."""
+        """Sample each row's next token from its logits [B, V] and tell its request. A row whose
+        sampling or text fails is failed alone (finished: it leaves the batch this step)."""
         for s, token in zip(rows, self._sample(rows, logits), strict=True):
-            self._emit(s, token)
+            try:
+                if isinstance(token, Exception):
+                    raise token
+                self._emit(s, token)
+            except Exception as e:
+                self._fail(s, e)
+
+    def _fail(self, s: Sequence, e: Exception) -> None:
+        log.warning("sequence %d failed: %s: %s", s.index, type(e).__name__, e)
+        s.finished = True
+        s.emit(Event(s.index, "", error=f"generation failed: {type(e).__name__}: {e}"))
 
     @staticmethod
-    def _sample(rows: list[Sequence], logits: torch.Tensor) -> list[int]:
+    def _sample(rows: list[Sequence], logits: torch.Tensor) -> list[int | Exception]:
         """``next_token`` per row; greedy rows sharing one vocabulary bound take one argmax over
         the batch and one host sync (the same ids: argmax over the allowed ids = argmax after
         masking the others to -inf, first index on ties)."""
         greedy = [i for i, s in enumerate(rows) if s.sampling.greedy]
         limits = {rows[i].sampling.vocab_limit for i in greedy}
-        tokens: list[int] = [-1] * len(rows)
+        tokens: list[int | Exception] = [-1] * len(rows)
         if len(limits) == 1:
             limit = limits.pop()
             sub = logits if len(greedy) == len(rows) else logits[greedy]
@@ -216,8 +281,11 @@ class Engine:
             for i, t in zip(greedy, sub.argmax(-1).tolist(), strict=True):
                 tokens[i] = t
         for i, s in enumerate(rows):
-            if tokens[i] < 0:
-                tokens[i] = next_token(logits[i], s.sampling, s.generator)
+            if tokens[i] == -1:
+                try:  # e.g. a temperature so small that the probabilities overflow to NaN
+                    tokens[i] = next_token(logits[i], s.sampling, s.generator)
+                except Exception as e:  # that row's failure, returned so the others go on
+                    tokens[i] = e
         return tokens
 
     def _emit(self, s: Sequence, token: int) -> None:

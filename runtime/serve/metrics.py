@@ -75,6 +75,14 @@ class ServeMetrics:
         self.completion_tokens = Counter(
             "llmtrain_serve_completion_tokens", "Tokens generated for completed choices.", registry=r
         )
+        self.rejected = Counter(
+            "llmtrain_serve_rejected_requests",
+            "Requests and connections refused before generation, by reason: queue_full (429), "
+            "unauthorized (401), body_too_large (413), body_timeout (408), header_timeout and "
+            "write_timeout (connection closed).",
+            ("reason",),
+            registry=r,
+        )
         self.ttft = Histogram(
             "llmtrain_serve_time_to_first_token_seconds",
             "From a completion request's arrival to its first generated token.",

@@ -8,6 +8,10 @@ output but are not computed here (echo, logprobs, penalties, ...) are refused, n
 :func:`parse_completion_request` checks the body in OpenAI's order, one parameter group per
 helper.
 
+Numbers: JSON as Python parses it admits ``NaN`` and ``Infinity``; every numeric parameter must be
+finite (a 400 naming it), and a temperature below :data:`GREEDY_BELOW` is greedy (0): dividing
+logits by 1e-300 overflows them, and the softmax of that is NaN.
+
 Policies: a request whose prompt + ``max_tokens`` exceeds the model's context length is refused
 (400, OpenAI's ``context_length_exceeded`` message naming the limit) rather than truncated or
 slid (a sliding window re-encodes every step and would not be batched).
@@ -23,6 +27,7 @@ use these functions on plain decoded JSON.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +36,9 @@ DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 MAX_N = 128  # OpenAI's limit on choices per prompt
 MAX_SEQUENCES_PER_REQUEST = 256  # prompts × n: one request cannot take the whole server's memory
-MAX_BODY_BYTES = 8 << 20
+MAX_BODY_BYTES = 8 << 20  # the default of --max-body-bytes
+GREEDY_BELOW = 1e-5  # a temperature under this samples as 0 (greedy): see the module docstring
+RETRY_AFTER_SECONDS = 1  # what a 429 asks the client to wait
 TORCH_SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
 
 
@@ -62,6 +69,33 @@ def error_body(
 ) -> dict[str, Any]:
     """OpenAI's error object: what its clients parse into ``APIError.message/param/code``."""
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def rate_limited(waiting: int) -> ApiError:
+    """429 when ``waiting`` requests already wait for a batch slot: OpenAI's rate-limit shape,
+    which its clients retry after ``Retry-After``."""
+    return ApiError(
+        f"The server is busy: {waiting} requests are already waiting for a batch slot. "
+        f"Please retry after {RETRY_AFTER_SECONDS} s.",
+        status=429,
+        type="requests",
+        code="rate_limit_exceeded",
+    )
+
+
+def invalid_api_key(sent: bool) -> ApiError:
+    """401 for a missing or wrong key, as OpenAI words it (the key itself is never echoed)."""
+    message = (
+        "Incorrect API key provided."
+        if sent
+        else "You didn't provide an API key. You need to provide your API key in an Authorization "
+        "header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
+    )
+    return ApiError(message, status=401, code="invalid_api_key")
+
+
+def body_too_large(limit: int) -> ApiError:
+    return ApiError(f"request body over {limit} bytes", status=413, code="request_too_large")
 
 
 def model_not_found(model: str, detail: str = "") -> ApiError:
@@ -179,6 +213,8 @@ def _number(
         return default
     if not _is_number(value):
         raise ApiError(f"{value!r} is not of type 'number' - '{name}'", param=name)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ApiError(f"{value!r} is not a finite number - '{name}'", param=name)
     if value > hi or value < lo or (lo_open and value == lo):
         interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
         raise ApiError(f"{value!r} is out of range: '{name}' must be in {interval}", param=name)
@@ -242,6 +278,8 @@ def _max_tokens(body: dict[str, Any]) -> int:
 def _sampling(body: dict[str, Any]) -> tuple[float, float, int | None]:
     """(temperature, top_p, top_k as sent: -1 and 0 still mean "all tokens")."""
     temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
+    if temperature < GREEDY_BELOW:
+        temperature = 0.0
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)
     top_k = body.get("top_k")
     if top_k is not None and (not _is_int(top_k) or top_k < -1):
@@ -350,9 +388,7 @@ def _prompt_ids(
 
 
 def decode_body(raw: bytes) -> Any:
-    """The request's bytes as JSON, or OpenAI's error for a body too large or not JSON."""
-    if len(raw) > MAX_BODY_BYTES:
-        raise ApiError(f"request body over {MAX_BODY_BYTES} bytes", status=413)
+    """The request's bytes as JSON (its size already bounded as it was read), or OpenAI's error."""
     try:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
