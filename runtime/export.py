@@ -1,13 +1,15 @@
 """Export to the Hugging Face Llama layout (``LlamaForCausalLM``): safetensors + config + tokenizer.
 
-What a directory written here holds (local or ``s3://bucket/prefix``)::
+What a directory written here holds (local or ``s3://bucket/prefix``; each export is a new
+version, verified, then published whole — layout and readers in :mod:`llmtrain.runtime.publish`)::
 
-    model.safetensors         consolidated weights, HF names, one file
+    model.safetensors         consolidated weights, HF names, one file (or shards + index)
     config.json               LlamaConfig (rope written twice: rope_parameters and rope_theta)
     generation_config.json    eos = our end-of-text id, no BOS
     tokenizer.json            the data pipeline's tokenizer, byte for byte
     tokenizer_config.json     PreTrainedTokenizerFast, no BOS/EOS added, special tokens split
     special_tokens_map.json
+    llmtrain-export.json      every file's size and sha256 (readers check them)
 
 Conventions, each pinned by a test in ``tests/unit/test_export.py``:
 
@@ -36,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from llmtrain.runtime.publish import Backoff, ExportError, ExportWriter
 from torch import Tensor
 
 from llmtrain.api.config import ModelConfig
@@ -69,10 +72,6 @@ _TOP_MAP: tuple[tuple[str, str], ...] = (
     ("norm.weight", "model.norm.weight"),
     ("output.weight", "lm_head.weight"),
 )
-
-
-class ExportError(ValueError):
-    """The weights, config or destination cannot be exported as asked; the message says why."""
 
 
 def hf_name_map(cfg: ModelConfig) -> dict[str, str]:
@@ -304,19 +303,19 @@ def export_model(
     dtype: str = "float32",
     s3: S3Options | None = None,
     max_shard_bytes: int = MAX_SHARD_BYTES,
+    backoff: Backoff | None = None,
 ) -> list[str]:
     """Write the full state dict ``weights`` (our names) as a ``LlamaForCausalLM`` directory.
 
     ``out_uri``: a local directory or ``s3://bucket/prefix`` (spec.export.uri); ``s3`` an
-    optional :class:`~llmtrain.api.s3.S3Options` (None: the environment's). Weights go first and
-    ``config.json`` last, so a reader that finds the config finds a complete export.
+    optional :class:`~llmtrain.api.s3.S3Options` (None: the environment's). The files go into a
+    new version, each verified, and the version is published last
+    (:mod:`llmtrain.runtime.publish`): a reader sees the previous export or this one, whole;
+    a failure leaves the previous one published. A failed write is retried per ``backoff``.
     Above ``max_shard_bytes`` the weights are split as ``save_pretrained`` does
     (``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``); only one
     shard's bytes are held in memory at a time. Returns the written keys.
     """
-    from llmtrain.runtime.store import open_store
-    from safetensors.torch import save
-
     if fmt != EXPORT_FORMAT:
         raise ExportError(f"spec.export.format {fmt!r} is not supported: use {EXPORT_FORMAT!r}")
     if dtype not in _DTYPES:
@@ -326,32 +325,42 @@ def export_model(
             f"end-of-text id {tokenizer.eot_id} is outside the model's vocabulary of {cfg.vocab_size} rows"
         )
     hf = to_hf_state_dict(weights, cfg, _DTYPES[dtype])
-    store = open_store(out_uri, s3)
-    shards = _split(hf, max_shard_bytes)
-    written: list[str] = []
-    if len(shards) == 1:
-        store.put(WEIGHTS_NAME, save(hf, metadata={"format": "pt"}))
-        written.append(WEIGHTS_NAME)
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            store.put(name, save(shard, metadata={"format": "pt"}))
-            weight_map.update(dict.fromkeys(shard, name))
-            written.append(name)
-        total = sum(t.numel() * t.element_size() for t in hf.values())
-        store.put(WEIGHTS_INDEX_NAME, _json({"metadata": {"total_size": total}, "weight_map": weight_map}))
-        written.append(WEIGHTS_INDEX_NAME)
-    files = {
-        TOKENIZER_NAME: tokenizer.json_bytes,
-        TOKENIZER_CONFIG_NAME: _json(tokenizer_config(tokenizer, cfg.context_length)),
-        SPECIAL_TOKENS_NAME: _json({"eos_token": tokenizer.eot_token}),
-        GENERATION_CONFIG_NAME: _json(generation_config(tokenizer, cfg.vocab_size)),
-        CONFIG_NAME: _json(hf_config(cfg, tokenizer, dtype)),
-    }
-    for key, data in files.items():
-        store.put(key, data)
+    writer = ExportWriter(out_uri, s3, backoff)
+    try:
+        written = _write_weights(writer, hf, max_shard_bytes)
+        files = {
+            TOKENIZER_NAME: tokenizer.json_bytes,
+            TOKENIZER_CONFIG_NAME: _json(tokenizer_config(tokenizer, cfg.context_length)),
+            SPECIAL_TOKENS_NAME: _json({"eos_token": tokenizer.eot_token}),
+            GENERATION_CONFIG_NAME: _json(generation_config(tokenizer, cfg.vocab_size)),
+            CONFIG_NAME: _json(hf_config(cfg, tokenizer, dtype)),
+        }
+        for key, data in files.items():
+            writer.put(key, data)
+        writer.publish()
+    except BaseException:
+        writer.abandon()
+        raise
     return written + list(files)
+
+
+def _write_weights(writer: ExportWriter, hf: Mapping[str, Tensor], max_shard_bytes: int) -> list[str]:
+    """One ``model.safetensors``, or shards and their index as ``save_pretrained`` names them."""
+    from safetensors.torch import save
+
+    shards = _split(hf, max_shard_bytes)
+    if len(shards) == 1:
+        writer.put(WEIGHTS_NAME, save(dict(hf), metadata={"format": "pt"}))
+        return [WEIGHTS_NAME]
+    written, weight_map = [], {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        writer.put(name, save(shard, metadata={"format": "pt"}))
+        weight_map.update(dict.fromkeys(shard, name))
+        written.append(name)
+    total = sum(t.numel() * t.element_size() for t in hf.values())
+    writer.put(WEIGHTS_INDEX_NAME, _json({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    return [*written, WEIGHTS_INDEX_NAME]
 
 
 def _split(tensors: Mapping[str, Tensor], max_bytes: int) -> list[dict[str, Tensor]]:
@@ -495,15 +504,25 @@ def export_checkpoint(
     fmt: str = EXPORT_FORMAT,
     dtype: str = "float32",
     s3: S3Options | None = None,
+    backoff: Backoff | None = None,
 ) -> tuple[CheckpointRef, ModelConfig]:
-    """``llmtrain export``: checkpoint (any world size) → HF Llama directory at ``out_uri``."""
+    """``llmtrain export``: checkpoint (any world size) → HF Llama directory at ``out_uri``.
+
+    An S3 outage while the checkpoint is read or the export written is retried here, in place,
+    per ``backoff`` (:class:`~llmtrain.runtime.publish.Backoff`), before the export fails.
+    """
     if fmt != EXPORT_FORMAT:  # before reading any weights
         raise ExportError(f"spec.export.format {fmt!r} is not supported: use {EXPORT_FORMAT!r}")
-    # The checkpoint is read from the same storage (spec.storage) the export is written to.
-    ref = resolve_checkpoint(checkpoint_uri, s3)
-    weights = read_checkpoint_weights(ref, s3)
+    retry = backoff or Backoff()
+
+    def read() -> tuple[CheckpointRef, dict[str, Tensor]]:
+        # The checkpoint is read from the same storage (spec.storage) the export is written to.
+        ref = resolve_checkpoint(checkpoint_uri, s3)
+        return ref, read_checkpoint_weights(ref, s3)
+
+    ref, weights = retry.run(read, f"reading checkpoint {checkpoint_uri}")
     cfg = model_config_for_checkpoint(ref, weights, job)
-    export_model(weights, cfg, out_uri, tokenizer, fmt=fmt, dtype=dtype, s3=s3)
+    export_model(weights, cfg, out_uri, tokenizer, fmt=fmt, dtype=dtype, s3=s3, backoff=retry)
     return ref, cfg
 
 

@@ -140,17 +140,19 @@ def load_text_tokenizer(uri: str, s3: S3Options | None = None) -> TextTokenizer:
         TOKENIZER_NAME,
         ExportError,
     )
-    from llmtrain.runtime.store import open_store
+    from llmtrain.runtime.publish import resolve_export
     from tokenizers import Tokenizer
 
-    store = open_store(uri, s3)
-    if not store.exists(TOKENIZER_NAME):
+    # Only a published export, its files checked against its manifest (pass the URI that
+    # resolve_export returned to read the weights of the same export).
+    export = resolve_export(uri, s3)
+    if not export.has(TOKENIZER_NAME):
         raise ExportError(
             f"{uri} has no {TOKENIZER_NAME}: --model must be a directory written by llmtrain export"
         )
-    tok = Tokenizer.from_str(store.get(TOKENIZER_NAME).decode("utf-8"))
-    config = json.loads(store.get(TOKENIZER_CONFIG_NAME)) if store.exists(TOKENIZER_CONFIG_NAME) else {}
-    gen = json.loads(store.get(GENERATION_CONFIG_NAME)) if store.exists(GENERATION_CONFIG_NAME) else {}
+    tok = Tokenizer.from_str(export.read(TOKENIZER_NAME).decode("utf-8"))
+    config = json.loads(export.read(TOKENIZER_CONFIG_NAME)) if export.has(TOKENIZER_CONFIG_NAME) else {}
+    gen = json.loads(export.read(GENERATION_CONFIG_NAME)) if export.has(GENERATION_CONFIG_NAME) else {}
     eos = gen.get("eos_token_id")
     if isinstance(eos, list):
         eos = eos[0] if eos else None

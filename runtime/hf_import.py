@@ -45,22 +45,28 @@ class Pretrained:
 
 
 def read_pretrained(uri: str, s3: S3Options | None = None) -> Pretrained:
-    """``config.json`` + safetensors of a Llama directory (local or s3://)."""
-    from llmtrain.runtime.store import StorageError, open_store
+    """``config.json`` + safetensors of a Llama directory (local or s3://).
+
+    An llmtrain export is read from its published version only, each file checked against
+    its manifest (:func:`~llmtrain.runtime.publish.resolve_export`); a ``save_pretrained``
+    directory as it is.
+    """
+    from llmtrain.runtime.publish import resolve_export
+    from llmtrain.runtime.store import StorageError
     from safetensors.torch import load
 
-    store = open_store(uri, s3)
+    export = resolve_export(uri, s3)
     try:
-        config = json.loads(store.get(CONFIG_NAME))
+        config = json.loads(export.read(CONFIG_NAME))
     except StorageError as e:
         raise ModelImportError(
             f"{uri} has no {CONFIG_NAME}: spec.model.init.pretrained.uri must be an exported or "
             f"save_pretrained directory ({e})"
         ) from e
-    if store.exists(WEIGHTS_INDEX_NAME):
-        index = json.loads(store.get(WEIGHTS_INDEX_NAME))
+    if export.has(WEIGHTS_INDEX_NAME):
+        index = json.loads(export.read(WEIGHTS_INDEX_NAME))
         files = sorted(set(index["weight_map"].values()))
-    elif store.exists(WEIGHTS_NAME):
+    elif export.has(WEIGHTS_NAME):
         files = [WEIGHTS_NAME]
     else:
         raise ModelImportError(
@@ -69,8 +75,8 @@ def read_pretrained(uri: str, s3: S3Options | None = None) -> Pretrained:
         )
     tensors: dict[str, Tensor] = {}
     for name in files:
-        tensors.update(load(store.get(name)))
-    return Pretrained(uri=store.uri, config=config, tensors=tensors)
+        tensors.update(load(export.read(name)))
+    return Pretrained(uri=export.uri, config=config, tensors=tensors)
 
 
 def model_config_from_hf(config: Mapping[str, Any], *, uri: str = "the pretrained model") -> ModelConfig:
@@ -218,7 +224,7 @@ def load_initial_weights(model: nn.Module, cfg: RuntimeConfig) -> None:
     if not uri:
         raise ModelImportError(f"spec.model.init.{kind}.uri is empty")
     if kind == "pretrained":
-        pre = read_pretrained(uri, s3)
+        pre = read_pretrained(_pinned_on_rank0(uri, s3), s3)
         check_compatible(pre, cfg.model)
         copy_full_weights(model, from_hf_state_dict(pre.tensors, cfg.model, uri=pre.uri))
     elif kind == "checkpoint":
@@ -227,6 +233,19 @@ def load_initial_weights(model: nn.Module, cfg: RuntimeConfig) -> None:
         raise ModelImportError(
             f"unknown init kind {kind!r} (spec.model.init: random, checkpoint or pretrained)"
         )
+
+
+def _pinned_on_rank0(uri: str, s3: S3Options | None) -> str:
+    """The published version rank 0 resolves, for every rank: a publish while ranks resolve
+    cannot give them the weights of two exports."""
+    import torch.distributed as dist
+    from llmtrain.runtime.publish import resolve_export
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return uri
+    picked: list[Any] = [resolve_export(uri, s3).uri if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(picked, src=0)
+    return str(picked[0])
 
 
 def _load_checkpoint_weights(

@@ -123,7 +123,15 @@ def test_finetune_starts_from_the_validation_loss_it_ended_with(
     r = CliRunner().invoke(cli(), [*args, "--tokenizer", f"s3://{bucket}/data/tokenizer.json"])
     assert r.exit_code == 0, r.output
     keys = {o["Key"] for o in s3.client().list_objects_v2(Bucket=bucket, Prefix="model-a/")["Contents"]}
-    assert {"model-a/model.safetensors", "model-a/config.json", "model-a/tokenizer.json"} <= keys
+    # Published whole: a version of its own, and the pointer to it written last.
+    pointer = json.loads(
+        s3.client().get_object(Bucket=bucket, Key="model-a/llmtrain-export.json")["Body"].read()
+    )
+    version = f"model-a/{pointer['version']}"
+    assert {f"{version}/{name}" for name in ("model.safetensors", "config.json", "tokenizer.json")} <= keys
+    assert set(pointer["files"]) == {k.removeprefix(f"{version}/") for k in keys if k.startswith(version)} - {
+        "llmtrain-export.json"
+    }
     # llmtrain generate --model s3://…: reads the export straight from S3 (greedy: reproducible).
     gen = ["generate", "--model", f"s3://{bucket}/model-a", "--prompt", "ab", "--temperature", "0"]
     outputs = [CliRunner().invoke(cli(), [*gen, "--max-tokens", "5", "--ids"]) for _ in range(2)]

@@ -33,6 +33,7 @@ from llmtrain.runtime.checkpoint import CheckpointCorruptError, Lineage
 from llmtrain.runtime.data.loader import ShardLoader
 from llmtrain.runtime.data.prepare import prepare_data
 from llmtrain.runtime.export import export_for_job, read_checkpoint_weights, resolve_checkpoint
+from llmtrain.runtime.publish import MANIFEST_NAME
 from llmtrain.runtime.store import S3Store, StorageError, s3_client
 from llmtrain.runtime.train import RunContext, train
 from typer.testing import CliRunner
@@ -245,7 +246,12 @@ def run_flow(b: Backend, src: Path, bucket: str, prefix: str) -> FlowResult:
         losses=first.losses + again.losses,
         resumed_from=again.resumed_from,
         weights=again.weights,
-        export={k.rsplit("/", 1)[1]: v for k, v in stored.items() if f"{prefix}/model/" in k},
+        # The published version's files; its manifest and the pointer name a random version id.
+        export={
+            k.rsplit("/", 1)[1]: v
+            for k, v in stored.items()
+            if f"{prefix}/model/versions/" in k and not k.endswith(MANIFEST_NAME)
+        },
         generated=json.loads(gen.output)["new"],
     )
 
@@ -268,9 +274,10 @@ FLOW_FAULTS = [
     # checkpoint restore: the marker truncated, the shard file reset mid-body
     Rule("truncate", "GET", r"/ckpt/step_00000006/COMPLETE"),
     Rule("reset", "GET", r"/ckpt/step_00000006/__0_0\.distcp"),
-    # export: weights upload throttled; generate: the weights download reset mid-body
-    Rule("slowdown", "PUT", r"/model/model\.safetensors"),
-    Rule("reset", "GET", r"/model/model\.safetensors"),
+    # export: weights upload throttled, its read-back check reset mid-body; generate: the
+    # weights download reset mid-body
+    Rule("slowdown", "PUT", r"/model/versions/[^/]+/model\.safetensors"),
+    Rule("reset", "GET", r"/model/versions/[^/]+/model\.safetensors", times=2),
 ]
 
 

@@ -34,6 +34,7 @@ from llmtrain.runtime.hf_import import (
     read_pretrained,
 )
 from llmtrain.runtime.model import GPT
+from llmtrain.runtime.publish import ExportCorrupt
 
 from llmtrain.api.config import ModelConfig, RuntimeConfig, pad_vocab
 
@@ -148,11 +149,14 @@ def test_export_files_and_conventions(tmp_path: Path, tokenizer: TokenizerFiles,
     assert sorted(p.name for p in out.iterdir()) == [
         "config.json",
         "generation_config.json",
+        "llmtrain-export.json",
         "model.safetensors",
         "special_tokens_map.json",
         "tokenizer.json",
         "tokenizer_config.json",
     ]
+    manifest = json.loads((out / "llmtrain-export.json").read_text())
+    assert set(manifest["files"]) == {p.name for p in out.iterdir()} - {"llmtrain-export.json"}
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"]
     assert config["rope_parameters"] == {"rope_type": "default", "rope_theta": 50_000.0}
@@ -400,6 +404,9 @@ def test_import_refuses_other_architectures(tmp_path: Path, tokenizer: Tokenizer
         with pytest.raises(ModelImportError, match=match):
             model_config_from_hf({**config, key: value})
     (out / "model.safetensors").unlink()
+    with pytest.raises(ExportCorrupt, match=r"model\.safetensors is in llmtrain-export\.json but missing"):
+        read_pretrained(str(out))
+    (out / "llmtrain-export.json").unlink()  # no longer ours: read as a save_pretrained directory
     with pytest.raises(ModelImportError, match="safetensors"):
         read_pretrained(str(out))
     with pytest.raises(ModelImportError, match=r"config\.json"):
