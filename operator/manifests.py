@@ -26,7 +26,7 @@ import yaml
 from llmtrain.api.job import API_VERSION, LLMTrainingJob
 from llmtrain.api.quantity import parse_quantity, ray_num_cpus
 from llmtrain.api.s3 import storage_env
-from llmtrain.api.spec import KIND, EnvVar, Toleration, VolumeMount
+from llmtrain.api.spec import KIND, EnvVar, StorageSpec, Toleration, VolumeMount
 
 # ---------------------------------------------------------------------------- constants
 
@@ -668,6 +668,10 @@ LABEL_SERVE = "llmtrain.dev/serve"
 ANN_SERVE_HASH = "llmtrain.dev/spec-hash"  # what each serving object was last made from
 SERVE_CONTAINER = "serve"
 SERVE_KINDS = ("Deployment", "Service", "NetworkPolicy")
+# spec.serve.apiKeySecretRef's key, as a file the server reads (--api-key-file).
+SERVE_KEY_VOLUME = "serve-api-key"
+SERVE_KEY_MOUNT = "/var/run/llmtrain/serve-key"
+SERVE_KEY_FILE = "api-key"
 
 
 def serve_name(job: str) -> str:
@@ -691,6 +695,16 @@ def _serve_meta(job: LLMTrainingJob, body: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def serve_storage(job: LLMTrainingJob) -> StorageSpec:
+    """spec.storage as the server pods see it: spec.serve.storageSecretRef's credentials (meant
+    to be read-only: the server only reads the export) in place of spec.storage.secretRef's."""
+    serve = job.spec.serve
+    storage = job.spec.storage
+    if serve is None or serve.storage_secret_ref is None:
+        return storage
+    return storage.model_copy(update={"secret_ref": serve.storage_secret_ref})
+
+
 def serve_deployment(job: LLMTrainingJob, model_uri: str) -> dict[str, Any]:
     """``llmtrain serve`` over the exported model, on the training pool unless spec.serve says
     otherwise; ready once ``/health`` answers (the model is loaded before the port opens)."""
@@ -698,22 +712,46 @@ def serve_deployment(job: LLMTrainingJob, model_uri: str) -> dict[str, Any]:
     assert serve is not None
     res = job.spec.resources
     selector = {LABEL_SERVE: job.metadata.name}
+    command = [
+        "llmtrain",
+        "serve",
+        "--model",
+        model_uri,
+        "--host",
+        "0.0.0.0",
+        "--port",
+        str(serve.port),
+        "--served-model-name",
+        job.metadata.name,
+    ]
+    if serve.max_waiting is not None:
+        command += ["--max-waiting", str(serve.max_waiting)]
+    # Always a list, even empty: the Deployment is kept to the spec by a JSON merge patch, where
+    # a key left out keeps its old value, so unsetting apiKeySecretRef would leave its volume.
+    volumes: list[dict[str, Any]] = []
+    mounts: list[dict[str, Any]] = []
+    if serve.api_key_secret_ref is not None:
+        ref = serve.api_key_secret_ref
+        # A file, not an environment variable: it stays out of `kubectl describe` and the
+        # environment of every process the server starts. One item under a fixed name, so the
+        # path never depends on the key's spelling.
+        volumes.append(
+            {
+                "name": SERVE_KEY_VOLUME,
+                "secret": {
+                    "secretName": ref.name,
+                    "items": [{"key": ref.key, "path": SERVE_KEY_FILE}],
+                    "defaultMode": 0o444,
+                },
+            }
+        )
+        mounts.append({"name": SERVE_KEY_VOLUME, "mountPath": SERVE_KEY_MOUNT, "readOnly": True})
+        command += ["--api-key-file", f"{SERVE_KEY_MOUNT}/{SERVE_KEY_FILE}"]
     container: dict[str, Any] = {
         "name": SERVE_CONTAINER,
         "image": res.image,
-        "command": [
-            "llmtrain",
-            "serve",
-            "--model",
-            model_uri,
-            "--host",
-            "0.0.0.0",
-            "--port",
-            str(serve.port),
-            "--served-model-name",
-            job.metadata.name,
-        ],
-        "env": _with_user_env(job, storage_env(job.spec.storage)),
+        "command": command,
+        "env": _with_user_env(job, storage_env(serve_storage(job))),
         "resources": _resources(serve.resources.cpu, serve.resources.memory, serve.gpus),
         "ports": [{"name": "http", "containerPort": serve.port}],
         # Loading the model from S3 takes a while: readiness gates traffic, liveness only
@@ -727,7 +765,13 @@ def serve_deployment(job: LLMTrainingJob, model_uri: str) -> dict[str, Any]:
             "failureThreshold": 6,
         },
     }
-    pod: dict[str, Any] = {"enableServiceLinks": False, "containers": [_restricted(container)]}
+    if mounts:
+        container["volumeMounts"] = mounts
+    pod: dict[str, Any] = {
+        "enableServiceLinks": False,
+        "containers": [_restricted(container)],
+        "volumes": volumes,
+    }
     node_selector = res.node_selector if serve.node_selector is None else serve.node_selector
     tolerations = res.tolerations if serve.tolerations is None else serve.tolerations
     if node_selector:

@@ -7,8 +7,11 @@ before it makes any pod instead: a missing object (or key) is named in the job's
 with the spec field that references it, no pod is made, and the next resync looks again,
 so creating the object lets the job go on without a new apply.
 
-:func:`references` is pure (the spec → what it references); :func:`first_missing` reads
-each object once through a getter (``KubeApi.get``).
+The model server's Deployment is held back the same way (:func:`serve_references`): a
+Deployment whose pods cannot start would only say so in its pods' events.
+
+:func:`references` and :func:`serve_references` are pure (the spec → what it references);
+:func:`first_missing` reads each object once through a getter (``KubeApi.get``).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llmtrain.api.job import LLMTrainingJob
+from llmtrain.api.spec import SecretRef
 from llmtrain.api.status import Reason
 
 Getter = Callable[[str, str, str], Mapping[str, Any] | None]  # (kind, namespace, name) → object
@@ -45,15 +49,22 @@ class Missing:
     def reason(self) -> Reason:
         return Reason.SecretNotFound if self.ref.kind == "Secret" else Reason.ConfigMapNotFound
 
-    def message(self, namespace: str) -> str:
+    def message(self, namespace: str, held: str = "no Ray pods are made") -> str:
+        """What is missing and what waits for it (``held``: what the operator does not make)."""
         what = f'{self.ref.kind} "{self.ref.name}" ({self.ref.field})'
         problem = (
             f'has no key "{self.key}"' if self.key is not None else f'not found in namespace "{namespace}"'
         )
         return (
-            f"{what} {problem}: no Ray pods are made until it "
+            f"{what} {problem}: {held} until it "
             f"{'has it' if self.key is not None else 'exists'}; the job goes on by itself once it does"
         )
+
+
+def _storage_reference(ref: SecretRef | None, field: str) -> list[Reference]:
+    if ref is None:
+        return []
+    return [Reference("Secret", ref.name, field, (ref.access_key_id_key, ref.secret_access_key_key))]
 
 
 def references(job: LLMTrainingJob) -> list[Reference]:
@@ -61,18 +72,35 @@ def references(job: LLMTrainingJob) -> list[Reference]:
     credentials, image pull secrets, ``env[].valueFrom``, and the volumes' secret / configMap /
     projected sources (unless marked ``optional``). The operator's own children (the Ray
     token Secret, the spec ConfigMap) are not among them: it makes those itself."""
+    out = _storage_reference(job.spec.storage.secret_ref, "spec.storage.secretRef")
+    out += _pod_references(job)
+    for i, v in enumerate(job.spec.resources.volumes):
+        out.extend(
+            _volume_references(v.model_dump(by_alias=True, exclude_none=True), f"spec.resources.volumes[{i}]")
+        )
+    return out
+
+
+def serve_references(job: LLMTrainingJob) -> list[Reference]:
+    """Every Secret and ConfigMap the model server's pods reference (they mount none of
+    spec.resources.volumes): the API key, the storage credentials (spec.serve.storageSecretRef,
+    else spec.storage.secretRef), image pull secrets and ``env[].valueFrom``."""
+    serve = job.spec.serve
+    out: list[Reference] = []
+    if serve is not None and serve.api_key_secret_ref is not None:
+        key = serve.api_key_secret_ref
+        out.append(Reference("Secret", key.name, "spec.serve.apiKeySecretRef", (key.key,)))
+    if serve is not None and serve.storage_secret_ref is not None:
+        out += _storage_reference(serve.storage_secret_ref, "spec.serve.storageSecretRef")
+    else:
+        out += _storage_reference(job.spec.storage.secret_ref, "spec.storage.secretRef")
+    return out + _pod_references(job)
+
+
+def _pod_references(job: LLMTrainingJob) -> list[Reference]:
+    """What every pod of the job references: image pull secrets, ``env[].valueFrom``."""
     res = job.spec.resources
     out: list[Reference] = []
-    ref = job.spec.storage.secret_ref
-    if ref is not None:
-        out.append(
-            Reference(
-                "Secret",
-                ref.name,
-                "spec.storage.secretRef",
-                (ref.access_key_id_key, ref.secret_access_key_key),
-            )
-        )
     for i, s in enumerate(res.image_pull_secrets):
         out.append(Reference("Secret", s.name, f"spec.resources.imagePullSecrets[{i}]"))
     for i, e in enumerate(res.env):
@@ -86,10 +114,6 @@ def references(job: LLMTrainingJob) -> list[Reference]:
         elif src.config_map_key_ref is not None:
             k = src.config_map_key_ref
             out.append(Reference("ConfigMap", k.name, f"{field}.configMapKeyRef", (k.key,)))
-    for i, v in enumerate(res.volumes):
-        out.extend(
-            _volume_references(v.model_dump(by_alias=True, exclude_none=True), f"spec.resources.volumes[{i}]")
-        )
     return out
 
 

@@ -7,12 +7,14 @@ from typing import Any
 
 from llmtrain.operator import manifests as m
 from llmtrain.operator import rayjobs as rj
+from llmtrain.operator import references as refs
 from llmtrain.operator.diagnose import pod_view, server_trouble
 from llmtrain.operator.effects import CRASH_LOG_LINES, create, owner_uids
 from llmtrain.operator.kube import ApiError
 from llmtrain.operator.outcome import Event
 from llmtrain.operator.tick import Stop, Tick
 
+from llmtrain.api.job import LLMTrainingJob
 from llmtrain.api.status import ConditionType, Phase, Reason
 
 
@@ -32,7 +34,10 @@ def serve(t: Tick) -> Stop | None:
         return Stop("finished")
     generation = t.meta.get("generation")
     if t.rec._serve_synced.get(t.uid) != generation:
-        objs = m.serving_objects(t.model(), t.rec.settings, model_uri)
+        model = t.model()
+        if _references_missing(t, model):
+            return Stop("finished; the model server waits for a Secret or ConfigMap")
+        objs = m.serving_objects(model, t.rec.settings, model_uri)
         if not _ensure_server(t, objs):
             return Stop("finished; the model server could not be made")
         t.rec._serve_synced[t.uid] = generation
@@ -43,6 +48,23 @@ def serve(t: Tick) -> Stop | None:
         return Stop("finished; the model server is missing")
     _serving_status(t, model_uri, int((dep.get("status") or {}).get("readyReplicas") or 0))
     return Stop("finished")
+
+
+def _references_missing(t: Tick, model: LLMTrainingJob) -> bool:
+    """Before the serving objects are made or patched: a Secret (key) or ConfigMap the server
+    pods need is missing? Then nothing is made or changed (a server already running keeps its
+    old spec), the Serving condition and one Event name it with its spec field, and the next
+    resync looks again. True if one is missing."""
+    absent = refs.first_missing(t.rec.api.get, t.job.namespace, refs.serve_references(model))
+    if absent is None:
+        return False
+    msg = absent.message(t.job.namespace, "the model server is not made or changed")
+    old = t.conds.get(ConditionType.Serving) or {}
+    t.conds.set(ConditionType.Serving, False, absent.reason, msg)
+    if old.get("reason") != absent.reason.value or old.get("message") != msg:
+        t.out.events.append(Event("Warning", absent.reason.value, msg))
+    t.out.requeue = f"model server: waiting for {absent.ref.kind} {absent.ref.name}"
+    return True
 
 
 def _serving_status(t: Tick, model_uri: str, ready: int) -> None:

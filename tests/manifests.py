@@ -122,6 +122,12 @@ BASE: dict[str, Any] = {
         "activeDeadlineSeconds": 86400,
         "preRunningDeadlineSeconds": 600,
         "ttlSecondsAfterFinished": 3600,
+        "serve": {
+            "replicas": 1,
+            "maxWaiting": 64,
+            "apiKeySecretRef": {"name": "serve-key", "key": "token"},
+            "storageSecretRef": {"name": "s3-read-only"},
+        },
     },
 }
 

@@ -167,6 +167,15 @@ EFFECTS: dict[str, str] = {
     },
     "spec.serve.allowedNamespaces": f"{OS}::test_the_servers_network_policy_admits_exactly_the_named_clients",
     "spec.serve.allowedPods": f"{OS}::test_the_servers_network_policy_admits_exactly_the_named_clients",
+    "spec.serve.apiKeySecretRef.name": f"{OS}::test_the_api_key_is_a_read_only_file_the_server_is_pointed_at",
+    "spec.serve.apiKeySecretRef.key": f"{OS}::test_the_api_key_is_a_read_only_file_the_server_is_pointed_at",
+    "spec.serve.maxWaiting": f"{OS}::test_the_api_key_is_a_read_only_file_the_server_is_pointed_at",
+    **{
+        f"spec.serve.storageSecretRef.{k}": (
+            f"{OS}::test_the_server_gets_spec_serve_storage_secret_ref_instead_of_the_jobs_credentials"
+        )
+        for k in ("name", "accessKeyIdKey", "secretAccessKeyKey")
+    },
     # ---- tuning
     **{
         f"spec.tuning.{k}": f"{TG}::test_grid_runs_its_grid_asha_frees_workers_and_the_best_is_trained_and_exported"

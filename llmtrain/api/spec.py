@@ -678,6 +678,16 @@ class LocalObjectReference(ApiModel):
     name: Name = Field(description="Name of the referenced object.")
 
 
+class SecretKeyRef(ApiModel):
+    """One key of a Secret in the job's namespace."""
+
+    name: Name = Field(description="Secret name.")
+    # A Secret's own rule for its keys, so a key no Secret can hold is refused at apply.
+    key: str = Field(
+        min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$", description="Key within the Secret."
+    )
+
+
 class KeySelector(ApiModel):
     name: Name = Field(description="Name of the Secret or ConfigMap.")
     key: str = Field(min_length=1, max_length=253, description="Key within it.")
@@ -842,6 +852,26 @@ class ServeSpec(ApiModel):
     )
     allowed_pods: dict[str, Annotated[str, Field(max_length=63)]] | None = Field(
         None, description="Labels of the pods that may call the API (unset: every pod of those namespaces)."
+    )
+    api_key_secret_ref: SecretKeyRef | None = Field(
+        None,
+        description="A Secret key holding the API key clients must send as `Authorization: Bearer <key>` "
+        "(mounted read-only into the server pods, passed as --api-key-file; unset: no key, the "
+        "NetworkPolicy alone admits clients). /health stays open. A new key in the Secret is read when "
+        "the pods restart (kubectl rollout restart deployment/<job>-serve).",
+    )
+    max_waiting: int | None = Field(
+        None,
+        ge=1,
+        le=10_000,
+        description="Requests a replica holds waiting for a batch slot; beyond them it answers 429 with "
+        "Retry-After (--max-waiting; unset: the server's default).",
+    )
+    storage_secret_ref: SecretRef | None = Field(
+        None,
+        description="Secret with the server pods' S3 credentials, used instead of spec.storage.secretRef: "
+        "the server only reads export.uri, so give it credentials that can only read (unset: "
+        "spec.storage.secretRef's, which can also write and delete the job's checkpoints).",
     )
 
 

@@ -139,6 +139,8 @@ CONDITION_REASONS: dict[ConditionType, tuple[Reason, ...]] = {
         Reason.ServerStarting,
         Reason.ServerScaledToZero,
         Reason.ServerFailing,
+        Reason.SecretNotFound,  # spec.serve names a Secret (key) that does not exist
+        Reason.ConfigMapNotFound,
     ),
 }
 

@@ -27,8 +27,14 @@ SETTINGS = m.OperatorSettings(operator_namespace="llmtrain-system")
 
 
 def operator_pods(ns: str) -> list[dict[str, Any]]:
-    """Head, workers (with their init container) and a pod of the serve Deployment."""
-    doc = gpu_job("restricted", serve={})
+    """Head, workers (with their init container) and a pod of the serve Deployment (with the
+    API key's Secret volume: a Secret volume is one `restricted` allows)."""
+    serve = {
+        "apiKeySecretRef": {"name": "serve-key", "key": "token"},
+        "maxWaiting": 8,
+        "storageSecretRef": {"name": "s3-read-only"},
+    }
+    doc = gpu_job("restricted", serve=serve)
     doc["metadata"]["namespace"] = ns
     job = LLMTrainingJob.model_validate(doc)
     deployment = m.serve_deployment(job, "s3://bucket/model")

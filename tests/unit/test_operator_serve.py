@@ -3,6 +3,7 @@ and its manifests (pure functions). On the real apiserver: tests/integration/tes
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import pytest
@@ -206,3 +207,138 @@ def test_serve_without_export_is_rejected_naming_the_field() -> None:
     assert any(e.path == "spec.serve" and "spec.export" in e.message for e in errors), errors
     with pytest.raises(ValidationError, match="port"):
         LLMTrainingJob.model_validate(job_body(export={"uri": MODEL}, serve={"port": 80}))
+
+
+# ------------------------------------------------------- API key, admission, read-only storage
+
+KEY = {"name": "serve-key", "key": "token"}
+KEY_PATH = "/var/run/llmtrain/serve-key/api-key"
+
+
+def _pod_spec(d: dict[str, Any]) -> dict[str, Any]:
+    spec: dict[str, Any] = d["spec"]["template"]["spec"]
+    return spec
+
+
+def test_the_api_key_is_a_read_only_file_the_server_is_pointed_at() -> None:
+    d = m.serve_deployment(model(apiKeySecretRef=KEY, maxWaiting=32), MODEL)
+    pod = _pod_spec(d)
+    assert pod["volumes"] == [
+        {
+            "name": "serve-api-key",
+            "secret": {
+                "secretName": "serve-key",
+                "items": [{"key": "token", "path": "api-key"}],
+                "defaultMode": 0o444,
+            },
+        }
+    ]
+    (c,) = pod["containers"]
+    assert c["volumeMounts"] == [
+        {"name": "serve-api-key", "mountPath": "/var/run/llmtrain/serve-key", "readOnly": True}
+    ]
+    cmd = c["command"]
+    assert cmd[cmd.index("--api-key-file") + 1] == KEY_PATH
+    assert cmd[cmd.index("--max-waiting") + 1] == "32"
+    # The key never travels in the environment (visible to every process and `kubectl describe`).
+    assert not any("serve-key" in str(e) for e in c["env"])
+
+    # Unset: no flag, no mount, and an empty volume list, so a merge patch drops an old volume.
+    plain = m.serve_deployment(model(), MODEL)
+    (c,) = _pod_spec(plain)["containers"]
+    assert "--api-key-file" not in c["command"] and "--max-waiting" not in c["command"]
+    assert "volumeMounts" not in c and _pod_spec(plain)["volumes"] == []
+
+
+def test_the_server_gets_spec_serve_storage_secret_ref_instead_of_the_jobs_credentials() -> None:
+    def creds(d: dict[str, Any]) -> dict[str, Any]:
+        env = {e["name"]: e for e in _pod_spec(d)["containers"][0]["env"]}
+        return {
+            k: env[k]["valueFrom"]["secretKeyRef"] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+        }
+
+    body = job_body(export={"uri": MODEL}, storage={"secretRef": {"name": "rw"}}, serve={})
+    rw = creds(m.serve_deployment(LLMTrainingJob.model_validate(body), MODEL))
+    assert rw["AWS_ACCESS_KEY_ID"] == {"name": "rw", "key": "AWS_ACCESS_KEY_ID"}
+    body["spec"]["serve"] = {
+        "storageSecretRef": {"name": "ro", "accessKeyIdKey": "id", "secretAccessKeyKey": "sk"}
+    }
+    job = LLMTrainingJob.model_validate(body)
+    assert creds(m.serve_deployment(job, MODEL)) == {
+        "AWS_ACCESS_KEY_ID": {"name": "ro", "key": "id"},
+        "AWS_SECRET_ACCESS_KEY": {"name": "ro", "key": "sk"},
+    }
+    # The Ray pods keep the job's own (read-write) credentials.
+    env = {e["name"]: e for e in m.head_pod(job, m.OperatorSettings())["spec"]["containers"][0]["env"]}
+    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == "rw"
+
+
+def test_a_missing_api_key_secret_holds_the_server_back_naming_the_field() -> None:
+    h = succeeded(apiKeySecretRef=KEY)
+    out = h.tick(1)
+    assert not any((k, "ns1", "demo-serve") in h.api.objects for k in SERVE_KINDS)
+    serving = h.cond(ConditionType.Serving)
+    assert serving["status"] == "False" and serving["reason"] == "SecretNotFound"
+    assert 'Secret "serve-key" (spec.serve.apiKeySecretRef) not found' in serving["message"]
+    assert "SecretNotFound" in h.event_reasons() and "serve-key" in (out.requeue or "")
+
+    h.api.put("Secret", "ns1", "serve-key", {"other": "x"})  # the Secret, but not the key
+    h.tick(1)
+    assert ("Deployment", "ns1", "demo-serve") not in h.api.objects
+    assert 'has no key "token"' in h.cond(ConditionType.Serving)["message"]
+
+    h.api.put("Secret", "ns1", "serve-key", {"token": "sk-1"})  # the job goes on by itself
+    h.tick(1)
+    cmd = _pod_spec(server(h, "Deployment"))["containers"][0]["command"]
+    assert cmd[cmd.index("--api-key-file") + 1] == KEY_PATH
+    assert h.cond(ConditionType.Serving)["reason"] == "ServerStarting"
+
+
+def test_a_missing_read_only_storage_secret_is_named_too() -> None:
+    h = succeeded(storageSecretRef={"name": "s3-ro"})
+    h.tick(1)
+    assert ("Deployment", "ns1", "demo-serve") not in h.api.objects
+    assert 'Secret "s3-ro" (spec.serve.storageSecretRef)' in h.cond(ConditionType.Serving)["message"]
+
+
+def test_adding_changing_and_removing_the_key_re_rolls_the_deployment() -> None:
+    h = succeeded()
+    h.api.put("Secret", "ns1", "serve-key", {"token": "sk-1", "other": "sk-2"})
+    h.api.put("Secret", "ns1", "s3-ro", {"AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b"})
+    h.tick(1)
+    hashes = [server(h, "Deployment")["metadata"]["annotations"][m.ANN_SERVE_HASH]]
+    for serve in (
+        {"apiKeySecretRef": KEY},
+        {"apiKeySecretRef": {**KEY, "key": "other"}},
+        {"apiKeySecretRef": {**KEY, "key": "other"}, "maxWaiting": 4},
+        {
+            "apiKeySecretRef": {**KEY, "key": "other"},
+            "maxWaiting": 4,
+            "storageSecretRef": {"name": "s3-ro"},
+        },
+        {},
+    ):
+        h.body["spec"]["serve"] = serve
+        h.tick(1)
+        hashes.append(server(h, "Deployment")["metadata"]["annotations"][m.ANN_SERVE_HASH])
+    # Every edit patched the Deployment with a new template; back to {} is the first one again.
+    assert all(a != b for a, b in itertools.pairwise(hashes)) and hashes[-1] == hashes[0]
+    assert h.event_reasons().count("ServerUpdated") == 5
+    pod = _pod_spec(server(h, "Deployment"))
+    # Removed: the merge patch took the volume away too, not only the flag and the mount.
+    assert pod["volumes"] == [] and "volumeMounts" not in pod["containers"][0]
+    assert "--api-key-file" not in pod["containers"][0]["command"]
+
+
+@pytest.mark.parametrize(
+    ("serve", "field"),
+    [
+        ({"maxWaiting": 0}, "maxWaiting"),
+        ({"maxWaiting": 10_001}, "maxWaiting"),
+        ({"apiKeySecretRef": {"name": "k", "key": "a/b"}}, "key"),
+        ({"apiKeySecretRef": {"name": "k"}}, "key"),
+    ],
+)
+def test_serve_admission_and_key_fields_are_bounded(serve: dict[str, Any], field: str) -> None:
+    errors = validate_object(job_body(export={"uri": MODEL}, serve=serve))
+    assert any(e.path.startswith("spec.serve") and field in e.path for e in errors), errors
