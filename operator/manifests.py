@@ -573,11 +573,17 @@ def auth_secret(job: LLMTrainingJob, token: str) -> dict[str, Any]:
 
 
 def spec_document(job: LLMTrainingJob) -> dict[str, Any]:
-    """The job as its driver reads it: the spec ConfigMap's file, and the Ray job's runtime env."""
+    """The job as its driver reads it: the spec ConfigMap's file, and the Ray job's runtime env.
+    ``metadata.uid`` goes with it: the driver's owner record at the output prefix names the job
+    by it, so a job created again under the same name is another owner (runtime/owner.py)."""
+    meta = {"name": job.metadata.name, "namespace": _namespace(job)}
+    uid = (job.metadata.model_extra or {}).get("uid")
+    if uid:
+        meta["uid"] = str(uid)
     return {
         "apiVersion": API_VERSION,
         "kind": KIND,
-        "metadata": {"name": job.metadata.name, "namespace": _namespace(job)},
+        "metadata": meta,
         "spec": job.spec.model_dump(by_alias=True, exclude_none=True, mode="json"),
     }
 

@@ -30,6 +30,7 @@ WARNING_REASONS = frozenset(
         Reason.RunFailed,
         Reason.DataError,
         Reason.NonFiniteLoss,
+        Reason.OutputPrefixInUse,
         Reason.SecretNotFound,
         Reason.ConfigMapNotFound,
         Reason.ImagePullFailed,

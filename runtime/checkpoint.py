@@ -6,6 +6,8 @@ Layout::
     <uri>/step_00000100/__1_0.distcp    rank 1's shards
     <uri>/step_00000100/.metadata       DCP metadata, uploaded by rank 0 after every rank's shards
     <uri>/step_00000100/COMPLETE        completion marker (JSON), uploaded LAST by rank 0
+    <uri>/step_00000100/WRITER          the job that saves it, uploaded FIRST by rank 0
+    <uri>/OWNER                         the job the prefix belongs to (runtime/owner.py)
 
 A checkpoint without ``COMPLETE`` does not exist as far as loading is concerned. Each rank
 writes into its own local staging directory and uploads its own files, so nothing relies on a
@@ -17,6 +19,13 @@ gathered from all ranks; rank 0 writes it only after listing the store and findi
 there at its size, and every load checks each downloaded file against it, so a corrupted or
 replaced file is named (file and URI) and never loaded. Markers written before ``files`` existed
 load unchecked.
+
+Ownership: a lineage opened with ``owner`` (the job, ``namespace/name/uid``) publishes and
+deletes only as the owner of its prefix (the ``OWNER`` record, checked before each marker and
+each clean-up), and deletes only what this job wrote: a complete checkpoint whose marker names it (``owner``), an
+incomplete one whose ``WRITER`` does. Checkpoints of a job that owned the prefix before (one
+this job took over) or from before owner records existed are resumed from but never deleted.
+A lineage opened without ``owner`` (a tuning trial's, a read) is unchecked.
 
 The files go through :mod:`llmtrain.runtime.store` (local or S3, with its retries), the store
 the data and the exports use too.
@@ -39,6 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llmtrain.runtime.owner import check as check_owner
 from llmtrain.runtime.store import LocalStore, S3Store, Store
 
 from llmtrain.api.s3 import S3Options
@@ -49,6 +59,7 @@ from llmtrain.api.s3 import S3Options
 
 MARKER = "COMPLETE"
 METADATA = ".metadata"
+WRITER = "WRITER"
 _STEP_RE = re.compile(r"^step_(\d{8,})$")
 
 
@@ -121,29 +132,57 @@ def _barrier() -> None:
 class Lineage:
     """The checkpoints of one run under ``uri``: save, find the newest complete, load, prune."""
 
-    def __init__(self, uri: str, keep_last: int, s3: S3Options | None = None) -> None:
+    def __init__(self, uri: str, keep_last: int, s3: S3Options | None = None, owner: str = "") -> None:
         if keep_last < 1:
             raise ValueError("spec.checkpoint.keepLast must be at least 1")
         self.store = open_lineage_store(uri, s3)
         self.keep_last = keep_last
+        self.owner = owner  # the writing job's Owner.key; "": unchecked (a trial's lineage, a read)
         self.protected: int | None = None  # the checkpoint this run resumed from: never deleted
 
     def uri_of(self, step: int) -> str:
         return f"{self.store.uri}/{step_dir(step)}"
 
-    def _steps(self) -> tuple[list[int], list[int]]:
-        complete: list[int] = []
+    def _scan(self) -> tuple[dict[int, bytes], list[int]]:
+        """Complete steps → their marker's bytes; incomplete steps, sorted."""
+        complete: dict[int, bytes] = {}
         incomplete: list[int] = []
         for name in self.store.list_dirs():
             m = _STEP_RE.match(name)
             if m is None:
                 continue
             step = int(m.group(1))
-            (complete if self.store.get_bytes(f"{name}/{MARKER}") is not None else incomplete).append(step)
-        return sorted(complete), sorted(incomplete)
+            marker = self.store.get_bytes(f"{name}/{MARKER}")
+            if marker is not None:
+                complete[step] = marker
+            else:
+                incomplete.append(step)
+        return dict(sorted(complete.items())), sorted(incomplete)
+
+    def _steps(self) -> tuple[list[int], list[int]]:
+        complete, incomplete = self._scan()
+        return list(complete), incomplete
 
     def complete_steps(self) -> list[int]:
         return self._steps()[0]
+
+    def _wrote(self, step: int, marker: bytes | None) -> bool:
+        """Whether this job wrote checkpoint ``step`` (so may delete it): its marker's
+        ``owner``, else (incomplete) its ``WRITER``, names this job. Unchecked: every step."""
+        if not self.owner:
+            return True
+        if marker is not None:
+            try:
+                return bool(json.loads(marker).get("owner") == self.owner)
+            except (ValueError, AttributeError):
+                return False  # an unreadable marker is nobody's to delete
+        writer = self.store.get_bytes(f"{step_dir(step)}/{WRITER}")
+        return writer is not None and writer.decode(errors="replace").strip() == self.owner
+
+    def _check_owner(self) -> None:
+        """The prefix is still this job's (not taken over meanwhile): before a marker or a delete."""
+        if self.owner:
+            check_owner(self.store, self.owner)
 
     def info(self, step: int) -> CheckpointInfo:
         raw = self.store.get_bytes(f"{step_dir(step)}/{MARKER}")
@@ -161,10 +200,11 @@ class Lineage:
         rank, _ = _world()
         found: list[int | None] = [None]
         if rank == 0:
+            self._check_owner()
             complete, incomplete = self._steps()
             found[0] = complete[-1] if complete else None
             for step in incomplete:
-                if found[0] is None or step > found[0]:
+                if (found[0] is None or step > found[0]) and self._wrote(step, None):
                     self.store.delete_dir(step_dir(step))
         dist = _group()
         if dist is not None:
@@ -180,6 +220,9 @@ class Lineage:
         name = step_dir(step)
         staging = Path(tempfile.mkdtemp(prefix=f"llmtrain-ckpt-{step}-r{rank}-"))
         try:
+            if rank == 0 and self.owner:
+                # First, so a save that crashes leaves a directory this job may clean up.
+                self.store.put_bytes(f"{name}/{WRITER}", self.owner.encode())
             dcp.save(
                 state,
                 storage_writer=FileSystemWriter(staging, single_file_per_rank=True),
@@ -198,12 +241,14 @@ class Lineage:
                 listed = {k: v for d in everyone for k, v in d.items()}
                 self.store.put_file(staging / METADATA, f"{name}/{METADATA}")
                 self._verify_uploaded(name, listed)
+                self._check_owner()
                 marker = {
                     "step": step,
                     "world_size": world_size,
                     "time": time.time(),
                     **meta,
                     "files": listed,
+                    **({"owner": self.owner} if self.owner else {}),
                 }
                 self.store.put_bytes(f"{name}/{MARKER}", json.dumps(marker, sort_keys=True).encode())
                 self._prune(step)
@@ -224,16 +269,18 @@ class Lineage:
             )
 
     def _prune(self, newest: int) -> None:
-        """Keep the newest ``keep_last`` complete checkpoints and the one resumed from."""
-        complete, incomplete = self._steps()
-        keep = set(complete[-self.keep_last :]) | {newest}
+        """Keep the newest ``keep_last`` complete checkpoints of this job and the one resumed
+        from; delete only what this job wrote."""
+        complete, incomplete = self._scan()
+        mine = [step for step, marker in complete.items() if self._wrote(step, marker)]
+        keep = set(mine[-self.keep_last :]) | {newest}
         if self.protected is not None:
             keep.add(self.protected)
-        for step in complete:
+        for step in mine:
             if step not in keep:
                 self.store.delete_dir(step_dir(step))
         for step in incomplete:
-            if step < newest:  # a crashed save older than a complete one
+            if step < newest and self._wrote(step, None):  # a crashed save older than a complete one
                 self.store.delete_dir(step_dir(step))
 
     def load(self, info: CheckpointInfo, state: dict[str, Any]) -> None:

@@ -125,6 +125,7 @@ def drive(job: LLMTrainingJob, place: Place, report: Reporter) -> DriveResult:
     report.startup.setdefault("driver", time.time())
     checkpoints = spec.checkpoint.uri or f"{place.output_prefix}/checkpoints"
     report.update(keep_last=spec.checkpoint.keep_last)
+    owner = claim_outputs(job, place, checkpoints)  # before anything is written: fail at once
 
     report.stage("data")
     t0 = time.perf_counter()
@@ -150,7 +151,9 @@ def drive(job: LLMTrainingJob, place: Place, report: Reporter) -> DriveResult:
     if train_final:
         report.stage("training")
         t0 = time.perf_counter()
-        cfg = runtime_config_from_spec(spec, vocab_size=data.vocab_size, checkpoint_uri=checkpoints)
+        cfg = runtime_config_from_spec(
+            spec, vocab_size=data.vocab_size, checkpoint_uri=checkpoints, checkpoint_owner=owner
+        )
         train(job, cfg, data_uri, storage_options, place, report)
         seconds["training"] = time.perf_counter() - t0
 
@@ -167,6 +170,28 @@ def drive(job: LLMTrainingJob, place: Place, report: Reporter) -> DriveResult:
         raise DriverError(RunFailure(Reason.DataError.value, f"data: {e}", permanent=True)) from e
     report.stage("done")
     return DriveResult(report.snapshot, data_uri, storage_options, unigram, seconds, dict(report.startup))
+
+
+def claim_outputs(job: LLMTrainingJob, place: Place, checkpoints: str) -> str:
+    """Make the checkpoint prefix and the output prefix this job's (runtime/owner.py); its
+    owner key, which the training workers' lineage checks. Another job's prefix is a
+    permanent OutputPrefixInUse, unless spec.checkpoint.takeOver."""
+    from llmtrain.runtime import owner as ow
+
+    me = ow.job_owner(job, place.run_dir)
+    take_over = job.spec.checkpoint.take_over
+    try:
+        taken = ow.claim_outputs(
+            [checkpoints, place.output_prefix],
+            me,
+            take_over=take_over,
+            s3=S3Options.from_spec(job.spec.storage),
+        )
+    except ow.PrefixInUseError as e:
+        raise DriverError(RunFailure(Reason.OutputPrefixInUse.value, str(e), permanent=True)) from e
+    for uri, before in taken:
+        log.warning("spec.checkpoint.takeOver: %s taken over from %s", uri, before.describe())
+    return me.key
 
 
 def prepare_data(job: LLMTrainingJob, report: Reporter) -> tuple[str, Any, Manifest]:

@@ -21,10 +21,13 @@ def classify(error: BaseException, *, has_checkpoint: bool) -> RunFailure:
     """Why training failed, from the exception Ray Train raised (the worker's error is in
     its cause chain or its ``worker_failures``)."""
     from llmtrain.runtime.data.loader import LoaderError
+    from llmtrain.runtime.owner import PrefixInUseError
     from llmtrain.runtime.train import NonFiniteError
     from llmtrain.runtime.trainer import InsufficientResourcesError
 
     for e in causes(error):
+        if isinstance(e, PrefixInUseError):  # taken over while this job ran: its record stays
+            return RunFailure(Reason.OutputPrefixInUse.value, str(e), permanent=True)
         if isinstance(e, NonFiniteError):
             # From a checkpoint another attempt may get past it (data order, a restart);
             # without one it would only repeat.

@@ -30,7 +30,12 @@ STATUS = "status.json"  # <run dir>/status.json: the run's status fields, as on 
 
 
 class RunError(RuntimeError):
-    """The run stopped; the message says which stage and why."""
+    """The run stopped; the message says which stage and why, after the reason the operator
+    would give the job's Failed condition (``OutputPrefixInUse: output prefix … belongs to …``)."""
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(f"{reason}: {message}" if reason else message)
+        self.reason = reason
 
 
 @dataclass
@@ -193,7 +198,7 @@ def run_job(
     try:
         result = drive(job, place, report)
     except DriverError as e:
-        raise RunError(e.failure.message) from e
+        raise RunError(e.failure.message, e.failure.reason) from e
     finally:
         import sys
 

@@ -115,6 +115,16 @@ class Store(ABC):
         """:meth:`put` without the ETag."""
         self.put(key, data)
 
+    def create(self, key: str, data: bytes) -> bool:
+        """Write ``key`` only if it does not exist yet: True if this call created it, False if
+        it was there (its bytes untouched). The backends make the check and the write one step
+        (a local hard link, S3's ``If-None-Match: *``), so of two writers racing one wins; this
+        fallback is check-then-write."""
+        if self.exists(key):
+            return False
+        self.put_bytes(key, data)
+        return True
+
     def list_keys(self, prefix: str = "") -> list[str]:
         """Every key under ``prefix`` (recursive, sorted)."""
         return sorted(self.listing(prefix))
@@ -171,6 +181,20 @@ class LocalStore(Store):
 
     def put_file(self, local: Path, key: str) -> None:
         self._replace(key, lambda tmp: shutil.copyfile(local, tmp))
+
+    def create(self, key: str, data: bytes) -> bool:
+        # Written whole under a private name, then linked: link() fails if the name exists.
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.{time.monotonic_ns()}.new")
+        tmp.write_bytes(data)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+        return True
 
     def get_file(self, key: str, local: Path) -> None:
         shutil.copyfile(self._path(key), local)
@@ -265,6 +289,7 @@ def read_retrying(read: Callable[[], bytes], retries: int, what: str) -> bytes:
 
 
 _MISSING_CODES = ("NoSuchKey", "404", "NotFound")
+_EXISTS_CODES = ("PreconditionFailed", "ConditionalRequestConflict")  # a conditional create lost
 _DENIED_CODES = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403")
 
 
@@ -347,6 +372,20 @@ class S3Store(Store):
             self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
         except Exception as e:
             raise self._wrap(e, key, "write") from e
+
+    def create(self, key: str, data: bytes) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*")
+        except ClientError as e:
+            # 412: the object exists; 409: a concurrent conditional write to it is in flight.
+            if e.response.get("Error", {}).get("Code") in _EXISTS_CODES:
+                return False
+            raise self._wrap(e, key, "write") from e
+        except Exception as e:
+            raise self._wrap(e, key, "write") from e
+        return True
 
     def put_file(self, local: Path, key: str) -> None:
         try:

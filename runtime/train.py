@@ -498,7 +498,9 @@ def _setup(
 
         from llmtrain.api.s3 import S3Options
 
-        lineage = Lineage(t.checkpoint_uri, t.checkpoint_keep_last, S3Options.from_train(t))
+        lineage = Lineage(
+            t.checkpoint_uri, t.checkpoint_keep_last, S3Options.from_train(t), owner=t.checkpoint_owner
+        )
     return _Run(
         cfg=cfg,
         ctx=ctx,

@@ -108,6 +108,9 @@ class TrainConfig:
     checkpoint_uri: str | None = None
     checkpoint_every_steps: int = 500
     checkpoint_keep_last: int = 3
+    # The job that owns checkpoint_uri ("namespace/name/uid", llmtrain.runtime.owner): its
+    # lineage deletes only what it wrote and stops if the prefix is taken over. "": unchecked.
+    checkpoint_owner: str = ""
     init_kind: Literal["random", "checkpoint", "pretrained"] = "random"
     init_uri: str | None = None
     metrics_enabled: bool = True
@@ -180,12 +183,14 @@ def runtime_config_from_spec(
     vocab_size: int,
     world_size: int | None = None,
     checkpoint_uri: str | None = None,
+    checkpoint_owner: str = "",
 ) -> RuntimeConfig:
     """The one place spec fields become runtime settings.
 
     ``vocab_size`` is the tokenizer's (from the data manifest); the embedding table is padded
     to ``architecture.vocabMultipleOf``. ``world_size`` defaults to ``resources.workers``.
-    ``checkpoint_uri`` fills in ``spec.checkpoint.uri`` when that is unset (local runs).
+    ``checkpoint_uri`` fills in ``spec.checkpoint.uri`` when that is unset (local runs);
+    ``checkpoint_owner`` is the job that claimed it (the driver's, not the spec's).
     """
     arch = spec.model.architecture
     init = spec.model.init
@@ -244,6 +249,7 @@ def runtime_config_from_spec(
         checkpoint_uri=spec.checkpoint.uri or checkpoint_uri,
         checkpoint_every_steps=spec.checkpoint.every_steps,
         checkpoint_keep_last=spec.checkpoint.keep_last,
+        checkpoint_owner=checkpoint_owner,
         init_kind=init_kind,
         init_uri=init_uri,
         metrics_enabled=spec.metrics.enabled,

@@ -601,7 +601,15 @@ class CheckpointSpec(ApiModel):
         3,
         ge=1,
         le=1000,
-        description="Keep this many complete checkpoints (the resumed one is never deleted).",
+        description="Keep this many of this job's complete checkpoints (the resumed one, and any of a job taken "
+        "over, are never deleted).",
+    )
+    take_over: bool = Field(
+        False,
+        description="Take over uri (and the output prefix beside it) when another job's OWNER record "
+        "is there: that job must be gone (e.g. deleted and created again under the same name). This job "
+        "resumes from its checkpoints but never deletes them. Unset: such a prefix fails the job "
+        "(OutputPrefixInUse).",
     )
 
 

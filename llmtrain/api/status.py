@@ -78,6 +78,8 @@ class Reason(StrEnum):
     WorkerFailed = "WorkerFailed"
     HeadUnreachable = "HeadUnreachable"
     RunFailed = "RunFailed"
+    # The checkpoint or output prefix belongs to another job (its OWNER record; runtime/owner.py).
+    OutputPrefixInUse = "OutputPrefixInUse"
     # Suspended
     SuspendedByUser = "SuspendedByUser"
     Resumed = "Resumed"
@@ -102,6 +104,7 @@ FAILURE_REASONS: tuple[Reason, ...] = (
     Reason.WorkerFailed,
     Reason.DataError,
     Reason.HeadUnreachable,
+    Reason.OutputPrefixInUse,
     Reason.RunFailed,
 )
 

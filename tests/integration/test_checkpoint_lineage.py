@@ -103,3 +103,41 @@ def test_marker_is_written_last(tmp_path: Path) -> None:
 def test_unsupported_uri_names_the_field() -> None:
     with pytest.raises(ValueError, match=r"spec\.checkpoint\.uri"):
         Lineage("gs://bucket/x", keep_last=1)
+
+
+def test_one_owner_per_prefix(uri: str) -> None:
+    """runtime/owner.py on both backends (S3: a conditional PUT, If-None-Match): of racing
+    claims exactly one wins and the others are refused naming it; an owned lineage deletes only
+    its own checkpoints. The details: tests/unit/test_checkpoint_owner.py."""
+    import threading
+
+    from llmtrain.runtime.owner import Owner, PrefixInUseError, claim, read_owner
+
+    store = Lineage(uri, keep_last=1).store
+    jobs = [Owner("ns", f"job-{i}", f"uid-{i}") for i in range(6)]
+    refused: list[str] = []
+    barrier = threading.Barrier(len(jobs))
+
+    def race(me: Owner) -> None:
+        barrier.wait()
+        try:
+            claim(store, me)
+        except PrefixInUseError as e:
+            refused.append(str(e))
+
+    threads = [threading.Thread(target=race, args=(j,)) for j in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winner = read_owner(store)
+    assert winner in jobs and len(refused) == len(jobs) - 1
+    assert all(f"output prefix {store.uri} belongs to {winner.describe()}" in m for m in refused)
+
+    other = next(j for j in jobs if j != winner)
+    Lineage(uri, keep_last=1, owner=winner.key).save(1, state(1.0), {})
+    claim(store, other, take_over=True)
+    taker = Lineage(uri, keep_last=1, owner=other.key)
+    for step in (2, 3):
+        taker.save(step, state(float(step)), {})
+    assert taker.complete_steps() == [1, 3]  # its own step 2 pruned, the first owner's step 1 kept

@@ -80,9 +80,9 @@ def test_ready_cluster_submits_one_ray_job_with_the_jobs_token() -> None:
         "--submission-id demo-1 --progress-port 8266"
     )
     doc = yaml.safe_load(text)
-    assert (
-        doc["metadata"] == {"name": "demo", "namespace": "ns1"} and doc["spec"]["resources"]["workers"] == 2
-    )
+    # The uid names the job in the OWNER record at its output prefix (runtime/owner.py).
+    assert doc["metadata"] == {"name": "demo", "namespace": "ns1", "uid": JOB_UID}
+    assert doc["spec"]["resources"]["workers"] == 2
     assert "LLMTRAIN_SPEC" not in body["runtime_env"]["env_vars"]  # the spec travels one way only
     assert h.status["rayJob"] == {"submissionId": "demo-1", "status": "PENDING"}
     assert h.status["attempt"] == 1 and h.status["phase"] == Phase.Preprocessing
@@ -191,6 +191,46 @@ def test_permanent_failure_fails_at_once_with_the_reason_and_log_tail() -> None:
     )
     assert RESULT_PREFIX not in msg
     assert h.ray.posts == ["demo-1"]
+
+
+def test_a_prefix_owned_by_another_job_fails_at_once_with_output_prefix_in_use(tmp_path: Path) -> None:
+    """Two jobs on one prefix (issue 26 item 2): the driver of the second finds the first's OWNER
+    record and reports OutputPrefixInUse, permanent; the job fails at once with that reason,
+    naming the prefix and the owner, and a Warning Event. The driver's side, with the job as
+    the spec ConfigMap gives it (its uid), is the real one."""
+    from llmtrain.runtime.owner import Owner, PrefixInUseError, claim, job_owner
+    from llmtrain.runtime.store import LocalStore
+
+    from llmtrain.api.job import LLMTrainingJob
+
+    h = running(backoffLimit=3)
+    h.tick(1)
+    text = h.api.objects[("ConfigMap", "ns1", "demo-spec")]["data"]["job.yaml"]
+    me = job_owner(LLMTrainingJob.model_validate(yaml.safe_load(text)), tmp_path / "run")
+    assert me == Owner("ns1", "demo", JOB_UID)
+    prefix = LocalStore(tmp_path / "ckpt")
+    first = Owner("ns1", "demo", "0a0a0a0a-old-job-deleted-since")  # the same name, created before
+    claim(prefix, first)
+    with pytest.raises(PrefixInUseError) as e:
+        claim(prefix, me)
+    failed = RunSnapshot(
+        stage="failed", submission_id="demo-1", failure=RunFailure("OutputPrefixInUse", str(e.value), True)
+    )
+    h.ray.end("demo-1", "FAILED", "llmtrain driver: OutputPrefixInUse\n" + RESULT_PREFIX + failed.to_json())
+    out = h.tick(5)
+    cond = h.cond(ConditionType.Failed)
+    assert h.status["phase"] == Phase.Failed and h.status["restarts"] == 0  # no retry: it cannot help
+    assert (
+        cond["reason"] == "OutputPrefixInUse"
+        and h.cond(ConditionType.Running)["reason"] == "OutputPrefixInUse"
+    )
+    assert cond["message"].startswith(
+        f"output prefix {prefix.uri} belongs to LLMTrainingJob ns1/demo (uid 0a0a0a0a-old-job-deleted-since), "
+        f"not to this job, LLMTrainingJob ns1/demo (uid {JOB_UID})"
+    )
+    assert [(e.type, e.reason) for e in out.events if e.reason == "OutputPrefixInUse"] == [
+        ("Warning", "OutputPrefixInUse")
+    ]
 
 
 def test_retriable_failure_is_a_new_attempt_until_the_backoff_limit() -> None:
