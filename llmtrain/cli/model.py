@@ -130,6 +130,7 @@ def generate_cmd(
     from llmtrain.runtime.export import ExportError
     from llmtrain.runtime.generate import Sampling, generate, load_text_tokenizer
     from llmtrain.runtime.hf_import import load_pretrained_model
+    from llmtrain.runtime.publish import resolve_export
 
     s3 = command_s3_options(endpoint)
     target = _device(device)
@@ -137,8 +138,9 @@ def generate_cmd(
         sampling = Sampling(
             max_new_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
         )
-        tok = load_text_tokenizer(model, s3)
-        net = load_pretrained_model(model, device=target, s3=s3)
+        pinned = resolve_export(model, s3).uri  # tokenizer and weights of one published export
+        tok = load_text_tokenizer(pinned, s3)
+        net = load_pretrained_model(pinned, device=target, s3=s3)
         prompt_ids = tok.encode(prompt)
         # Stop at end-of-text; never sample the table's padding rows (no token decodes them).
         stop = (tok.eos_id,) if tok.eos_id is not None else ()

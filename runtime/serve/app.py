@@ -31,6 +31,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from llmtrain.runtime.generate import Sampling, TextTokenizer, load_text_tokenizer
 from llmtrain.runtime.hf_import import load_pretrained_model
+from llmtrain.runtime.publish import resolve_export
 from llmtrain.runtime.serve.engine import Engine, Event, Sequence
 from llmtrain.runtime.serve.limits import (
     BodyRefused,
@@ -415,8 +416,10 @@ def load_server(
     elif torch.device(device).type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) - 1))
 
-    tok = load_text_tokenizer(model_uri, s3)
-    net = load_pretrained_model(model_uri, device=device, s3=s3)
+    # One published export, pinned: a re-export meanwhile cannot pair its files with ours.
+    pinned = resolve_export(model_uri, s3).uri
+    tok = load_text_tokenizer(pinned, s3)
+    net = load_pretrained_model(pinned, device=device, s3=s3)
     engine = Engine(net, max_batch=max_batch, max_waiting=max_waiting)
     metrics = ServeMetrics(engine)
     engine._observe_batch = metrics.observe_batch  # the metrics read the engine, and it feeds them
