@@ -1,9 +1,9 @@
-"""``python -m llmtrain.operator``: the operator process, as ``llmtrain operator`` runs it."""
+"""``python -m llmtrain.operator``: ``llmtrain operator`` by another name. One command line
+(llmtrain/cli/cluster.py) with one set of flags; this entry point stays for the scripts and
+tests that start the operator as a module."""
 
-from llmtrain.operator import forgo_kubernetes_client
+import sys
 
-forgo_kubernetes_client()
+from llmtrain.cli import app
 
-from llmtrain.operator.main import main  # noqa: E402  (after the guard: it imports Kopf)
-
-main()
+app(["operator", *sys.argv[1:]], prog_name="llmtrain")

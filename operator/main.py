@@ -336,18 +336,6 @@ class RayHeadOptions:
     driver_spec_path: str = f"{SPEC_MOUNT}/{SPEC_FILE}"  # {namespace}, {name}: a stand-in's copy
 
 
-def add_ray_head_arguments(p: Any) -> None:
-    p.add_argument("--ray-head-host", help="reach every job's head here (a stand-in Ray cluster)")
-    p.add_argument("--ray-dashboard-port", type=int, default=8265)
-    p.add_argument("--ray-progress-port", type=int, default=8266)
-    p.add_argument("--ray-token-file", help="new jobs' Ray token from this file (a stand-in's fixed token)")
-    p.add_argument(
-        "--ray-driver-spec-path",
-        default=f"{SPEC_MOUNT}/{SPEC_FILE}",
-        help="where the driver on the head reads the job ({namespace}, {name} filled in: a stand-in's copy)",
-    )
-
-
 @dataclass(frozen=True)
 class JobMetricsOptions:
     """How Prometheus reaches the jobs' pods (the Helm chart's ``jobMetrics`` values)."""
@@ -378,12 +366,6 @@ def parse_labels(pairs: Sequence[str] | None, flag: str) -> dict[str, str] | Non
             raise ValueError(f"{flag} {pair!r}: expected KEY=VALUE")
         out[key] = value
     return out
-
-
-def add_job_metrics_arguments(p: Any) -> None:
-    p.add_argument("--prometheus-scrape-annotations", action="store_true")
-    p.add_argument("--prometheus-namespace-label", action="append", metavar="KEY=VALUE")
-    p.add_argument("--prometheus-pod-label", action="append", metavar="KEY=VALUE")
 
 
 def peering_crds() -> list[dict[str, Any]]:
@@ -420,52 +402,3 @@ def peering_crds() -> list[dict[str, Any]]:
         crd("ClusterKopfPeering", "clusterkopfpeerings", "Cluster"),
         crd("KopfPeering", "kopfpeerings", "Namespaced"),
     ]
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m llmtrain.operator``: the same as ``llmtrain operator`` (used by tests)."""
-    import argparse
-
-    p = argparse.ArgumentParser(prog="llmtrain-operator")
-    p.add_argument("--namespace", "-n", action="append", dest="namespaces")
-    p.add_argument("--liveness-port", type=int, default=8080)
-    p.add_argument("--metrics-port", type=int, default=9090)
-    p.add_argument("--interval", type=float, default=5.0)
-    p.add_argument("--standalone", action="store_true", help="no peering (single replica)")
-    p.add_argument("--kubeconfig")
-    p.add_argument("--operator-namespace", default="llmtrain-system")
-    p.add_argument("--bind-address", default="0.0.0.0")
-    p.add_argument("--verbose", "-v", action="store_true", help="log every handler run")
-    p.add_argument(
-        "--priority",
-        default=os.environ.get(PRIORITY_ENV, "0"),
-        help="peering priority: an integer or 'random' (one per replica; see parse_priority)",
-    )
-    add_ray_head_arguments(p)
-    add_job_metrics_arguments(p)
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run(
-        a.namespaces,
-        a.liveness_port,
-        a.metrics_port,
-        reconcile_interval=a.interval,
-        peering_name=None if a.standalone else PEERING_NAME,
-        kubeconfig=a.kubeconfig,
-        operator_namespace=a.operator_namespace,
-        bind_address=a.bind_address,
-        verbose=a.verbose,
-        priority=parse_priority(a.priority),
-        ray=RayHeadOptions(
-            a.ray_head_host,
-            a.ray_dashboard_port,
-            a.ray_progress_port,
-            a.ray_token_file,
-            a.ray_driver_spec_path,
-        ),
-        job_metrics=JobMetricsOptions(
-            a.prometheus_scrape_annotations,
-            parse_labels(a.prometheus_namespace_label, "--prometheus-namespace-label"),
-            parse_labels(a.prometheus_pod_label, "--prometheus-pod-label"),
-        ),
-    )

@@ -193,7 +193,7 @@ def test_helm_test_hook_checks_healthz_and_metrics_through_the_service() -> None
 
 def operator_settings_from_chart(monkeypatch: pytest.MonkeyPatch, *values: str) -> m.OperatorSettings:
     """The OperatorSettings `llmtrain operator` builds from the args the chart's Deployment
-    passes (both of its command lines: typer's and ``python -m llmtrain.operator``'s)."""
+    passes (``python -m llmtrain.operator`` is the same command line)."""
     from llmtrain.operator import main as opmain
     from typer.testing import CliRunner
 
@@ -205,8 +205,6 @@ def operator_settings_from_chart(monkeypatch: pytest.MonkeyPatch, *values: str) 
     monkeypatch.setattr(opmain, "run", lambda *a, **k: seen.append(k["job_metrics"]))
     r = CliRunner().invoke(app, ["operator", *args])
     assert r.exit_code == 0, r.output
-    opmain.main(args)
-    assert seen[0] == seen[1]
     return m.OperatorSettings(**seen[0].settings())
 
 
