@@ -107,9 +107,13 @@ def claim(store: Store, me: Owner, *, take_over: bool = False) -> Owner | None:
     a new attempt) is left as it is.
     """
     for _ in range(_READ_TRIES):
-        if store.create(OWNER, me.record()):
-            return None
+        # Read first and read back: an S3 server that ignored If-None-Match would let create()
+        # replace another job's record; then the record read back names whoever wrote last,
+        # and a loser that got past this is stopped by the lineage's check before its marker.
         raw = store.get_bytes(OWNER)
+        if raw is None:
+            store.create(OWNER, me.record())
+            raw = store.get_bytes(OWNER)
         if raw is not None:
             break
         time.sleep(0.2)  # created by a writer whose record is not readable yet

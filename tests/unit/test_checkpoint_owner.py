@@ -107,6 +107,22 @@ def test_create_is_atomic_one_of_many_racing_writers_wins(tmp_path: Path) -> Non
     assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["OWNER"]  # no temporary left
 
 
+class IgnoresIfNoneMatch(LocalStore):
+    """A store whose conditional create overwrites (an S3 server that ignores If-None-Match)."""
+
+    def create(self, key: str, data: bytes) -> bool:
+        self.put_bytes(key, data)
+        return True
+
+
+def test_a_store_without_conditional_writes_still_never_replaces_a_record(tmp_path: Path) -> None:
+    store = IgnoresIfNoneMatch(tmp_path / "ckpt")
+    claim(store, A)
+    with pytest.raises(PrefixInUseError, match="uid uid-a"):
+        claim(store, B)  # read first: A's record is seen and left as it is
+    assert read_owner(store) == A
+
+
 def _job(name: str, uid: str | None = None) -> LLMTrainingJob:
     from llmtrain.runtime.synthetic import tiny_spec_dict
 
