@@ -4,6 +4,7 @@ and its manifests (pure functions). On the real apiserver: tests/integration/tes
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -342,3 +343,29 @@ def test_adding_changing_and_removing_the_key_re_rolls_the_deployment() -> None:
 def test_serve_admission_and_key_fields_are_bounded(serve: dict[str, Any], field: str) -> None:
     errors = validate_object(job_body(export={"uri": MODEL}, serve=serve))
     assert any(e.path.startswith("spec.serve") and field in e.path for e in errors), errors
+
+
+def test_the_deployments_command_is_one_llmtrain_serve_takes(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The server's own CLI parses the command the operator writes: the mounted file's content
+    (a Secret's value, trailing newline and all) is the key, --max-waiting reaches the engine."""
+    import llmtrain.runtime.serve as serving
+    from typer.testing import CliRunner
+
+    from llmtrain.cli import app
+
+    got: dict[str, Any] = {}
+    monkeypatch.setattr(serving, "load_server", lambda model, **kw: got.update(model=model, **kw) or "server")
+    monkeypatch.setattr(
+        serving, "serve", lambda server, host, port, announce: got.update(host=host, port=port)
+    )
+    key_file = tmp_path / "api-key"  # where the kubelet puts the Secret's item
+    key_file.write_text("sk-test\n")
+    (c,) = _pod_spec(m.serve_deployment(model(apiKeySecretRef=KEY, maxWaiting=5), MODEL))["containers"]
+    assert c["command"][:2] == ["llmtrain", "serve"]
+    args = [str(key_file) if a == KEY_PATH else a for a in c["command"][2:]]
+    r = CliRunner().invoke(app, ["serve", *args])
+    assert r.exit_code == 0, r.output
+    assert got["model"] == MODEL and got["model_id"] == "demo" and got["max_waiting"] == 5
+    assert got["limits"].api_key == "sk-test" and (got["host"], got["port"]) == ("0.0.0.0", 8000)
