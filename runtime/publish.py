@@ -90,7 +90,7 @@ class Backoff:
         while True:
             try:
                 return op()
-            except (StorageError, ExportCorrupt) as e:
+            except StorageError as e:
                 waited = time.monotonic() - start
                 if _permanent(e) or waited + delay > self.budget_s:
                     raise
@@ -153,7 +153,8 @@ class ExportWriter:
             self.store.put(name, data)
             size = self.store.size(name)
             if size != entry["size"] or sha256_of(self.store, name, size) != entry["sha256"]:
-                raise ExportCorrupt(f"{self.store.describe(name)}: read back differs from what was written")
+                # A storage fault (retried, then the attempt fails), not a fault of the spec.
+                raise StorageError(f"{self.store.describe(name)}: read back differs from what was written")
 
         self.backoff.run(once, f"writing {self.store.describe(name)}")
         self.files[name] = entry

@@ -170,3 +170,27 @@ def test_a_failed_write_is_retried_in_place(
             random_gpt(cfg, seed=3).state_dict(), cfg, str(out), tokenizer, backoff=Backoff(0.01, 0.01, 0)
         )
     assert len(list((tmp_path / ".hf.versions").iterdir())) == 1  # the published one, untouched
+
+
+def test_a_file_stored_wrong_is_written_again(
+    tmp_path: Path, tokenizer: TokenizerFiles, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The read-back check: a store that keeps a flipped byte the first time is caught (sha256)
+    and the file written again before anything is published."""
+    from llmtrain.runtime.store import LocalStore
+
+    cfg = model_config(tokenizer, tied=True)
+    put = LocalStore.put
+    flipped: list[str] = []
+
+    def lossy(self: LocalStore, key: str, data: bytes) -> str | None:
+        if key == "config.json" and not flipped:
+            flipped.append(key)
+            return put(self, key, data[:-1] + bytes([data[-1] ^ 0xFF]))
+        return put(self, key, data)
+
+    monkeypatch.setattr(LocalStore, "put", lossy)
+    out = tmp_path / "hf"
+    export_model(random_gpt(cfg).state_dict(), cfg, str(out), tokenizer, backoff=FAST)
+    assert flipped == ["config.json"]
+    assert read_pretrained(str(out)).config["model_type"] == "llama"  # checked against the manifest
