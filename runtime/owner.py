@@ -17,7 +17,7 @@ run directory) is the same owner and resumes.
 Reading is not owning: ``spec.model.init.checkpoint`` and the export read any lineage and
 never write this record.
 
-Standard library and the store only.
+Standard library and the store only (the lineage imports it where only torch is installed).
 """
 
 from __future__ import annotations
@@ -27,12 +27,14 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmtrain.runtime.store import Store, open_store
 
-from llmtrain.api.job import LLMTrainingJob
 from llmtrain.api.s3 import S3Options
+
+if TYPE_CHECKING:  # pydantic and yaml: not on a machine that only trains (checkpoint.py imports this)
+    from llmtrain.api.job import LLMTrainingJob
 
 OWNER = "OWNER"  # <prefix>/OWNER
 LOCAL_UID_FILE = "owner-uid"  # <run dir>/owner-uid: a local run's stand-in for metadata.uid
