@@ -674,6 +674,20 @@ LABEL_SERVE = "llmtrain.dev/serve"
 ANN_SERVE_HASH = "llmtrain.dev/spec-hash"  # what each serving object was last made from
 SERVE_CONTAINER = "serve"
 SERVE_KINDS = ("Deployment", "Service", "NetworkPolicy")
+# Every key serve_deployment may set in its pod template's spec: one it leaves out is removed
+# from the live Deployment on the next patch (serving.replacing).
+SERVE_POD_KEYS = (
+    "enableServiceLinks",
+    "containers",
+    "volumes",
+    "nodeSelector",
+    "tolerations",
+    "securityContext",
+    "imagePullSecrets",
+    "serviceAccountName",
+    "automountServiceAccountToken",
+    "priorityClassName",
+)
 # spec.serve.apiKeySecretRef's key, as a file the server reads (--api-key-file).
 SERVE_KEY_VOLUME = "serve-api-key"
 SERVE_KEY_MOUNT = "/var/run/llmtrain/serve-key"

@@ -3,6 +3,8 @@ kept to the spec, its readiness in ``status.serving`` and the Serving condition.
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Mapping
 from typing import Any
 
 from llmtrain.operator import manifests as m
@@ -11,7 +13,7 @@ from llmtrain.operator import references as refs
 from llmtrain.operator.diagnose import pod_view, server_trouble
 from llmtrain.operator.effects import CRASH_LOG_LINES, create, owner_uids
 from llmtrain.operator.kube import ApiError
-from llmtrain.operator.outcome import Event
+from llmtrain.operator.outcome import Event, merge_patch
 from llmtrain.operator.tick import Stop, Tick
 
 from llmtrain.api.job import LLMTrainingJob
@@ -156,12 +158,31 @@ def _ensure_server(t: Tick, objs: list[dict[str, Any]]) -> bool:
                 kind,
                 ns,
                 name,
-                {"metadata": {"annotations": {m.ANN_SERVE_HASH: want}}, "spec": obj["spec"]},
+                {"metadata": {"annotations": {m.ANN_SERVE_HASH: want}}, "spec": replacing(live, obj)},
             )
             out.events.append(Event("Normal", "ServerUpdated", f"{kind} {name} updated to spec.serve"))
     if made:
         out.events.append(Event("Normal", "ServerCreated", f"created the model server's {', '.join(made)}"))
     return True
+
+
+def replacing(live: Mapping[str, Any], want: Mapping[str, Any]) -> dict[str, Any]:
+    """The spec to merge-patch onto ``live`` so that what the operator sets in a pod template
+    becomes exactly ``want``'s. A merge patch keeps keys it does not name and merges maps, so
+    a nodeSelector, toleration list, service account or volume that spec.serve no longer
+    asks for would have stayed on the Deployment: those keys are sent as null (removed), and
+    the nodeSelector map as the patch from the live one to the wanted one."""
+    spec = copy.deepcopy(dict(want["spec"]))
+    pod = (spec.get("template") or {}).get("spec")
+    live_pod = ((live.get("spec") or {}).get("template") or {}).get("spec") or {}
+    if pod is None:
+        return spec  # a Service or NetworkPolicy: every key it has is always sent
+    for key in m.SERVE_POD_KEYS:
+        if key not in pod and key in live_pod:
+            pod[key] = None
+    if isinstance(pod.get("nodeSelector"), dict) and isinstance(live_pod.get("nodeSelector"), dict):
+        pod["nodeSelector"] = merge_patch(live_pod["nodeSelector"], pod["nodeSelector"])
+    return spec
 
 
 def _remove_server(t: Tick) -> None:

@@ -302,6 +302,34 @@ def test_a_missing_read_only_storage_secret_is_named_too() -> None:
     assert 'Secret "s3-ro" (spec.serve.storageSecretRef)' in h.cond(ConditionType.Serving)["message"]
 
 
+def test_placement_and_identity_that_spec_serve_drops_leave_the_deployment() -> None:
+    """A merge patch keeps what it does not name and merges maps: a nodeSelector key,
+    tolerations, a service account or pull secrets no longer asked for stayed on the
+    Deployment. Each change of spec.serve now leaves exactly what the spec says."""
+    h = succeeded(nodeSelector={"pool": "a", "zone": "x"}, tolerations=[{"key": "gpu", "operator": "Exists"}])
+    h.body["spec"]["resources"].update(serviceAccountName="runner", imagePullSecrets=[{"name": "reg"}])
+    h.api.put("Secret", "ns1", "reg", {".dockerconfigjson": "{}"})
+    h.tick(1)
+    pod = _pod_spec(server(h, "Deployment"))
+    assert pod["nodeSelector"] == {"pool": "a", "zone": "x"} and pod["tolerations"]
+    assert pod["serviceAccountName"] == "runner" and pod["imagePullSecrets"] == [{"name": "reg"}]
+
+    h.body["spec"]["serve"] = {"nodeSelector": {"pool": "b"}, "tolerations": []}
+    h.tick(1)
+    pod = _pod_spec(server(h, "Deployment"))
+    assert pod["nodeSelector"] == {"pool": "b"} and "tolerations" not in pod
+
+    h.body["spec"]["serve"] = {"nodeSelector": {}}
+    h.body["spec"]["resources"].pop("serviceAccountName")
+    h.body["spec"]["resources"].pop("imagePullSecrets")
+    h.tick(1)
+    pod = _pod_spec(server(h, "Deployment"))
+    assert "nodeSelector" not in pod
+    assert "serviceAccountName" not in pod and "imagePullSecrets" not in pod
+    assert pod["automountServiceAccountToken"] is False  # no account of the user's: no token
+    assert pod == m.serve_deployment(LLMTrainingJob.model_validate(h.body), MODEL)["spec"]["template"]["spec"]
+
+
 def test_adding_changing_and_removing_the_key_re_rolls_the_deployment() -> None:
     h = succeeded()
     h.api.put("Secret", "ns1", "serve-key", {"token": "sk-1", "other": "sk-2"})
