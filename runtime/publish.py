@@ -42,6 +42,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import time
@@ -143,21 +144,25 @@ class ExportWriter:
             self.local = _local_path(uri)
             self.versions = str(self.local.parent / f".{self.local.name}.versions")
             self.root = LocalStore(self.local.parent)
+            _check_destination(self.local)
         self.store = open_store(join(self.versions, self.id), s3)
 
     def put(self, name: str, data: bytes) -> None:
         """Write ``name`` into this attempt's version and check it (size, sha256), retrying."""
+        self.files[name] = self._write(self.store, name, data)
+
+    def _write(self, store: Store, name: str, data: bytes) -> dict[str, Any]:
         entry = _entry(data)
 
         def once() -> None:
-            self.store.put(name, data)
-            size = self.store.size(name)
-            if size != entry["size"] or sha256_of(self.store, name, size) != entry["sha256"]:
+            store.put(name, data)
+            size = store.size(name)
+            if size != entry["size"] or sha256_of(store, name, size) != entry["sha256"]:
                 # A storage fault (retried, then the attempt fails), not a fault of the spec.
-                raise StorageError(f"{self.store.describe(name)}: read back differs from what was written")
+                raise StorageError(f"{store.describe(name)}: read back differs from what was written")
 
-        self.backoff.run(once, f"writing {self.store.describe(name)}")
-        self.files[name] = entry
+        self.backoff.run(once, f"writing {store.describe(name)}")
+        return entry
 
     def manifest(self) -> dict[str, Any]:
         return {"format": MANIFEST_FORMAT, "id": self.id, "files": dict(self.files)}
@@ -171,7 +176,7 @@ class ExportWriter:
             previous = _pointed_version(self.root)
             pointer = {**manifest, "version": f"{VERSIONS_DIR}/{self.id}"}
             data = json.dumps(pointer, indent=2, sort_keys=True).encode() + b"\n"
-            self.backoff.run(lambda: self.root.put(MANIFEST_NAME, data), f"publishing {self.uri}")
+            self._write(self.root, MANIFEST_NAME, data)  # the publish: one PUT, checked
         else:
             previous = self._swap_symlink()
         self._prune(keep={self.id, previous})
@@ -181,12 +186,12 @@ class ExportWriter:
         assert self.local is not None
         link = self.local
         previous = os.readlink(link).rsplit("/", 1)[-1] if link.is_symlink() else None
-        if not link.is_symlink() and link.exists():
-            # A directory an older llmtrain (or anyone) wrote: kept among the versions.
-            if not link.is_dir():
-                raise ExportError(f"{link} exists and is not a directory: cannot export there")
-            previous = "legacy-" + self.id
-            os.rename(link, Path(self.versions) / previous)
+        if not link.is_symlink() and link.is_dir():
+            if any(link.iterdir()):  # an export an older llmtrain wrote: kept among the versions
+                previous = "legacy-" + self.id
+                os.rename(link, Path(self.versions) / previous)
+            else:
+                link.rmdir()
         tmp = link.with_name(f".{link.name}.link-{self.id}")
         tmp.symlink_to(f".{link.name}.versions/{self.id}", target_is_directory=True)
         os.replace(tmp, link)  # atomic: readers see the old version or the new one
@@ -211,6 +216,31 @@ class ExportWriter:
                 self.store.delete(self.store.list_keys())
         except StorageError as e:
             log.warning("export: attempt %s not deleted: %s", self.store.uri, e)
+
+
+# What an older llmtrain's export (or save_pretrained of a Llama) holds at the top.
+_EXPORT_FILE = re.compile(
+    r"(config|generation_config|tokenizer|tokenizer_config|special_tokens_map)\.json"
+    r"|model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json|" + re.escape(MANIFEST_NAME)
+)
+
+
+def _check_destination(path: Path) -> None:
+    """Before anything is written: a local ``uri`` is new, ours (a symlink), or a directory of
+    export files (moved among the versions at publish). Anything else is refused, not moved:
+    ``--out .`` or a directory with other files in it must not disappear into ``.versions``."""
+    if path.is_symlink() or not path.exists():
+        return
+    if not path.is_dir():
+        raise ExportError(f"{path} exists and is not a directory: cannot export there")
+    others = sorted(
+        p.name for p in path.iterdir() if not _EXPORT_FILE.fullmatch(p.name.removesuffix(".part"))
+    )
+    if others:
+        raise ExportError(
+            f"{path} holds files that are not an exported model ({', '.join(others[:3])}…): export to a "
+            "new directory (an export there becomes a symlink to its published version)"
+        )
 
 
 def _pointed_version(root: Store) -> str | None:

@@ -22,6 +22,7 @@ from llmtrain.runtime.publish import (
     MANIFEST_NAME,
     Backoff,
     ExportCorrupt,
+    ExportError,
     ExportNotPublished,
     resolve_export,
 )
@@ -139,6 +140,12 @@ def test_a_plain_directory_at_the_uri_is_kept_as_a_version(tmp_path: Path, token
     assert out.is_symlink() and MANIFEST_NAME in files_of(out)
     (legacy,) = (tmp_path / ".hf.versions").glob("legacy-*")
     assert (legacy / "config.json").read_text() == "{}"
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("not a model")
+    with pytest.raises(ExportError, match=r"mine holds files that are not an exported model \(notes\.txt"):
+        export_model(random_gpt(cfg).state_dict(), cfg, str(mine), tokenizer)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"] and not (tmp_path / ".mine.versions").exists()
 
 
 def test_a_failed_write_is_retried_in_place(
