@@ -27,38 +27,27 @@ pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 def job(
     name: str, shared: Path, tmp: Path, *, take_over: bool = False, uid: str | None = None
 ) -> LLMTrainingJob:
+    from llmtrain.runtime.synthetic import tiny_spec_dict
+
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     meta: dict[str, Any] = {"name": name}
     if uid is not None:
         meta["uid"] = uid
-    return LLMTrainingJob.model_validate(
-        {
-            "apiVersion": "llmtrain.dev/v1alpha1",
-            "kind": "LLMTrainingJob",
-            "metadata": meta,
-            "spec": {
-                "data": {
-                    "sources": [
-                        {"name": "json", "local": {"glob": str(stdlib / "json" / "*.py"), "textUnit": "file"}}
-                    ],
-                    "tokenizer": {"train": {"vocabSize": 300}},
-                    "outputUri": str(tmp / "data"),
-                    "validationFraction": 0.2,
-                },
-                "model": {"architecture": {"layers": 1, "dModel": 32, "heads": 2, "contextLength": 32}},
-                "training": {
-                    "optimizer": {"lr": 0.003},
-                    "batch": {"globalBatchSize": 4, "microBatchSize": 4},
-                    "duration": {"maxSteps": 2},
-                    "logEverySteps": 1,
-                },
-                "validation": {"everySteps": 2, "batches": 1},
-                "checkpoint": {"uri": str(shared), "everySteps": 1, "keepLast": 1, "takeOver": take_over},
-                "export": {"uri": str(tmp / f"model-{name}"), "samplePrompt": "import"},
-                "metrics": {"enabled": False},
-                "resources": {"workers": 1},
-            },
+    spec = tiny_spec_dict(
+        **{
+            "data.sources": [
+                {"name": "json", "local": {"glob": str(stdlib / "json" / "*.py"), "textUnit": "file"}}
+            ],
+            "data.outputUri": str(tmp / "data"),
+            "data.validationFraction": 0.2,
+            "training.duration.maxSteps": 2,
+            "validation": {"everySteps": 2, "batches": 1},
+            "checkpoint": {"uri": str(shared), "everySteps": 1, "keepLast": 1, "takeOver": take_over},
+            "export": {"uri": str(tmp / f"model-{name}"), "samplePrompt": "import"},
         }
+    )
+    return LLMTrainingJob.model_validate(
+        {"apiVersion": "llmtrain.dev/v1alpha1", "kind": "LLMTrainingJob", "metadata": meta, "spec": spec}
     )
 
 

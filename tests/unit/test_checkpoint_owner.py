@@ -163,12 +163,18 @@ def test_claim_outputs_claims_each_prefix_once(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------ the lineage
 
 
-def test_the_same_jobs_rerun_resumes_and_prunes_its_own(tmp_path: Path) -> None:
+def owned(tmp_path: Path, keep_last: int, steps: tuple[int, ...]) -> tuple[str, Lineage]:
+    """A's lineage at <tmp>/ckpt, claimed, with ``steps`` saved."""
     uri = str(tmp_path / "ckpt")
     claim(LocalStore(uri), A)
-    first = Lineage(uri, keep_last=2, owner=A.key)
-    for step in (1, 2):
-        first.save(step, state(step), {})
+    lineage = Lineage(uri, keep_last=keep_last, owner=A.key)
+    for step in steps:
+        lineage.save(step, state(float(step)), {})
+    return uri, lineage
+
+
+def test_the_same_jobs_rerun_resumes_and_prunes_its_own(tmp_path: Path) -> None:
+    uri, first = owned(tmp_path, 2, (1, 2))
     assert json.loads(first.store.get(f"{step_dir(2)}/{MARKER}"))["owner"] == A.key
     assert first.store.get(f"{step_dir(2)}/{WRITER}") == A.key.encode()
     claim(LocalStore(uri), A)  # the rerun claims again: its own record
@@ -180,10 +186,7 @@ def test_the_same_jobs_rerun_resumes_and_prunes_its_own(tmp_path: Path) -> None:
 
 
 def test_a_lineage_taken_over_stops_before_it_publishes_or_deletes(tmp_path: Path) -> None:
-    uri = str(tmp_path / "ckpt")
-    claim(LocalStore(uri), A)
-    a = Lineage(uri, keep_last=1, owner=A.key)
-    a.save(1, state(1.0), {})
+    uri, a = owned(tmp_path, 1, (1,))
     claim(LocalStore(uri), B, take_over=True)
     with pytest.raises(PrefixInUseError, match="belongs to LLMTrainingJob ns1/demo \\(uid uid-b\\)"):
         a.save(2, state(2.0), {})
@@ -195,11 +198,7 @@ def test_a_lineage_taken_over_stops_before_it_publishes_or_deletes(tmp_path: Pat
 
 
 def test_pruning_and_cleanup_touch_only_what_this_job_wrote(tmp_path: Path) -> None:
-    uri = str(tmp_path / "ckpt")
-    claim(LocalStore(uri), A)
-    a = Lineage(uri, keep_last=3, owner=A.key)
-    for step in (1, 2):
-        a.save(step, state(step), {})
+    uri, a = owned(tmp_path, 3, (1, 2))
     # A crashed save of A's at step 9 (its WRITER, no marker), and one from before owner records.
     a.store.put_bytes(f"{step_dir(9)}/{WRITER}", A.key.encode())
     a.store.put_bytes(f"{step_dir(9)}/__0_0.distcp", b"partial")
@@ -241,10 +240,7 @@ def test_reading_another_jobs_lineage_writes_nothing(tmp_path: Path) -> None:
     """spec.model.init.checkpoint and the export resolve a lineage read only: no record, no delete."""
     from llmtrain.runtime.export import resolve_checkpoint
 
-    uri = str(tmp_path / "ckpt")
-    claim(LocalStore(uri), A)
-    a = Lineage(uri, keep_last=3, owner=A.key)
-    a.save(1, state(1.0), {})
+    uri, a = owned(tmp_path, 3, (1,))
     a.store.put_bytes(f"{step_dir(2)}/{WRITER}", A.key.encode())  # A saving right now
     before = sorted(a.store.list_keys())
     ref = resolve_checkpoint(uri)
