@@ -113,7 +113,10 @@ def test_run_uses_spec_storage_endpoint_without_aws_endpoint_url(
     assert summary.export_uri == f"s3://{bucket}/model"
     assert summary.sample  # read back from the export on S3
     keys = {o["Key"] for o in s3_server.client().list_objects_v2(Bucket=bucket)["Contents"]}
-    assert {"data/manifest.json", "ckpt/step_00000002/COMPLETE", "model/config.json"} <= keys
+    assert {"data/manifest.json", "ckpt/step_00000002/COMPLETE", "model/llmtrain-export.json"} <= keys
+    # Published whole: the files in a version of their own, the pointer written last.
+    configs = [k.split("/") for k in keys if k.endswith("/config.json")]
+    assert len(configs) == 1 and configs[0][:2] == ["model", "versions"] and len(configs[0]) == 4
 
     # A fine-tune's initial weights, as every worker reads them (load_initial_weights), from
     # the run's checkpoint and from its export: spec.storage travels in the RuntimeConfig.
