@@ -17,6 +17,8 @@ The modules, each one job; arrows point only downwards (no module imports one ab
 - :mod:`~llmtrain.runtime.serve.protocol` — OpenAI's ``/v1/completions``: validation
   (:func:`~llmtrain.runtime.serve.protocol.parse_completion_request`), error bodies, response
   and stream-chunk shapes. No torch, no HTTP.
+- :mod:`~llmtrain.runtime.serve.limits` — the bounds on clients: API key, body size, header /
+  body / write timeouts (uvicorn's h11 protocol with a header deadline).
 - :mod:`~llmtrain.runtime.serve.engine` — continuous batching: one thread, one forward pass per
   step over every running sequence.
 - :mod:`~llmtrain.runtime.serve.metrics` — the ``llmtrain_serve_*`` Prometheus series.

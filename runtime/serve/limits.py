@@ -137,21 +137,28 @@ async def read_body(request: Request, limits: Limits) -> bytes:
 
 
 def header_timeout_protocol(seconds: float, on_timeout: Callable[[], None]) -> type[asyncio.Protocol]:
-    """uvicorn's h11 protocol, closing a connection whose next request's headers are not all in
-    ``seconds`` after it opened or after its previous response (see the module docstring)."""
+    """uvicorn's h11 protocol, closing a connection whose request's headers are not all in
+    ``seconds`` after it opened, or after the first bytes that follow its previous response
+    (see the module docstring)."""
     from uvicorn.protocols.http.h11_impl import H11Protocol  # only the serving process needs it
 
     class HeaderTimeoutProtocol(H11Protocol):
+        _armed_for: object = None  # the cycle whose successor's headers the deadline awaits
+
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             self._arm(None)
 
-        def on_response_complete(self) -> None:
-            done = self.cycle  # a pipelined request may start inside super(): it is not late
-            super().on_response_complete()
-            self._arm(done)
+        def data_received(self, data: bytes) -> None:
+            # The first bytes after a response start the next request's deadline; an idle
+            # keep-alive connection is uvicorn's to close (timeout_keep_alive), not a refusal.
+            done = self.cycle
+            if done is not None and done.response_complete and self._armed_for is not done:
+                self._arm(done)
+            super().data_received(data)
 
         def _arm(self, cycle: object) -> None:
+            self._armed_for = cycle
             self.loop.call_later(seconds, self._headers_due, cycle)
 
         def _headers_due(self, cycle: object) -> None:

@@ -5,6 +5,7 @@ OpenAI's error bodies, and each refusal is counted."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import threading
@@ -278,6 +279,38 @@ def test_a_cancelled_waiter_leaves_the_queue_at_once() -> None:
     engine.cancel(a)
     assert engine.waiting_requests == 0 and engine.waiting_count == 0 and engine.stats.cancelled == 2
     assert engine.submit([seq(0, [1], Sampling(max_new_tokens=2), Collector())])
+
+
+def test_a_stream_nobody_reads_is_dropped_after_the_timeout() -> None:
+    """A client that stays connected but stops reading: the send waits on full buffers; after
+    the timeout the stream ends unfinished, counted, and its sequences are cancelled. (Over real
+    loopback sockets the kernel's buffers take megabytes before a send waits: too slow a test
+    on the tiny model, so the blocked send is a fake here.)"""
+    calls: list[str] = []
+    sent: list[dict[str, Any]] = []
+
+    async def chunks() -> Any:
+        for i in range(3):
+            yield b"data: %d\n\n" % i
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+        if message["type"] == "http.response.body":
+            await asyncio.Event().wait()  # the client reads nothing more
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.Event().wait()  # never disconnects
+        return {}
+
+    stream = serve_app.EventStream(
+        chunks(), lambda: calls.append("close"), send_timeout=0.2, on_stalled=lambda: calls.append("stalled")
+    )
+    scope = {"type": "http", "asgi": {"spec_version": "2.3"}}
+    asyncio.run(asyncio.wait_for(stream(scope, receive, send), 10))
+    assert calls == ["stalled", "close"] and [m["type"] for m in sent] == [
+        "http.response.start",
+        "http.response.body",
+    ]
 
 
 def test_the_clis_defaults_are_the_runtimes() -> None:
