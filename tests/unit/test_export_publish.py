@@ -120,6 +120,8 @@ def test_unpublished_and_corrupt_exports_are_refused(tmp_path: Path, tokenizer: 
     with pytest.raises(ExportNotPublished, match=r"no export has been published at .*hf yet"):
         read_pretrained(str(out))
     export_model(random_gpt(cfg).state_dict(), cfg, str(out), tokenizer)
+    # The dead attempt (a process killed mid-export never cleans up) is pruned by this publish.
+    assert [p.name for p in (tmp_path / ".hf.versions").iterdir()] == [out.resolve().name]
     weights = out / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
