@@ -3,7 +3,7 @@
     .venv/bin/python -P bench/serve_overload.py [--model DIR] [--seconds 40] [--append]
 
 The server is a real ``llmtrain serve --max-batch 8`` subprocess on 127.0.0.1 (default
-``--max-waiting``: 4 × 8 = 32; ``--client-timeout 5``), on the model bench/serve.py builds (the
+``--max-waiting``: 4 × 8 = 32; default ``--client-timeout``: 10 s), on the model bench/serve.py builds (the
 quickstart's shape) unless ``--model`` names one. The clients, threads over raw sockets:
 
 - 40 *good*: greedy completions of 32 tokens, every other one streamed; a 429 is honoured by
@@ -39,10 +39,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # bench.serve: the model and the server start-up are its
 
-from bench.serve import PROMPTS, pct, quickstart_model  # noqa: E402
+from bench.serve import PROMPTS, pct, quickstart_model, start_server  # noqa: E402
 
 MAX_TOKENS = 32
-CLIENT_TIMEOUT = 5.0
+CLIENT_TIMEOUT = 10.0  # llmtrain serve's default --client-timeout
 
 
 class Tally:
@@ -223,27 +223,6 @@ def peak_rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def start(model: Path, log: Path) -> tuple[subprocess.Popen[bytes], int]:
-    import re
-
-    with log.open("wb") as f:
-        proc = subprocess.Popen(
-            [sys.executable, "-P", "-m", "llmtrain.cli", "serve", "--model", str(model), "--port", "0",
-             "--device", "cpu", "--max-batch", "8", "--client-timeout", str(CLIENT_TIMEOUT)],
-            stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )  # fmt: skip
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        m = re.search(r"on http://127\.0\.0\.1:(\d+)/v1", log.read_text())
-        if m:
-            return proc, int(m.group(1))
-        if proc.poll() is not None:
-            break
-        time.sleep(0.1)
-    proc.kill()
-    raise SystemExit(f"llmtrain serve did not start:\n{log.read_text()}")
-
-
 def run(port: int, model: str, seconds: float, solo: dict[str, str]) -> Tally:
     tally = Tally()
     until = time.monotonic() + seconds
@@ -294,7 +273,7 @@ def table(tally: Tally, m: dict[str, float], rss_before: float, rss_peak: float,
         "",
         "| measure | value |",
         "|---|---|",
-        f"| duration | {seconds:g} s, 64 clients, `--max-batch 8` (`--max-waiting` 32 by default), `--client-timeout {CLIENT_TIMEOUT:g}` |",
+        f"| duration | {seconds:g} s, 64 clients, `--max-batch 8` (`--max-waiting` 32 by default), `--client-timeout` {CLIENT_TIMEOUT:g} s (default) |",
         f"| 5xx (server's `llmtrain_serve_requests_total`) | {int(fivexx)} |",
         f"| good answers: latency p50 / p99 | {pct(lat, 0.5):.2f} s / {pct(lat, 0.99):.2f} s ({len(lat)} answers) |"
         if lat
@@ -317,7 +296,7 @@ def main() -> int:
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-overload-"))
     model = args.model or quickstart_model(tmp / "model")
-    proc, port = start(model, tmp / "serve.log")
+    proc, port = start_server(model, tmp / "serve.log", max_batch=8)
     try:
         solo = {}
         for p in PROMPTS:  # each prompt's answer alone, before the load

@@ -144,36 +144,46 @@ def exported(tmp_path_factory: pytest.TempPathFactory, tokenizer: TokenizerFiles
     return out
 
 
+def start_serve(model: Path, log: Path, *args: str) -> Served:
+    """``llmtrain serve --model MODEL --port 0 --device cpu ARGS`` as a subprocess, once it listens."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-P", "-m", "llmtrain.cli", "serve", "--model", str(model), "--port", "0",
+             "--device", "cpu", *args],
+            stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )  # fmt: skip
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        m = re.search(r"on (http://127\.0\.0\.1:\d+)/v1", log.read_text())
+        if m:
+            return Served(url=m.group(1), model=str(model), proc=proc, log=log)
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    proc.kill()
+    pytest.fail(f"llmtrain serve did not start: {log.read_text()}")
+
+
+def stop_serve(served: Served) -> None:
+    """SIGTERM; the server must exit cleanly, no traceback in its log."""
+    served.proc.terminate()
+    try:
+        served.proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        served.proc.kill()
+    text = served.log.read_text()
+    # uvicorn shuts down gracefully, then re-raises SIGTERM so that the exit status says why.
+    assert served.proc.returncode in (0, -signal.SIGTERM) and "Traceback" not in text, text[-3000:]
+
+
 @pytest.fixture(scope="module")
 def served(exported: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     log = tmp_path_factory.mktemp("serve-log") / "serve.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-P", "-m", "llmtrain.cli", "serve", "--model", str(exported), "--port", "0",
-             "--max-batch", "8", "--device", "cpu"],
-            stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )  # fmt: skip
+    s = start_serve(exported, log, "--max-batch", "8")
     try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            m = re.search(r"on (http://127\.0\.0\.1:\d+)/v1", log.read_text())
-            if m:
-                break
-            assert proc.poll() is None, log.read_text()
-            time.sleep(0.1)
-        else:
-            pytest.fail(f"llmtrain serve did not start: {log.read_text()}")
-        yield Served(url=m.group(1), model=str(exported), proc=proc, log=log)
+        yield s
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    # uvicorn shuts down gracefully, then re-raises SIGTERM so that the exit status says why.
-    assert proc.returncode in (0, -signal.SIGTERM) and "Traceback" not in log.read_text(), log.read_text()[
-        -3000:
-    ]
+        stop_serve(s)
 
 
 @functools.cache

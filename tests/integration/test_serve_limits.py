@@ -6,12 +6,7 @@ in OpenAI's shape and are counted in /metrics; a client that goes away frees its
 from __future__ import annotations
 
 import json
-import os
-import re
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -22,11 +17,12 @@ import pytest
 
 from tests.integration.test_serve import (  # noqa: F401
     PROMPTS,
-    ROOT,
     Served,
     exported,
     http_request,
     served,
+    start_serve,
+    stop_serve,
     tokenizer,
 )
 
@@ -37,44 +33,20 @@ LIMIT = 4096  # --max-body-bytes
 TIMEOUT = 1.0  # --client-timeout
 
 
-def start(model: Path, log: Path, *args: str) -> tuple[subprocess.Popen[bytes], str]:
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-P", "-m", "llmtrain.cli", "serve", "--model", str(model), "--port", "0",
-             "--device", "cpu", *args],
-            stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )  # fmt: skip
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        m = re.search(r"on (http://127\.0\.0\.1:\d+)/v1", log.read_text())
-        if m:
-            return proc, m.group(1)
-        assert proc.poll() is None, log.read_text()
-        time.sleep(0.1)
-    proc.kill()
-    pytest.fail(f"llmtrain serve did not start: {log.read_text()}")
-
-
 @pytest.fixture(scope="module")
 def guarded(exported: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:  # noqa: F811
     """One slot, one waiting request, a key (with the newline a Secret file often has), a 4 KiB
     body limit and a 1 s client timeout."""
     tmp = tmp_path_factory.mktemp("guarded")
     (tmp / "key").write_text(KEY + "\n")
-    proc, url = start(
+    s = start_serve(
         exported, tmp / "serve.log", "--max-batch", "1", "--max-waiting", "1", "--api-key-file",
         str(tmp / "key"), "--max-body-bytes", str(LIMIT), "--client-timeout", str(TIMEOUT),
     )  # fmt: skip
     try:
-        yield Served(url=url, model=str(exported), proc=proc, log=tmp / "serve.log")
+        yield s
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    text = (tmp / "serve.log").read_text()
-    assert proc.returncode in (0, -signal.SIGTERM) and "Traceback" not in text, text[-3000:]
+        stop_serve(s)
 
 
 def client(s: Served, key: str = KEY) -> Any:
