@@ -329,7 +329,8 @@ class LLMTrainingJobStatus(ApiModel):
     ray_cluster_name: str | None = Field(None, max_length=253, description="Name of the job's Ray cluster.")
     start_time: str | None = Field(None, description="When the job started (RFC 3339).")
     attempt_start_time: str | None = Field(
-        None, description="When the current attempt's pods were asked for, after a resume or restart (RFC 3339)."
+        None,
+        description="When the current attempt's pods were asked for, after a resume or restart (RFC 3339).",
     )
     suspended_seconds: int | None = Field(
         None, ge=0, description="Seconds spent suspended, not counted against activeDeadlineSeconds."

@@ -426,7 +426,9 @@ def test_operator_pod_is_locked_down_and_probed() -> None:
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "healthz"}
     assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
     (plain,) = of_kind(render("--set", "metrics.enabled=false"), "Deployment")
-    assert plain["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]["path"] == "/healthz"
+    assert (
+        plain["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]["path"] == "/healthz"
+    )
     # The read-only root filesystem needs a writable /tmp.
     assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]
     (svc,) = of_kind(docs, "Service")
