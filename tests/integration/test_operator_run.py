@@ -330,9 +330,15 @@ def _assert_export_matches_generate(s3: S3Server, model_uri: str, tmp: Path) -> 
     )
     assert r.returncode == 0, r.stderr
     ours = json.loads(r.stdout)
+    from llmtrain.runtime.publish import resolve_export
+
+    from llmtrain.api.s3 import S3Options
+
+    # The published version the pointer names (runtime/publish.py), as a user copies it.
+    published = resolve_export(model_uri, S3Options(endpoint=s3.endpoint)).uri
     local = tmp / "model"
     client = s3.client()
-    bucket, _, prefix = model_uri[len("s3://") :].partition("/")
+    bucket, _, prefix = published[len("s3://") :].partition("/")
     for obj in client.list_objects_v2(Bucket=bucket, Prefix=prefix + "/")["Contents"]:
         dest = local / obj["Key"][len(prefix) + 1 :]
         dest.parent.mkdir(parents=True, exist_ok=True)
