@@ -301,6 +301,11 @@ def _train(
     run.model.train()
     first = run.step + 1
     try:
+        if run.step >= run.total_steps > 0 and ctx.report is not None:
+            # Resumed from the checkpoint at its last step (the run was killed between that
+            # save and its end): nothing to train, but the launcher still hears where the run
+            # stands — a tuning trial resumed here would otherwise count as stopped at step 0.
+            _report(run, window, _validate(run, window))
         while run.step < run.total_steps:
             run.faults.before_step(run.step + 1)
             _step(run, window)

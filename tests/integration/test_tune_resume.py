@@ -136,6 +136,6 @@ def test_a_killed_search_resumes_without_rerunning_finished_trials(tmp_path: Pat
     (result,) = [
         json.loads(line[len("RESULT ") :]) for line in out.splitlines() if line.startswith("RESULT ")
     ]
-    assert result["planned"] == 4 and result["completed"] == 4
+    assert result["planned"] == 4 and result["completed"] == 4, (result, out[-4000:])
     assert sorted(t["number"] for t in result["trials"]) == [1, 2, 3, 4]
     assert (tmp_path / "model" / "config.json").exists()

@@ -308,6 +308,12 @@ def test_checkpoint_every_steps_keep_last_and_resume(tmp_path: Path) -> None:
     ck = [e for e in events if e.stage == "checkpoint"]
     assert [(e.checkpoint_step, e.checkpoint_uri) for e in ck][-1] == (5, f"{tmp_path}/step_00000005")
     assert run(cfg_from(**over, **{"training.duration.maxSteps": 5})).steps == []  # already done
+    # ...and a launcher that listens (Ray Train, a tuning trial) still hears where it stands:
+    # one report at the last step with its validation, or a trial resumed from its final
+    # checkpoint would count as stopped at step 0.
+    heard: list[dict[str, Any]] = []
+    run(cfg_from(**over, **{"training.duration.maxSteps": 5}), report=heard.append)
+    assert [(r["step"], "val_loss" in r) for r in heard] == [(5, True)]
     # The marker carries the architecture, so export needs no job spec (export.py reads it).
     marker = Lineage(str(tmp_path), 2).info(5).meta
     assert ModelConfig(**marker["model"]) == cfg_from(**over).model
