@@ -152,6 +152,15 @@ def level(port: int, model: str, streams: int, requests: int, max_tokens: int) -
     return results, time.perf_counter() - t0
 
 
+def stamp() -> tuple[str, str]:
+    """(UTC date and time, short commit) for a RESULTS.md section."""
+    date = subprocess.run(["date", "-u", "+%Y-%m-%d %H:%M UTC"], capture_output=True, text=True).stdout
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+    ).stdout
+    return date.strip(), commit.strip()
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -211,12 +220,7 @@ def main() -> int:
     table = "\n".join(lines)
     print(table)
     if args.append:
-        date = subprocess.run(
-            ["date", "-u", "+%Y-%m-%d %H:%M UTC"], capture_output=True, text=True
-        ).stdout.strip()
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
-        ).stdout.strip()
+        date, commit = stamp()
         load = os.getloadavg()[0]
         what = (
             f"`{args.model}`"

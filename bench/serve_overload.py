@@ -28,7 +28,6 @@ import http.client
 import json
 import os
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -39,7 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # bench.serve: the model and the server start-up are its
 
-from bench.serve import PROMPTS, pct, quickstart_model, start_server  # noqa: E402
+from bench.serve import PROMPTS, pct, quickstart_model, stamp, start_server  # noqa: E402
 
 MAX_TOKENS = 32
 CLIENT_TIMEOUT = 10.0  # llmtrain serve's default --client-timeout
@@ -316,12 +315,7 @@ def main() -> int:
     for problem in tally.problems:
         print("PROBLEM", problem)
     if args.append:
-        date = subprocess.run(
-            ["date", "-u", "+%Y-%m-%d %H:%M UTC"], capture_output=True, text=True
-        ).stdout.strip()
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
-        ).stdout.strip()
+        date, commit = stamp()
         section = (
             "\n\n## Serving under overload (issue 26 item 1): `bench/serve_overload.py`\n\n"
             f"- Date: {date}. Commit: {commit}. Machine: 2 cores / 24 GiB, no GPU, shared with other agents "
