@@ -113,3 +113,31 @@ def inspect(
         text = tok.decode(ids, skip_special_tokens=False)
         console.rule(f"window {i} (tokens {i * context}–{i * context + len(ids) - 1})")
         console.print(text, markup=False, highlight=False)
+
+
+@app.command("stdlib-task")
+def stdlib_task(
+    out: Annotated[str, typer.Option("--out", help="Directory for train.jsonl and heldout.jsonl.")],
+    train_records: Annotated[int, typer.Option("--train-records", min=1, help="Training records.")] = 3000,
+    heldout_records: Annotated[
+        int, typer.Option("--heldout-records", min=1, help="Held-out records (from held-out files).")
+    ] = 300,
+    heldout_percent: Annotated[
+        int, typer.Option("--heldout-percent", min=1, max=99, help="Share of source files held out.")
+    ] = 10,
+) -> None:
+    """Build the offline task dataset of examples/finetune-task.yaml: a stdlib function's
+    docstring and arguments as the prompt, its name as the answer, split by source file."""
+    from pathlib import Path
+
+    from llmtrain.runtime.data.stdlib_task import build, write
+
+    split = build(
+        train_records=train_records, heldout_records=heldout_records, heldout_percent=heldout_percent
+    )
+    train_path, heldout_path = write(split, Path(out))
+    Console().print(
+        f"{train_path}: {len(split.train):,} records from {split.files_train} files\n"
+        f"{heldout_path}: {len(split.heldout):,} records from {split.files_heldout} held-out files "
+        f"({split.dropped_duplicates} dropped: prompt also in training)"
+    )
