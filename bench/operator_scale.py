@@ -195,8 +195,10 @@ def measure(
     namespace: str,
     timeout: float,
     pool: str | None = "bench",
+    operator_source: Path | None = None,
 ) -> dict[str, Any]:
-    """Create n jobs in ``namespace`` (mode direct|operator) and time them until all pods Run."""
+    """Create n jobs in ``namespace`` (mode direct|operator) and time them until all pods Run.
+    ``operator_source``: run the operator from that source tree (see :func:`baseline_source`)."""
     from kubernetes import client, config
 
     api_client = config.new_client_from_config(config_file=str(cp.kubeconfig))
@@ -204,6 +206,14 @@ def measure(
     api_client.rest_client.pool_manager.connection_pool_kw["maxsize"] = THREADS
     core = client.CoreV1Api(api_client)
     net = client.NetworkingV1Api(api_client)
+    # Every kind the operator's static children may hold (the direct mode makes the same).
+    creators = {
+        "Secret": core.create_namespaced_secret,
+        "ConfigMap": core.create_namespaced_config_map,
+        "Service": core.create_namespaced_service,
+        "NetworkPolicy": net.create_namespaced_network_policy,
+        "PodDisruptionBudget": client.PolicyV1Api(api_client).create_namespaced_pod_disruption_budget,
+    }
     custom = client.CustomObjectsApi(api_client)
     try:
         core.create_namespace({"metadata": {"name": namespace}})
@@ -222,6 +232,9 @@ def measure(
     op_log = Path(tempfile.mkdtemp(prefix="llmtrain-bench-op-")) / "operator.log"
     if mode == "operator":
         live = _free_port()
+        env = cp.env()
+        if operator_source is not None:
+            env["PYTHONPATH"] = str(operator_source)
         op = subprocess.Popen(
             [
                 sys.executable,
@@ -241,7 +254,7 @@ def measure(
             ],
             stdout=open(op_log, "wb"),
             stderr=subprocess.STDOUT,
-            env=cp.env(),
+            env=env,
             cwd=op_log.parent,  # not the repo root: its operator/ would shadow the stdlib module
         )
         t_ready = time.monotonic() + 60
@@ -280,15 +293,13 @@ def measure(
         body["metadata"]["namespace"] = namespace
         job = LLMTrainingJob.model_validate(body)
         for obj in m.static_children(job, settings, os.urandom(32).hex()):
-            kind = obj["kind"]
-            if kind == "Secret":
-                core.create_namespaced_secret(namespace, obj)
-            elif kind == "ConfigMap":
-                core.create_namespaced_config_map(namespace, obj)
-            elif kind == "Service":
-                core.create_namespaced_service(namespace, obj)
-            else:
-                net.create_namespaced_network_policy(namespace, obj)
+            try:
+                create = creators[obj["kind"]]
+            except KeyError:
+                raise RuntimeError(
+                    f"the direct mode cannot create a {obj['kind']}: add it to creators"
+                ) from None
+            create(namespace, obj)
         for pod in m.pods(job, settings):
             core.create_namespaced_pod(namespace, pod)
 
@@ -332,7 +343,7 @@ def measure(
     api_client.close()
     shutil.rmtree(op_log.parent, ignore_errors=True)
     return {
-        "mode": mode,
+        "mode": mode if operator_source is None else f"{mode}@{operator_source.name}",
         "jobs": n,
         "pods": total_pods,
         "submit_s": round(t_submitted, 2),
@@ -391,20 +402,54 @@ def fresh_crd(cp: controlplane.ControlPlane) -> None:
         time.sleep(0.1)
 
 
+def baseline_source(rev: str, into: Path) -> Path:
+    """The operator (and the llmtrain package it imports) of commit ``rev``, laid out as
+    the installed package is (``operator/`` is ``llmtrain.operator``), for PYTHONPATH: the
+    editable install's finder comes after PYTHONPATH, so that process imports ``rev``'s code.
+    Before and after then run in one bench run, under the same load."""
+    sha = subprocess.run(
+        ["git", "rev-parse", "--short", rev], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    root = into / sha
+    src = into / "src"
+    src.mkdir(parents=True)
+    archive = subprocess.run(
+        ["git", "archive", sha, "llmtrain", "operator"], cwd=ROOT, capture_output=True, check=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
+    root.mkdir()
+    (src / "llmtrain").rename(root / "llmtrain")
+    (src / "operator").rename(root / "llmtrain" / "operator")
+    return root
+
+
 def run(
-    jobs: list[int], workers: int, timeout: float, modes: tuple[str, ...] = ("direct", "operator")
+    jobs: list[int],
+    workers: int,
+    timeout: float,
+    modes: tuple[str, ...] = ("direct", "operator"),
+    baseline: str | None = None,
 ) -> list[dict[str, Any]]:
     results = []
-    for n in jobs:
+    with tempfile.TemporaryDirectory(prefix="llmtrain-bench-src-") as srcdir:
+        before = baseline_source(baseline, Path(srcdir)) if baseline else None
+        # (mode, operator source): the baseline's operator runs right before this tree's.
+        plan: list[tuple[str, Path | None]] = []
         for mode in modes:
-            with tempfile.TemporaryDirectory(prefix="llmtrain-bench-cp-") as d:
-                cp = fresh_control_plane(Path(d))
-                try:
-                    r = measure(cp, mode, n, workers, f"bench-{mode}", timeout)
-                finally:
-                    cp.stop(keep_logs=False)
-            print(json.dumps(r), flush=True)
-            results.append(r)
+            if mode == "operator" and before is not None:
+                plan.append((mode, before))
+            plan.append((mode, None))
+        for n in jobs:
+            for mode, source in plan:
+                with tempfile.TemporaryDirectory(prefix="llmtrain-bench-cp-") as d:
+                    cp = fresh_control_plane(Path(d))
+                    try:
+                        r = measure(cp, mode, n, workers, f"bench-{mode}", timeout, operator_source=source)
+                    finally:
+                        cp.stop(keep_logs=False)
+                r["load1"] = round(os.getloadavg()[0], 1)
+                print(json.dumps(r), flush=True)
+                results.append(r)
     return results
 
 
@@ -422,25 +467,29 @@ def markdown(results: list[dict[str, Any]], workers: int) -> str:
         "interval 5 s, 16 executor threads.",
         "",
         "| jobs | pods | mode | submit (s) | all pods Running (s) | per job p50 (s) | per job p99 (s) | "
-        "pods created p50 / p99 (s) | operator peak RSS (MB) | operator CPU (s) |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "pods created p50 / p99 (s) | operator peak RSS (MB) | operator CPU (s) | load (1 min) |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         lines.append(
             f"| {r['jobs']} | {r['pods']} | {r['mode']} | {r['submit_s']} | {r['all_running_s']} | "
             f"{r['p50_s']} | {r['p99_s']} | {r['created_p50_s']} / {r['created_p99_s']} | "
-            f"{r['operator_peak_rss_mb'] or '–'} | {r['operator_cpu_s'] or '–'} |"
+            f"{r['operator_peak_rss_mb'] or '–'} | {r['operator_cpu_s'] or '–'} | {r.get('load1', '–')} |"
         )
     lines.append("")
     by_n: dict[int, dict[str, dict[str, Any]]] = {}
     for r in results:
         by_n.setdefault(r["jobs"], {})[r["mode"]] = r
     for n, modes in by_n.items():
-        if "direct" in modes and "operator" in modes:
-            ratio = modes["operator"]["all_running_s"] / max(modes["direct"]["all_running_s"], 1e-9)
+        direct = modes.get("direct")
+        for name, r in modes.items():
+            if not name.startswith("operator") or direct is None:
+                continue
+            ratio = r["all_running_s"] / max(direct["all_running_s"], 1e-9)
             lines.append(
-                f"- {n} jobs: operator / direct time to all Running = **{ratio:.2f}×** (goal ≤ 1.5×); "
-                f"operator peak RSS {modes['operator']['operator_peak_rss_mb']} MB (goal ≤ 150 MB at 1000)."
+                f"- {n} jobs, {name}: time to all Running **{ratio:.2f}×** direct's (goal ≤ 1.1×); "
+                f"apply → pods created p50 / p99 {r['created_p50_s']} / {r['created_p99_s']} s "
+                f"(goal ≤ 2 / 5 s at 1000); peak RSS {r['operator_peak_rss_mb']} MB."
             )
     lines.append(
         "- Anchor: KubeRay readies 100 RayClusters in 83 s and 1000 in 258 s on GKE (real kubelets and "
@@ -462,11 +511,17 @@ def main(argv: list[str] | None = None) -> None:
         default=["direct", "operator"],
         help="one mode alone is for diagnosis (no ratio; with --no-results)",
     )
+    ap.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="also run the operator of commit REV (before) right before this tree's (after), "
+        "each on a fresh control plane",
+    )
     a = ap.parse_args(argv)
     missing = controlplane.missing_binaries()
     if missing:
         sys.exit("control-plane binaries missing (run tests/cluster/build.sh): " + ", ".join(missing))
-    results = run(a.jobs, a.workers, a.timeout, tuple(a.modes))
+    results = run(a.jobs, a.workers, a.timeout, tuple(a.modes), a.baseline)
     text = markdown(results, a.workers)
     print(text)
     if not a.no_results:

@@ -45,6 +45,10 @@ class Options:
     settings: OperatorSettings = field(default_factory=OperatorSettings)
     worker_limit: int = 2000
     executor_threads: int = 16
+    # Of those, the threads that reconcile only new jobs, suspend flips and deletions (the
+    # work queue's urgent lane): a new job starts even while every other thread waits on a
+    # slow Ray head.
+    urgent_threads: int = 4
     # Kopf's own requests in flight at once besides its watches: peering heartbeats and
     # re-lists only (the controller makes the writes, over its own pool), so a few.
     kopf_requests: int = 4
@@ -141,6 +145,7 @@ def build(
         metrics,
         interval=opts.reconcile_interval,
         threads=opts.executor_threads,
+        urgent_threads=opts.urgent_threads,
         peering=peering,
     )
     register(registry, controller)

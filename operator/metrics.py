@@ -48,6 +48,14 @@ class OperatorMetrics:
             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=self.registry,
         )
+        self.queue_wait_seconds = Histogram(
+            "llmtrain_operator_queue_wait_seconds",
+            "Time a job waited in the work queue before its reconcile started, by lane: urgent "
+            "(a new job, a suspend flip, a deletion to act on), routine (the resync).",
+            ["lane"],
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120),
+            registry=self.registry,
+        )
         self.reconcile_errors = Counter(
             "llmtrain_operator_reconcile_errors",
             "Reconciles that failed, once per try (retried with backoff), by kind: http_<status>, "

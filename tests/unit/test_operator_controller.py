@@ -133,6 +133,89 @@ def test_work_queue_dedups_and_never_hands_a_key_to_two_threads() -> None:
     assert got == [None]
 
 
+def test_urgent_keys_go_before_routine_ones_and_are_promoted_never_demoted() -> None:
+    """A new job must not wait behind the resync of every job already known (one FIFO
+    made it wait p50 20 s at 200 jobs): urgent keys are handed out first, FIFO within a
+    lane; an urgent add moves a waiting routine key ahead; a routine add of an urgent key
+    (the resync meeting a new job) leaves it urgent; each key is still queued once."""
+    q = WorkQueue()
+    old = [("ns1", f"old-{i}") for i in range(3)]
+    for k in old:  # the resync queues every known job
+        q.add(k)
+    q.add(("ns1", "new-a"), urgent=True)
+    q.add(("ns1", "new-b"), urgent=True)
+    q.add(("ns1", "new-a"))  # the resync's add: not demoted, not twice
+    q.add(old[2], urgent=True)  # a suspend flip of a job already waiting: promoted
+    assert len(q) == 5 and q.urgent() == 3
+    order = [q.get(timeout=0) for _ in range(5)]
+    assert order == [("ns1", "new-a"), ("ns1", "new-b"), old[2], old[0], old[1]]
+    assert q.get(timeout=0) is None
+    # Added urgently while being reconciled: queued again as urgent when done.
+    q.add(old[0], urgent=True)
+    q.add(old[1])
+    q.done(old[1])
+    q.done(old[0])
+    assert q.urgent() == 1 and q.get(timeout=0) == old[0]
+
+
+def test_threads_kept_for_the_urgent_lane_never_take_routine_keys() -> None:
+    q = WorkQueue()
+    q.add(("ns1", "resync"))
+    assert q.get(timeout=0, urgent_only=True) is None
+    got: list[Any] = []
+    t = threading.Thread(target=lambda: got.append(q.get(timeout=5, urgent_only=True)))
+    t.start()
+    time.sleep(0.05)
+    q.add(("ns1", "new"), urgent=True)  # wakes the waiting urgent-only thread
+    t.join(2)
+    assert got == [("ns1", "new")]
+    assert q.get(timeout=0) == ("ns1", "resync")
+
+
+def test_a_new_job_is_reconciled_while_every_general_thread_is_busy() -> None:
+    """The controller end to end: routine reconciles that hang (a Ray head that does not
+    answer) hold every thread that takes routine keys; a new job is still reconciled at
+    once by a thread kept for the urgent lane. Negative control: with no thread kept
+    (urgent_threads=0) the new job waits until a hung reconcile returns."""
+    for kept, reconciled_at_once in ((1, True), (0, False)):
+        s = Setup()
+        release = threading.Event()
+        ctl = s.controller
+        ctl.threads, ctl.urgent_threads = 3, kept
+        real = ctl.reconcile_key
+
+        def reconcile_key(key: tuple[str, str], real: Any = real, release: threading.Event = release) -> Any:
+            if key[1].startswith("steady"):
+                release.wait(60)  # a slow routine reconcile (released at the end)
+                return None
+            return real(key)
+
+        ctl.reconcile_key = reconcile_key  # type: ignore[method-assign]
+        for i in range(5):
+            ctl.queue.add(("ns1", f"steady-{i}"))
+        ctl.start()
+        try:
+            time.sleep(0.1)  # every general thread is now held
+            s.add(job_body())  # ADDED: urgent
+            # Generous where it must happen (a loaded machine; the first reconcile imports
+            # Kopf), short where it must not: a hung reconcile holds for 60 s.
+            patches = s.writer.patches
+            done = _poll(lambda p=patches: any(k == "status" for k, _ in p), 30.0 if kept else 2.0)
+            assert done is reconciled_at_once, kept
+        finally:
+            release.set()
+            ctl.stop()
+
+
+def _poll(cond: Any, timeout: float) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.01)
+    return False
+
+
 def test_events_queue_new_jobs_and_suspend_flips_only() -> None:
     new = job_body()
     assert needs_action_now(new)
