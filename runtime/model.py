@@ -439,6 +439,19 @@ class GPT(nn.Module):
         return self.flops_per_token() * tokens_per_second / peak
 
 
+# A target the loss skips (task data: prompt, system, template markup, padding). PyTorch's
+# cross_entropy default, named here so the masking and the loss cannot disagree.
+IGNORE_INDEX = -100
+
+
+def masked_targets(targets: Tensor, mask: Tensor) -> Tensor:
+    """``targets`` with every position whose ``mask`` is False set to :data:`IGNORE_INDEX`."""
+    return targets.masked_fill(~mask.bool(), IGNORE_INDEX)
+
+
 def token_loss_sum(logits: Tensor, targets: Tensor) -> Tensor:
-    """Σ of token cross-entropies (fp32), so that means are taken over tokens, not batches."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
+    """Σ of token cross-entropies (fp32), so that means are taken over tokens, not batches.
+    Targets equal to :data:`IGNORE_INDEX` (:func:`masked_targets`) add nothing."""
+    return F.cross_entropy(
+        logits.float().flatten(0, 1), targets.flatten(), reduction="sum", ignore_index=IGNORE_INDEX
+    )

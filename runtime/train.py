@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 import torch.distributed as dist
-from llmtrain.runtime.model import GPT, token_loss_sum
+from llmtrain.runtime.model import GPT, masked_targets, token_loss_sum
 from torch import Tensor, nn
 
 from llmtrain.api.config import OptimizerConfig, RuntimeConfig, ScheduleConfig
@@ -371,7 +371,8 @@ class _Run:
     best_val: float = math.inf
     batches: Iterator[Tensor] | None = None
 
-    def next_batch(self) -> Tensor:
+    def next_batch(self) -> Tensor | tuple[Tensor, Tensor]:
+        """The next micro batch: tokens, or (tokens, loss mask) for task data."""
         if self.batches is None:
             self.batches = iter(self.loader)
         try:
@@ -403,6 +404,8 @@ class _Window:
     steps: list[int] = field(default_factory=list)
     losses: list[Tensor] = field(default_factory=list)
     norms: list[Tensor] = field(default_factory=list)
+    # Task data: each step's loss targets over all ranks (the losses' divisor); empty for plain text.
+    targets: list[Tensor] = field(default_factory=list)
     start: float = field(default_factory=time.perf_counter)
     data_wait: float = 0.0  # seconds spent waiting for batches
     last_loss: float | None = None
@@ -414,6 +417,7 @@ class _Window:
         self.steps.clear()
         self.losses.clear()
         self.norms.clear()
+        self.targets.clear()
         self.start, self.data_wait = time.perf_counter(), 0.0
 
 
@@ -589,19 +593,32 @@ def _step(run: _Run, window: _Window) -> None:
     """One optimizer step: forward/backward over its micro batches, clip, step."""
     t = run.cfg.train
     accum = t.grad_accum_steps
-    tokens_per_rank_step = run.tokens_per_step / run.world_size  # equal on every rank (loader contract)
+    # Plain text: every target counts, the same number on every rank (loader contract).
+    denominator: Tensor | float = run.tokens_per_step / run.world_size
     loss_sum = torch.zeros((), device=run.device)
+    pending = [_next_micro_batch(run, window)]
+    if isinstance(pending[0], tuple):
+        # Task data: the loss is a mean over the step's answer tokens on every rank, a count only
+        # known once all its micro batches are read: read them first, count, then backward.
+        pending += [_next_micro_batch(run, window) for _ in range(accum - 1)]
+        count = _count_targets(run, pending)  # type: ignore[arg-type]
+        window.targets.append(count)
+        denominator = count / run.world_size
     for micro in range(accum):
-        waited = time.perf_counter()
+        raw = pending[micro] if micro < len(pending) else _next_micro_batch(run, window)
         # From pageable memory this copy waits for the GPU to drain its queue (a host sync per
         # micro batch). Pinning each batch measured no faster on an H200 at GPT-2-small shape
         # (bench/RESULTS.md), so batches stay pageable.
-        batch = run.next_batch().to(run.device, non_blocking=True)
-        window.data_wait += time.perf_counter() - waited
+        if isinstance(raw, tuple):
+            batch = raw[0].to(run.device, non_blocking=True)
+            mask = raw[1].to(run.device, non_blocking=True)
+            inputs, targets = batch[:, :-1], masked_targets(batch[:, 1:], mask[:, 1:])
+        else:
+            batch = raw.to(run.device, non_blocking=True)
+            inputs, targets = batch[:, :-1], batch[:, 1:]
         if run.use_fsdp:
             # Reduce-scatter gradients only after the last micro batch.
             cast("FSDPModule", run.model).set_requires_gradient_sync(micro == accum - 1)
-        inputs, targets = batch[:, :-1], batch[:, 1:]
         with run.autocast:
             logits = run.model(inputs)
         loss = run.loss_fn(logits, targets)
@@ -609,8 +626,8 @@ def _step(run: _Run, window: _Window) -> None:
             loss = loss * float("nan")
         # Token mean over the whole step, not a mean of per-rank means: gradients sum over micro
         # batches, and FSDP's reduce-scatter averages over ranks, so dividing by this rank's
-        # share of the step's tokens yields ∇(Σ token losses / Σ tokens).
-        (loss / tokens_per_rank_step).backward()
+        # share of the step's (target) tokens yields ∇(Σ token losses / Σ tokens).
+        (loss / denominator).backward()
         loss_sum += loss.detach()
     norm = clip_grad_norm(run.model, t.grad_clip)
     run.result.lrs.append(float(run.scheduler.get_last_lr()[0]))
@@ -622,6 +639,27 @@ def _step(run: _Run, window: _Window) -> None:
     window.steps.append(run.step)
     window.losses.append(loss_sum)
     window.norms.append(norm)
+
+
+def _next_micro_batch(run: _Run, window: _Window) -> Tensor | tuple[Tensor, Tensor]:
+    waited = time.perf_counter()
+    raw = run.next_batch()
+    window.data_wait += time.perf_counter() - waited
+    return raw
+
+
+def _count_targets(run: _Run, micro_batches: list[tuple[Tensor, Tensor]]) -> Tensor:
+    """Σ loss targets (mask 1) of one step's micro batches over all ranks, on the device.
+
+    Counted on the host from the loader's CPU masks (no device work); its copy to the device is
+    a host sync like each batch's copy (pageable memory), and the all-reduce a collective every
+    rank joins once per step. The count stays on the device as the loss's divisor.
+    """
+    local = sum(int(mask[:, 1:].sum()) for _, mask in micro_batches)
+    count = torch.tensor(local, dtype=torch.int64, device=run.device)
+    if run.distributed:
+        dist.all_reduce(count)
+    return count.clamp_min(1).float()  # a step of padding alone (never packed) would divide by 0
 
 
 def _log_window(run: _Run, window: _Window) -> None:
@@ -637,7 +675,9 @@ def _log_window(run: _Run, window: _Window) -> None:
     reduced = torch.stack([*window.losses, torch.tensor(float(asked), device=run.device)])
     if run.distributed:
         dist.all_reduce(reduced)  # Σ token losses over ranks (each a sum over its micro batches)
-    values = (reduced[:-1] / run.tokens_per_step).tolist()  # host sync
+    # Task data: Σ losses / Σ answer tokens of each step (both over all ranks).
+    divisor = torch.stack(window.targets) if window.targets else run.tokens_per_step
+    values = (reduced[:-1] / divisor).tolist()  # host sync
     window.checkpoint_requested = window.checkpoint_requested or bool(reduced[-1].item() > 0)
     norms = torch.stack(window.norms).tolist()
     for s, loss, norm in zip(window.steps, values, norms, strict=True):

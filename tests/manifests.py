@@ -377,6 +377,40 @@ def rule_cases() -> list[Case]:
             "spec.data.validationSources",
             _set("data.validationSources", [{"name": "held", "weight": 1, "local": {"glob": "/x/*.txt"}}]),
         ),
+        _case(
+            "task on all sources or none",
+            "spec.data.sources",
+            _set("data.sources[0].task", {"format": "chat"}),
+        ),
+        _case(
+            "task records from jsonl or parquet",
+            "spec.data.sources[0].task",
+            _all(
+                _set(
+                    "data.sources", [{"name": "t", "local": {"glob": "/x/*.txt"}, "task": {"format": "chat"}}]
+                ),
+            ),
+        ),
+        _case(
+            "validation task records from jsonl or parquet",
+            "spec.data.validationSources[0].task",
+            _all(
+                _set(
+                    "data.sources",
+                    [
+                        {
+                            "name": "t",
+                            "local": {"glob": "/x/*.jsonl", "format": "jsonl"},
+                            "task": {"format": "chat"},
+                        }
+                    ],
+                ),  # fmt: skip
+                _set(
+                    "data.validationSources",
+                    [{"name": "v", "local": {"glob": "/x/*.txt"}, "task": {"format": "chat"}}],
+                ),  # fmt: skip
+            ),
+        ),
         # Exclusive choices
         _case("duration exactly one (two)", "spec.training.duration", _set("training.duration.epochs", 2)),
         _case("duration exactly one (none)", "spec.training.duration", _del("training.duration.maxSteps")),

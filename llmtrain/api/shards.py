@@ -15,6 +15,13 @@ Shard file layout (little-endian), ``HEADER_SIZE`` = 256 bytes of header, then t
     32      224   zero padding     (room for later versions without moving the data)
     256     n·s   tokens           n = token count, s = 2 (uint16) or 4 (uint32)
 
+Loss-mask shard (task data only), the same name with ``.mask`` for ``.bin``: ``HEADER_SIZE``
+bytes of header (magic b"LLMTMASK", version uint32, token count uint64, zero padding), then one
+uint8 per token of its token shard: 1 = the token is a target the loss covers (an assistant
+turn's content and end of turn), 0 = context only (prompt, system, template markup, padding).
+It is verified like a token shard (size, count, sha256 in the manifest's ``ShardInfo.mask``).
+Plain-text data has no mask shards: every token counts.
+
 The dtype is uint16 iff the highest id (vocab size − 1) ≤ 65535, else uint32. A file whose
 size differs from ``HEADER_SIZE + n·s`` is truncated or corrupt. Every shard's sha256
 (over the whole file) is listed in the manifest; ``manifest.json`` is written **last**,
@@ -37,6 +44,11 @@ DTYPE_SIZES: dict[str, int] = {"uint16": 2, "uint32": 4}
 MANIFEST_NAME = "manifest.json"
 TOKENIZER_NAME = "tokenizer.json"
 MANIFEST_VERSION = 1
+MASK_MAGIC = b"LLMTMASK"
+MASK_HEADER_STRUCT = struct.Struct("<8sIQ")  # 20 bytes, then zero padding to HEADER_SIZE
+# Held-out task prompts (task data only): one JSON line per validation record,
+# {"id": str, "messages": [the turns before the final assistant turn], "reference": str}.
+TASK_EVAL_NAME = "task-eval.jsonl"
 
 Split = Literal["train", "validation"]
 
@@ -106,6 +118,42 @@ class ShardHeader:
             )
 
 
+def mask_name(token_shard: str) -> str:
+    """The loss-mask shard beside a token shard: ``train-00000.bin`` → ``train-00000.mask``."""
+    return token_shard[: -len(".bin")] + ".mask" if token_shard.endswith(".bin") else token_shard + ".mask"
+
+
+def pack_mask(mask: bytes) -> bytes:
+    """Header + one byte (0/1) per token."""
+    head = MASK_HEADER_STRUCT.pack(MASK_MAGIC, FORMAT_VERSION, len(mask))
+    return head + b"\0" * (HEADER_SIZE - len(head)) + mask
+
+
+def unpack_mask(data: bytes, *, name: str = "mask shard") -> bytes:
+    """The mask bytes of a mask shard, after checking magic, version and size."""
+    if len(data) < HEADER_SIZE:
+        raise ShardFormatError(f"{name}: header is {len(data)} bytes, expected {HEADER_SIZE}")
+    magic, version, count = MASK_HEADER_STRUCT.unpack_from(data)
+    if magic != MASK_MAGIC:
+        raise ShardFormatError(f"{name}: bad magic {magic!r}, not an llmtrain mask shard")
+    if version != FORMAT_VERSION:
+        raise ShardFormatError(f"{name}: format version {version}, this reader knows {FORMAT_VERSION}")
+    if len(data) != HEADER_SIZE + count:
+        raise ShardFormatError(
+            f"{name}: file is {len(data)} bytes but its header promises {HEADER_SIZE + count} "
+            f"({count} mask bytes): truncated or corrupt"
+        )
+    return data[HEADER_SIZE:]
+
+
+@dataclass
+class MaskInfo:
+    path: str  # relative, mask_name(token shard path)
+    bytes: int
+    sha256: str
+    targets: int  # tokens with mask 1 (what the loss covers)
+
+
 @dataclass
 class ShardInfo:
     path: str  # relative to the manifest's directory/prefix
@@ -114,6 +162,7 @@ class ShardInfo:
     documents: int
     bytes: int
     sha256: str
+    mask: MaskInfo | None = None  # task data: the loss-mask shard beside this one
 
 
 @dataclass
@@ -163,9 +212,31 @@ class Manifest:
         frac = self.extra.get("validation_fraction")
         return f"hash split: {frac:g} of sources" if isinstance(frac, int | float) else "hash split"
 
+    @property
+    def masked(self) -> bool:
+        """Task data: the shards carry loss masks (all or none do)."""
+        return any(s.mask is not None for s in self.shards)
+
+    @property
+    def task(self) -> dict[str, Any] | None:
+        """Task data's summary (format, records, bad records by reason with examples, packing,
+        context length); None for plain text."""
+        got = self.extra.get("task")
+        return dict(got) if isinstance(got, dict) else None
+
+    @property
+    def task_eval(self) -> dict[str, Any] | None:
+        """``{"path": TASK_EVAL_NAME, "records": N}``: the held-out task prompts (task data only)."""
+        got = self.extra.get("task_eval")
+        return dict(got) if isinstance(got, dict) else None
+
     def to_json(self) -> str:
+        raw = asdict(self)
+        for shard in raw["shards"]:  # plain text: no mask key, the manifest reads as before
+            if shard["mask"] is None:
+                del shard["mask"]
         # sort_keys + fixed separators: byte-identical manifests for identical inputs.
-        return json.dumps(asdict(self), sort_keys=True, indent=2, ensure_ascii=False) + "\n"
+        return json.dumps(raw, sort_keys=True, indent=2, ensure_ascii=False) + "\n"
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Manifest:
@@ -179,7 +250,7 @@ class Manifest:
                 fingerprint=raw["fingerprint"],
                 tokenizer=TokenizerInfo(**raw["tokenizer"]),
                 dtype=raw["dtype"],
-                shards=[ShardInfo(**s) for s in raw["shards"]],
+                shards=[_shard_info(s) for s in raw["shards"]],
                 sources=[SourceStats(**s) for s in raw["sources"]],
                 dropped=dict(raw["dropped"]),
                 seed=raw["seed"],
@@ -188,3 +259,8 @@ class Manifest:
             )
         except (KeyError, TypeError, json.JSONDecodeError) as e:
             raise ShardFormatError(f"manifest does not match the documented schema: {e}") from e
+
+
+def _shard_info(raw: dict[str, Any]) -> ShardInfo:
+    mask = raw.get("mask")
+    return ShardInfo(**{**raw, "mask": MaskInfo(**mask) if mask is not None else None})

@@ -153,6 +153,37 @@ class PythonStdlibSource(ApiModel):
     include_tests: bool = Field(False, description="Include the standard library's test/ package.")
 
 
+class TaskFormat(StrEnum):
+    prompt_response = "promptResponse"
+    chat = "chat"
+
+
+class TaskRecords(ApiModel):
+    """The source's records are a fine-tuning task: each becomes one conversation, tokenized with
+    the job's tokenizer and chat template, and the loss covers the assistant turns only."""
+
+    format: TaskFormat = Field(
+        description="promptResponse: one prompt and one response field per record (a single-turn "
+        "chat, user then assistant); chat: a list of {role, content} messages (roles system, user, "
+        "assistant; user and assistant alternate, the last turn is the assistant's)."
+    )
+    prompt_field: str = Field(
+        "prompt", min_length=1, max_length=256, description="promptResponse: key/column of the prompt."
+    )
+    response_field: str = Field(
+        "response", min_length=1, max_length=256, description="promptResponse: key/column of the response."
+    )
+    messages_field: str = Field(
+        "messages", min_length=1, max_length=256, description="chat: key/column of the message list."
+    )
+    system: str | None = Field(
+        None,
+        min_length=1,
+        max_length=16_384,
+        description="A system message put first in every conversation that has none (unset: none).",
+    )
+
+
 class DataSource(ApiModel):
     """One text source. Set exactly one of s3, local, huggingface, pythonStdlib."""
 
@@ -160,6 +191,14 @@ class DataSource(ApiModel):
         cel(
             exactly_one("s3", "local", "huggingface", "pythonStdlib"),
             "set exactly one of s3, local, huggingface, pythonStdlib",
+        ),
+        cel(
+            "!has(self.task) || (has(self.local) && has(self.local.format) && self.local.format != 'text') "
+            "|| (has(self.s3) && has(self.s3.format) && self.s3.format != 'text') "
+            "|| (has(self.huggingface) && self.huggingface.builder != 'text')",
+            "task records are read from jsonl or parquet: set format jsonl or parquet (huggingface: "
+            "builder json or parquet)",
+            ".task",
         ),
     )
 
@@ -182,6 +221,11 @@ class DataSource(ApiModel):
     huggingface: HuggingFaceSource | None = Field(None, description="Read local files with HF datasets.")
     python_stdlib: PythonStdlibSource | None = Field(
         None, description="The builtin corpus: the Python standard library's own source."
+    )
+    task: TaskRecords | None = Field(
+        None,
+        description="Fine-tuning task records (prompt/response or chat) instead of plain text: the loss "
+        "covers the responses only. Set on every source and validation source, or on none.",
     )
 
 
@@ -293,6 +337,14 @@ class DataSpec(ApiModel):
             "!has(self.validationSources) || self.validationSources.all(v, !has(v.weight))",
             "validation sources take no weight (weights mix the training data)",
             ".validationSources",
+        ),
+        cel(
+            "self.sources.all(s, has(s.task)) ? (!has(self.validationSources) || "
+            "self.validationSources.all(v, has(v.task))) : (self.sources.all(s, !has(s.task)) && "
+            "(!has(self.validationSources) || self.validationSources.all(v, !has(v.task))))",
+            "set task on every source and validation source or on none (task records and plain text "
+            "do not mix)",
+            ".sources",
         ),
         cel(
             "self == oldSelf",

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import numpy as np
 from llmtrain.runtime.data import clean as cleanmod
-from llmtrain.runtime.data import collect, tokenize
+from llmtrain.runtime.data import collect, task, tokenize
 
 from llmtrain.api.s3 import S3Options
 
@@ -96,8 +96,9 @@ def parallel_map(
 class CleanedDoc:
     key: str
     source: str
-    text: str
+    text: str  # task sources: the conversation as canonical JSON (runtime/data/task.py)
     digest: str  # content hash for dedup
+    ref: str = ""  # task sources: the record's name (file and line/row) for the manifest
 
 
 def read_clean_block(units: list[dict[str, Any]], cfg: cleanmod.CleanConfig, s3: S3Options) -> list[Any]:
@@ -113,14 +114,37 @@ def read_clean_block(units: list[dict[str, Any]], cfg: cleanmod.CleanConfig, s3:
         drops: dict[str, int] = defaultdict(int)
         drops["undecodable"] += got.undecodable
         docs = []
-        for key, text in got.docs:
-            cleaned, reason = cleanmod.clean_document(text, cfg)
+        bad = list(got.bad)
+        for i, (key, text) in enumerate(got.docs):
+            if got.refs:  # a task record: clean each message's content, keep the conversation
+                cleaned, reason, bad_record = _clean_record(text, cfg)
+                if bad_record is not None:
+                    bad.append(task.bad_entry(unit.source.name, got.refs[i], bad_record.reason,
+                                              bad_record.detail))  # fmt: skip
+                    continue
+            else:
+                cleaned, reason = cleanmod.clean_document(text, cfg)
             if cleaned is None:
                 drops[str(reason)] += 1
                 continue
-            docs.append(CleanedDoc(key, unit.source.name, cleaned, cleanmod.content_hash(cleaned)))
-        out.append(("unit", unit.source.name, unit.ident, got.raw_sha256, dict(drops), docs))
+            ref = got.refs[i] if got.refs else ""
+            docs.append(CleanedDoc(key, unit.source.name, cleaned, cleanmod.content_hash(cleaned), ref))
+        out.append(("unit", unit.source.name, unit.ident, got.raw_sha256, dict(drops), docs, bad))
     return out
+
+
+def _clean_record(
+    text: str, cfg: cleanmod.CleanConfig
+) -> tuple[str | None, str | None, task.BadRecord | None]:
+    """A conversation with each content cleaned; the length filters apply to the contents joined.
+    A content that cleaning empties makes a bad record (empty_content), not a silent drop."""
+    msgs = [{**m, "content": cleanmod.clean_text(m["content"], cfg)} for m in task.from_text(text)]
+    try:
+        task.check_order(msgs)
+    except task.BadRecord as e:
+        return None, None, e
+    reason = cleanmod.drop_reason("\n\n".join(m["content"] for m in msgs), cfg)
+    return (None, reason, None) if reason else (task.to_text(msgs), None, None)
 
 
 def encode_block(items: list[tuple[str, str]], tok_json: str, eot: int) -> list[tuple[str, np.ndarray]]:

@@ -41,6 +41,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmtrain.runtime.data import task as task_mod
 from llmtrain.runtime.store import S3Store, StorageError, split_s3_uri
 
 from llmtrain.api.s3 import S3Options
@@ -77,6 +78,19 @@ class SourceConfig:
     split: str = "train"
     include_tests: bool = False
     field_name: str = "sources"  # or validationSources: which spec list it is in
+    # spec.data.sources[].task (runtime/data/task.py): "" = plain text.
+    task_format: str = ""
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    messages_field: str = "messages"
+    system: str | None = None
+
+    @property
+    def task(self) -> task_mod.TaskFields | None:
+        if not self.task_format:
+            return None
+        return task_mod.TaskFields(self.task_format, self.prompt_field, self.response_field,
+                                   self.messages_field, self.system)  # fmt: skip
 
     @property
     def spec_path(self) -> str:
@@ -88,7 +102,18 @@ class SourceConfig:
 
     @classmethod
     def from_spec(cls, src: Any, index: int, field_name: str = "sources") -> SourceConfig:
-        return dataclasses.replace(cls._from_spec(src, index), field_name=field_name)
+        cfg = dataclasses.replace(cls._from_spec(src, index), field_name=field_name)
+        task = getattr(src, "task", None)
+        if task is None:
+            return cfg
+        return dataclasses.replace(
+            cfg,
+            task_format=str(getattr(task.format, "value", task.format)),
+            prompt_field=task.prompt_field,
+            response_field=task.response_field,
+            messages_field=task.messages_field,
+            system=task.system,
+        )
 
     @classmethod
     def _from_spec(cls, src: Any, index: int) -> SourceConfig:
@@ -144,6 +169,9 @@ class UnitDocs:
     undecodable: int = 0
     raw_sha256: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    # Task sources: each document's record name (parallel to docs), and the bad records.
+    refs: list[str] = field(default_factory=list)
+    bad: list[dict[str, str]] = field(default_factory=list)
 
 
 def doc_key(source: str, ident: str, index: int) -> str:
@@ -269,7 +297,14 @@ def _load_hf(src: SourceConfig) -> Any:
         ds = datasets.load_dataset(src.builder, data_files=files, split=src.split)
     except (ValueError, KeyError) as e:
         raise SourceError(f"{src.spec_path}: load_dataset({src.builder!r}) failed: {e}") from e
-    if src.field not in ds.column_names:
+    if src.task is not None:
+        missing = [c for c in src.task.columns if c not in ds.column_names]
+        if missing:
+            raise SourceError(
+                f"{src.spec_path}: columns {missing} not in {ds.column_names}; set "
+                f"spec.data.{src.field_name}[{src.index}].task's field names to the record's columns"
+            )
+    elif src.field not in ds.column_names:
         raise SourceError(
             f"{src.spec_path}.field: column {src.field!r} not in {ds.column_names}; set field to the text column"
         )
@@ -339,6 +374,8 @@ def _records_text(unit: WorkUnit, data: bytes) -> list[str]:
 def read_unit(unit: WorkUnit, s3: S3Options | None = None) -> UnitDocs:
     """Documents of one work unit, keyed by (source, unit identity, index)."""
     src = unit.source
+    if src.task is not None:
+        return _read_task_unit(unit, s3)
     if src.kind == "huggingface":
         _, a, b = unit.location.split(":")
         texts = _load_hf(src).select(range(int(a), int(b)))[src.field]
@@ -361,3 +398,34 @@ def read_unit(unit: WorkUnit, s3: S3Options | None = None) -> UnitDocs:
             return UnitDocs([], undecodable=1, raw_sha256=digest)
         texts = split_text(text, src.text_unit)
     return UnitDocs([(doc_key(src.name, unit.ident, i), t) for i, t in enumerate(texts)], raw_sha256=digest)
+
+
+def _read_task_unit(unit: WorkUnit, s3: S3Options | None) -> UnitDocs:
+    """Task records of one unit: one document per good record, the bad ones named."""
+    src = unit.source
+    task = src.task
+    assert task is not None
+    if src.kind == "huggingface":
+        _, a, b = unit.location.split(":")
+        rows = _load_hf(src).select(range(int(a), int(b))).to_list()
+        digest = hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()
+        records: list[tuple[str, Any]] = [(f"{unit.ident} row {int(a) + i}", r) for i, r in enumerate(rows)]
+    else:
+        data = _read_bytes(unit, s3)
+        digest = hashlib.sha256(data).hexdigest()
+        try:
+            records = list(task_mod.read_records(data, src.format, unit.ident))
+        except UnicodeDecodeError:
+            return UnitDocs([], undecodable=1, raw_sha256=digest)
+    out = UnitDocs([], raw_sha256=digest)
+    for i, (ref, record) in enumerate(records):
+        try:
+            if isinstance(record, task_mod.BadRecord):
+                raise record
+            msgs = task_mod.conversation(record, task)
+        except task_mod.BadRecord as e:
+            out.bad.append(task_mod.bad_entry(src.name, ref, e.reason, e.detail))
+            continue
+        out.docs.append((doc_key(src.name, unit.ident, i), task_mod.to_text(msgs)))
+        out.refs.append(ref)
+    return out

@@ -32,6 +32,11 @@ Resume: the state records the global position ``batches·W·mb``. A loader with 
 size continues from exactly that position when it is a multiple of its ``W'·mb``; otherwise
 it raises :class:`LoaderResumeError` naming ``spec.resources.workers``.
 
+Task data (shards with loss masks, runtime/data/task.py): each batch is a pair ``(tokens,
+mask)`` of the same shape, ``mask`` bool, True where the token is a target the loss covers (the
+training loop uses ``mask[:, 1:]`` beside ``targets = tokens[:, 1:]``). The mask shard of each
+token shard is downloaded and verified with it. Plain-text data yields the tokens alone.
+
 Threads, not processes: one producer thread gathers batches into a bounded queue and asks a
 second (download) thread for the *next* shard while the current one is being consumed, so a
 shard download overlaps training. Shards are verified (size from the header, sha256 from the
@@ -64,6 +69,7 @@ from llmtrain.api.shards import (
     ShardHeader,
     ShardInfo,
     dtype_for_vocab,
+    unpack_mask,
 )
 
 _STOP = object()
@@ -125,6 +131,32 @@ def read_verified_shard(storage: Store, info: ShardInfo, manifest: Manifest) -> 
     return _decode_tokens(data[HEADER_SIZE:], header.dtype)
 
 
+def read_verified_mask(storage: Store, info: ShardInfo) -> torch.Tensor:
+    """The loss-mask shard beside ``info``, checked against the manifest; bool per token."""
+    assert info.mask is not None
+    name = storage.describe(info.mask.path)
+    data = storage.get(info.mask.path)
+    body = unpack_mask(data, name=name)
+    if len(data) != info.mask.bytes or len(body) != info.tokens:
+        raise ShardFormatError(
+            f"{name}: {len(data)} bytes / {len(body)} mask entries, but the manifest lists "
+            f"{info.mask.bytes} bytes for {info.tokens} tokens: the mask shard was replaced or truncated"
+        )
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != info.mask.sha256:
+        raise ShardFormatError(
+            f"{name}: sha256 {digest[:16]}… does not match the manifest's {info.mask.sha256[:16]}…: "
+            "corrupt or replaced mask shard; re-run `llmtrain data prepare --overwrite`"
+        )
+    return torch.frombuffer(bytearray(body), dtype=torch.uint8).bool()
+
+
+def _read_shard(storage: Store, info: ShardInfo, manifest: Manifest) -> Any:
+    """A shard's ids, or (ids, mask) for task data."""
+    tokens = read_verified_shard(storage, info, manifest)
+    return tokens if info.mask is None else (tokens, read_verified_mask(storage, info))
+
+
 def _seeded_perm(n: int, *parts: int) -> torch.Tensor:
     """A permutation of range(n) that depends only on ``parts`` (same on every machine)."""
     seed = int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") & (2**63 - 1)
@@ -181,6 +213,13 @@ class ShardLoader:
             # Present but unreadable (retries spent on a broken connection, access denied):
             # "run prepare first" would send the user the wrong way.
             raise LoaderError(f"cannot read the data manifest: {e}") from e
+        self.masked = self.manifest.masked
+        task = self.manifest.task
+        if task is not None and task.get("context_length") != context_length:
+            raise LoaderError(
+                f"{self.uri} holds task records packed for contextLength {task.get('context_length')}, not "
+                f"{context_length}: re-run `llmtrain data prepare` for this spec.model.architecture.contextLength"
+            )
         self.shards = [
             _Shard(i, s, max(0, (s.tokens - 1) // context_length))
             for i, s in enumerate(self.manifest.split_shards(split))  # type: ignore[arg-type]
@@ -279,7 +318,7 @@ class ShardLoader:
         self._epoch = int(entry["epoch"])
         self._batches = consumed // per_step
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
+    def __iter__(self) -> Iterator[Any]:  # tokens, or (tokens, mask) for task data
         if self.restart_each_iter:
             self._batches = 0
         if self._batches >= self._steps:
@@ -343,14 +382,14 @@ class ShardLoader:
         for s, _ in segments:
             seg_start.append(acc)
             acc += s.windows
-        loaded: dict[int, torch.Tensor] = {}
-        pending: dict[int, Future[torch.Tensor]] = {}
+        loaded: dict[int, Any] = {}  # a shard's ids, or (ids, mask) for task data
+        pending: dict[int, Future[Any]] = {}
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"shard-dl-r{self.rank}")
 
-        def fetch(seg: int) -> Future[torch.Tensor]:
+        def fetch(seg: int) -> Future[Any]:
             if seg not in pending:
                 info = segments[seg][0].info
-                pending[seg] = pool.submit(read_verified_shard, self.storage, info, self.manifest)
+                pending[seg] = pool.submit(_read_shard, self.storage, info, self.manifest)
             return pending[seg]
 
         try:
@@ -361,6 +400,7 @@ class ShardLoader:
                 if stop.is_set():
                     return
                 rows = []
+                masks = []
                 for pos in self.rank_positions(b):
                     while pos >= seg_start[seg] + segments[seg][0].windows:
                         seg += 1
@@ -372,8 +412,13 @@ class ShardLoader:
                         if seg + 1 < len(segments):
                             fetch(seg + 1)  # the next shard downloads while this one is consumed
                     w = int(segments[seg][1][pos - seg_start[seg]])
-                    rows.append(loaded[seg][w * L + offsets])
-                batch = torch.stack(rows).to(torch.int64)
+                    if self.masked:
+                        rows.append(loaded[seg][0][w * L + offsets])
+                        masks.append(loaded[seg][1][w * L + offsets])
+                    else:
+                        rows.append(loaded[seg][w * L + offsets])
+                tokens = torch.stack(rows).to(torch.int64)
+                batch = (tokens, torch.stack(masks)) if self.masked else tokens
                 while not stop.is_set():
                     try:
                         q.put(batch, timeout=0.1)

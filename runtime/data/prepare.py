@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from llmtrain.runtime.data import clean as cleanmod
-from llmtrain.runtime.data import collect, shard, tokenize
+from llmtrain.runtime.data import collect, shard, task, task_steps, tokenize
 from llmtrain.runtime.data.blocks import CleanedDoc, Executor, encode_block, parallel_map, read_clean_block
 from llmtrain.runtime.data.mixture import copy_key, mixture_copies, split_of
 from llmtrain.runtime.store import StorageError, Store, open_store, split_s3_uri
@@ -49,6 +49,7 @@ from llmtrain.runtime.store import StorageError, Store, open_store, split_s3_uri
 from llmtrain.api.s3 import S3Options
 from llmtrain.api.shards import (
     MANIFEST_NAME,
+    TASK_EVAL_NAME,
     TOKENIZER_NAME,
     Manifest,
     ShardFormatError,
@@ -94,11 +95,18 @@ class PrepareConfig:
     val_windows_needed: int | None = None
     # spec.data.validationSources: the validation set (no hash split) when not empty.
     validation_sources: tuple[collect.SourceConfig, ...] = ()
+    # Task records (spec.data.sources[].task): the chat template they are rendered with.
+    chat_template: str | None = None
+
+    @property
+    def is_task(self) -> bool:
+        return any(s.task is not None for s in self.sources)
 
     @classmethod
     def from_spec(cls, spec: LLMTrainingJobSpec, s3: S3Options | None = None) -> PrepareConfig:
         d = spec.data
         opts = s3 or S3Options.from_spec(spec.storage)
+        template = _chat_template(spec, opts)
         return cls(
             sources=tuple(collect.SourceConfig.from_spec(s, i) for i, s in enumerate(d.sources)),
             clean=cleanmod.CleanConfig.from_spec(d.preprocessing),
@@ -108,7 +116,7 @@ class PrepareConfig:
             shard_max_tokens=d.shard_max_tokens,
             seed=d.seed,
             s3=opts,
-            fingerprint=fingerprint(spec),
+            fingerprint=fingerprint(spec, template),
             context_length=spec.model.architecture.context_length,
             val_windows_needed=spec.validation.batches
             * spec.training.batch.micro_batch_size
@@ -117,6 +125,7 @@ class PrepareConfig:
                 collect.SourceConfig.from_spec(s, i, "validationSources")
                 for i, s in enumerate(d.validation_sources)
             ),
+            chat_template=template,
         )
 
     @property
@@ -127,11 +136,33 @@ class PrepareConfig:
         return f"hash split: {self.validation_fraction:g} of sources"
 
 
-def fingerprint(spec: LLMTrainingJobSpec) -> str:
+def _chat_template(spec: LLMTrainingJobSpec, s3: S3Options) -> str | None:
+    """Task data's chat template (spec → imported tokenizer → default); None for plain text."""
+    if not any(s.task is not None for s in [*spec.data.sources, *spec.data.validation_sources]):
+        return None
+    from llmtrain.runtime.chat import ChatError, resolve_chat_template
+
+    try:
+        return resolve_chat_template(spec, s3)
+    except ChatError as e:
+        raise PrepareError(f"spec.data.tokenizer.chatTemplate: {e}") from e
+
+
+def fingerprint(spec: LLMTrainingJobSpec, chat_template: str | None = None) -> str:
     """Hash of what determines the output: spec.data minus outputUri, plus the pipeline version
-    and, for the pythonStdlib corpus, the interpreter version."""
+    and, for the pythonStdlib corpus, the interpreter version; for task data also the context
+    length (the shards are laid out in blocks of it) and the chat template."""
     data = spec.data.model_dump(mode="json", by_alias=True, exclude={"output_uri"})
+    # Fields added later that are unset leave the hash of existing data as it was.
+    for src in [*data["sources"], *data["validationSources"]]:
+        if src.get("task") is None:
+            src.pop("task", None)
+    if data["tokenizer"].get("chatTemplate") is None:
+        data["tokenizer"].pop("chatTemplate", None)
     extra: dict[str, Any] = {"pipeline": PIPELINE_VERSION}
+    if chat_template is not None:
+        extra["context_length"] = spec.model.architecture.context_length
+        extra["chat_template"] = hashlib.sha256(chat_template.encode("utf-8")).hexdigest()
     if any(s.python_stdlib is not None for s in [*spec.data.sources, *spec.data.validation_sources]):
         extra["python"] = collect.python_version()
     blob = json.dumps({"data": data, **extra}, sort_keys=True, separators=(",", ":"))
@@ -163,12 +194,12 @@ def _load_tokenizer(cfg: tokenize.TokenizerConfig, s3: S3Options) -> Any:
     return tokenize.load_tokenizer_bytes(data, cfg)
 
 
-_OWN_FILES = (MANIFEST_NAME, TOKENIZER_NAME)
+_OWN_FILES = (MANIFEST_NAME, TOKENIZER_NAME, TASK_EVAL_NAME)
 
 
 def _is_own(name: str) -> bool:
     base = name.rsplit("/", 1)[-1]
-    return base in _OWN_FILES or base.endswith((".bin", ".bin.part", ".json.part"))
+    return base in _OWN_FILES or base.endswith((".bin", ".bin.part", ".json.part", ".mask", ".mask.part"))
 
 
 def _check_output(out: Store, cfg: PrepareConfig, overwrite: bool) -> Manifest | None:
@@ -246,12 +277,16 @@ def prepare(
     with _timed(timings, "tokenizer_s"):
         tok = _tokenizer(corpus, cfg, say)
     with _timed(timings, "encode_s"):
-        encoded = _encode(corpus, tok, executor, num_blocks)
+        encoded = (
+            _encode_task(corpus, cfg, tok, executor, num_blocks)
+            if cfg.is_task
+            else _encode(corpus, tok, executor, num_blocks)
+        )
     split = _split(corpus, cfg)
     mix = _mix(corpus, cfg, split, encoded)
     _check_validation_size(corpus, cfg, mix, encoded)
     with _timed(timings, "write_s"):
-        written = _write_shards(out, cfg, tok, mix, encoded)
+        written = _write_shards(out, cfg, tok, mix, encoded, corpus)
     manifest = _manifest(corpus, cfg, tok, mix, encoded, written)
     uri = shard.write_manifest(out, manifest)
     timings["total_s"] = time.perf_counter() - t0
@@ -280,6 +315,9 @@ class _Corpus:
     val_names: set[str]  # the spec.data.validationSources, by name
     keys: list[str] = field(default_factory=list)  # sorted document keys, set by _dedup
     in_validation: int = 0  # training documents removed as copies of validation ones
+    # Task records (runtime/data/task.py): loss masks by key, and the records refused, named.
+    masks: dict[str, np.ndarray] = field(default_factory=dict)
+    bad: list[dict[str, str]] = field(default_factory=list)
 
     def count(self, source: str, keys: list[str]) -> int:
         return sum(1 for k in keys if self.docs[k].source == source)
@@ -331,7 +369,8 @@ def _collect_clean(
         drops={s.name: dict.fromkeys(cleanmod.DROP_STEPS, 0) for s in all_sources},
         val_names={s.name for s in cfg.validation_sources},
     )
-    for _, source, ident, raw_sha, drops, unit_docs in results:
+    for _, source, ident, raw_sha, drops, unit_docs, bad in results:
+        corpus.bad.extend(bad)
         corpus.units[source].append((ident, raw_sha))
         for k, v in drops.items():
             corpus.dropped[k] += v
@@ -358,12 +397,33 @@ def _dedup(corpus: _Corpus, cfg: PrepareConfig, say: Callable[[str], None]) -> N
         corpus.drops[docs[k].source]["duplicate"] += 1
         del docs[k]
     corpus.keys = sorted(docs)
+    _check_sources_left(corpus, cfg)
+
+
+def _check_sources_left(corpus: _Corpus, cfg: PrepareConfig) -> None:
     for src in cfg.sources + cfg.validation_sources:
         if not corpus.count(src.name, corpus.keys):
+            bad = _bad_counts(corpus.bad, src.name)
             raise PrepareError(
                 f"{src.spec_path}: source {src.name!r} has no documents left after cleaning "
-                f"(dropped: {corpus.drops[src.name]}); check the source or spec.data.preprocessing"
+                f"(dropped: {corpus.drops[src.name]}"
+                + (f"; bad task records: {bad}, e.g. {_first_bad(corpus.bad, src.name)}" if bad else "")
+                + "); check the source or spec.data.preprocessing"
+                + (f" / spec.data.{src.field_name}[{src.index}].task" if bad else "")
             )
+
+
+def _bad_counts(bad: list[dict[str, str]], source: str) -> dict[str, int]:
+    counts: dict[str, int] = defaultdict(int)
+    for b in bad:
+        if b["source"] == source:
+            counts[b["reason"]] += 1
+    return dict(sorted(counts.items()))
+
+
+def _first_bad(bad: list[dict[str, str]], source: str) -> str:
+    first = min((b for b in bad if b["source"] == source), key=lambda b: b["record"])
+    return f"{first['record']}: {first['reason']} ({first['detail']})"
 
 
 def _tokenizer(corpus: _Corpus, cfg: PrepareConfig, say: Callable[[str], None]) -> _Tokenizer:
@@ -372,8 +432,13 @@ def _tokenizer(corpus: _Corpus, cfg: PrepareConfig, say: Callable[[str], None]) 
         tok = _load_tokenizer(cfg.tokenizer, cfg.s3)
     else:
         # Validation sources stay out of the tokenizer's training too.
+        text = task.contents if cfg.is_task else (lambda t: t)
         sample = tokenize.choose_sample(
-            ((k, corpus.docs[k].text) for k in corpus.keys if corpus.docs[k].source not in corpus.val_names),
+            (
+                (k, text(corpus.docs[k].text))
+                for k in corpus.keys
+                if corpus.docs[k].source not in corpus.val_names
+            ),
             cfg.seed,
             cfg.tokenizer.sample_bytes,
         )
@@ -401,6 +466,24 @@ def _encode(
             num_blocks=num_blocks,
         )
     )
+
+
+def _encode_task(
+    corpus: _Corpus, cfg: PrepareConfig, tok: _Tokenizer, executor: Executor, num_blocks: int | None
+) -> dict[str, np.ndarray]:
+    """Task records through the chat template: ids by key (masks into ``corpus.masks``); a record
+    that cannot be trained on (too long, template failure) leaves the corpus, named in ``bad``."""
+    assert cfg.chat_template is not None and cfg.context_length is not None
+    ids, corpus.masks, refused = task_steps.encode(
+        [(k, corpus.docs[k].text) for k in corpus.keys], tok.json, cfg.chat_template,
+        cfg.tokenizer.eot_token, cfg.context_length, executor, num_blocks,
+    )  # fmt: skip
+    for key, (reason, detail) in refused.items():
+        doc = corpus.docs.pop(key)
+        corpus.bad.append(task.bad_entry(doc.source, doc.ref, reason, detail))
+    corpus.keys = [k for k in corpus.keys if k in corpus.docs]
+    _check_sources_left(corpus, cfg)
+    return ids
 
 
 def _split(corpus: _Corpus, cfg: PrepareConfig) -> dict[str, str]:
@@ -453,7 +536,10 @@ def _check_validation_size(
     if cfg.context_length is None or cfg.val_windows_needed is None:
         return
     val_tokens = sum(int(encoded[k].size) for k in mix.val_keys)
-    have = _windows(val_tokens, cfg.shard_max_tokens, cfg.context_length)
+    if cfg.is_task:  # whole records in blocks: a window per block
+        have = task_steps.count_blocks((int(encoded[k].size) for k in mix.val_keys), cfg.context_length)
+    else:
+        have = _windows(val_tokens, cfg.shard_max_tokens, cfg.context_length)
     if have >= cfg.val_windows_needed:
         return
     val_names = corpus.val_names
@@ -472,15 +558,64 @@ def _check_validation_size(
 
 
 def _write_shards(
-    out: Store, cfg: PrepareConfig, tok: _Tokenizer, mix: _Mixture, encoded: dict[str, np.ndarray]
+    out: Store,
+    cfg: PrepareConfig,
+    tok: _Tokenizer,
+    mix: _Mixture,
+    encoded: dict[str, np.ndarray],
+    corpus: _Corpus,
 ) -> list[shard.WrittenShard]:
     """Both splits' shards and the tokenizer; the manifest is written last, by the caller."""
+    if cfg.is_task:
+        return _write_task_shards(out, cfg, tok, mix, encoded, corpus)
     written = shard.write_split(out, "train", (encoded[k] for _, k in mix.train_stream), vocab_size=tok.vocab,
                                 eot_id=tok.eot, max_tokens=cfg.shard_max_tokens)  # fmt: skip
     written += shard.write_split(out, "validation", (encoded[k] for k in mix.val_keys), vocab_size=tok.vocab,
                                  eot_id=tok.eot, max_tokens=cfg.shard_max_tokens)  # fmt: skip
     out.put(TOKENIZER_NAME, tok.json)
     return written
+
+
+def _write_task_shards(
+    out: Store,
+    cfg: PrepareConfig,
+    tok: _Tokenizer,
+    mix: _Mixture,
+    encoded: dict[str, np.ndarray],
+    corpus: _Corpus,
+) -> list[shard.WrittenShard]:
+    """Task data: token + loss-mask shards of packed whole records, the held-out prompts
+    (task-eval.jsonl) and the tokenizer."""
+    assert cfg.context_length is not None
+    kw: dict[str, Any] = {"vocab_size": tok.vocab, "eot_id": tok.eot, "max_tokens": cfg.shard_max_tokens,
+                          "context_length": cfg.context_length}  # fmt: skip
+    pairs = lambda keys: ((encoded[k], corpus.masks[k]) for k in keys)  # noqa: E731
+    written = task_steps.write_split(out, "train", pairs(k for _, k in mix.train_stream), **kw)
+    written += task_steps.write_split(out, "validation", pairs(mix.val_keys), **kw)
+    task_steps.write_eval(out, [(_record_id(corpus.docs[k]), corpus.docs[k].text) for k in mix.val_keys])
+    out.put(TOKENIZER_NAME, tok.json)
+    return written
+
+
+def _record_id(doc: CleanedDoc) -> str:
+    return f"{doc.source}:{doc.ref}"
+
+
+def _task_extra(
+    corpus: _Corpus, cfg: PrepareConfig, mix: _Mixture, written: list[shard.WrittenShard]
+) -> dict[str, Any]:
+    assert cfg.chat_template is not None and cfg.context_length is not None
+    return {
+        "task": task_steps.summary(
+            corpus.bad,
+            formats={s.name: s.task_format for s in cfg.sources + cfg.validation_sources},
+            context_length=cfg.context_length,
+            template=cfg.chat_template,
+            records={"train": len(corpus.keys) - len(mix.val_keys), "validation": len(mix.val_keys)},
+            shards=[w.info for w in written],
+        ),
+        "task_eval": {"path": TASK_EVAL_NAME, "records": len(mix.val_keys)},
+    }
 
 
 def _manifest(
@@ -514,6 +649,7 @@ def _manifest(
             "validation_set": cfg.validation_set,
             "removed_from_training_in_validation": corpus.in_validation,
             "shard_max_tokens": cfg.shard_max_tokens,
+            **(_task_extra(corpus, cfg, mix, written) if cfg.is_task else {}),
         },
     )
 
@@ -541,6 +677,8 @@ def _source_stats(
         }
         if src.is_validation:
             extra["split"] = "validation"
+        if src.task is not None:
+            extra["bad_records"] = _bad_counts(corpus.bad, src.name)
         if src.kind == "pythonStdlib":
             extra["python_version"] = collect.python_version()
             extra["include_tests"] = src.include_tests
@@ -570,7 +708,18 @@ def _remove_validation_copies(docs: dict[str, CleanedDoc], val_names: set[str]) 
 
 
 def _summary(m: Manifest) -> dict[str, Any]:
+    task_info = m.task
+    task_part: dict[str, Any] = {}
+    if task_info is not None:
+        task_part["task"] = {
+            "records": task_info["records"],
+            "bad_records": task_info["bad_records"],
+            "bad_examples": task_info["bad_examples"][:5],
+            "target_tokens": task_info["target_tokens"],
+            "task_eval": m.task_eval,
+        }
     return {
+        **task_part,
         "train_tokens": m.split_tokens("train"),
         "validation_tokens": m.split_tokens("validation"),
         "train_shards": len(m.split_shards("train")),
