@@ -332,6 +332,7 @@ def test_default_install_is_cluster_wide_and_grants_exactly_what_the_operator_ne
             "ClusterKopfPeering",
             "ValidatingAdmissionPolicy",  # the operator writes only its own objects
             "ValidatingAdmissionPolicyBinding",
+            "FlowSchema",  # API Priority and Fairness for the operator's requests (apipriority.yaml)
             "Pod",  # the `helm test` hook (templates/tests/), run only by `helm test`
         ]
     ), kinds
