@@ -11,7 +11,10 @@
 # Everything lives under ${LLMTRAIN_CACHE:-~/.cache/llmtrain}, keyed by version;
 # a piece is built only when its binaries are missing.
 #
-# usage: tests/cluster/build.sh [all|k8s|node|kwok|tools|s3|coredns|netpol|check]   (default: all)
+# Kueue (sigs.k8s.io/kueue, `kueue`): the job queueing controller the Kueue tests run against the
+# test apiserver (tests/integration/test_kueue.py); its module is tests/cluster/kueue/go.mod.
+#
+# usage: tests/cluster/build.sh [all|k8s|node|kwok|tools|s3|coredns|netpol|kueue|check]   (default: all)
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -251,12 +254,33 @@ build_netpol() {
   log "installed into $NETPOL_BIN"
 }
 
+# Kueue's manager binary. Only cmd/kueue (no kueuectl, no importer), stripped: after k8s its
+# cold build is the longest of the Go pieces (it compiles its own k8s.io/* and controller-runtime).
+KUEUE_BIN="$CACHE/bin/kueue-$KUEUE_VERSION"
+build_kueue() {
+  if [ -x "$KUEUE_BIN/kueue" ]; then
+    log "kueue $KUEUE_VERSION: cached in $KUEUE_BIN"
+    return
+  fi
+  command -v go >/dev/null || { echo "go toolchain not found (need go >= 1.25)" >&2; exit 1; }
+  local out
+  out="$(mktemp -d "$CACHE/bin/.kueue-build.XXXXXX")"
+  log "building kueue $KUEUE_VERSION (cold build takes a while)"
+  (cd "$HERE/kueue" && timed go build -trimpath \
+      -ldflags "-s -w -X sigs.k8s.io/kueue/pkg/version.GitVersion=$KUEUE_VERSION" \
+      -o "$out/kueue" sigs.k8s.io/kueue/cmd/kueue)
+  mkdir -p "$KUEUE_BIN"
+  mv "$out/kueue" "$KUEUE_BIN/kueue"
+  rmdir "$out"
+  log "installed into $KUEUE_BIN"
+}
+
 check() {
   local missing=0
   for f in "$K8S_BIN/kube-apiserver" "$K8S_BIN/kube-controller-manager" "$K8S_BIN/kube-scheduler" \
            "$ETCD_BIN/etcd" "$KWOK_BIN/kwok" "$TOOLS_BIN/kubectl" "$TOOLS_BIN/helm" \
            "$GOFAKES3_BIN/gofakes3" "$COREDNS_BIN/coredns" "$NETPOL_BIN/kube-network-policies" \
-           "$K8S_BIN/kubelet" "$K8S_BIN/kube-proxy" "$PAUSE_BIN/pause"; do
+           "$K8S_BIN/kubelet" "$K8S_BIN/kube-proxy" "$PAUSE_BIN/pause" "$KUEUE_BIN/kueue"; do
     if [ -x "$f" ]; then echo "ok      $f"; else echo "MISSING $f"; missing=1; fi
   done
   check_node_packages || missing=1
@@ -265,7 +289,7 @@ check() {
 
 mkdir -p "$CACHE/bin"
 case "${1:-all}" in
-  all) install_tools; build_k8s; build_node; build_kwok; build_gofakes3; build_coredns; build_netpol; check ;;
+  all) install_tools; build_k8s; build_node; build_kwok; build_gofakes3; build_coredns; build_netpol; build_kueue; check ;;
   k8s) build_k8s ;;
   node) build_node ;;
   kwok) build_kwok ;;
@@ -273,6 +297,7 @@ case "${1:-all}" in
   s3) build_gofakes3 ;;
   coredns) build_coredns ;;
   netpol) build_netpol ;;
+  kueue) build_kueue ;;
   check) check ;;
-  *) echo "usage: $0 [all|k8s|node|kwok|tools|s3|coredns|netpol|check]" >&2; exit 2 ;;
+  *) echo "usage: $0 [all|k8s|node|kwok|tools|s3|coredns|netpol|kueue|check]" >&2; exit 2 ;;
 esac
