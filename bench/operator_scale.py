@@ -88,7 +88,7 @@ def job_body(name: str, workers: int, pool: str | None = "bench") -> dict[str, A
     }
 
 
-def bench_nodes() -> list[dict[str, Any]]:
+def bench_nodes(count: int = BENCH_NODES) -> list[dict[str, Any]]:
     cap = {"cpu": "1000", "memory": "4Ti", "pods": str(PODS_PER_BENCH_NODE), "ephemeral-storage": "10Ti"}
     return [
         {
@@ -108,7 +108,7 @@ def bench_nodes() -> list[dict[str, Any]]:
             },
             "status": {"capacity": cap, "allocatable": cap},
         }
-        for i in range(BENCH_NODES)
+        for i in range(count)
     ]
 
 
@@ -196,9 +196,11 @@ def measure(
     timeout: float,
     pool: str | None = "bench",
     operator_source: Path | None = None,
+    rate: float = 0.0,
 ) -> dict[str, Any]:
     """Create n jobs in ``namespace`` (mode direct|operator) and time them until all pods Run.
-    ``operator_source``: run the operator from that source tree (see :func:`baseline_source`)."""
+    ``operator_source``: run the operator from that source tree (see :func:`baseline_source`).
+    ``rate``: submit job i at i/rate seconds (0: as fast as the submitting threads go)."""
     from kubernetes import client, config
 
     api_client = config.new_client_from_config(config_file=str(cp.kubeconfig))
@@ -284,7 +286,13 @@ def measure(
     submitted: dict[str, float] = {}
     settings = m.OperatorSettings()
 
+    slot = {name: i for i, name in enumerate(names)}
+
     def submit(name: str) -> None:
+        if rate > 0:  # job i's slot: i/rate seconds after the start
+            wait = t0 + slot[name] / rate - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
         body = job_body(name, workers, pool)
         submitted[name] = time.monotonic()
         if mode == "operator":
@@ -335,10 +343,16 @@ def measure(
     per_job = []
     to_created = []  # submission → its last pod created: the operator's own latency
     for name in names:
-        pods = [m.head_name(name)] + [m.worker_name(name, i) for i in range(workers)]
+        pods = _pods(name, workers)
         per_job.append(max(watch.running[p] for p in pods) - submitted[name])
         to_created.append(max(watch.seen.get(p, watch.running[p]) for p in pods) - submitted[name])
     per_job.sort()
+    # Jobs whose pods all exist per second, from the first submission to the last pod
+    # created: the creation throughput (the API server's, if the operator keeps up with it).
+    last_created = max(
+        max(watch.seen.get(p, watch.running[p]) for p in _pods(name, workers)) for name in names
+    )
+    created_rate = n / max(last_created - t0, 1e-9)
     to_created.sort()
     api_client.close()
     shutil.rmtree(op_log.parent, ignore_errors=True)
@@ -352,9 +366,14 @@ def measure(
         "p99_s": round(per_job[min(len(per_job) - 1, int(0.99 * len(per_job)))], 2),
         "created_p50_s": round(statistics.median(to_created), 2),
         "created_p99_s": round(to_created[min(len(to_created) - 1, int(0.99 * len(to_created)))], 2),
+        "created_jobs_per_s": round(created_rate, 1),
         "operator_peak_rss_mb": round(rss, 1) if rss is not None else None,
         "operator_cpu_s": round(cpu, 1) if cpu is not None else None,
     }
+
+
+def _pods(job: str, workers: int) -> list[str]:
+    return [m.head_name(job)] + [m.worker_name(job, i) for i in range(workers)]
 
 
 def _bench_nodes_ready(cp: controlplane.ControlPlane) -> int:
@@ -365,14 +384,14 @@ def _bench_nodes_ready(cp: controlplane.ControlPlane) -> int:
     )
 
 
-def fresh_control_plane(workdir: Path) -> controlplane.ControlPlane:
+def fresh_control_plane(workdir: Path, nodes: int = BENCH_NODES) -> controlplane.ControlPlane:
     cp = controlplane.ControlPlane(workdir=workdir).start()
     try:
-        for node in bench_nodes():
+        for node in bench_nodes(nodes):
             cp.api("POST", "/api/v1/nodes", node)
         fresh_crd(cp)
         deadline = time.monotonic() + 60
-        while _bench_nodes_ready(cp) < BENCH_NODES:
+        while _bench_nodes_ready(cp) < nodes:
             if time.monotonic() > deadline:
                 raise RuntimeError("the bench nodes did not become Ready")
             time.sleep(0.2)
@@ -429,6 +448,7 @@ def run(
     timeout: float,
     modes: tuple[str, ...] = ("direct", "operator"),
     baseline: str | None = None,
+    rate: float = 0.0,
 ) -> list[dict[str, Any]]:
     results = []
     with tempfile.TemporaryDirectory(prefix="llmtrain-bench-src-") as srcdir:
@@ -442,11 +462,16 @@ def run(
         for n in jobs:
             for mode, source in plan:
                 with tempfile.TemporaryDirectory(prefix="llmtrain-bench-cp-") as d:
-                    cp = fresh_control_plane(Path(d))
+                    # Room for every pod (1000 per fake node), 8 nodes at least.
+                    nodes = max(BENCH_NODES, -(-n * (workers + 1) // PODS_PER_BENCH_NODE))
+                    cp = fresh_control_plane(Path(d), nodes)
                     try:
-                        r = measure(cp, mode, n, workers, f"bench-{mode}", timeout, operator_source=source)
+                        r = measure(
+                            cp, mode, n, workers, f"bench-{mode}", timeout, operator_source=source, rate=rate
+                        )
                     finally:
                         cp.stop(keep_logs=False)
+                r["rate"] = rate
                 r["load1"] = round(os.getloadavg()[0], 1)
                 print(json.dumps(r), flush=True)
                 results.append(r)
@@ -462,18 +487,19 @@ def markdown(results: list[dict[str, Any]], workers: int) -> str:
         "",
         "Machine: 2 cores / 24 GiB, no GPU (shared), Python "
         f"{platform.python_version()}; local control plane (etcd, kube-apiserver/KCM/scheduler v1.35.4, "
-        f"kwok) on 127.0.0.1, a fresh one per row; jobs of 1 head + {workers} workers (CPU-only so that "
-        "1000 fit on 8 extra fake nodes); 16 submitting threads in both modes; operator reconcile "
-        "interval 5 s, 16 executor threads.",
+        f"kwok) on 127.0.0.1, a fresh one per row; jobs of 1 head + {workers} workers (CPU-only; fake "
+        "nodes of 1000 pods each, 8 at least); 16 submitting threads in both modes"
+        + (f", paced at {results[0]['rate']} jobs/s" if results and results[0].get("rate") else "")
+        + "; operator reconcile interval 5 s, 16 reconcile threads (4 of them for new jobs since 4b44fc9).",
         "",
         "| jobs | pods | mode | submit (s) | all pods Running (s) | per job p50 (s) | per job p99 (s) | "
-        "pods created p50 / p99 (s) | operator peak RSS (MB) | operator CPU (s) | load (1 min) |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "pods created p50 / p99 (s) | created jobs/s | operator peak RSS (MB) | operator CPU (s) | load (1 min) |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         lines.append(
             f"| {r['jobs']} | {r['pods']} | {r['mode']} | {r['submit_s']} | {r['all_running_s']} | "
-            f"{r['p50_s']} | {r['p99_s']} | {r['created_p50_s']} / {r['created_p99_s']} | "
+            f"{r['p50_s']} | {r['p99_s']} | {r['created_p50_s']} / {r['created_p99_s']} | {r['created_jobs_per_s']} | "
             f"{r['operator_peak_rss_mb'] or '–'} | {r['operator_cpu_s'] or '–'} | {r.get('load1', '–')} |"
         )
     lines.append("")
@@ -517,11 +543,18 @@ def main(argv: list[str] | None = None) -> None:
         help="also run the operator of commit REV (before) right before this tree's (after), "
         "each on a fresh control plane",
     )
+    ap.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="submit this many jobs per second (both modes), not as fast as 16 threads go: "
+        "below the API server's creation rate, the wait left is the operator's own",
+    )
     a = ap.parse_args(argv)
     missing = controlplane.missing_binaries()
     if missing:
         sys.exit("control-plane binaries missing (run tests/cluster/build.sh): " + ", ".join(missing))
-    results = run(a.jobs, a.workers, a.timeout, tuple(a.modes), a.baseline)
+    results = run(a.jobs, a.workers, a.timeout, tuple(a.modes), a.baseline, a.rate)
     text = markdown(results, a.workers)
     print(text)
     if not a.no_results:
