@@ -18,8 +18,14 @@ Conventions, each pinned by a test in ``tests/unit/test_export.py``:
 * SwiGLU: ``w1`` is inside SiLU → ``gate_proj``; ``w3`` → ``up_proj``; ``w2`` → ``down_proj``.
 * Tied embeddings: ``tie_word_embeddings`` and no ``lm_head.weight`` in the file.
 * Padded vocabulary: ``vocab_size`` is the embedding table's rows, not the tokenizer's.
-* Tokenizer: a literal ``<|endoftext|>`` in text is text (the data pipeline encodes with
-  ``encode_special_tokens``), so ``tokenizer_config.json`` sets ``split_special_tokens``.
+* Tokenizer: ``tokenizer_config.json`` carries the job's chat template
+  (:func:`llmtrain.runtime.chat.resolve_chat_template`), so ``apply_chat_template`` renders
+  and tokenizes conversations as training did (``tests/unit/test_chat_export.py``). That
+  needs ``split_special_tokens`` off: the template writes the end-of-text token as text and it
+  must become the id. So a literal ``<|endoftext|>`` in plain text is the token to
+  ``AutoTokenizer`` (as for every HF tokenizer), while the data pipeline keeps it as text
+  (``encode_special_tokens``); ``tokenizer.encode(text, split_special_tokens=True)`` gives the
+  pipeline's ids exactly. Chat records holding it are refused (:class:`~llmtrain.runtime.chat.ChatError`).
 
 Offline: :func:`export_checkpoint` reads any llmtrain checkpoint (a lineage root or one
 ``step_XXXXXXXX`` directory) into one process with ``torch.distributed.checkpoint`` — no
@@ -33,11 +39,12 @@ import re
 import shutil
 import tempfile
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from llmtrain.runtime.chat import DEFAULT_CHAT_TEMPLATE, resolve_chat_template
 from llmtrain.runtime.publish import Backoff, ExportError, ExportWriter
 from torch import Tensor
 
@@ -165,6 +172,7 @@ class TokenizerFiles:
     json_bytes: bytes
     eot_token: str
     eot_id: int
+    chat_template: str | None = None  # None: llmtrain.runtime.chat.DEFAULT_CHAT_TEMPLATE
 
     @classmethod
     def from_json_bytes(cls, data: bytes, eot_token: str = "<|endoftext|>") -> TokenizerFiles:
@@ -275,9 +283,10 @@ def tokenizer_config(tok: TokenizerFiles, context_length: int) -> dict[str, Any]
         "pad_token": None,
         "add_bos_token": False,
         "add_eos_token": False,
-        # Our shards hold a literal "<|endoftext|>" inside a document as text; only the id
-        # appended after each document is the end-of-text token. AutoTokenizer must agree.
-        "split_special_tokens": True,
+        # False: the chat template writes "<|endoftext|>" as text and apply_chat_template must
+        # encode it as the id training used (see the module docstring for plain text).
+        "split_special_tokens": False,
+        "chat_template": tok.chat_template or DEFAULT_CHAT_TEMPLATE,
         "clean_up_tokenization_spaces": False,
         "model_max_length": context_length,
     }
@@ -534,7 +543,9 @@ def export_for_job(spec: Any, checkpoint_uri: str, *, s3: S3Options | None = Non
     if spec.export is None:
         return None
     fmt = getattr(spec.export.format, "value", spec.export.format)
-    tokenizer = tokenizer_from_data(spec.data.output_uri, s3)
+    tokenizer = replace(
+        tokenizer_from_data(spec.data.output_uri, s3), chat_template=resolve_chat_template(spec, s3)
+    )
     export_checkpoint(checkpoint_uri, spec.export.uri, tokenizer, job=spec, fmt=fmt, s3=s3)
     return str(spec.export.uri)
 

@@ -51,6 +51,7 @@ EFFECTS: dict[str, str] = {
     "spec.data.tokenizer.train.sampleBytes": f"{T}::test_sample_bytes_bounds_the_training_sample",
     "spec.data.tokenizer.load.uri": f"{D}::test_load_tokenizer",
     "spec.data.tokenizer.load.endOfText": f"{T}::test_load_tokenizer_and_end_of_text",
+    "spec.data.tokenizer.chatTemplate": "tests/unit/test_chat.py::test_spec_chat_template_is_resolved_first",
     "spec.data.outputUri": f"{D}::test_reuse_mismatch_and_overwrite",
     "spec.data.validationFraction": f"{D}::test_validation_fraction_and_seed",
     "spec.data.shardMaxTokens": f"{D}::test_shard_max_tokens",

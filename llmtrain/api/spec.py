@@ -310,6 +310,15 @@ class TokenizerSpec(ApiModel):
 
     train: TokenizerTrain | None = Field(None, description="Train a byte-level BPE tokenizer.")
     load: TokenizerLoad | None = Field(None, description="Load an existing tokenizer.json.")
+    chat_template: str | None = Field(
+        None,
+        min_length=1,
+        max_length=16_384,
+        description="Jinja chat template (Hugging Face tokenizer_config.json format) that turns task "
+        "conversations into text; wrap what the model learns in {% generation %}…{% endgeneration %}. "
+        "Unset: the imported tokenizer's (beside load.uri, then in model.init.pretrained.uri), else "
+        "llmtrain's default. Written into the export's tokenizer_config.json.",
+    )
 
 
 class DataSpec(ApiModel):

@@ -164,3 +164,16 @@ def test_resolve_chat_template_order(tmp_path: Path) -> None:
     assert resolve_chat_template(job("S", load=load, pretrained=str(model_dir))) == "S"
     with pytest.raises(ChatError, match=r"spec.data.tokenizer.chatTemplate: .*does not compile"):
         resolve_chat_template(job("{% if %}"))
+
+
+def test_spec_chat_template_is_resolved_first() -> None:
+    """spec.data.tokenizer.chatTemplate parses and wins over the default (and the export writes it:
+    tests/unit/test_chat_export.py's custom template)."""
+    from llmtrain.api.job import LLMTrainingJob
+    from tests.manifests import base
+
+    doc = base()
+    assert resolve_chat_template(LLMTrainingJob.model_validate(doc).spec) == DEFAULT_CHAT_TEMPLATE
+    doc["spec"]["data"]["tokenizer"]["chatTemplate"] = LINES_TEMPLATE
+    spec = LLMTrainingJob.model_validate(doc).spec
+    assert resolve_chat_template(spec) == LINES_TEMPLATE
