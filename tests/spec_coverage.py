@@ -21,6 +21,8 @@ OS = "tests/unit/test_operator_serve.py"
 VS = "test_validation_sources_are_the_validation_set_and_never_trained_on"
 TU = "tests/unit/test_tune.py"
 TG = "tests/integration/test_tune_run.py"
+TS = "tests/integration/test_data_task_s3.py"
+TS3 = "test_prompt_response_and_chat_records_through_s3_and_huggingface"
 
 EFFECTS: dict[str, str] = {
     # ---- data
@@ -39,6 +41,11 @@ EFFECTS: dict[str, str] = {
     "spec.data.sources[].huggingface.split": f"{C}::test_huggingface_local_files",
     "spec.data.sources[].huggingface.field": f"{C}::test_huggingface_local_files",
     "spec.data.sources[].pythonStdlib.includeTests": f"{C}::test_stdlib_include_tests",
+    "spec.data.sources[].task.format": "tests/unit/test_data_task.py::test_bad_task_records_are_named_and_counted",
+    "spec.data.sources[].task.promptField": f"{TS}::{TS3}",
+    "spec.data.sources[].task.responseField": f"{TS}::{TS3}",
+    "spec.data.sources[].task.messagesField": f"{TS}::{TS3}",
+    "spec.data.sources[].task.system": f"{TS}::{TS3}",
     "spec.data.preprocessing.normalization": f"{CL}::test_normalization_forms",
     "spec.data.preprocessing.removeControlChars": f"{CL}::test_remove_control_chars",
     "spec.data.preprocessing.normalizeWhitespace": f"{CL}::test_normalize_whitespace",
