@@ -1,6 +1,7 @@
 """Time to the first step of ``llmtrain run`` (issue 14): where the seconds go, before and after.
 
     .venv/bin/python -P bench/startup.py [--runs 3] [--steps 3] [--label after] [--pythonpath DIR]
+                                         [--launch process,ray]
 
 The quickstart (examples/quickstart.yaml: the 4 × 192 model on the Python standard library's
 source) shortened to ``--steps`` steps, one progress event per step, run as a user runs it:
@@ -10,6 +11,10 @@ source) shortened to ``--steps`` steps, one progress event per step, run as a us
 - **prepared**: the data already prepared, no checkpoint (the issue's ≤ 15 s case); ``--runs``
   times, interleaved with nothing else of ours.
 - **finished rerun**: the same command once more after a prepared run finished: nothing to train.
+
+``--launch process,ray`` measures both launch paths of a one-worker run side by side, each
+case interleaved: ``process`` (the default since issue 28: ``train()`` in the CLI's own
+process) and ``ray`` (``LLMTRAIN_LAUNCH=ray``: a local Ray cluster and Ray Train's worker).
 
 Two clocks, so that code without the start-up breakdown can be measured too (``--pythonpath``
 puts another checkout first on the path, e.g. the commit before the change):
@@ -58,11 +63,12 @@ def job_file(tmp: Path, steps: int) -> Path:
     return path
 
 
-def run_once(job: Path, tmp: Path, pythonpath: str | None) -> dict[str, Any]:
+def run_once(job: Path, tmp: Path, pythonpath: str | None, launch: str = "process") -> dict[str, Any]:
     """One ``llmtrain run``; its external time to the first step and its own breakdown."""
     run_dir = tmp / "run"
     shutil.rmtree(run_dir, ignore_errors=True)
     env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="ray-"), "COLUMNS": "200"}
+    env["LLMTRAIN_LAUNCH"] = launch
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
     launched = time.time()
@@ -119,7 +125,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--label", default="after", help="names this code in the rows (before/after)")
     ap.add_argument("--pythonpath", help="PYTHONPATH for the runs: another checkout's packages first")
+    ap.add_argument("--launch", default="process", help="launch paths, comma-separated: process, ray")
     args = ap.parse_args()
+    launches = [x.strip() for x in args.launch.split(",") if x.strip()]
 
     tmp = Path(tempfile.mkdtemp(prefix="llmtrain-startup-"))
     job = job_file(tmp, args.steps)
@@ -127,30 +135,40 @@ def main() -> None:
         "| run | data | external: launch → first step event (s) | breakdown total (s) | wall (s) | breakdown (s) |"
     )
     print("|---|---|---:|---:|---:|---|")
-    results: list[dict[str, Any]] = []
-    cold = run_once(job, tmp, args.pythonpath)
-    print(row(f"{args.label} cold", cold), flush=True)
-    for i in range(args.runs):
-        shutil.rmtree(tmp / "checkpoints", ignore_errors=True)
-        r = run_once(job, tmp, args.pythonpath)
-        results.append(r)
-        print(row(f"{args.label} prepared #{i + 1}", r), flush=True)
-    rerun = run_once(job, tmp, args.pythonpath)
-    print(row(f"{args.label} finished rerun", rerun), flush=True)
 
-    ext = [r["external"] for r in results if r["external"] is not None]
-    tot = [r["total"] for r in results if r["total"] is not None]
+    def label(launch: str) -> str:
+        return f"{args.label} {launch}" if len(launches) > 1 else args.label
+
+    for launch in launches:  # each path cold: nothing prepared, no checkpoint
+        shutil.rmtree(tmp / "data", ignore_errors=True)
+        shutil.rmtree(tmp / "checkpoints", ignore_errors=True)
+        print(row(f"{label(launch)} cold", run_once(job, tmp, args.pythonpath, launch)), flush=True)
+    results: dict[str, list[dict[str, Any]]] = {launch: [] for launch in launches}
+    for i in range(args.runs):
+        for launch in launches:  # interleaved: the machine's load drifts alike for both
+            shutil.rmtree(tmp / "checkpoints", ignore_errors=True)
+            r = run_once(job, tmp, args.pythonpath, launch)
+            results[launch].append(r)
+            print(row(f"{label(launch)} prepared #{i + 1}", r), flush=True)
+    reruns = {launch: run_once(job, tmp, args.pythonpath, launch) for launch in launches}
+    for launch in launches:
+        print(row(f"{label(launch)} finished rerun", reruns[launch]), flush=True)
+
     print()
-    print(
-        f"{args.label}: prepared data, median of {len(results)}: external {statistics.median(ext):.1f} s"
-        + (f", breakdown total {statistics.median(tot):.1f} s" if tot else "")
-        + ("; by phase (median): " if tot else "")
-        + ", ".join(
-            f"{phase} {statistics.median(r['breakdown'][phase] for r in results):.1f}"
-            for phase in (results[0]["breakdown"] if tot else {})
+    for launch in launches:
+        runs = results[launch]
+        ext = [r["external"] for r in runs if r["external"] is not None]
+        tot = [r["total"] for r in runs if r["total"] is not None]
+        print(
+            f"{label(launch)}: prepared data, median of {len(runs)}: external {statistics.median(ext):.1f} s"
+            + (f", breakdown total {statistics.median(tot):.1f} s" if tot else "")
+            + ("; by phase (median): " if tot else "")
+            + ", ".join(
+                f"{phase} {statistics.median(r['breakdown'].get(phase, 0.0) for r in runs):.1f}"
+                for phase in (runs[0]["breakdown"] if tot else {})
+            )
+            + f"; finished rerun wall {reruns[launch]['wall']:.1f} s"
         )
-        + f"; finished rerun wall {rerun['wall']:.1f} s"
-    )
     shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -2,8 +2,9 @@
 
 Two launchers run it and nothing else runs the workflow:
 
-* ``llmtrain run job.yaml`` (``runtime/run.py``) starts a local Ray cluster, calls
-  :func:`drive` and prints a report;
+* ``llmtrain run job.yaml`` (``runtime/run.py``) calls :func:`drive` and prints a report;
+  it starts a local Ray cluster when a stage needs one (a one-worker run trains in its own
+  process, without Ray);
 * on Kubernetes the operator submits ``llmtrain driver`` as a Ray job on the job's head
   (Ray's Jobs API); :func:`~llmtrain.runtime.submitted.run_submitted` joins that cluster,
   serves the run's :class:`~llmtrain.api.progress.RunSnapshot` to the operator and calls
@@ -14,6 +15,7 @@ The stages, one call per stage module::
     prepare_data   collect → clean → tokenize → shard        (data/prepare.py)
     tune           spec.tuning only: the search, Ray Tune     (tune.py)
     train          train → validate → checkpoint, Ray Train   (trainer.py, train.py)
+                   (or in this process: a one-worker local run)
     export         newest checkpoint → Hugging Face model     (export.py)
 
 What the stages share lives below this module: :mod:`~llmtrain.runtime.stage` (where the run
@@ -280,10 +282,9 @@ def train(
     place: Place,
     report: Reporter,
 ) -> None:
-    """train → validate → checkpoint on Ray Train. Resumes from the newest complete
-    checkpoint by itself; rank 0's events reach ``report`` through a Ray queue."""
+    """train → validate → checkpoint on Ray Train, or in this process for a one-worker local
+    run (``place.in_process``). Resumes from the newest complete checkpoint by itself."""
     from llmtrain.runtime.checkpoint import Lineage
-    from llmtrain.runtime.trainer import launch
 
     # spec.storage's endpoint (storage_options), not boto3's default: a local run against any
     # S3 server but AWS's has no AWS_ENDPOINT_URL.
@@ -303,6 +304,87 @@ def train(
             return
         if report.on_stage is not None:
             report.on_stage(f"resume from step {latest.step}")
+    if place.in_process and cfg.train.world_size == 1:
+        _train_in_process(job, cfg, data_uri, storage_options, place, report)
+    else:
+        _train_on_ray(job, cfg, data_uri, storage_options, place, report)
+    # The lineage, not the events, says what exists (a resumed run that was already done
+    # trains no step and reports no checkpoint).
+    complete = lineage.complete_steps()
+    if not complete:
+        raise DriverError(
+            RunFailure(
+                Reason.RunFailed.value,
+                f"training wrote no checkpoint under {cfg.train.checkpoint_uri}",
+                False,
+            )
+        )
+    if report.snapshot.latest_checkpoint is None or report.snapshot.latest_checkpoint.step != complete[-1]:
+        report.snapshot.add_checkpoint(CheckpointEntry(complete[-1], lineage.uri_of(complete[-1])))
+
+
+def _train_in_process(
+    job: LLMTrainingJob,
+    cfg: RuntimeConfig,
+    data_uri: str,
+    storage_options: S3Options,
+    place: Place,
+    report: Reporter,
+) -> None:
+    """A one-worker local run: ``train()`` here (trainer.launch_in_process), its events
+    straight to ``report``; a failure restarts it from the newest checkpoint up to
+    ``spec.backoffLimit`` times, as Ray Train's FailureConfig would."""
+    from llmtrain.runtime.trainer import launch_in_process
+
+    options = launch_options(job, place, "train")
+    asked = threading.Event()  # "checkpoint now" (Reporter.ask_checkpoint), polled at log steps
+
+    def checkpoint_requested() -> bool:
+        was = asked.is_set()
+        asked.clear()
+        return was
+
+    # Only the first launch of an untuned run measures start-up (drive() sets the first marks).
+    startup = dict(report.startup) if report.startup and "worker" not in report.startup else None
+    report.ask_checkpoint = asked.set
+    try:
+        for attempt in range(options.max_failures + 1):
+            try:
+                launch_in_process(
+                    cfg,
+                    functools.partial(make_shard_loader, data_uri, storage_options),
+                    on_progress=report.event,
+                    checkpoint_requested=checkpoint_requested,
+                    options=options,
+                    startup=startup if attempt == 0 else None,
+                )
+                return
+            except Exception as e:  # KeyboardInterrupt and SystemExit end the run as they are
+                failure = classify(e, has_checkpoint=report.snapshot.latest_checkpoint is not None)
+                if failure.permanent or attempt == options.max_failures:
+                    raise DriverError(failure) from e
+                log.warning(
+                    "training failed (%s); restart %d of %d (spec.backoffLimit) from the newest checkpoint",
+                    failure.message,
+                    attempt + 1,
+                    options.max_failures,
+                )
+    finally:
+        report.ask_checkpoint = None
+
+
+def _train_on_ray(
+    job: LLMTrainingJob,
+    cfg: RuntimeConfig,
+    data_uri: str,
+    storage_options: S3Options,
+    place: Place,
+    report: Reporter,
+) -> None:
+    """Ray Train's worker group on the connected cluster; rank 0's events reach ``report``
+    through a Ray actor (:class:`RunChannel`) drained here while the fit runs in a thread."""
+    from llmtrain.runtime.trainer import launch
+
     place.connect()
     # Only the first launch of an untuned run measures start-up (drive() sets the first marks).
     startup = None
@@ -339,19 +421,6 @@ def train(
         report.ask_checkpoint = None
     if errors:
         raise DriverError(classify(errors[0], has_checkpoint=report.snapshot.latest_checkpoint is not None))
-    # The lineage, not the events, says what exists (a resumed run that was already done
-    # trains no step and reports no checkpoint).
-    complete = lineage.complete_steps()
-    if not complete:
-        raise DriverError(
-            RunFailure(
-                Reason.RunFailed.value,
-                f"training wrote no checkpoint under {cfg.train.checkpoint_uri}",
-                False,
-            )
-        )
-    if report.snapshot.latest_checkpoint is None or report.snapshot.latest_checkpoint.step != complete[-1]:
-        report.snapshot.add_checkpoint(CheckpointEntry(complete[-1], lineage.uri_of(complete[-1])))
 
 
 def export(
@@ -364,7 +433,8 @@ def export(
 ) -> None:
     """The newest complete checkpoint → a Hugging Face Llama directory: ``spec.export.uri``,
     else ``<output prefix>/model``."""
-    from llmtrain.runtime.export import ExportError, export_checkpoint, export_for_job, tokenizer_from_data
+    from llmtrain.runtime.export import ExportError, tokenizer_from_data
+    from llmtrain.runtime.lora import export_checkpoint, export_for_job  # LoRA checkpoints too
 
     spec = job.spec
     try:

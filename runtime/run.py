@@ -1,9 +1,14 @@
-"""``llmtrain run job.yaml``: the whole workflow on a local Ray cluster.
+"""``llmtrain run job.yaml``: the whole workflow on this machine.
 
 data (reused when the fingerprint matches) → training with validation and checkpoints
 (resumes from the newest complete checkpoint) → export → a sample from the exported model.
 Stages run one after another, so 2 CPUs are never shared between tokenization and training.
 The same code runs inside the cluster on Kubernetes; only the Ray cluster differs.
+
+A one-worker run trains in this process (``trainer.launch_in_process``): no Ray cluster, no
+actors, no worker process: seconds of start-up that bought nothing on one machine. Tuning
+and multi-worker runs start a local Ray cluster and use Ray Train. ``LLMTRAIN_LAUNCH=ray``
+sends a one-worker run through Ray Train too (``bench/startup.py --launch ray`` compares).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from llmtrain.api.s3 import S3Options
 log = logging.getLogger("llmtrain.run")
 
 STATUS = "status.json"  # <run dir>/status.json: the run's status fields, as on the cluster
+LAUNCH_ENV = "LLMTRAIN_LAUNCH"  # "ray": a one-worker run on Ray Train as well (benchmarks, debugging)
 
 
 class RunError(RuntimeError):
@@ -156,9 +162,9 @@ def run_job(
     on_event: Callable[[ProgressEvent], None] | None = None,
     on_stage: Callable[[str], None] | None = None,
 ) -> RunSummary:
-    """The local launcher: :func:`~llmtrain.runtime.driver.drive` on a local Ray cluster
-    (started only when training needs it, so data preparation has every core), then a
-    sample from the exported model."""
+    """The local launcher: :func:`~llmtrain.runtime.driver.drive` here (a one-worker run trains
+    in this process) or on a local Ray cluster (started only when training or tuning needs it,
+    so data preparation has every core), then a sample from the exported model."""
     from llmtrain.runtime.driver import drive
     from llmtrain.runtime.failures import DriverError
     from llmtrain.runtime.ray_local import init_local_ray
@@ -193,6 +199,7 @@ def run_job(
         # Every core to the workers: torch's intra-op threads follow the CPUs Ray grants.
         cpus_per_worker=max(1, ncpu // job.spec.resources.workers),
         metrics_addr="127.0.0.1",
+        in_process=os.environ.get(LAUNCH_ENV, "") != "ray",
     )
     report = Reporter(on_event=record, on_stage=on_stage)
     try:

@@ -25,6 +25,10 @@ class Place:
     connect: Callable[[], None]  # start or join Ray: called once, right before training
     cpus_per_worker: float
     metrics_addr: str = "0.0.0.0"
+    # A one-worker training run may train in this process, without Ray
+    # (trainer.launch_in_process): locally, Ray's cluster, actors and worker process cost
+    # seconds and buy nothing a user sees. Tuning trials and every run on a cluster keep Ray Train.
+    in_process: bool = False
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Launch :func:`llmtrain.runtime.train.train` on a Ray cluster with Ray Train's TorchTrainer.
+"""Launch :func:`llmtrain.runtime.train.train` on a Ray cluster with Ray Train's TorchTrainer,
+or, for a one-worker local run, in this process (:func:`launch_in_process`).
 
 Ray Train starts the workers and the process group (gloo on CPU, NCCL on GPU) and restarts
 the worker group after a failure (``FailureConfig(max_failures)``); the restarted workers resume
@@ -169,3 +170,53 @@ def launch(
         ),
     )
     return trainer.fit()
+
+
+def launch_in_process(
+    cfg: RuntimeConfig,
+    make_loader: LoaderFactory,
+    *,
+    on_progress: Callable[[ProgressEvent], None] | None = None,
+    checkpoint_requested: Callable[[], bool] | None = None,
+    options: LaunchOptions | None = None,
+    startup: dict[str, float] | None = None,
+) -> TrainResult:
+    """One attempt of the same :func:`~llmtrain.runtime.train.train` in this process, no Ray.
+
+    For a one-worker local run: Ray's cluster start, the trainer's actors and the worker
+    process were ~16 s of the quickstart's 25 s to its first step (issue 28), for a worker
+    that runs this same function. The loop, checkpoints, progress events, metrics server and
+    summary are the same; without a process group the model is a plain module (Ray Train's
+    one-worker group ran FSDP2 over a world of one: same math, one copy of every parameter
+    more). Restarts after a failure (``spec.backoffLimit``) are the caller's: it retries this
+    function, which resumes from the newest complete checkpoint by itself. A SIGKILL or a
+    crash of the interpreter ends the run; rerunning resumes it.
+    """
+    import torch
+    from llmtrain.runtime.train import RunContext, train
+
+    opts = options or LaunchOptions()
+    if cfg.train.world_size != 1:
+        raise ValueError(
+            f"an in-process launch runs one worker, not {cfg.train.world_size} (spec.resources.workers)"
+        )
+    # The CPUs a Ray worker would have been granted: torch's intra-op threads (all cores by
+    # default, which on a shared machine means more threads than this run's share).
+    torch.set_num_threads(max(1, int(opts.cpus_per_worker)))
+    marks: dict[str, float] = {}
+    if startup is not None:  # torch and the training module are imported: the loop is entered
+        marks = {**startup, "worker": time.time()}
+    return train(
+        cfg,
+        make_loader,
+        on_progress=on_progress,
+        ctx=RunContext(
+            namespace=opts.namespace,
+            job=opts.job,
+            metrics_addr=opts.metrics_addr,
+            local_rank=0,
+            deterministic=opts.deterministic,
+            checkpoint_requested=checkpoint_requested,
+            startup=marks,
+        ),
+    )

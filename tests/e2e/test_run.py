@@ -98,22 +98,20 @@ def test_run_end_to_end_then_resume(tmp_path: Path) -> None:
         "step_00000006",
     ]
     # Time to the first step: every phase measured, the total under a generous ceiling (3×
-    # the 15 s goal, which bench/startup.py holds; CI machines are noisy).
+    # the 10 s cold goal, which bench/startup.py holds; CI machines are noisy). One worker
+    # trains in this process: no Ray phases (issue 28).
     startup = json.loads((tmp_path / "run" / "summary.json").read_text())["startup"]
     assert list(startup) == [
-        "python + CLI", "data", "Ray start", "trainer launch", "worker process",
-        "worker set-up", "model build", "data loader", "resume", "first step",
+        "python + CLI", "data", "worker set-up", "model build", "data loader", "resume", "first step",
     ], startup  # fmt: skip
-    assert 0 < sum(startup.values()) < 45, startup
+    assert 0 < sum(startup.values()) < 30, startup
     assert "s to the first step (python + CLI" in out, out
     # The status fields the operator would write for the same run.
     status = json.loads((tmp_path / "run" / "status.json").read_text())
     assert status["progress"]["step"] == 6 and status["metrics"]["valLoss"] > 0, status
     assert status["checkpoint"]["latestStep"] == 6 and status["exportUri"] == str(tmp_path / "model"), status
-    # Ray's own chatter went to the run directory, not the terminal.
-    assert (tmp_path / "run" / "logs" / "ray.log").exists()
-    session_logs = tmp_path / "run" / "logs" / "ray-session"  # raylet, GCS, workers' output
-    assert session_logs.is_symlink() and any(session_logs.glob("raylet*")), list(session_logs.iterdir())
+    # One worker: no Ray cluster was started at all.
+    assert not (tmp_path / "run" / "logs" / "ray-session").exists()
     assert "Ray Train" not in out and "View detailed results" not in out
     # The loss curves, and `llmtrain report` printing the same report again from the run dir.
     curves = tmp_path / "run" / "curves.png"
