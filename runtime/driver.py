@@ -433,7 +433,8 @@ def export(
 ) -> None:
     """The newest complete checkpoint → a Hugging Face Llama directory: ``spec.export.uri``,
     else ``<output prefix>/model``."""
-    from llmtrain.runtime.export import ExportError, export_checkpoint, export_for_job, tokenizer_from_data
+    from llmtrain.runtime.export import ExportError, tokenizer_from_data
+    from llmtrain.runtime.lora import export_checkpoint, export_for_job  # LoRA checkpoints too
 
     spec = job.spec
     try:

@@ -32,6 +32,9 @@ from torch import Tensor, nn
 from llmtrain.api.config import ModelConfig, RuntimeConfig
 from llmtrain.api.s3 import S3Options
 
+# Parameter names of LoRA adapters (runtime/lora.py, which imports this module): a base has none.
+_ADAPTERS = (".lora_A", ".lora_B")
+
 
 class ModelImportError(ExportError):
     """A pretrained model does not fit the configured architecture; the message names both."""
@@ -203,6 +206,8 @@ def copy_full_weights(model: nn.Module, weights: Mapping[str, Tensor]) -> None:
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     for name, param in model.named_parameters():  # tied weights appear once
+        if name not in weights and name.endswith(_ADAPTERS):
+            continue  # LoRA adapters (runtime/lora.py) start from their own init, not the base
         full = weights[name].to(device=param.device, dtype=param.dtype)
         if isinstance(param, DTensor):
             # src_data_rank=None: every rank read the same file; no scatter, keep the local chunk.
@@ -211,24 +216,28 @@ def copy_full_weights(model: nn.Module, weights: Mapping[str, Tensor]) -> None:
             param.copy_(full)
 
 
-def load_initial_weights(model: nn.Module, cfg: RuntimeConfig) -> None:
+def load_initial_weights(model: nn.Module, cfg: RuntimeConfig) -> str | None:
     """Fill ``model`` per ``spec.model.init`` (train.init_kind / init_uri); random: already done.
 
     Call on every rank after the model is materialised and before the run's own resume: a run
-    that resumes from its own checkpoint then overwrites these weights, as it should.
+    that resumes from its own checkpoint then overwrites these weights, as it should. Returns
+    the exact version loaded (an export's published version, a checkpoint's step directory):
+    a LoRA run records it as its base. LoRA adapters in ``model`` keep their own init.
     """
     kind, uri = cfg.train.init_kind, cfg.train.init_uri
     if kind == "random":
-        return
+        return None
     s3 = S3Options.from_train(cfg.train)  # spec.storage, not the worker's environment
     if not uri:
         raise ModelImportError(f"spec.model.init.{kind}.uri is empty")
     if kind == "pretrained":
-        pre = read_pretrained(_pinned_on_rank0(uri, s3), s3)
+        pinned = _pinned_on_rank0(uri, s3)
+        pre = read_pretrained(pinned, s3)
         check_compatible(pre, cfg.model)
         copy_full_weights(model, from_hf_state_dict(pre.tensors, cfg.model, uri=pre.uri))
+        return pre.uri
     elif kind == "checkpoint":
-        _load_checkpoint_weights(model, cfg.model, uri, s3)
+        return _load_checkpoint_weights(model, cfg.model, uri, s3)
     else:
         raise ModelImportError(
             f"unknown init kind {kind!r} (spec.model.init: random, checkpoint or pretrained)"
@@ -250,7 +259,7 @@ def _pinned_on_rank0(uri: str, s3: S3Options | None) -> str:
 
 def _load_checkpoint_weights(
     model: nn.Module, cfg: ModelConfig, uri: str, s3: S3Options | None = None
-) -> None:
+) -> str:
     """Weights only (no optimizer, step or data position) from another run's checkpoint.
 
     Rank 0 picks the checkpoint and broadcasts it, so a lineage that completes a save while
@@ -259,7 +268,11 @@ def _load_checkpoint_weights(
     import torch.distributed as dist
     from llmtrain.runtime.checkpoint import CheckpointInfo, Lineage
     from llmtrain.runtime.export import resolve_checkpoint
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        set_model_state_dict,
+    )
 
     distributed = dist.is_available() and dist.is_initialized()
     picked: list[Any] = [None]
@@ -275,7 +288,9 @@ def _load_checkpoint_weights(
     if error is not None:
         raise ModelImportError(error)
     _check_checkpoint_shapes(root, step, cfg, s3)
-    state = {"model": get_model_state_dict(model)}
+    has_adapters = any(name.endswith(_ADAPTERS) for name, _ in model.named_parameters())
+    # The base's tensors only: LoRA adapters (runtime/lora.py) are not in a base checkpoint.
+    state = {"model": {k: v for k, v in get_model_state_dict(model).items() if not k.endswith(_ADAPTERS)}}
     info = CheckpointInfo(
         step=step, uri=f"{root}/step_{step:08d}", world_size=marker["world_size"], meta=marker
     )
@@ -283,7 +298,8 @@ def _load_checkpoint_weights(
         # Without a process group DCP warns that it assumes a single process: it is one.
         warnings.filterwarnings("ignore", message=".*single process.*")
         Lineage(root, keep_last=1, s3=s3).load(info, state)
-    set_model_state_dict(model, state["model"])
+    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=not has_adapters))
+    return info.uri
 
 
 def _check_checkpoint_shapes(root: str, step: int, cfg: ModelConfig, s3: S3Options | None = None) -> None:

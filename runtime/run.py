@@ -328,12 +328,12 @@ def sample_text(
 ) -> str:
     """A short sample from an exported model directory (temperature 0.8, top-k 40)."""
     from llmtrain.runtime.generate import Sampling, generate, load_text_tokenizer
-    from llmtrain.runtime.hf_import import load_pretrained_model
+    from llmtrain.runtime.lora import load_model
     from llmtrain.runtime.publish import resolve_export
 
     pinned = resolve_export(model_uri, storage_options).uri  # tokenizer and weights of one export
     tok = load_text_tokenizer(pinned, storage_options)
-    model = load_pretrained_model(pinned, s3=storage_options)
+    model = load_model(pinned, s3=storage_options)  # an adapter export is merged into its base
     ids = tok.encode(prompt)
     out = generate(
         model,

@@ -170,6 +170,11 @@ def build_model(cfg: RuntimeConfig, device: torch.device, use_fsdp: bool) -> GPT
     t = cfg.train
     with torch.device("meta"):
         model = GPT(cfg.model, activation_checkpointing=t.activation_checkpointing)
+    lora = _lora_settings(cfg)
+    if lora is not None:
+        from llmtrain.runtime.lora import apply_lora
+
+        apply_lora(model, lora)  # before fully_shard: adapters join their block's FSDP unit
     if t.compile:
         for block in model.layers:
             # Compile the block's forward only: FSDP's pre/post-forward hooks (all-gather,
@@ -189,7 +194,25 @@ def build_model(cfg: RuntimeConfig, device: torch.device, use_fsdp: bool) -> GPT
         # Root unit: embedding, final norm and head (tied or not, in the same unit).
         fully_shard(model, mesh=mesh, reshard_after_forward=t.reshard_after_forward, mp_policy=mp)
     model.materialize(device)
+    if lora is not None:
+        from llmtrain.runtime.lora import init_adapters
+
+        init_adapters(model, t.seed)
     return model
+
+
+def _lora_settings(cfg: RuntimeConfig) -> Any:
+    """spec.training.lora's settings (None: full training); a LoRA run needs a base to adapt."""
+    if cfg.train.lora_rank <= 0:
+        return None
+    from llmtrain.runtime.lora import LoraSettings
+
+    lora = LoraSettings.from_train(cfg.train)
+    if cfg.train.init_kind == "random":
+        raise ValueError(
+            "spec.training.lora adapts a frozen base: set spec.model.init.pretrained or .checkpoint"
+        )
+    return lora
 
 
 def build_loss(compile: bool) -> Callable[[Tensor, Tensor], Tensor]:
@@ -370,6 +393,7 @@ class _Run:
     tokens: int = 0
     best_val: float = math.inf
     batches: Iterator[Tensor] | None = None
+    base_uri: str | None = None  # the init version loaded (a LoRA checkpoint names it as its base)
 
     def next_batch(self) -> Tensor | tuple[Tensor, Tensor]:
         """The next micro batch: tokens, or (tokens, loss mask) for task data."""
@@ -459,12 +483,13 @@ def _setup(
 
     startup = dict(ctx.startup)
     model = build_model(cfg, device, use_fsdp)
+    base_uri: str | None = None
     if t.init_kind != "random":
         # spec.model.init.checkpoint / pretrained: weights only; a resume overrides them.
         from llmtrain.runtime.hf_import import load_initial_weights
 
-        load_initial_weights(model, cfg)
-    optimizer = build_optimizer(model, cfg.optimizer)
+        base_uri = load_initial_weights(model, cfg)
+    optimizer = build_optimizer(model, cfg.optimizer)  # over the trainable (LoRA: adapter) params
     startup["model"] = time.time()
 
     def make(split: str) -> TokenLoader:
@@ -534,6 +559,7 @@ def _setup(
         faults=_Faults(rank, world_size),
         on_progress=on_progress,
         startup=startup,
+        base_uri=base_uri,
     )
 
 
@@ -769,6 +795,10 @@ def _checkpoint(run: _Run, window: _Window) -> dict[str, Any]:
     # The architecture travels with the weights: `llmtrain export --checkpoint` then needs
     # no job spec to rebuild the model.
     meta = {"tokens": run.tokens, "epoch": run.loader.epoch, "model": asdict(run.cfg.model)}
+    if run.cfg.train.lora_rank:
+        from llmtrain.runtime.lora import checkpoint_meta
+
+        meta |= checkpoint_meta(run.cfg, run.base_uri)  # adapters only: export re-derives the base
     uri = run.lineage.save(run.step, state, meta)
     window.checkpoint_requested = False
     run.result.checkpoints.append(uri)
@@ -803,9 +833,11 @@ def _state_dict(
     copy of equal non-tensor keys across ranks. With ``placeholders`` (the saved world size)
     it is a load template asking for every saved rank's entry (the loader may need them all).
     """
+    from llmtrain.runtime.lora import state_dict_options
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    # With LoRA the frozen base stays out: a checkpoint holds the adapters and their optimizer state.
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=state_dict_options(model))
     state: dict[str, Any] = {"model": model_sd, "optim": optim_sd}
     if placeholders is not None:
         state["train"] = b""
@@ -819,6 +851,13 @@ def _state_dict(
 
 
 def _set_model_optim(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    from llmtrain.runtime.lora import state_dict_options
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optim"],
+        options=state_dict_options(model),
+    )

@@ -455,6 +455,7 @@ def rule_cases() -> list[Case]:
             _set("serve", {"resources": {"memory": "4 GB"}}),
         ),
         _case("serve needs export", "spec.serve", _all(_del("export"), _set("serve", {"replicas": 1}))),
+        _case("lora needs a base", "spec.training.lora", _set("training.lora", {"rank": 4})),
         # Inline secrets
         _case(
             "inline secret env AWS",

@@ -116,6 +116,11 @@ EFFECTS: dict[str, str] = {
     "spec.export.uri": "tests/integration/test_finetune.py::test_spec_export_writes_the_run_model_to_s3",
     "spec.export.format": f"{X}::test_export_refuses_wrong_shapes_format_and_untied_weights",
     "spec.export.samplePrompt": f"{D}::test_the_default_sample_prompt_is_the_start_of_a_validation_document",
+    "spec.export.lora": "tests/unit/test_lora.py::test_spec_export_lora_picks_adapter_or_merged",
+    "spec.training.lora.rank": "tests/unit/test_lora.py::test_trainable_params_are_the_adapters_by_the_formula",
+    "spec.training.lora.targets": "tests/unit/test_lora.py::test_trainable_params_are_the_adapters_by_the_formula",
+    "spec.training.lora.alpha": "tests/unit/test_lora.py::test_lora_linear_is_the_base_plus_the_scaled_low_rank_update",
+    "spec.training.lora.dropout": "tests/unit/test_lora.py::test_lora_checkpoint_is_small_and_resumes_exactly",
     # ---- storage and metrics
     "spec.storage.endpoint": "tests/integration/test_data_s3.py::test_storage_region_and_endpoint_come_from_the_spec",
     "spec.storage.region": "tests/integration/test_data_s3.py::test_storage_region_and_endpoint_come_from_the_spec",

@@ -119,8 +119,15 @@ class TrainConfig:
     # environment's AWS_ENDPOINT_URL is not consulted (a run may have none, or another).
     storage_endpoint: str | None = None
     storage_region: str = "us-east-1"
+    # spec.training.lora (rank 0: off): adapters on the targets, everything else frozen.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ()
+    lora_dropout: float = 0.0
 
     def __post_init__(self) -> None:
+        # A config read back from JSON (RuntimeConfig.from_dict) carries the targets as a list.
+        object.__setattr__(self, "lora_targets", tuple(dict.fromkeys(self.lora_targets)))
         per_step = self.micro_batch_size * self.world_size
         if self.global_batch_size % per_step:
             raise ValueError(
@@ -256,5 +263,19 @@ def runtime_config_from_spec(
         metrics_port=spec.metrics.port,
         storage_endpoint=spec.storage.endpoint,
         storage_region=spec.storage.region,
+        **_lora_fields(spec),
     )
     return RuntimeConfig(model=model, optimizer=optimizer, schedule=schedule, train=train)
+
+
+def _lora_fields(spec: LLMTrainingJobSpec) -> dict[str, Any]:
+    """spec.training.lora → TrainConfig's lora_* fields (unset: full training)."""
+    lora = spec.training.lora
+    if lora is None:
+        return {}
+    return {
+        "lora_rank": lora.rank,
+        "lora_alpha": lora.alpha,
+        "lora_targets": tuple(lora.targets),
+        "lora_dropout": lora.dropout,
+    }

@@ -609,6 +609,55 @@ class FsdpSpec(ApiModel):
     )
 
 
+# LoRA targets: our projection modules (runtime/model.py), named as in the state dict.
+LORA_TARGETS = (
+    "attention.wq",
+    "attention.wk",
+    "attention.wv",
+    "attention.wo",
+    "feed_forward.w1",
+    "feed_forward.w2",
+    "feed_forward.w3",
+)
+LoraTarget = Literal[
+    "attention.wq",
+    "attention.wk",
+    "attention.wv",
+    "attention.wo",
+    "feed_forward.w1",
+    "feed_forward.w2",
+    "feed_forward.w3",
+]
+
+
+class LoraSpec(ApiModel):
+    """Low-rank adapters on a frozen base (LoRA): only the adapters train and are checkpointed."""
+
+    rank: int = Field(8, ge=1, le=4096, description="Rank r of each adapter (A: r × in, B: out × r).")
+    alpha: float = Field(
+        16.0, gt=0, le=1_000_000, description="Scale: the update B·A is multiplied by alpha / rank."
+    )
+    targets: list[LoraTarget] = Field(
+        default_factory=lambda: ["attention.wq", "attention.wv"],
+        min_length=1,
+        max_length=len(LORA_TARGETS),
+        description="Projections that get adapters, in every layer: " + ", ".join(LORA_TARGETS) + ".",
+    )
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter's input (training only).")
+
+    @field_validator("targets", mode="before")
+    @classmethod
+    def _known_targets(cls, value: Any) -> Any:
+        # Before the Literal check, so the error names the field and every choice once.
+        unknown = [t for t in value if t not in LORA_TARGETS] if isinstance(value, list) else []
+        if unknown:
+            raise ValueError(
+                f"unknown LoRA target(s) {unknown} in spec.training.lora.targets: choose from "
+                + ", ".join(LORA_TARGETS)
+            )
+        return value
+
+
 class TrainingSpec(ApiModel):
     """Optimizer, schedule, batch, duration and numerics."""
 
@@ -637,6 +686,11 @@ class TrainingSpec(ApiModel):
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of dropout and data order.")
     log_every_steps: int = Field(
         10, ge=1, le=1_000_000, description="Log, report progress and check for NaN every N steps."
+    )
+    lora: LoraSpec | None = Field(
+        None,
+        description="Train low-rank adapters on the frozen base of spec.model.init (pretrained or "
+        "checkpoint) instead of every weight (unset: full fine-tuning).",
     )
 
 
@@ -678,6 +732,11 @@ class ExportFormat(StrEnum):
     hf_llama_safetensors = "hf-llama-safetensors"
 
 
+class LoraExport(StrEnum):
+    merged = "merged"
+    adapter = "adapter"
+
+
 class ExportSpec(ApiModel):
     """Consolidated export at the end of the run."""
 
@@ -691,6 +750,11 @@ class ExportSpec(ApiModel):
         max_length=4096,
         description="Prompt of the sample `llmtrain run` prints from the export (unset: the first words "
         "of a validation document).",
+    )
+    lora: LoraExport = Field(
+        LoraExport.merged,
+        description="With training.lora: merged = base + adapters as one Llama model; adapter = PEFT's "
+        "adapter_config.json + adapter_model.safetensors, pointing at the base (spec.model.init).",
     )
 
 
@@ -1199,6 +1263,13 @@ class LLMTrainingJobSpec(ApiModel):
             "< self.training.duration.maxTokens",
             "training.schedule.warmupSteps must be shorter than the run (maxTokens)",
             ".training.schedule.warmupSteps",
+        ),
+        cel(
+            "!has(self.training.lora) || (has(self.model.init) && "
+            "(has(self.model.init.pretrained) || has(self.model.init.checkpoint)))",
+            "training.lora trains adapters on a frozen base: set model.init.pretrained or "
+            "model.init.checkpoint (a random base is not worth adapting)",
+            ".training.lora",
         ),
         cel(
             "!has(self.serve) || has(self.export)",

@@ -79,7 +79,8 @@ def export_cmd(
     ] = None,
 ) -> None:
     """Export a checkpoint as a Hugging Face LlamaForCausalLM directory (safetensors + config + tokenizer)."""
-    from llmtrain.runtime.export import ExportError, export_checkpoint, tokenizer_from_data
+    from llmtrain.runtime.export import ExportError, tokenizer_from_data
+    from llmtrain.runtime.lora import export_checkpoint  # LoRA checkpoints too (spec.export.lora of --job)
 
     spec = None
     if job is not None:
@@ -129,7 +130,7 @@ def generate_cmd(
     """Continue a prompt with a trained model; stops at end-of-text or --max-tokens."""
     from llmtrain.runtime.export import ExportError
     from llmtrain.runtime.generate import Sampling, generate, load_text_tokenizer
-    from llmtrain.runtime.hf_import import load_pretrained_model
+    from llmtrain.runtime.lora import load_model  # a full export, or an adapter merged into its base
     from llmtrain.runtime.publish import resolve_export
 
     s3 = command_s3_options(endpoint)
@@ -140,7 +141,7 @@ def generate_cmd(
         )
         pinned = resolve_export(model, s3).uri  # tokenizer and weights of one published export
         tok = load_text_tokenizer(pinned, s3)
-        net = load_pretrained_model(pinned, device=target, s3=s3)
+        net = load_model(pinned, device=target, s3=s3)
         prompt_ids = tok.encode(prompt)
         # Stop at end-of-text; never sample the table's padding rows (no token decodes them).
         stop = (tok.eos_id,) if tok.eos_id is not None else ()
