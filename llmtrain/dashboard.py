@@ -40,6 +40,8 @@ JOB_SERIES = "llmtrain_train_step|llmtrain_tune_trials"
 # Panels that can have no data on a CPU-only run (MFU is unknown there, not guessed).
 # tests/integration/test_prometheus.py still sends their queries, to prove they parse.
 MAY_BE_EMPTY_ON_CPU = frozenset({"MFU"})
+# Panels with data only for a job that sets spec.validation.task (task fine-tuning).
+MAY_BE_EMPTY_WITHOUT_TASK = frozenset({"Task metric"})
 # The data-wait ratio above which the input pipeline is worth a look (a threshold line).
 DATA_WAIT_THRESHOLD = 0.01
 
@@ -164,6 +166,19 @@ def build() -> dm.Dashboard:
             "tokenizers and vocabularies (lower is better).",
             "none",
             (f"max by ({BY_JOB}) (llmtrain_val_bits_per_byte{{{SEL}}})", "{{job}}"),
+        ),
+        _series(
+            "Task metric",
+            "Greedy answers to held-out task prompts at each validation (spec.validation.task): share "
+            "equal to the reference, and share passing the named checker. Only task jobs have it.",
+            "percentunit",
+            (f"max by ({BY_JOB}) (llmtrain_val_task_exact_match_ratio{{{SEL}}})", "exact match {{job}}"),
+            (
+                f"max by ({BY_JOB}, checker) (llmtrain_val_task_score_ratio{{{SEL}}})",
+                "{{checker}} {{job}}",
+            ),
+            minimum=0,
+            maximum=1,
         ),
         _series(
             "Tokens/s",

@@ -67,6 +67,19 @@ class TrainMetrics:
             registry=r,
         )
         self._validation_set: str | None = None
+        # spec.validation.task only: labelled on first use (no task, no series).
+        self._val_task_exact_match = Gauge(
+            "llmtrain_val_task_exact_match_ratio",
+            "Share of held-out task answers (greedy) equal to the reference.",
+            names,
+            registry=r,
+        )
+        self._val_task_score = Gauge(
+            "llmtrain_val_task_score_ratio",
+            "Share of held-out task answers (greedy) passing spec.validation.task.checker.",
+            (*names, "checker"),
+            registry=r,
+        )
         self.tokens_per_second = gauge(
             "llmtrain_train_tokens_per_second",
             "Training tokens per second, all ranks, over the last log window.",
@@ -148,6 +161,11 @@ class TrainMetrics:
                     registry=self.registry,
                 ).labels(*self._label_values)
             self._mfu.set(mfu)
+
+    def task(self, *, exact_match: float, score: float, checker: str) -> None:
+        """The task metric of one validation (spec.validation.task)."""
+        self._val_task_exact_match.labels(*self._label_values).set(exact_match)
+        self._val_task_score.labels(*self._label_values, checker).set(score)
 
     def validation(
         self,

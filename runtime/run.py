@@ -61,6 +61,11 @@ class RunSummary:
     val_perplexity: float | None = None
     val_accuracy: float | None = None
     val_bits_per_byte: float | None = None
+    # spec.validation.task at the last validation (None: no task metric)
+    val_task_exact_match: float | None = None
+    val_task_score: float | None = None
+    val_task_records: int | None = None
+    val_task_checker: str | None = None
     validation_set: str = ""  # which text the validation figures measure
     tokens_per_second: float | None = None
     mfu: float | None = None
@@ -242,6 +247,10 @@ def run_job(
         summary.val_perplexity = progress.val_perplexity
         summary.val_accuracy = progress.val_accuracy
         summary.val_bits_per_byte = progress.val_bits_per_byte
+        summary.val_task_exact_match = progress.val_task_exact_match
+        summary.val_task_score = progress.val_task_score
+        summary.val_task_records = progress.val_task_records
+        summary.val_task_checker = progress.val_task_checker
         summary.tokens_per_second = progress.tokens_per_second
         summary.mfu = progress.mfu
     summary.steps = max(

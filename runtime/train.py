@@ -754,6 +754,16 @@ def _validate(run: _Run, window: _Window) -> dict[str, Any]:
     token_bytes = loader.token_bytes() if hasattr(loader, "token_bytes") else None
     val = evaluate(run.model, iter(loader), run.cfg.train.val_batches, run.device, run.autocast, token_bytes)
     run.best_val = min(run.best_val, val.loss)
+    task: dict[str, Any] = {}
+    if run.cfg.train.task_records:  # spec.validation.task: greedy answers to held-out prompts, scored
+        from llmtrain.runtime.task_metric import task_score
+
+        dtype = resolve_precision(run.cfg.train.precision, run.device)
+        scored = task_score(run.model, loader, run.cfg.train, run.device, dtype, sharded=run.use_fsdp)
+        task = {"val_task_exact_match": scored.exact_match, "val_task_score": scored.score}
+        task |= {"val_task_records": scored.records, "val_task_checker": scored.checker}
+        if run.metrics is not None:
+            run.metrics.task(exact_match=scored.exact_match, score=scored.score, checker=scored.checker)
     run.result.validations.append(
         {
             "step": run.step,
@@ -761,6 +771,7 @@ def _validate(run: _Run, window: _Window) -> dict[str, Any]:
             "perplexity": val.perplexity,
             "accuracy": val.accuracy,
             "bits_per_byte": val.bits_per_byte,
+            **{k.removeprefix("val_"): v for k, v in task.items()},
         }
     )
     if run.metrics is not None:
@@ -777,8 +788,9 @@ def _validate(run: _Run, window: _Window) -> dict[str, Any]:
         val_perplexity=val.perplexity,
         val_accuracy=val.accuracy,
         val_bits_per_byte=val.bits_per_byte,
+        **task,
     )
-    return {"val_loss": val.loss, "val_perplexity": val.perplexity, "val_accuracy": val.accuracy}
+    return {"val_loss": val.loss, "val_perplexity": val.perplexity, "val_accuracy": val.accuracy, **task}
 
 
 def _checkpoint(run: _Run, window: _Window) -> dict[str, Any]:

@@ -55,7 +55,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("llmtrain.tune")
 
 # Ray Train's report keys for each spec.tuning.metric.
-METRIC_KEYS = {"valLoss": "val_loss", "valPerplexity": "val_perplexity", "valAccuracy": "val_accuracy"}
+METRIC_KEYS = {
+    "valLoss": "val_loss",
+    "valPerplexity": "val_perplexity",
+    "valAccuracy": "val_accuracy",
+    "valTaskScore": "val_task_score",  # spec.validation.task (validation requires it)
+}
 EXPERIMENT = "search"
 
 

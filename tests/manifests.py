@@ -455,6 +455,16 @@ def rule_cases() -> list[Case]:
             _set("serve", {"resources": {"memory": "4 GB"}}),
         ),
         _case("serve needs export", "spec.serve", _all(_del("export"), _set("serve", {"replicas": 1}))),
+        _case(
+            "validation task needs task data",
+            "spec.validation.task",
+            _set("validation.task", {"records": 10, "checker": "identifier"}),
+        ),
+        _case(
+            "valTaskScore needs validation task",
+            "spec.tuning.metric",
+            with_tuning(metric="valTaskScore"),
+        ),
         _case("lora needs a base", "spec.training.lora", _set("training.lora", {"rank": 4})),
         # Inline secrets
         _case(

@@ -105,6 +105,10 @@ class TrainConfig:
     log_every_steps: int = 10
     val_every_steps: int = 100
     val_batches: int = 10
+    # spec.validation.task: greedy answers to this many held-out task records (0: no task metric).
+    task_records: int = 0
+    task_max_new_tokens: int = 32
+    task_checker: str = "exactMatch"
     checkpoint_uri: str | None = None
     checkpoint_every_steps: int = 500
     checkpoint_keep_last: int = 3
@@ -253,6 +257,9 @@ def runtime_config_from_spec(
         log_every_steps=t.log_every_steps,
         val_every_steps=spec.validation.every_steps,
         val_batches=spec.validation.batches,
+        task_records=spec.validation.task.records if spec.validation.task else 0,
+        task_max_new_tokens=spec.validation.task.max_new_tokens if spec.validation.task else 32,
+        task_checker=spec.validation.task.checker.value if spec.validation.task else "exactMatch",
         checkpoint_uri=spec.checkpoint.uri or checkpoint_uri,
         checkpoint_every_steps=spec.checkpoint.every_steps,
         checkpoint_keep_last=spec.checkpoint.keep_last,

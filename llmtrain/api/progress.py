@@ -16,6 +16,8 @@ Mapping to status (``STATUS_FIELDS``)::
     val_perplexity     -> status.metrics.valPerplexity
     val_accuracy       -> status.metrics.valAccuracy
     val_bits_per_byte  -> status.metrics.valBitsPerByte
+    val_task_exact_match -> status.metrics.valTaskExactMatch  (spec.validation.task)
+    val_task_score     -> status.metrics.valTaskScore       (the checker's pass ratio)
     tokens_per_second  -> status.metrics.tokensPerSecond
     mfu                -> status.metrics.mfu
     checkpoint_uri     -> status.checkpoint.latestUri       (with checkpoint_step -> latestStep)
@@ -47,6 +49,8 @@ STATUS_FIELDS: dict[str, str] = {
     "val_perplexity": "metrics.valPerplexity",
     "val_accuracy": "metrics.valAccuracy",
     "val_bits_per_byte": "metrics.valBitsPerByte",
+    "val_task_exact_match": "metrics.valTaskExactMatch",
+    "val_task_score": "metrics.valTaskScore",
     "tokens_per_second": "metrics.tokensPerSecond",
     "mfu": "metrics.mfu",
     "checkpoint_uri": "checkpoint.latestUri",
@@ -71,6 +75,15 @@ def format_eta(seconds: float | None) -> str | None:
     return f"{d}d{h:02d}h"
 
 
+def task_metric_line(exact_match: float, score: float, records: int, checker: str) -> str:
+    """``task exact match 0.12 (37/300), identifier 0.15 (45/300)``: the run summary's and the
+    display's words for spec.validation.task's result (ratios are counts / records)."""
+    text = f"task exact match {exact_match:.2f} ({round(exact_match * records)}/{records})"
+    if checker != "exactMatch":
+        text += f", {checker} {score:.2f} ({round(score * records)}/{records})"
+    return text
+
+
 def _finite(x: float | None) -> float | None:
     return x if x is not None and math.isfinite(x) else None
 
@@ -87,6 +100,10 @@ class ProgressEvent:
     val_perplexity: float | None = None
     val_accuracy: float | None = None
     val_bits_per_byte: float | None = None
+    val_task_exact_match: float | None = None
+    val_task_score: float | None = None
+    val_task_records: int | None = None  # how many answers the two ratios count
+    val_task_checker: str | None = None
     tokens_per_second: float | None = None
     mfu: float | None = None
     eta_seconds: float | None = None
@@ -128,6 +145,8 @@ class ProgressEvent:
             "val_perplexity",
             "val_accuracy",
             "val_bits_per_byte",
+            "val_task_exact_match",
+            "val_task_score",
             "tokens_per_second",
             "mfu",
         ):

@@ -694,12 +694,43 @@ class TrainingSpec(ApiModel):
     )
 
 
+class TaskChecker(StrEnum):
+    """Named pass/fail checks of a greedy answer (runtime/task_metric.py CHECKERS, same names)."""
+
+    exact_match = "exactMatch"  # the answer equals the reference (whitespace normalised)
+    identifier = "identifier"  # the answer is the reference Python identifier, nothing else
+
+
+class TaskMetricSpec(ApiModel):
+    """Greedy answers to held-out task prompts, scored: exact match and the named checker."""
+
+    records: int = Field(
+        100,
+        ge=1,
+        le=10_000,
+        description="Held-out task records decoded per validation (the first N of the task-eval set).",
+    )
+    max_new_tokens: int = Field(
+        32, ge=1, le=4096, description="Answer length limit in tokens (decoding also stops at end-of-text)."
+    )
+    checker: TaskChecker = Field(
+        TaskChecker.exact_match,
+        description="Pass/fail per answer: exactMatch, or identifier (the answer is the reference Python "
+        "identifier).",
+    )
+
+
 class ValidationSpec(ApiModel):
     """Held-out evaluation: loss, perplexity and next-token accuracy."""
 
     every_steps: int = Field(100, ge=1, le=100_000_000, description="Validate every N steps and at the end.")
     batches: int = Field(
         10, ge=1, le=1_000_000, description="Micro batches per rank: the same first windows every time."
+    )
+    task: TaskMetricSpec | None = Field(
+        None,
+        description="Also decode held-out task prompts greedily and score the answers (needs task data: "
+        "spec.data.sources[].task). Unset: loss metrics only.",
     )
 
 
@@ -1041,6 +1072,7 @@ class TuneMetric(StrEnum):
     val_loss = "valLoss"
     val_perplexity = "valPerplexity"
     val_accuracy = "valAccuracy"
+    val_task_score = "valTaskScore"
 
 
 class TuneMode(StrEnum):
@@ -1192,9 +1224,13 @@ class TuningSpec(ApiModel):
         description="grid (every combination of the choices), random, or bayesian (Optuna TPE)."
     )
     metric: TuneMetric = Field(
-        TuneMetric.val_loss, description="What a trial is judged by: valLoss, valPerplexity or valAccuracy."
+        TuneMetric.val_loss,
+        description="What a trial is judged by: valLoss, valPerplexity, valAccuracy or valTaskScore "
+        "(spec.validation.task's checker pass ratio).",
     )
-    mode: TuneMode | None = Field(None, description="min or max. Unset: max for valAccuracy, min otherwise.")
+    mode: TuneMode | None = Field(
+        None, description="min or max. Unset: max for valAccuracy and valTaskScore, min otherwise."
+    )
     num_trials: int | None = Field(
         None, ge=1, le=1000, description="Trials of a random or bayesian search (not for grid)."
     )
@@ -1236,7 +1272,11 @@ class TuningSpec(ApiModel):
     def resolved_mode(self) -> TuneMode:
         if self.mode is not None:
             return self.mode
-        return TuneMode.max if self.metric == TuneMetric.val_accuracy else TuneMode.min
+        return (
+            TuneMode.max
+            if self.metric in (TuneMetric.val_accuracy, TuneMetric.val_task_score)
+            else TuneMode.min
+        )
 
 
 # ------------------------------------------------------------------------- the job
@@ -1270,6 +1310,18 @@ class LLMTrainingJobSpec(ApiModel):
             "training.lora trains adapters on a frozen base: set model.init.pretrained or "
             "model.init.checkpoint (a random base is not worth adapting)",
             ".training.lora",
+        ),
+        cel(
+            "!has(self.validation) || !has(self.validation.task) || self.data.sources.all(s, has(s.task))",
+            "validation.task scores answers to held-out task prompts: set data.sources[].task (task "
+            "records), or remove validation.task",
+            ".validation.task",
+        ),
+        cel(
+            "!has(self.tuning) || !has(self.tuning.metric) || self.tuning.metric != 'valTaskScore' || "
+            "(has(self.validation) && has(self.validation.task))",
+            "tuning.metric valTaskScore needs validation.task (the task metric it reads)",
+            ".tuning.metric",
         ),
         cel(
             "!has(self.serve) || has(self.export)",

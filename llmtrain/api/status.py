@@ -191,6 +191,12 @@ class LatestMetrics(ApiModel):
     val_bits_per_byte: float | None = Field(
         None, description="Bits per UTF-8 byte of validation text: comparable across tokenizers."
     )
+    val_task_exact_match: float | None = Field(
+        None, description="Share of held-out task answers equal to the reference (spec.validation.task)."
+    )
+    val_task_score: float | None = Field(
+        None, description="Share of held-out task answers passing spec.validation.task.checker."
+    )
     best_val_loss: float | None = Field(None, description="Lowest validation loss so far.")
     tokens_per_second: float | None = Field(None, description="Training throughput, all ranks.")
     mfu: float | None = Field(None, description="Model FLOPs utilisation, 0–1 (absent on CPU).")
@@ -286,7 +292,7 @@ class TuningStatus(ApiModel):
 
     search: str = Field(max_length=16, description="grid, random or bayesian.")
     metric: str = Field(
-        max_length=32, description="The judged metric: valLoss, valPerplexity or valAccuracy."
+        max_length=32, description="The judged metric: valLoss, valPerplexity, valAccuracy or valTaskScore."
     )
     mode: str = Field(max_length=8, description="min or max.")
     planned: int | None = Field(None, ge=0, description="Trials the search runs.")

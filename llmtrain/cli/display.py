@@ -17,7 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from llmtrain.api.job import LLMTrainingJob
-from llmtrain.api.progress import ProgressEvent, TuningInfo, format_eta
+from llmtrain.api.progress import ProgressEvent, TuningInfo, format_eta, task_metric_line
 from llmtrain.api.tuning import format_config
 
 if TYPE_CHECKING:  # the runtime imports stay lazy (torch, ray)
@@ -119,6 +119,7 @@ def run_with_display(
             console.log(
                 f"step {e.step}: val loss {_fmt(e.val_loss, '.3f')}, ppl {_fmt(e.val_perplexity, '.2f')}, "
                 f"accuracy {_fmt(e.val_accuracy, '.3f')}"
+                + (f", {task_line(e)}" if e.val_task_records else "")
             )
         if e.checkpoint_uri is not None:
             console.log(f"step {e.step}: checkpoint {e.checkpoint_uri}")
@@ -163,6 +164,14 @@ def print_tuning(info: TuningInfo, console: Console) -> None:
     console.print(f"[bold]chosen configuration[/]: {escape(chosen_configuration(info))}")
 
 
+def task_line(r: ProgressEvent | RunSummary) -> str:
+    """spec.validation.task's result in words (a validation event or the summary)."""
+    assert r.val_task_records is not None
+    return task_metric_line(
+        r.val_task_exact_match or 0.0, r.val_task_score or 0.0, r.val_task_records, r.val_task_checker or ""
+    )
+
+
 def print_summary(summary: RunSummary, console: Console) -> None:
     """The end-of-run report (``llmtrain run``, and ``llmtrain report`` from summary.json)."""
     table = Table(title=f"llmtrain run: {summary.job}", show_header=False, title_justify="left")
@@ -175,6 +184,8 @@ def print_summary(summary: RunSummary, console: Console) -> None:
         f"next-token accuracy {_fmt(summary.val_accuracy, '.3f')}, "
         f"{_fmt(summary.val_bits_per_byte, '.4f')} bits/byte)",
     )
+    if summary.val_task_records:
+        table.add_row("task metric", task_line(summary))
     if summary.validation_set:
         table.add_row("validation set", summary.validation_set)
     table.add_row(

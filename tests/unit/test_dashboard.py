@@ -47,6 +47,7 @@ _PROMQL_WORDS = {
     "state",
     "trial",
     "metric",
+    "checker",
 }
 
 
@@ -72,6 +73,7 @@ def exported_metric_names() -> set[str]:
         epoch=0,
     )
     train.validation(loss=1.0, perplexity=2.7, bits_per_byte=1.4)  # bits/byte: labelled on first use
+    train.task(exact_match=0.5, score=0.5, checker="identifier")  # labelled on first use
     tune = TuneMetrics("ns", "j", "valLoss")
     trials = [TrialRecord(1, "completed", {}, 4.5, 6)]
     tune.update(summarize(trials, search="grid", metric="valLoss", mode="min", planned=1))
