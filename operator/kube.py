@@ -73,6 +73,10 @@ class KubeApi(Protocol):
         """The pods of a namespace that match a label selector (the model server's)."""
         ...
 
+    def node(self, name: str) -> dict[str, Any] | None:
+        """A node, or None if absent (operator/disruption.py: is it being drained?)."""
+        ...
+
     def pod_log(
         self, namespace: str, pod: str, container: str, *, tail_lines: int, previous: bool = False
     ) -> str:
@@ -90,6 +94,7 @@ _KINDS: dict[str, tuple[str, str]] = {
     "ConfigMap": ("/api/v1", "configmaps"),
     "NetworkPolicy": ("/apis/networking.k8s.io/v1", "networkpolicies"),
     "Deployment": ("/apis/apps/v1", "deployments"),  # spec.serve's model server
+    "PodDisruptionBudget": ("/apis/policy/v1", "poddisruptionbudgets"),  # holds a drain (disruption.py)
 }
 
 JOBS_PATH = f"/apis/{GROUP}/{VERSION}"
@@ -319,6 +324,13 @@ class RestApi:
         out = self.http.request("GET", _path("Pod", namespace), query={"labelSelector": selector})
         items: list[dict[str, Any]] = (out or {}).get("items", [])
         return items
+
+    def node(self, name: str) -> dict[str, Any] | None:
+        # A list by name, not a GET: the verb a namespaced install's read-only cluster role
+        # (list, watch) already has the shape of; nodes are cluster-scoped.
+        out = self.http.request("GET", "/api/v1/nodes", query={"fieldSelector": f"metadata.name={name}"})
+        items: list[dict[str, Any]] = (out or {}).get("items", [])
+        return items[0] if items else None
 
     def pod_log(
         self, namespace: str, pod: str, container: str, *, tail_lines: int, previous: bool = False

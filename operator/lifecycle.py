@@ -64,7 +64,7 @@ def suspend(t: Tick) -> Stop | None:
     if not t.job.suspend:
         _resume(t)
         return None
-    if t.mine and _checkpoint_before_suspend(t):
+    if t.mine and last_checkpoint(t, Reason.SuspendedByUser, "suspending"):
         return Stop("suspending: waiting for the last checkpoint")
     if t.mine:
         stop_ray_job(t)
@@ -164,6 +164,7 @@ def _ttl(t: Tick) -> None:
         ("NetworkPolicy", m.network_policy_name(name)),
         ("ConfigMap", m.spec_configmap_name(name)),
         ("Secret", m.auth_secret_name(name)),
+        ("PodDisruptionBudget", m.disruption_budget_name(name)),
     ):
         _delete_own(t, kind, child)
     out.annotations[ANN_CLEANED_UP] = rfc3339(now)
@@ -203,11 +204,13 @@ def _resume(t: Tick) -> None:
     out.events.append(Event("Normal", Reason.Resumed.value, "resumed: recreating the Ray pods"))
 
 
-def _checkpoint_before_suspend(t: Tick) -> bool:
-    """3a. A suspended training run first takes a last checkpoint: the driver is asked for
-    one (rank 0 saves at its next log step) and the pods stay until the lineage holds a
-    checkpoint past the step the run had reached, at most ``suspend_checkpoint_seconds``.
-    True while waiting. No driver to ask, or no answer: suspend with what exists."""
+def last_checkpoint(t: Tick, reason: Reason, doing: str) -> bool:
+    """3a. A training run told to yield (``suspend``; a node drain, operator/disruption.py)
+    first takes a last checkpoint: the driver is asked for one (rank 0 saves at its next
+    log step) and the pods stay until the lineage holds a checkpoint past the step the run
+    had reached, at most ``suspend_checkpoint_seconds``. True while waiting; ``reason``
+    and ``doing`` ("suspending") say why in the condition. No driver to ask, or no answer:
+    yield with what exists."""
     st, now = t.st, t.now
     ray_job: dict[str, Any] = dict(st.get("rayJob") or {})
     if ray_job.get("status") != "RUNNING" or st.get("phase") != Phase.Training.value:
@@ -228,10 +231,10 @@ def _checkpoint_before_suspend(t: Tick) -> bool:
         return False
     except (HeadError, ApiError):
         return False
-    return _awaiting_checkpoint(t, ray_job)
+    return _awaiting_checkpoint(t, ray_job, reason, doing)
 
 
-def _awaiting_checkpoint(t: Tick, ray_job: Mapping[str, Any]) -> bool:
+def _awaiting_checkpoint(t: Tick, ray_job: Mapping[str, Any], reason: Reason, doing: str) -> bool:
     """The asked-for checkpoint is not there yet, and the wait is not over."""
     limit = t.rec.settings.suspend_checkpoint_seconds
     asked_at = parse_time(ray_job["checkpointAskedAt"]) or t.now
@@ -246,17 +249,17 @@ def _awaiting_checkpoint(t: Tick, ray_job: Mapping[str, Any]) -> bool:
         t.out.events.append(
             Event(
                 "Warning",
-                Reason.SuspendedByUser.value,
-                f"no checkpoint within {limit:.0f}s of asking (step {asked_step}): suspending anyway",
+                reason.value,
+                f"no checkpoint within {limit:.0f}s of asking (step {asked_step}): {doing} anyway",
             )
         )
         return False
     why = (
-        f"suspending: a last checkpoint was asked for at step {asked_step} "
+        f"{doing}: a last checkpoint was asked for at step {asked_step} "
         f"({ray_job['checkpointAskedAt']}); the Ray pods go once it is complete, or {limit:.0f}s after"
     )
-    t.conds.set(ConditionType.Running, True, Reason.SuspendedByUser, why)
-    t.out.requeue = "suspending: waiting for the last checkpoint"
+    t.conds.set(ConditionType.Running, True, reason, why)
+    t.out.requeue = f"{doing}: waiting for the last checkpoint"
     return True
 
 

@@ -152,6 +152,10 @@ def spec_configmap_name(job: str) -> str:
     return f"{job}-spec"
 
 
+def disruption_budget_name(job: str) -> str:
+    return f"{job}-ray"
+
+
 def network_policy_name(job: str) -> str:
     return f"{job}-ray"
 
@@ -660,9 +664,36 @@ def network_policy(job: LLMTrainingJob, settings: OperatorSettings) -> dict[str,
     }
 
 
+def disruption_budget(job: LLMTrainingJob) -> dict[str, Any]:
+    """The PodDisruptionBudget of the job's Ray pods: no voluntary eviction at all
+    (``maxUnavailable: 0``), so ``kubectl drain`` (and any evicting controller) waits while
+    the operator takes a just-in-time checkpoint and then deletes the pods itself
+    (operator/disruption.py); the new attempt's pods land elsewhere. A Ray cluster loses its
+    whole attempt with any one pod, so there is no partial budget to give. Pods not Ready
+    (stuck, crash-looping) may still be evicted: they hold no work, and a drain must not
+    hang on them (``unhealthyPodEvictionPolicy: AlwaysAllow``)."""
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _meta(job, disruption_budget_name(job.metadata.name)),
+        "spec": {
+            "maxUnavailable": 0,
+            "selector": {"matchLabels": selector_labels(job.metadata.name)},
+            "unhealthyPodEvictionPolicy": "AlwaysAllow",
+        },
+    }
+
+
 def static_children(job: LLMTrainingJob, settings: OperatorSettings, token: str) -> list[dict[str, Any]]:
-    """Everything but the pods, in creation order (pods reference the Secret and ConfigMap)."""
-    return [auth_secret(job, token), spec_configmap(job), head_service(job), network_policy(job, settings)]
+    """Everything but the pods, in creation order (pods reference the Secret and ConfigMap;
+    the PodDisruptionBudget is there before any pod can be evicted)."""
+    return [
+        auth_secret(job, token),
+        spec_configmap(job),
+        head_service(job),
+        network_policy(job, settings),
+        disruption_budget(job),
+    ]
 
 
 # ---------------------------------------------------------------------------- serving

@@ -25,7 +25,16 @@ import datetime as dt
 from collections.abc import Mapping
 from typing import Any
 
-from llmtrain.operator import attempt, children, lifecycle, mirror, provisioning, recovery, serving
+from llmtrain.operator import (
+    attempt,
+    children,
+    disruption,
+    lifecycle,
+    mirror,
+    provisioning,
+    recovery,
+    serving,
+)
 from llmtrain.operator.diagnose import PodView
 from llmtrain.operator.effects import stop_for_deletion
 from llmtrain.operator.outcome import Outcome
@@ -43,6 +52,9 @@ STEPS: tuple[Step, ...] = (
     lifecycle.suspend,
     # 4. activeDeadlineSeconds (suspended time not counted)
     lifecycle.deadline,
+    # 4b. a node of the job's pods is drained: a just-in-time checkpoint, then a new attempt
+    #     elsewhere (the job's PodDisruptionBudget holds the drain until then)
+    disruption.drain,
     # 5. a Ray node ended: the whole Ray cluster restarted (or the lost worker made again),
     #    up to backoffLimit; pods stuck with an old image made again
     recovery.recover,

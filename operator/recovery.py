@@ -48,13 +48,15 @@ def recover(t: Tick) -> Stop | None:
     return None
 
 
-def restart(t: Tick, why: str, fail_reason: Reason, log: str = "") -> None:
+def restart(t: Tick, why: str, fail_reason: Reason, log: str = "", *, counted: bool = True) -> None:
     """A new attempt on a new Ray cluster (its GCS state and the training group die with
     any one node), resuming from the newest checkpoint; up to spec.backoffLimit times.
-    ``log``: the crashed container's last lines, last in the message."""
+    ``log``: the crashed container's last lines, last in the message. ``counted=False``:
+    a voluntary disruption (a node drain, operator/disruption.py), not a failure: not
+    counted against spec.backoffLimit."""
     job, st, conds, out, now = t.job, t.st, t.conds, t.out, t.now
     restarts = int(st.get("restarts") or 0)
-    if restarts >= job.backoff_limit:
+    if counted and restarts >= job.backoff_limit:
         t.fail(fail_reason, f"{why}; {restarts} restarts reached spec.backoffLimit={job.backoff_limit}{log}")
         delete_pods(t)
         return
@@ -63,12 +65,14 @@ def restart(t: Tick, why: str, fail_reason: Reason, log: str = "") -> None:
     # again (one may have been deleted by hand: that is often why the attempt failed).
     t.rec._children_made.discard(t.uid)
     t.rec._spec_synced.pop(t.uid, None)
-    st["restarts"] = restarts + 1
+    if counted:
+        st["restarts"] = restarts + 1
     st["attempt"] = int(st.get("attempt") or 1) + 1
     out.restarted = True
     out.annotations[ANN_RESTARTED_PODS] = ",".join(sorted(p.uid for p in t.mine.values()))
     st["attemptStartTime"] = rfc3339(now)
-    msg = f"{why}; restarting the Ray cluster as attempt {st['attempt']} (restart {restarts + 1} of {job.backoff_limit}){log}"
+    count = f" (restart {restarts + 1} of {job.backoff_limit})" if counted else ""
+    msg = f"{why}; restarting the Ray cluster as attempt {st['attempt']}{count}{log}"
     delete_pods(t, end_group=False)
     out.events.append(Event("Warning", Reason.Restarting.value, msg))
     conds.set(ConditionType.Running, False, Reason.Restarting, msg)

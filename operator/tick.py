@@ -24,6 +24,7 @@ from llmtrain.operator.outcome import Conditions, Event, Outcome, merge_patch, r
 from llmtrain.operator.rayjobs import RayJobs
 from pydantic import ValidationError
 
+from llmtrain.api import contract
 from llmtrain.api.job import LLMTrainingJob
 from llmtrain.api.status import ConditionType, LLMTrainingJobStatus, Phase, Reason
 
@@ -59,6 +60,9 @@ OWNED_STATUS_FIELDS = (
     "exportUri",
     "tuning",
     "serving",
+    # the scheduler-facing summary (llmtrain/api/contract.py) and the latest node drain
+    "checkpointContract",
+    "disruption",
 )
 
 
@@ -83,6 +87,7 @@ class JobFacts:
     serve_replicas: int | None  # spec.serve (None: unset)
     serve_port: int
     image: str  # spec.resources.image: stuck pods made with another one are made again
+    checkpoint_on_disruption: bool = True  # spec.checkpoint.onDisruption (operator/disruption.py)
 
     @classmethod
     def of(cls, job: LLMTrainingJob) -> JobFacts:
@@ -99,6 +104,7 @@ class JobFacts:
             serve_replicas=s.serve.replicas if s.serve else None,
             serve_port=s.serve.port if s.serve else 0,
             image=s.resources.image,
+            checkpoint_on_disruption=s.checkpoint.on_disruption,
         )
 
 
@@ -153,6 +159,9 @@ class ReconcilerState:
         self._spec_synced: dict[str, Any] = {}
         # uid → the generation the serving objects were last made or patched for.
         self._serve_synced: dict[str, Any] = {}
+        # node name → (monotonic time read, why it is being drained or None): one node read
+        # per few seconds, not per job and tick (operator/disruption.py).
+        self._nodes: dict[str, tuple[float, str | None]] = {}
         self.clock: Callable[[], float] = time.monotonic
 
     def forget(self, uid: str) -> None:
@@ -310,12 +319,26 @@ class Tick:
     def finish(self) -> Outcome:
         """The outcome, with the status patch from the stored status to the one built."""
         self.st["conditions"] = self.conds.as_list()
+        self._checkpoint_contract()
         new = {k: v for k, v in self.st.items() if v is not None}
         patch = merge_patch({k: v for k, v in self.stored.items() if v is not None}, new)
         if patch:
             self.out.status = patch
         self.out.phase = Phase(self.st["phase"])
         return self.out
+
+    def _checkpoint_contract(self) -> None:
+        """``status.checkpointContract`` from the status built (llmtrain/api/contract.py);
+        its seconds refreshed only with another change (contract.settle)."""
+        key = "checkpointContract"
+        changed = any(v != self.stored.get(k) for k, v in self.st.items() if k != key and v is not None)
+        new = contract.checkpoint_contract(
+            self.st,
+            self.now,
+            checkpoint_on_disruption=self.facts.checkpoint_on_disruption if self.facts else False,
+            disruption_checkpoint_seconds=self.rec.settings.suspend_checkpoint_seconds,
+        )
+        self.st[key] = contract.settle(self.stored.get(key), new, status_changed=changed)
 
 
 # A reconcile step: reads and writes the Tick; a Stop ends the tick.

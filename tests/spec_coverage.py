@@ -116,6 +116,7 @@ EFFECTS: dict[str, str] = {
     "spec.checkpoint.everySteps": f"{TR}::test_checkpoint_every_steps_keep_last_and_resume",
     "spec.checkpoint.keepLast": f"{TR}::test_checkpoint_every_steps_keep_last_and_resume",
     "spec.checkpoint.takeOver": "tests/integration/test_output_prefix_owner.py::test_two_jobs_on_one_prefix",
+    "spec.checkpoint.onDisruption": "tests/integration/test_operator_drain.py::test_drain_takes_a_jit_checkpoint_and_resumes_from_it",
     "spec.export.uri": "tests/integration/test_finetune.py::test_spec_export_writes_the_run_model_to_s3",
     "spec.export.format": f"{X}::test_export_refuses_wrong_shapes_format_and_untied_weights",
     "spec.export.samplePrompt": f"{D}::test_the_default_sample_prompt_is_the_start_of_a_validation_document",

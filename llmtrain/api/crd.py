@@ -67,6 +67,14 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
         "priority": 1,
     },
     {
+        # -o wide: the checkpoint contract's newest checkpoint (docs/checkpoint-contract.md).
+        "name": "Checkpoint",
+        "type": "integer",
+        "jsonPath": ".status.checkpointContract.latestCheckpoint.step",
+        "description": "Step of the newest complete checkpoint.",
+        "priority": 1,
+    },
+    {
         # -o wide: only jobs with spec.tuning have one.
         "name": "Best Trial",
         "type": "number",

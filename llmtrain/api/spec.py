@@ -757,6 +757,13 @@ class CheckpointSpec(ApiModel):
         "resumes from its checkpoints but never deletes them. Unset: such a prefix fails the job "
         "(OutputPrefixInUse).",
     )
+    on_disruption: bool = Field(
+        True,
+        description="When a node hosting the job's pods is drained (or a pod is to be evicted), the "
+        "operator asks the run for a just-in-time checkpoint before the pods go (bounded by the "
+        "operator's --suspend-checkpoint-seconds; a PodDisruptionBudget holds the drain until then). "
+        "false: the pods go at once and the run resumes from its newest periodic checkpoint.",
+    )
 
 
 class ExportFormat(StrEnum):

@@ -83,6 +83,9 @@ class Reason(StrEnum):
     # Suspended
     SuspendedByUser = "SuspendedByUser"
     Resumed = "Resumed"
+    # A node hosting the job's pods is drained (cordoned) or a pod is to be evicted: a
+    # just-in-time checkpoint, then the Ray cluster is made again elsewhere (operator/disruption.py).
+    Disrupted = "Disrupted"
     # Serving
     ServerReady = "ServerReady"
     ServerStarting = "ServerStarting"
@@ -132,6 +135,7 @@ CONDITION_REASONS: dict[ConditionType, tuple[Reason, ...]] = {
         Reason.ForeignProgress,
         Reason.Completed,
         Reason.SuspendedByUser,
+        Reason.Disrupted,
         *FAILURE_REASONS,
     ),
     ConditionType.Succeeded: (Reason.Completed,),
@@ -308,6 +312,74 @@ class TuningStatus(ApiModel):
     )
 
 
+CONTRACT_VERSION = "v1"
+
+
+class ContractCheckpoint(ApiModel):
+    """The newest complete checkpoint, as the checkpoint contract states it."""
+
+    step: int = Field(ge=0, description="Optimizer step it holds: a resumed run's first step is step + 1.")
+    time: str | None = Field(None, description="When it completed (RFC 3339).")
+    uri: str = Field(max_length=1024, description="Where it is.")
+
+
+class CheckpointContract(ApiModel):
+    """A small, versioned summary for schedulers and tools (docs/checkpoint-contract.md):
+    readable without knowing the rest of this status. Computed from observation by
+    :func:`llmtrain.api.contract.checkpoint_contract`."""
+
+    version: str = Field(CONTRACT_VERSION, max_length=16, description="Contract version: v1.")
+    attempt: int = Field(0, ge=0, description="Execution attempt: +1 per restart, resume or disruption.")
+    latest_checkpoint: ContractCheckpoint | None = Field(
+        None, description="Newest complete checkpoint (unset: none yet; a restart starts over)."
+    )
+    training: bool = Field(False, description="Training runs now, so work since the checkpoint is at risk.")
+    at_risk_since: str | None = Field(
+        None,
+        description="While training: the later of the latest checkpoint's time and the attempt's start "
+        "(RFC 3339). Work at risk now = now - atRiskSince: exact at any time, between status writes too.",
+    )
+    work_at_risk_seconds: int = Field(
+        0, ge=0, description="Seconds of training work no checkpoint holds, as of asOf (0: not training)."
+    )
+    steps_at_risk: int = Field(0, ge=0, description="Optimizer steps no checkpoint holds, as of asOf.")
+    as_of: str | None = Field(
+        None, description="When workAtRiskSeconds and stepsAtRisk were computed (RFC 3339)."
+    )
+    checkpoint_on_disruption: bool = Field(
+        False,
+        description="A node drain or eviction gets a just-in-time checkpoint before the pods go "
+        "(spec.checkpoint.onDisruption; spec.suspend always does).",
+    )
+    disruption_checkpoint_seconds: int | None = Field(
+        None, ge=0, description="At most this long is waited for that checkpoint; then the pods go anyway."
+    )
+
+
+class DisruptionStatus(ApiModel):
+    """The latest voluntary disruption (a node drained, a pod evicted) and what it cost."""
+
+    node: str | None = Field(None, max_length=253, description="The drained node.")
+    cause: str = Field(
+        max_length=1024, description="What was observed (a cordoned node, a DisruptionTarget)."
+    )
+    observed_time: str = Field(description="When the operator noticed it (RFC 3339).")
+    attempt: int = Field(ge=0, description="The attempt it ended (the run resumes as the next one).")
+    step: int | None = Field(None, ge=0, description="The step the run had reached when noticed.")
+    checkpoint_step: int | None = Field(
+        None, ge=0, description="The checkpoint the run resumes from (unset: none, it starts over)."
+    )
+    just_in_time: bool = Field(False, description="A checkpoint was asked for when it was noticed.")
+    steps_lost: int | None = Field(
+        None,
+        ge=0,
+        description="Steps done when noticed that no checkpoint holds (0: the JIT checkpoint held them).",
+    )
+    completion_time: str | None = Field(
+        None, description="When the pods were let go (RFC 3339); unset while the checkpoint is awaited."
+    )
+
+
 class LLMTrainingJobStatus(ApiModel):
     """Observed state of the job."""
 
@@ -344,3 +416,9 @@ class LLMTrainingJobStatus(ApiModel):
     completion_time: str | None = Field(None, description="When the job finished (RFC 3339).")
     observed_generation: int | None = Field(None, ge=0, description="metadata.generation last reconciled.")
     serving: ServingStatus | None = Field(None, description="The model server (spec.serve).")
+    checkpoint_contract: CheckpointContract | None = Field(
+        None, description="The versioned checkpoint contract for schedulers (docs/checkpoint-contract.md)."
+    )
+    disruption: DisruptionStatus | None = Field(
+        None, description="The latest node drain or eviction: its checkpoint and the steps lost."
+    )

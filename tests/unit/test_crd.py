@@ -171,6 +171,7 @@ def test_crd_metadata_and_printer_columns() -> None:
         "Age",
         "Reason",
         "Serving",
+        "Checkpoint",
         "Best Trial",
     ]
     assert columns["Serving"] == ".status.serving.url"

@@ -55,6 +55,7 @@ KIND_RESOURCES: dict[str, tuple[str, str]] = {
     "ConfigMap": ("", "configmaps"),
     "NetworkPolicy": ("networking.k8s.io", "networkpolicies"),
     "Deployment": ("apps", "deployments"),
+    "PodDisruptionBudget": ("policy", "poddisruptionbudgets"),
 }
 
 
@@ -149,6 +150,7 @@ def operator_needs(namespaced: bool, peering: bool = True) -> tuple[set[Rule], s
         "patch_job",
         "post_event",
         "peering_status",
+        "node",
     }, f"operator/kube.py RestApi has new calls {sorted(methods)}: derive their RBAC rules here"
 
     # Kopf lists + watches every resource a handler is registered on (the jobs); the
@@ -177,6 +179,8 @@ def operator_needs(namespaced: bool, peering: bool = True) -> tuple[set[Rule], s
         ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
         ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
     }
+    # RestApi.node: a node of a job's pods, listed by name (is it cordoned? disruption.py).
+    cluster.add(("", "nodes", "list"))
     if namespaced:
         cluster |= {("", "namespaces", "list"), ("", "namespaces", "watch")}
     if peering:

@@ -390,7 +390,14 @@ def test_threads_wait_for_the_first_pod_list_then_resync_converges() -> None:
         # No pod made again; a new process checks the Secret, ConfigMap, Service and
         # NetworkPolicy once (each "already exists" and is this job's).
         assert not first.api.verbs("create", "Pod")
-        assert first.api.verbs("create") == ["demo-ray-auth", "demo-spec", "demo-head-svc", "demo-ray"]
+        # (NetworkPolicy and PodDisruptionBudget are both demo-ray)
+        assert first.api.verbs("create") == [
+            "demo-ray-auth",
+            "demo-spec",
+            "demo-head-svc",
+            "demo-ray",
+            "demo-ray",
+        ]
         assert s.writer.jobs[KEY]["status"]["phase"] == "Provisioning"
         # The resync keeps looking (level-based) without writing what did not change.
         n = len(s.writer.patches)

@@ -140,6 +140,10 @@ class FakeApi:
             if k == "Pod" and ns == namespace and (o["metadata"].get("labels") or {}).get(key) == value
         ]
 
+    def node(self, name: str) -> dict[str, Any] | None:
+        self.calls.append(("list", "Node", name))
+        return self.objects.get(("Node", "", name))
+
     def pod_log(
         self, namespace: str, pod: str, container: str, *, tail_lines: int, previous: bool = False
     ) -> str:

@@ -135,7 +135,7 @@ def test_spec_configmap_holds_the_job() -> None:
 
 def test_static_children_order_secret_first() -> None:
     kinds = [o["kind"] for o in m.static_children(job(), SETTINGS, "x" * 64)]
-    assert kinds == ["Secret", "ConfigMap", "Service", "NetworkPolicy"]
+    assert kinds == ["Secret", "ConfigMap", "Service", "NetworkPolicy", "PodDisruptionBudget"]
 
 
 # ------------------------------------------------------------------ spec.resources.*

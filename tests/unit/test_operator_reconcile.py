@@ -245,8 +245,11 @@ def test_phase_written_by_the_training_run_is_kept() -> None:
     h.tick(1)
     h.body["status"]["phase"] = "Training"
     out = h.tick(1)
-    assert out.status is None
+    # Only the checkpoint contract, which follows the phase (now training: work at risk).
+    assert out.status is not None and set(out.status) == {"checkpointContract"}
+    assert out.status["checkpointContract"]["training"] is True
     assert h.status["phase"] == "Training"
+    assert h.tick(1).status is None
 
 
 def test_last_transition_time_moves_only_when_status_changes() -> None:

@@ -110,6 +110,11 @@ handlers and Kopf's own needs, and the cluster test runs the operator on these r
 - apiGroups: [""]
   resources: ["services"]
   verbs: ["patch"]
+# The job's PodDisruptionBudget (holds a node drain until the just-in-time checkpoint),
+# made create-if-absent and deleted after the TTL.
+- apiGroups: ["policy"]
+  resources: ["poddisruptionbudgets"]
+  verbs: ["get", "create", "delete"]
 # The controller posts Events on jobs; the diagnosis lists the scheduler's FailedScheduling.
 - apiGroups: [""]
   resources: ["events"]
@@ -131,6 +136,15 @@ handlers and Kopf's own needs, and the cluster test runs the operator on these r
 - apiGroups: ["apiextensions.k8s.io"]
   resources: ["customresourcedefinitions"]
   verbs: ["list", "watch"]
+{{- end }}
+
+{{/* Node drains (operator/disruption.py): is a node of a job's pods cordoned? */}}
+{{- define "llmtrain.rules.nodes" -}}
+# Read-only: a node of a job's pods is read by name (a list with a fieldSelector) to see a
+# cordon, so that the job takes a just-in-time checkpoint before a drain evicts its pods.
+- apiGroups: [""]
+  resources: ["nodes"]
+  verbs: ["list"]
 {{- end }}
 
 {{/* Only a namespaced Kopf follows namespaces (a cluster-wide one watches across all). */}}
