@@ -216,6 +216,7 @@ def prepare_data(job: LLMTrainingJob, report: Reporter) -> tuple[str, Any, Manif
             vocab_size=manifest.tokenizer.vocab_size,
             reused=prepared.reused,
             validation_set=manifest.validation_set,
+            **_task_info(manifest),
         )
     )
     if manifest.split_tokens("validation") == 0:
@@ -227,6 +228,15 @@ def prepare_data(job: LLMTrainingJob, report: Reporter) -> tuple[str, Any, Manif
             )
         )
     return data_uri, cfg.s3, manifest
+
+
+def _task_info(manifest: Manifest) -> dict[str, Any]:
+    """Task data: records trained on + held out, and those refused by reason (status.data)."""
+    task = manifest.task
+    if task is None:
+        return {}
+    records = task.get("records", {})
+    return {"task_records": sum(records.values()), "bad_records": dict(task.get("bad_records", {}))}
 
 
 def tune(

@@ -274,6 +274,8 @@ class DataInfo:
     vocab_size: int
     reused: bool = False
     validation_set: str = ""  # which text the validation metrics measure (the manifest says)
+    task_records: int | None = None  # task data: records trained on + held out
+    bad_records: dict[str, int] | None = None  # task data: records refused, by reason
 
     def status(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -285,6 +287,9 @@ class DataInfo:
         }
         if self.validation_set:
             out["validationSet"] = self.validation_set
+        if self.task_records is not None:
+            out["taskRecords"] = self.task_records
+            out["badRecords"] = dict(self.bad_records or {})
         return out
 
 

@@ -239,6 +239,15 @@ class DataStatus(ApiModel):
         max_length=1024,
         description="Which text the validation metrics measure (sources or hash split).",
     )
+    task_records: int | None = Field(
+        None, ge=0, description="Task data: the records trained on and held out (unset for plain text)."
+    )
+    bad_records: dict[str, int] | None = Field(
+        None,
+        max_length=16,
+        description="Task data: records refused (never trained on), by reason; the data manifest names "
+        "the first ones (extra.task.bad_examples).",
+    )
 
 
 class RayJobStatus(ApiModel):

@@ -67,6 +67,12 @@ def prepare(
     )
     summary.add_row("dtype", m.dtype)
     summary.add_row("dropped", ", ".join(f"{k} {v:,}" for k, v in sorted(m.dropped.items())))
+    if m.task is not None:  # task records: what was trained on and what was refused, named
+        summary.add_row("task records", ", ".join(f"{k} {v:,}" for k, v in m.task["records"].items()))
+        bad = m.task["bad_records"]
+        summary.add_row("bad records", ", ".join(f"{k} {v:,}" for k, v in bad.items()) or "none")
+        for b in m.task["bad_examples"][:5]:
+            summary.add_row("", escape(f"{b['source']}: {b['record']}: {b['reason']} ({b['detail']})"))
     summary.add_row("fingerprint", m.fingerprint[:16])
     if not result.reused:
         summary.add_row("time", f"{result.seconds:.1f} s")

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from llmtrain.runtime.chat import CHAT_TEMPLATE_FILE
 from llmtrain.runtime.data import clean as cleanmod
 from llmtrain.runtime.data import collect, shard, task, task_steps, tokenize
 from llmtrain.runtime.data.blocks import CleanedDoc, Executor, encode_block, parallel_map, read_clean_block
@@ -194,7 +195,7 @@ def _load_tokenizer(cfg: tokenize.TokenizerConfig, s3: S3Options) -> Any:
     return tokenize.load_tokenizer_bytes(data, cfg)
 
 
-_OWN_FILES = (MANIFEST_NAME, TOKENIZER_NAME, TASK_EVAL_NAME)
+_OWN_FILES = (MANIFEST_NAME, TOKENIZER_NAME, TASK_EVAL_NAME, CHAT_TEMPLATE_FILE)
 
 
 def _is_own(name: str) -> bool:
@@ -288,6 +289,8 @@ def prepare(
     with _timed(timings, "write_s"):
         written = _write_shards(out, cfg, tok, mix, encoded, corpus)
     manifest = _manifest(corpus, cfg, tok, mix, encoded, written)
+    if corpus.bad:
+        say(task_steps.bad_line(corpus.bad))
     uri = shard.write_manifest(out, manifest)
     timings["total_s"] = time.perf_counter() - t0
     stats = _summary(manifest)
@@ -585,14 +588,16 @@ def _write_task_shards(
     corpus: _Corpus,
 ) -> list[shard.WrittenShard]:
     """Task data: token + loss-mask shards of packed whole records, the held-out prompts
-    (task-eval.jsonl) and the tokenizer."""
-    assert cfg.context_length is not None
+    (task-eval.jsonl), the chat template they were rendered with (chat_template.jinja: the task
+    metric renders its prompts with it) and the tokenizer."""
+    assert cfg.context_length is not None and cfg.chat_template is not None
     kw: dict[str, Any] = {"vocab_size": tok.vocab, "eot_id": tok.eot, "max_tokens": cfg.shard_max_tokens,
                           "context_length": cfg.context_length}  # fmt: skip
     pairs = lambda keys: ((encoded[k], corpus.masks[k]) for k in keys)  # noqa: E731
     written = task_steps.write_split(out, "train", pairs(k for _, k in mix.train_stream), **kw)
     written += task_steps.write_split(out, "validation", pairs(mix.val_keys), **kw)
     task_steps.write_eval(out, [(_record_id(corpus.docs[k]), corpus.docs[k].text) for k in mix.val_keys])
+    out.put(CHAT_TEMPLATE_FILE, cfg.chat_template.encode("utf-8"))
     out.put(TOKENIZER_NAME, tok.json)
     return written
 
@@ -615,6 +620,7 @@ def _task_extra(
             shards=[w.info for w in written],
         ),
         "task_eval": {"path": TASK_EVAL_NAME, "records": len(mix.val_keys)},
+        "chat_template": {"path": CHAT_TEMPLATE_FILE},
     }
 
 

@@ -133,3 +133,15 @@ def summary(
         "target_tokens": targets,
         "target_fraction": round(targets / tokens, 6) if tokens else 0.0,
     }
+
+
+def bad_line(bad: list[dict[str, str]]) -> str:
+    """One log line: how many records were refused, why, and the first of them."""
+    counts = Counter(b["reason"] for b in bad)
+    first = min(bad, key=lambda b: (b["source"], b["record"]))
+    return (
+        f"task: {len(bad)} bad records not trained on ("
+        + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+        + f"), e.g. {first['source']}: {first['record']}: {first['reason']} ({first['detail']}); "
+        f"the first {task.BAD_EXAMPLES} are named in manifest.json extra.task.bad_examples"
+    )

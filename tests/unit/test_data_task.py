@@ -14,20 +14,26 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+import yaml
 from llmtrain.runtime import train as train_mod
 from llmtrain.runtime.chat import DEFAULT_CHAT_TEMPLATE, render
 from llmtrain.runtime.checkpoint import Lineage
 from llmtrain.runtime.data.loader import LoaderError, ShardLoader, read_verified_mask, read_verified_shard
 from llmtrain.runtime.data.prepare import prepare_data
+from llmtrain.runtime.driver import _task_info
 from llmtrain.runtime.evaluate import evaluate
 from llmtrain.runtime.store import LocalStore
 from llmtrain.runtime.synthetic import tiny_spec_dict
 from llmtrain.runtime.train import RunContext, TrainResult, build_model, train
 from tokenizers import Tokenizer
+from typer.testing import CliRunner
 
 from llmtrain.api.config import RuntimeConfig, runtime_config_from_spec
+from llmtrain.api.progress import DataInfo
 from llmtrain.api.shards import MANIFEST_NAME, TASK_EVAL_NAME, TOKENIZER_NAME, Manifest
 from llmtrain.api.spec import LLMTrainingJobSpec
+from llmtrain.api.status import DataStatus
+from llmtrain.cli.data import app as data_app
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
 from datahelpers import make_spec
@@ -98,13 +104,17 @@ def task_data_spec(folder: Path, out: Path, **top: Any) -> LLMTrainingJobSpec:
     )
 
 
-@pytest.fixture(scope="module")
-def task_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("task")
+def write_task_files(folder: Path) -> Path:
+    """qa.jsonl (prompt/response) and talk.parquet (chat), each with bad records at the end."""
     lines = [json.dumps(r) for r in pr_records()] + ["{not json"]  # line 85: not_json
     (folder / "qa.jsonl").write_text("\n".join(lines) + "\n")
     pq.write_table(pa.Table.from_pylist(chat_records()), folder / "talk.parquet")
     return folder
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_task_files(tmp_path_factory.mktemp("task"))
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +156,26 @@ def test_bad_task_records_are_named_and_counted(task_dir: Path, tmp_path: Path) 
     # Reused as is: the manifest (and its list of bad records) is read back.
     again = prepare_data(task_data_spec(task_dir, tmp_path / "out"))
     assert again.reused and again.manifest.task == task
+    # status.data (the run's status.json and the job's status) counts them by reason.
+    data = DataInfo("m", 1, 1, 1, **_task_info(res.manifest)).status()
+    assert data["taskRecords"] == 120 and data["badRecords"] == task["bad_records"]
+    DataStatus.model_validate(data)
+    # `llmtrain data prepare` prints the counts and names the first ones.
+    spec = task_data_spec(task_dir, tmp_path / "cli").model_dump(
+        mode="json", by_alias=True, exclude_none=True
+    )
+    job = {
+        "apiVersion": "llmtrain.dev/v1alpha1",
+        "kind": "LLMTrainingJob",
+        "metadata": {"name": "t"},
+        "spec": spec,
+    }
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    out = CliRunner().invoke(data_app, ["prepare", str(tmp_path / "job.yaml")], terminal_width=200)
+    assert out.exit_code == 0, out.output
+    assert (
+        "bad records" in out.output and "qa.jsonl line 81" in out.output and "missing_field 2" in out.output
+    )
 
 
 def test_masks_cover_the_answers_and_records_stay_whole(prepared: Path) -> None:
@@ -154,6 +184,8 @@ def test_masks_cover_the_answers_and_records_stay_whole(prepared: Path) -> None:
     tok = Tokenizer.from_file(str(prepared / TOKENIZER_NAME))
     evals = [json.loads(line) for line in (prepared / TASK_EVAL_NAME).read_text().splitlines()]
     assert m.task_eval == {"path": TASK_EVAL_NAME, "records": len(evals)} and evals
+    # The template the records were rendered with lies beside them (the task metric renders with it).
+    assert (prepared / m.extra["chat_template"]["path"]).read_text() == DEFAULT_CHAT_TEMPLATE
     for info in m.shards:
         ids = read_verified_shard(store, info, m)
         mask = read_verified_mask(store, info)
