@@ -49,7 +49,9 @@ def drain(t: Tick) -> Stop | None:
     st = t.st
     attempt = int(st.get("attempt") or 1)
     old = st.get("disruption") or {}
-    pending = bool(old) and not old.get("completionTime") and old.get("attempt") == attempt
+    # A drain of this attempt still waiting for its checkpoint (a record without a node is
+    # another yield's, e.g. a Kueue eviction's: that step handles it).
+    pending = bool(old.get("node")) and not old.get("completionTime") and old.get("attempt") == attempt
     if not pending:
         found = draining(t, (p.node for p in t.live.values() if p.node and not p.deleting))
         if found is None:

@@ -138,6 +138,13 @@ def test_disruption_budget_holds_every_ray_pod_and_is_a_static_child() -> None:
     assert h.api.names("PodDisruptionBudget") == {"demo-ray"}
 
 
+def test_another_yields_pending_record_is_not_taken_for_a_drain() -> None:
+    h = training(5, 2)
+    h.body["status"]["disruption"] = {"cause": "evicted by Kueue", "observedTime": "x", "attempt": 1}
+    h.tick(6)
+    assert h.ray.checkpoints_asked == 0 and h.ray.stopped == [] and len(h.api.names("Pod")) == 3
+
+
 def test_cordoned_reads_the_node_body() -> None:
     assert disruption.cordoned({"spec": {}}) is None
     assert disruption.cordoned({}) is None
