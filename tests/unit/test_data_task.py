@@ -360,3 +360,35 @@ def test_plain_text_batches_stay_tensors(prepared: Path, tmp_path: Path) -> None
     assert isinstance(batch, torch.Tensor) and batch.shape == (2, 17)
     with pytest.raises(LoaderError, match="contextLength 128, not 32"):
         ShardLoader(str(prepared), "train", 0, 1, 2, 32, 0)
+
+
+def test_task_fine_tune_of_an_imported_hf_llama_has_transformers_masked_loss(
+    prepared: Path, tmp_path: Path
+) -> None:
+    """Init path 2 (spec.model.init.pretrained: a Hugging Face Llama directory): step 1's loss is
+    the answer-token mean of transformers' own LlamaForCausalLM logits on the same batches."""
+    from tests.unit.test_export import hf_random_llama
+
+    llama = tmp_path / "llama"
+    cfg = task_cfg(
+        prepared,
+        **{
+            "training.duration.maxSteps": 1,
+            "model.architecture.kvHeads": 2,
+            "model.init.random": None,
+            "model.init.pretrained": {"uri": str(llama)},
+        },
+    )
+    hf = hf_random_llama(cfg.model)
+    hf.save_pretrained(llama)
+    batches = first_step_batches(prepared, cfg, cfg.train.grad_accum_steps)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for tokens, mask in batches:
+            logits = hf(tokens[:, :-1]).logits.double()
+            targets = torch.where(mask[:, 1:], tokens[:, 1:], -100)
+            total += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(),
+                                                             reduction="sum", ignore_index=-100))  # fmt: skip
+            count += int(mask[:, 1:].sum())
+    result = run_task(prepared, cfg)
+    assert result.losses[0] == pytest.approx(total / count, abs=1e-4)
