@@ -4,8 +4,8 @@ cluster is made again elsewhere and resumes from it.
 The job's PodDisruptionBudget (``manifests.disruption_budget``, ``maxUnavailable: 0``)
 refuses every eviction of its Ray pods, so ``kubectl drain`` (or the cluster autoscaler,
 a node upgrade, a spot-termination handler) cordons the node and then waits. This step
-sees the cordon (``spec.unschedulable`` or the ``node.kubernetes.io/unschedulable``
-taint) on a node that hosts one of the job's live pods, asks the run for a last
+sees the cordon (``spec.unschedulable``, the ``node.kubernetes.io/unschedulable``
+taint, or the cluster autoscaler's or Karpenter's taint before they drain: DRAIN_TAINTS) on a node that hosts one of the job's live pods, asks the run for a last
 checkpoint through the same path ``spec.suspend`` uses (:func:`lifecycle.last_checkpoint`:
 the driver channel, bounded by ``suspend_checkpoint_seconds``), and then restarts the Ray
 cluster as a new attempt (:func:`recovery.restart`, not counted against
@@ -36,6 +36,10 @@ from llmtrain.operator.tick import Stop, Tick
 from llmtrain.api.status import Reason
 
 UNSCHEDULABLE_TAINT = "node.kubernetes.io/unschedulable"
+# What the node removers put on a node before they evict its pods: the cluster autoscaler's
+# scale-down and Karpenter's disruption (both then evict through the eviction API, which the
+# job's PodDisruptionBudget holds).
+DRAIN_TAINTS = (UNSCHEDULABLE_TAINT, "ToBeDeletedByClusterAutoscaler", "karpenter.sh/disrupted")
 # A node's cordon is read at most this often per operator process (not per job and tick).
 NODE_TTL_SECONDS = 5.0
 
@@ -142,8 +146,8 @@ def cordoned(node: dict[str, Any]) -> str | None:
     if spec.get("unschedulable"):
         return "is cordoned (spec.unschedulable)"
     for taint in spec.get("taints") or ():
-        if taint.get("key") == UNSCHEDULABLE_TAINT:
-            return f"has the {UNSCHEDULABLE_TAINT} taint"
+        if taint.get("key") in DRAIN_TAINTS:
+            return f"has the {taint['key']} taint"
     return None
 
 

@@ -152,5 +152,9 @@ def test_cordoned_reads_the_node_body() -> None:
     taint = {"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"}
     assert "taint" in (disruption.cordoned({"spec": {"taints": [taint]}}) or "")
     assert disruption.cordoned({"spec": {"taints": [{"key": "other", "effect": "NoSchedule"}]}}) is None
+    for key in ("ToBeDeletedByClusterAutoscaler", "karpenter.sh/disrupted"):
+        assert key in (
+            disruption.cordoned({"spec": {"taints": [{"key": key, "effect": "NoSchedule"}]}}) or ""
+        )
     assert disruption.steps_lost(10, 10) == 0 and disruption.steps_lost(10, None) == 10
     assert disruption.steps_lost(7, 10) == 0
