@@ -37,10 +37,11 @@ import torch
 import torch.distributed as dist
 from llmtrain.runtime.chat import encode_prompt
 from llmtrain.runtime.generate import Sampling, generate
+from llmtrain.runtime.lora import LoraSettings, merged_state
 from llmtrain.runtime.model import GPT
 from torch import nn
 
-from llmtrain.api.config import TrainConfig
+from llmtrain.api.config import ModelConfig, TrainConfig
 from llmtrain.api.progress import task_metric_line
 
 TASK_EVAL_NAME = "task-eval.jsonl"
@@ -161,17 +162,20 @@ def decode(
     return answers
 
 
-def _full_copy(model: nn.Module, device: torch.device) -> GPT | None:
-    """Rank 0: a plain GPT holding the sharded model's full weights; other ranks: None.
-    A collective: every rank calls it."""
+def _full_copy(model: nn.Module, device: torch.device, lora: LoraSettings | None) -> GPT | None:
+    """Rank 0: a plain GPT holding the sharded model's full weights (LoRA adapters merged in);
+    other ranks: None. A collective: every rank calls it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    gathered = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() != 0:
         return None
-    cfg = model.cfg  # type: ignore[union-attr]
+    full = {k: v for k, v in gathered.items() if isinstance(v, torch.Tensor)}
+    if lora is not None:
+        full = merged_state(full, lora)
+    cfg: ModelConfig = model.cfg  # type: ignore[assignment]
     with torch.device(device):
-        copy = GPT(cfg)  # type: ignore[arg-type]
+        copy = GPT(cfg)
     copy.load_state_dict(full)
     return copy.eval()
 
@@ -188,9 +192,11 @@ def evaluate_task(
     device: torch.device,
     autocast: contextlib.AbstractContextManager[object] | None = None,
     sharded: bool = False,
+    lora: LoraSettings | None = None,
 ) -> TaskScore:
-    """Decode and score on this process, or (``sharded``: FSDP2) on rank 0 from a full copy,
-    the score then broadcast: every rank returns the same score."""
+    """Decode and score on this process, or (``sharded``: FSDP2) on rank 0 from a full copy
+    (``lora``: the run's adapters, merged into it), the score then broadcast: every rank
+    returns the same score."""
     distributed = dist.is_available() and dist.is_initialized()
 
     def run(on: nn.Module) -> TaskScore:
@@ -209,7 +215,7 @@ def evaluate_task(
         return run(model)
     result: list[TaskScore | None] = [None]
     if sharded:
-        copy = _full_copy(model, device)
+        copy = _full_copy(model, device, lora)
         if copy is not None:
             result[0] = run(copy)
             del copy
@@ -231,11 +237,40 @@ def task_score(
 ) -> TaskScore:
     """The task metric of a training run's validation: the records, tokenizer and chat template
     beside the validation loader's shards (a :class:`~llmtrain.runtime.data.loader.ShardLoader`)."""
-    from tokenizers import Tokenizer
-
     store, manifest = getattr(loader, "storage", None), getattr(loader, "manifest", None)
     if store is None or manifest is None:
         raise ValueError("spec.validation.task needs prepared data (a shard loader with a manifest)")
+    return score_prepared(
+        model,
+        store,
+        manifest,
+        records=t.task_records,
+        max_new_tokens=t.task_max_new_tokens,
+        checker_name=t.task_checker,
+        device=device,
+        dtype=dtype,
+        sharded=sharded,
+        lora=LoraSettings.from_train(t),
+    )
+
+
+def score_prepared(
+    model: nn.Module,
+    store: Any,
+    manifest: Any,
+    *,
+    records: int,
+    max_new_tokens: int,
+    checker_name: str,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    sharded: bool = False,
+    lora: LoraSettings | None = None,
+) -> TaskScore:
+    """The task metric of ``model`` on prepared task data (``store``: its prefix, ``manifest``
+    its manifest): the first ``records`` of its task-eval set."""
+    from tokenizers import Tokenizer
+
     listed = getattr(manifest, "task_eval", None)  # the manifest names the file (task data only)
     name = str(listed["path"]) if listed else TASK_EVAL_NAME
     if not store.exists(name):
@@ -248,19 +283,43 @@ def task_score(
     template = task_chat_template(store, manifest)
     lines = store.get(name).decode("utf-8").splitlines()
     examples = read_examples(
-        lines, lambda m: encode_prompt(tok, m, template, eos_token=info.eot_token), t.task_records
+        lines, lambda m: encode_prompt(tok, m, template, eos_token=info.eot_token), records
     )
     return evaluate_task(
         model,
         examples,
-        checker_name=t.task_checker,
-        max_new_tokens=t.task_max_new_tokens,
+        checker_name=checker_name,
+        max_new_tokens=max_new_tokens,
         stop_ids=(info.eot_id,),
         vocab_limit=info.vocab_size,
         decode_text=lambda ids: str(tok.decode(ids, skip_special_tokens=True)),
         device=device,
         autocast=torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else None,
         sharded=sharded,
+        lora=lora,
+    )
+
+
+def score_export(
+    model_uri: str, data_uri: str, *, records: int, max_new_tokens: int, checker_name: str
+) -> TaskScore:
+    """An exported model (a Llama directory, or an adapter export on its base) scored on
+    prepared task data, as a run's validation scores it: e.g. the base before fine-tuning."""
+    from llmtrain.runtime.lora import load_model
+    from llmtrain.runtime.store import open_store
+
+    from llmtrain.api.shards import MANIFEST_NAME, Manifest
+
+    store = open_store(data_uri)
+    manifest = Manifest.from_json(store.get(MANIFEST_NAME))
+    return score_prepared(
+        load_model(model_uri),
+        store,
+        manifest,
+        records=records,
+        max_new_tokens=max_new_tokens,
+        checker_name=checker_name,
+        device=torch.device("cpu"),
     )
 
 

@@ -22,6 +22,7 @@ import pytest
 import torch
 from llmtrain.runtime import task_metric as tm
 from llmtrain.runtime.export import TokenizerFiles
+from llmtrain.runtime.lora import LoraSettings, apply_lora
 from llmtrain.runtime.model import GPT
 
 from llmtrain.api.config import ModelConfig, TrainConfig
@@ -148,15 +149,20 @@ def _fsdp_worker(rank: int, world: int, port: int, state: dict[str, Any], out: s
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        model, _ = tiny()
-        model.load_state_dict(state)
-        mesh = init_device_mesh("cpu", (world,))
-        for block in model.layers:
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        exs, _ = examples(tiny_reference(state), 17)
-        s = run_metric_sharded(model, exs)
-        Path(out, f"rank{rank}.json").write_text(json.dumps([s.records, s.exact, s.passed]))
+        results = []
+        for lora in (None, LORA):  # full weights; adapters on a frozen base (merged for decoding)
+            model, _ = tiny()
+            if lora is not None:
+                apply_lora(model, lora)
+            model.load_state_dict(state if lora is None else lora_state(state))
+            mesh = init_device_mesh("cpu", (world,))
+            for block in model.layers:
+                fully_shard(block, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            exs, _ = examples(tiny_reference(state), 17)
+            s = run_metric_sharded(model, exs, lora)
+            results.append([s.records, s.exact, s.passed])
+        Path(out, f"rank{rank}.json").write_text(json.dumps(results))
     finally:
         dist.destroy_process_group()
 
@@ -167,7 +173,25 @@ def tiny_reference(state: dict[str, Any]) -> GPT:
     return model
 
 
-def run_metric_sharded(model: torch.nn.Module, exs: list[tm.TaskExample]) -> tm.TaskScore:
+LORA = LoraSettings(rank=2, alpha=4.0, targets=("attention.wq", "feed_forward.w2"))
+
+
+def lora_state(state: dict[str, Any]) -> dict[str, Any]:
+    """The base weights plus adapters whose update (B·A) is not zero: decoding without merging
+    them would answer differently."""
+    model, _ = tiny()
+    apply_lora(model, LORA)
+    out = dict(state)
+    gen = torch.Generator().manual_seed(5)
+    for name, p in model.named_parameters():
+        if name.endswith((".lora_A", ".lora_B")):
+            out[name] = torch.randn(p.shape, generator=gen) * 0.5
+    return out
+
+
+def run_metric_sharded(
+    model: torch.nn.Module, exs: list[tm.TaskExample], lora: LoraSettings | None
+) -> tm.TaskScore:
     return tm.evaluate_task(
         model,
         exs,
@@ -178,6 +202,7 @@ def run_metric_sharded(model: torch.nn.Module, exs: list[tm.TaskExample]) -> tm.
         decode_text=as_text,
         device=torch.device("cpu"),
         sharded=True,
+        lora=lora,
     )
 
 
@@ -191,13 +216,15 @@ def test_fsdp2_rank0_decodes_on_gathered_weights_and_every_rank_gets_the_score(t
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    adapted, _ = tiny()
+    apply_lora(adapted, LORA)
+    adapted.load_state_dict(lora_state(state))
+    with_lora = run_metric(adapted.eval(), exs, "testEvenId", 17)
+    assert (with_lora.exact, with_lora.passed) != (alone.exact, alone.passed)  # the adapters matter
     mp.spawn(_fsdp_worker, args=(2, port, state, str(tmp_path)), nprocs=2, join=True)
+    expected = [[s.records, s.exact, s.passed] for s in (alone, with_lora)]
     for rank in (0, 1):
-        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == [
-            alone.records,
-            alone.exact,
-            alone.passed,
-        ]
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == expected
 
 
 # ------------------------------------------------------------- from a data directory
