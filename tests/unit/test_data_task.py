@@ -392,3 +392,47 @@ def test_task_fine_tune_of_an_imported_hf_llama_has_transformers_masked_loss(
             count += int(mask[:, 1:].sum())
     result = run_task(prepared, cfg)
     assert result.losses[0] == pytest.approx(total / count, abs=1e-4)
+
+
+def test_compiled_loss_skips_masked_targets_like_eager() -> None:
+    """spec.training.compile compiles the loss too: masked targets add nothing there either."""
+    from llmtrain.runtime.model import masked_targets, token_loss_sum
+    from llmtrain.runtime.train import build_loss
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 16, 96, generator=gen)
+    targets = torch.randint(0, 96, (2, 16), generator=gen)
+    mask = torch.rand(2, 16, generator=gen) < 0.3
+    masked = masked_targets(targets, mask)
+    by_hand = -(logits.log_softmax(-1).gather(-1, targets[..., None])[..., 0])[mask].sum()
+    eager_in, fused_in = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    eager, fused = token_loss_sum(eager_in, masked), build_loss(True)(fused_in, masked)
+    torch.testing.assert_close(eager, by_hand, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused, by_hand, rtol=1e-5, atol=1e-4)
+    (eager + fused).backward()
+    assert eager_in.grad is not None and fused_in.grad is not None
+    torch.testing.assert_close(fused_in.grad, eager_in.grad, rtol=1e-4, atol=1e-6)
+    assert not eager_in.grad[~mask].any()  # no gradient from a masked position
+
+
+def test_task_validation_sources_are_the_held_out_records(task_dir: Path, tmp_path: Path) -> None:
+    """spec.data.validationSources with task: its records are the validation split and task-eval.jsonl."""
+    spec = task_data_spec(task_dir, tmp_path / "out")
+    held = tmp_path / "held"
+    held.mkdir()
+    (held / "h.jsonl").write_text(
+        "\n".join(json.dumps({"prompt": f"Held {i}?", "response": f"h{i}"}) for i in range(30)) + "\n"
+    )
+    raw = spec.model_dump(mode="json", by_alias=True, exclude_none=True)
+    raw["data"]["validationSources"] = [
+        {
+            "name": "held",
+            "local": {"glob": str(held / "*.jsonl"), "format": "jsonl"},
+            "task": {"format": "promptResponse"},
+        }
+    ]
+    res = prepare_data(LLMTrainingJobSpec.model_validate(raw))
+    evals = [json.loads(x) for x in (tmp_path / "out" / TASK_EVAL_NAME).read_text().splitlines()]
+    assert sorted(e["reference"] for e in evals) == sorted(f"h{i}" for i in range(30))
+    assert all(e["id"].startswith("held:h.jsonl line ") for e in evals)
+    assert res.manifest.task is not None and res.manifest.task["records"]["validation"] == 30
