@@ -638,7 +638,7 @@ class LoraSpec(ApiModel):
         16.0, gt=0, le=1_000_000, description="Scale: the update B·A is multiplied by alpha / rank."
     )
     targets: list[LoraTarget] = Field(
-        default_factory=lambda: ["attention.wq", "attention.wv"],
+        default_factory=lambda: list[LoraTarget](["attention.wq", "attention.wv"]),
         min_length=1,
         max_length=len(LORA_TARGETS),
         description="Projections that get adapters, in every layer: " + ", ".join(LORA_TARGETS) + ".",
