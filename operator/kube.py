@@ -65,6 +65,14 @@ class KubeApi(Protocol):
         """Merge-patch an object; False if absent."""
         ...
 
+    def patch_status(self, kind: str, namespace: str, name: str, patch: dict[str, Any]) -> None:
+        """Merge-patch an object's status subresource (a Kueue Workload's: operator/kueue.py)."""
+        ...
+
+    def workload_priority(self, name: str) -> int | None:
+        """The value of Kueue's (cluster-scoped) WorkloadPriorityClass ``name``; None if absent."""
+        ...
+
     def scheduler_events(self, namespace: str, pod: str) -> list[dict[str, Any]]:
         """Events of reason FailedScheduling about one pod, oldest first."""
         ...
@@ -94,6 +102,7 @@ _KINDS: dict[str, tuple[str, str]] = {
     "ConfigMap": ("/api/v1", "configmaps"),
     "NetworkPolicy": ("/apis/networking.k8s.io/v1", "networkpolicies"),
     "Deployment": ("/apis/apps/v1", "deployments"),  # spec.serve's model server
+    "Workload": ("/apis/kueue.x-k8s.io/v1beta2", "workloads"),  # spec.resources.queueName (kueue.py)
     "PodDisruptionBudget": ("/apis/policy/v1", "poddisruptionbudgets"),  # holds a drain (disruption.py)
 }
 
@@ -307,6 +316,24 @@ class RestApi:
             if e.status == 404:
                 return False
             raise
+
+    def patch_status(self, kind: str, namespace: str, name: str, patch: dict[str, Any]) -> None:
+        self.http.request(
+            "PATCH",
+            _path(kind, namespace, name) + "/status",
+            patch,
+            content_type="application/merge-patch+json",
+        )
+
+    def workload_priority(self, name: str) -> int | None:
+        path = f"/apis/kueue.x-k8s.io/v1beta2/workloadpriorityclasses/{quote(name, safe='')}"
+        try:
+            out = self.http.request("GET", path)
+        except ApiError as e:
+            if e.status == 404:
+                return None
+            raise
+        return int((out or {}).get("value") or 0)
 
     def scheduler_events(self, namespace: str, pod: str) -> list[dict[str, Any]]:
         out = self.http.request(

@@ -46,14 +46,14 @@ RESERVED_LABELS = (LABEL_JOB, LABEL_ROLE, LABEL_WORKER_INDEX, LABEL_RAY_CLUSTER,
 # another job's Service, and app.kubernetes.io/managed-by would claim them for another tool.
 RESERVED_LABEL_PREFIXES = ("llmtrain.dev/", "ray.io/", "kueue.x-k8s.io/")
 
-# Kueue's plain-pod integration: pods with the same group name are admitted together once
-# all ``total-count`` of them exist (https://kueue.sigs.k8s.io/docs/tasks/run/plain_pods/).
-KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
-KUEUE_GROUP_LABEL = "kueue.x-k8s.io/pod-group-name"
-KUEUE_TOTAL_COUNT_ANNOTATION = "kueue.x-k8s.io/pod-group-total-count"
-# Set to "false" on a group's pods to end the group (Kueue then releases its quota).
-KUEUE_RETRIABLE_ANNOTATION = "kueue.x-k8s.io/retriable-in-group"
+# Kueue's scheduling gate on a pod it manages (a plain pod or a pod group; not this
+# operator's pods: a job with spec.resources.queueName is admitted through its Workload,
+# operator/kueue.py); diagnose still names it on a pod someone else's Kueue setup gates.
 KUEUE_ADMISSION_GATE = "kueue.x-k8s.io/admission"
+# Pods made by an operator before that (Kueue plain-pod groups) carry the group's total count;
+# marking them not retriable ends their group, so an upgrade still frees their quota.
+KUEUE_TOTAL_COUNT_ANNOTATION = "kueue.x-k8s.io/pod-group-total-count"
+KUEUE_RETRIABLE_ANNOTATION = "kueue.x-k8s.io/retriable-in-group"
 
 GPU_RESOURCE = "nvidia.com/gpu"
 
@@ -307,18 +307,12 @@ def _labels(job: LLMTrainingJob, role: str, index: int | None) -> dict[str, str]
     }
     if index is not None:
         labels[LABEL_WORKER_INDEX] = str(index)
-    if res.queue_name:
-        labels[KUEUE_QUEUE_LABEL] = res.queue_name
-        labels[KUEUE_GROUP_LABEL] = job.metadata.name
     return labels
 
 
 def _annotations(job: LLMTrainingJob) -> dict[str, str]:
     res = job.spec.resources
     ann = dict(res.pod_annotations)
-    if res.queue_name:
-        # The head counts: Kueue admits the group only when all workers + 1 pods exist.
-        ann[KUEUE_TOTAL_COUNT_ANNOTATION] = str(res.workers + 1)
     return ann
 
 

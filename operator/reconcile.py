@@ -29,6 +29,7 @@ from llmtrain.operator import (
     attempt,
     children,
     disruption,
+    kueue,
     lifecycle,
     mirror,
     provisioning,
@@ -46,12 +47,17 @@ STEPS: tuple[Step, ...] = (
     lifecycle.parse,
     # 2. a finished job: leftover pods deleted, the Ray cluster ttlSecondsAfterFinished later
     lifecycle.finished,
+    # 2a. a finished job's Kueue Workload marked Finished (its quota released)
+    kueue.release,
     # 2b. a finished job's model server (spec.serve); a finished job's tick ends here
     serving.serve,
     # 3. suspend: a last checkpoint, then the pods go, status kept; resume: a new attempt
     lifecycle.suspend,
     # 4. activeDeadlineSeconds (suspended time not counted)
     lifecycle.deadline,
+    # 4a. spec.resources.queueName: nothing is made before Kueue admits the job's Workload;
+    #     evicted by Kueue: a last checkpoint, the pods go, the quota is handed back
+    kueue.admit,
     # 4b. a node of the job's pods is drained: a just-in-time checkpoint, then a new attempt
     #     elsewhere (the job's PodDisruptionBudget holds the drain until then)
     disruption.drain,

@@ -407,15 +407,6 @@ def test_pod_failure_restarts_the_cluster_until_the_backoff_limit(
     assert "Restarting" in {e.reason for e in api.events("flaky")}
 
 
-def test_queue_name_puts_every_pod_in_one_kueue_group(api: Api, operator: Operator) -> None:
-    api.create(job_manifest("queued", resources={"workers": 2, "queueName": "team-a"}))
-    api.wait(lambda: len(api.pods("queued")) == 3, "3 pods")
-    for p in api.pods("queued"):
-        assert p.metadata.labels["kueue.x-k8s.io/queue-name"] == "team-a"
-        assert p.metadata.labels["kueue.x-k8s.io/pod-group-name"] == "queued"
-        assert p.metadata.annotations["kueue.x-k8s.io/pod-group-total-count"] == "3"
-
-
 @pytest.mark.slow
 def test_operator_killed_repeatedly_converges_without_duplicates(
     api: Api, operator: Operator, cluster: Cluster

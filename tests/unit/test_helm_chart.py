@@ -56,6 +56,7 @@ KIND_RESOURCES: dict[str, tuple[str, str]] = {
     "NetworkPolicy": ("networking.k8s.io", "networkpolicies"),
     "Deployment": ("apps", "deployments"),
     "PodDisruptionBudget": ("policy", "poddisruptionbudgets"),
+    "Workload": ("kueue.x-k8s.io", "workloads"),
 }
 
 
@@ -131,6 +132,8 @@ def operator_needs(namespaced: bool, peering: bool = True) -> tuple[set[Rule], s
         group, resource = KIND_RESOURCES[kind]
         ns.add((group, resource, "patch"))
     ns.add(("", "events", "list"))
+    # RestApi.patch_status: a Kueue Workload's conditions and admission (operator/kueue.py).
+    ns.add(("kueue.x-k8s.io", "workloads/status", "patch"))
     ns.add(("", "pods/log", "get"))  # RestApi.pod_log: a crashed container's last lines
     # The operator's own pod watch (podwatch.PodWatch over kube.RestPods).
     ns |= {("", "pods", "list"), ("", "pods", "watch")}
@@ -151,6 +154,8 @@ def operator_needs(namespaced: bool, peering: bool = True) -> tuple[set[Rule], s
         "post_event",
         "peering_status",
         "node",
+        "patch_status",
+        "workload_priority",
     }, f"operator/kube.py RestApi has new calls {sorted(methods)}: derive their RBAC rules here"
 
     # Kopf lists + watches every resource a handler is registered on (the jobs); the
@@ -181,6 +186,8 @@ def operator_needs(namespaced: bool, peering: bool = True) -> tuple[set[Rule], s
     }
     # RestApi.node: a node of a job's pods, listed by name (is it cordoned? disruption.py).
     cluster.add(("", "nodes", "list"))
+    # RestApi.workload_priority: a Kueue WorkloadPriorityClass's value (operator/kueue.py).
+    cluster.add(("kueue.x-k8s.io", "workloadpriorityclasses", "get"))
     if namespaced:
         cluster |= {("", "namespaces", "list"), ("", "namespaces", "watch")}
     if peering:
@@ -357,12 +364,13 @@ def test_watch_namespaces_gives_roles_there_and_only_read_only_discovery_cluster
     (dep,) = of_kind(docs, "Deployment")
     args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
     assert [a for a in args if a.startswith("--namespace")] == ["--namespace=team-a", "--namespace=team-b"]
-    # Nothing cluster-scoped that writes: the discovery ClusterRole only lists and watches.
+    # Nothing cluster-scoped that writes: the discovery ClusterRole only reads (a Kueue
+    # WorkloadPriorityClass by name: get).
     for cr in of_kind(docs, "ClusterRole"):
         if not cr["metadata"]["labels"].get("rbac.authorization.k8s.io/aggregate-to-view") and not cr[
             "metadata"
         ]["labels"].get("rbac.authorization.k8s.io/aggregate-to-edit"):
-            assert {v for _, _, v in expand(cr["rules"])} <= {"list", "watch"}, cr
+            assert {v for _, _, v in expand(cr["rules"])} <= {"get", "list", "watch"}, cr
 
     # Without clusterDiscovery the install has no cluster-scoped RBAC for the operator at all.
     docs = render("--set", "watchNamespaces={team-a}", "--set", "rbac.clusterDiscovery=false")

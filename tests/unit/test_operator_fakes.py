@@ -127,6 +127,18 @@ class FakeApi:
         apply_merge_patch(obj, copy.deepcopy(patch))
         return True
 
+    def patch_status(self, kind: str, namespace: str, name: str, patch: dict[str, Any]) -> None:
+        self.calls.append(("patch_status", kind, name))
+        obj = self.objects.get((kind, namespace, name))
+        if obj is None:
+            raise ApiError(404, f"{kind} {name} not found")
+        apply_merge_patch(obj, copy.deepcopy({"status": patch.get("status")}))
+
+    def workload_priority(self, name: str) -> int | None:
+        self.calls.append(("get", "WorkloadPriorityClass", name))
+        obj = self.objects.get(("WorkloadPriorityClass", "", name))
+        return None if obj is None else int(obj["value"])
+
     def scheduler_events(self, namespace: str, pod: str) -> list[dict[str, Any]]:
         self.calls.append(("events", "Event", pod))
         return self.events.get(pod, [])

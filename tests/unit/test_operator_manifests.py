@@ -330,19 +330,6 @@ def test_resources_priority_class_name() -> None:
         assert p["spec"]["priorityClassName"] == "training-high"
 
 
-def test_resources_queue_name_makes_one_kueue_pod_group() -> None:
-    j = job(resources={"workers": 3, "queueName": "team-a"})
-    ps = all_pods(j)
-    assert len(ps) == 4
-    for p in ps:
-        assert p["metadata"]["labels"][m.KUEUE_QUEUE_LABEL] == "team-a"
-        assert p["metadata"]["labels"][m.KUEUE_GROUP_LABEL] == "demo"
-        assert p["metadata"]["annotations"][m.KUEUE_TOTAL_COUNT_ANNOTATION] == "4"
-    for p in all_pods(job()):
-        assert m.KUEUE_QUEUE_LABEL not in p["metadata"]["labels"]
-        assert m.KUEUE_TOTAL_COUNT_ANNOTATION not in p["metadata"].get("annotations", {})
-
-
 # ------------------------------------------------------------------ storage / metrics
 
 

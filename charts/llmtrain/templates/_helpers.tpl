@@ -80,7 +80,8 @@ handlers and Kopf's own needs, and the cluster test runs the operator on these r
   resources: ["llmtrainingjobs/status"]
   verbs: ["patch"]
 # The Ray head/worker pods: the pod index watches them (label-selected), the reconciler
-# creates/deletes them and annotates them for Kueue (retriable-in-group=false).
+# creates/deletes them and annotates them (retriable-in-group=false ends the Kueue pod group
+# of pods an operator before the Workload integration made).
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["get", "list", "watch", "create", "delete", "patch"]
@@ -115,6 +116,15 @@ handlers and Kopf's own needs, and the cluster test runs the operator on these r
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
   verbs: ["get", "create", "delete"]
+# spec.resources.queueName (operator/kueue.py): the job's Kueue Workload, made create-if-absent
+# (deleted with the job by its owner reference); its status patched when Kueue evicts it (the
+# admission handed back) and when the job finishes (Finished: the quota released).
+- apiGroups: ["kueue.x-k8s.io"]
+  resources: ["workloads"]
+  verbs: ["get", "create", "delete"]
+- apiGroups: ["kueue.x-k8s.io"]
+  resources: ["workloads/status"]
+  verbs: ["patch"]
 # The controller posts Events on jobs; the diagnosis lists the scheduler's FailedScheduling.
 - apiGroups: [""]
   resources: ["events"]
@@ -145,6 +155,15 @@ handlers and Kopf's own needs, and the cluster test runs the operator on these r
 - apiGroups: [""]
   resources: ["nodes"]
   verbs: ["list"]
+{{- end }}
+
+{{/* spec.resources.queueName (operator/kueue.py): a job's Kueue priority class, by name. */}}
+{{- define "llmtrain.rules.kueue" -}}
+# Read-only: the value of the WorkloadPriorityClass a job's kueue.x-k8s.io/priority-class
+# label names goes into its Workload's spec.priority (Kueue preempts by it).
+- apiGroups: ["kueue.x-k8s.io"]
+  resources: ["workloadpriorityclasses"]
+  verbs: ["get"]
 {{- end }}
 
 {{/* Only a namespaced Kopf follows namespaces (a cluster-wide one watches across all). */}}
