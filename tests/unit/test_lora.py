@@ -19,7 +19,6 @@ from llmtrain.runtime.export import (
     read_checkpoint_weights,
     resolve_checkpoint,
 )
-from llmtrain.runtime.generate import Sampling, generate
 from llmtrain.runtime.lora import LoraSettings, expected_trainable, load_model, merged_state, trainable_params
 from llmtrain.runtime.synthetic import SyntheticLoader, tiny_spec_dict
 from llmtrain.runtime.train import RunContext, TrainResult, build_model, train
@@ -188,22 +187,43 @@ def test_merged_export_loads_in_transformers_and_equals_llmtrain_generate(
     lora_run: dict[str, Any],
     tok: TokenizerFiles,
 ) -> None:
+    """`llmtrain generate` (the command) on the merged export, and on the adapter export merged on
+    load, gives transformers' greedy tokens on the merged export."""
+    import typer
+    from llmtrain.runtime.generate import load_text_tokenizer
     from transformers import LlamaForCausalLM
+    from typer.testing import CliRunner
+
+    from llmtrain.cli.model import generate_cmd
 
     root, cfg = lora_run["root"], lora_run["cfg"]
     lora_mod.export_checkpoint(str(root / "ckpt"), str(root / "merged"), tok, lora_mode="merged")
+    lora_mod.export_checkpoint(str(root / "ckpt"), str(root / "adapter-gen"), tok, lora_mode="adapter")
     ours = load_model(str(root / "merged"))
     s = LoraSettings.from_train(cfg.train)
     assert s is not None
     trained = merged_state(lora_run["result"].weights, s)
     assert all(torch.allclose(ours.state_dict()[k], v, atol=1e-6) for k, v in trained.items())
     hf = LlamaForCausalLM.from_pretrained(root / "merged", dtype=torch.float32).eval()
-    prompt = [5, 17, 42, 7]
-    new = generate(ours, prompt, Sampling(max_new_tokens=12, temperature=0.0))
+    prompt = "def add(a, b):"
+    text_tok = load_text_tokenizer(str(root / "merged"))
+    ids = text_tok.encode(prompt)
     with torch.no_grad():
-        hf.generation_config.eos_token_id = None  # ours runs without a stop id: no early stop
-        theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)
-    assert new == theirs[0, len(prompt) :].tolist()
+        out = hf.generate(
+            torch.tensor([ids]),
+            do_sample=False,
+            max_new_tokens=12,
+            suppress_tokens=list(range(text_tok.vocab_size, cfg.model.vocab_size)),  # padding rows
+        )
+    expected = out[0, len(ids) :].tolist()
+    app = typer.Typer()
+    app.command("generate")(generate_cmd)
+    app.command("export")(lambda: None)  # a second command: typer then keeps subcommand names
+    for model in ("merged", "adapter-gen"):
+        args = ["generate", "--model", str(root / model), "--prompt", prompt, "--temperature", "0"]
+        r = CliRunner().invoke(app, [*args, "--max-tokens", "12", "--ids"])
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.output) == {"prompt": ids, "new": expected}, model
 
 
 def test_adapter_export_loads_with_peft_on_its_base_and_equals_merged(
