@@ -28,4 +28,5 @@ def test_operator_scale_bench_measures_both_modes(cluster: Any, namespace: str) 
     assert results[0]["operator_peak_rss_mb"] is None
     assert results[1]["operator_peak_rss_mb"] > 30  # read from the live operator process
     text = operator_scale.markdown(results, 1)
-    assert "| 2 | 4 | operator |" in text and "operator / direct" in text
+    assert "| 2 | 4 | operator |" in text and "direct's (goal" in text
+    assert results[1]["created_jobs_per_s"] > 0
