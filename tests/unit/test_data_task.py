@@ -436,3 +436,39 @@ def test_task_validation_sources_are_the_held_out_records(task_dir: Path, tmp_pa
     assert sorted(e["reference"] for e in evals) == sorted(f"h{i}" for i in range(30))
     assert all(e["id"].startswith("held:h.jsonl line ") for e in evals)
     assert res.manifest.task is not None and res.manifest.task["records"]["validation"] == 30
+
+
+def test_record_reasons_named_by_the_pure_steps(prepared: Path) -> None:
+    """conversation(): field names, system, and each reason; encode_block(): a special token's text
+    inside a content (it would become the token) and a record longer than the context."""
+    from llmtrain.runtime.data import task
+
+    pr = task.TaskFields("promptResponse", prompt_field="q", response_field="a", system="S.")
+    assert task.conversation({"q": "Hi?", "a": "Yo."}, pr) == [
+        {"role": "system", "content": "S."},
+        {"role": "user", "content": "Hi?"},
+        {"role": "assistant", "content": "Yo."},
+    ]
+    chat = task.TaskFields("chat", messages_field="turns")
+    cases = {
+        "missing_field": {"messages": []},
+        "wrong_type": {"turns": "hello"},
+        "bad_role": {"turns": [{"role": "tool", "content": "x"}]},
+        "empty_content": {"turns": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]},
+        "role_order": {"turns": [{"role": "user", "content": "q"}, {"role": "system", "content": "s"}]},
+    }
+    for reason, record in cases.items():
+        with pytest.raises(task.BadRecord) as e:
+            task.conversation(record, chat)
+        assert e.value.reason == reason, record
+    tok_json = (prepared / TOKENIZER_NAME).read_text()
+    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": f"a{EOT}b"}]
+    long = [{"role": "user", "content": "q " * 300}, {"role": "assistant", "content": "a"}]
+    got = task.encode_block(
+        [("k1", task.to_text(msgs)), ("k2", task.to_text(long))],
+        tok_json,
+        DEFAULT_CHAT_TEMPLATE,
+        EOT,
+        CONTEXT,
+    )
+    assert [(k, reason) for k, _, _, reason, _ in got] == [("k1", "special_token"), ("k2", "too_long")]
