@@ -543,11 +543,16 @@ def export_for_job(spec: Any, checkpoint_uri: str, *, s3: S3Options | None = Non
     if spec.export is None:
         return None
     fmt = getattr(spec.export.format, "value", spec.export.format)
-    tokenizer = replace(
-        tokenizer_from_data(spec.data.output_uri, s3), chat_template=resolve_chat_template(spec, s3)
-    )
+    tokenizer = tokenizer_for_job(spec, s3)
     export_checkpoint(checkpoint_uri, spec.export.uri, tokenizer, job=spec, fmt=fmt, s3=s3)
     return str(spec.export.uri)
+
+
+def tokenizer_for_job(spec: Any, s3: S3Options | None = None) -> TokenizerFiles:
+    """The tokenizer a job's export carries: the data's, with the job's chat template."""
+    return replace(
+        tokenizer_from_data(spec.data.output_uri, s3), chat_template=resolve_chat_template(spec, s3)
+    )
 
 
 def model_config_dict(cfg: ModelConfig) -> dict[str, Any]:

@@ -51,7 +51,7 @@ from llmtrain.runtime.export import (
     read_checkpoint_weights,
     resolve_checkpoint,
     tokenizer_config,
-    tokenizer_from_data,
+    tokenizer_for_job,
 )
 from llmtrain.runtime.export import export_checkpoint as export_full_checkpoint
 from llmtrain.runtime.publish import Backoff, ExportWriter
@@ -375,7 +375,7 @@ def export_for_job(spec: Any, checkpoint_uri: str, *, s3: S3Options | None = Non
     if spec.export is None:
         return None
     fmt = getattr(spec.export.format, "value", spec.export.format)
-    tokenizer = tokenizer_from_data(spec.data.output_uri, s3)
+    tokenizer = tokenizer_for_job(spec, s3)  # the job's chat template too
     export_checkpoint(checkpoint_uri, spec.export.uri, tokenizer, job=spec, fmt=fmt, s3=s3)
     return str(spec.export.uri)
 

@@ -215,7 +215,7 @@ def serve_cmd(
     ] = CLIENT_TIMEOUT_SECONDS,
     endpoint: Annotated[str | None, typer.Option(help="S3 endpoint (default: AWS_ENDPOINT_URL).")] = None,
 ) -> None:
-    """Serve a trained model behind an OpenAI-compatible API (/v1/completions, /v1/models, /metrics)."""
+    """Serve a trained model behind an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models, /metrics)."""
     import logging
 
     from llmtrain.runtime.export import ExportError

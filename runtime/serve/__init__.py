@@ -1,6 +1,7 @@
 """``llmtrain serve``: an exported model behind an OpenAI-compatible HTTP API.
 
-Endpoints: ``GET /v1/models``, ``POST /v1/completions`` (plain and server-sent events),
+Endpoints: ``GET /v1/models``, ``POST /v1/completions`` and ``POST /v1/chat/completions``
+(plain and server-sent events; chat through the export's chat template),
 ``GET /health`` and ``GET /metrics`` (Prometheus). The API shape is vLLM's and OpenAI's, so the
 official ``openai`` client, LangChain and friends talk to it unchanged; the server itself is our
 own: vLLM wants a GPU and its own model classes, while this one runs the
@@ -17,6 +18,9 @@ The modules, each one job; arrows point only downwards (no module imports one ab
 - :mod:`~llmtrain.runtime.serve.protocol` — OpenAI's ``/v1/completions``: validation
   (:func:`~llmtrain.runtime.serve.protocol.parse_completion_request`), error bodies, response
   and stream-chunk shapes. No torch, no HTTP.
+- :mod:`~llmtrain.runtime.serve.chat_protocol` — OpenAI's ``/v1/chat/completions``: messages →
+  prompt ids through the chat template (:mod:`llmtrain.runtime.chat`), validation (the
+  sampling parameters by protocol's helpers), ``chat.completion`` and chunk shapes.
 - :mod:`~llmtrain.runtime.serve.limits` — the bounds on clients: API key, body size, header /
   body / write timeouts (uvicorn's h11 protocol with a header deadline).
 - :mod:`~llmtrain.runtime.serve.engine` — continuous batching: one thread, one forward pass per

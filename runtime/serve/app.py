@@ -1,6 +1,7 @@
 """The HTTP side of ``llmtrain serve``: FastAPI routes on uvicorn, one asyncio loop.
 
-The loop validates requests (:mod:`~llmtrain.runtime.serve.protocol`), hands their sequences to
+The loop validates requests (:mod:`~llmtrain.runtime.serve.protocol`; chat's messages become a
+prompt in :mod:`~llmtrain.runtime.serve.chat_protocol`), hands their sequences to
 the engine thread (:mod:`~llmtrain.runtime.serve.engine`) and turns the engine's events into
 OpenAI responses, whole or as server-sent events. The engine and the loop share the GIL and,
 here, two cores, so the per-token Python on this side is kept small: events reach the loop
@@ -30,8 +31,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from llmtrain.runtime.generate import Sampling, TextTokenizer, load_text_tokenizer
-from llmtrain.runtime.hf_import import load_pretrained_model
+from llmtrain.runtime.lora import load_model
 from llmtrain.runtime.publish import resolve_export
+from llmtrain.runtime.serve.chat_protocol import CHAT, ChatPrompt, parse_chat_request
 from llmtrain.runtime.serve.engine import Engine, Event, Sequence
 from llmtrain.runtime.serve.limits import (
     BodyRefused,
@@ -41,14 +43,14 @@ from llmtrain.runtime.serve.limits import (
     read_body,
     refusal,
 )
-from llmtrain.runtime.serve.metrics import FirstToken, ServeMetrics, observing_middleware
+from llmtrain.runtime.serve.metrics import COMPLETION_PATHS, FirstToken, ServeMetrics, observing_middleware
 from llmtrain.runtime.serve.protocol import (
+    COMPLETIONS,
     RETRY_AFTER_SECONDS,
     TORCH_SEED_RANGE,
     ApiError,
-    ChunkEncoder,
     CompletionRequest,
-    completion_body,
+    ResponseShape,
     decode_body,
     error_body,
     model_card,
@@ -57,13 +59,14 @@ from llmtrain.runtime.serve.protocol import (
     rate_limited,
     sse,
     usage,
-    usage_chunk,
 )
 from llmtrain.runtime.serve.text import TextStream
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
 from llmtrain.api.s3 import S3Options
+
+CHAT_FILES = ("tokenizer_config.json", "chat_template.jinja")  # where an export keeps its template
 
 # ------------------------------------------------------------------------ the model
 
@@ -80,6 +83,7 @@ class ModelServer:
     device: str
     limits: Limits = field(default_factory=Limits)
     created: int = field(default_factory=lambda: int(time.time()))
+    chat: ChatPrompt | None = None  # the export's chat template: /v1/chat/completions
 
     def sequences(self, req: CompletionRequest, emit: Callable[[Event], None]) -> list[Sequence]:
         """One sequence per (prompt, choice); choice index = prompt index · n + j, as OpenAI's."""
@@ -171,30 +175,41 @@ def create_app(server: ModelServer) -> Any:
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        arrived = time.perf_counter()
-        try:
-            req = await _read_request(request, server)
-        except ApiError as e:
-            return error_response(e)
-        except BodyRefused as e:
-            server.metrics.rejected.labels(e.reason).inc()
-            return e.response
-        job = _submit(server, req, mailbox.get(), arrived)
-        if job is None:
-            server.metrics.rejected.labels("queue_full").inc()
-            return refusal(rate_limited(server.engine.waiting_requests), retry_after=RETRY_AFTER_SECONDS)
-        if req.stream:
-            return EventStream(
-                _stream(server, job),
-                on_close=lambda: server.engine.cancel(job.seqs),
-                send_timeout=server.limits.client_timeout,
-                on_stalled=server.metrics.rejected.labels("write_timeout").inc,
-            )
-        return await _collect(request, server, job)
+        return await _complete(request, server, mailbox, COMPLETIONS)
 
-    paths = {"/health", "/metrics", "/v1/models", "/v1/completions"}
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await _complete(request, server, mailbox, CHAT)
+
+    paths = {"/health", "/metrics", "/v1/models", *COMPLETION_PATHS}
     guarded = guard(app, server.limits, lambda reason: server.metrics.rejected.labels(reason).inc())
     return observing_middleware(guarded, server.metrics, paths)
+
+
+async def _complete(
+    request: Request, server: ModelServer, mailbox: _LoopMailbox, shape: ResponseShape
+) -> Response:
+    """One completions or chat request, from its body to its response (``shape`` says which)."""
+    arrived = time.perf_counter()
+    try:
+        req = await _read_request(request, server, chat=shape is CHAT)
+    except ApiError as e:
+        return error_response(e)
+    except BodyRefused as e:
+        server.metrics.rejected.labels(e.reason).inc()
+        return e.response
+    job = _submit(server, req, mailbox.get(), arrived, shape)
+    if job is None:
+        server.metrics.rejected.labels("queue_full").inc()
+        return refusal(rate_limited(server.engine.waiting_requests), retry_after=RETRY_AFTER_SECONDS)
+    if req.stream:
+        return EventStream(
+            _stream(server, job),
+            on_close=lambda: server.engine.cancel(job.seqs),
+            send_timeout=server.limits.client_timeout,
+            on_stalled=server.metrics.rejected.labels("write_timeout").inc,
+        )
+    return await _collect(request, server, job)
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -233,9 +248,19 @@ def _add_info_routes(app: FastAPI, server: ModelServer) -> None:
         return JSONResponse(model_card(server.model_id, server.created, server.context_length))
 
 
-async def _read_request(request: Request, server: ModelServer) -> CompletionRequest:
+async def _read_request(request: Request, server: ModelServer, *, chat: bool) -> CompletionRequest:
     body = decode_body(await read_body(request, server.limits))
     tok = server.tokenizer
+    if chat:
+        if server.chat is None:
+            raise ApiError("this server has no chat template: use /v1/completions", status=404)
+        return parse_chat_request(
+            body,
+            model_id=server.model_id,
+            context_length=server.context_length,
+            encode=server.chat.encode,
+            vocab_size=tok.vocab_size,
+        )
     return parse_completion_request(
         body,
         model_id=server.model_id,
@@ -253,6 +278,7 @@ class _Completion:
     """An accepted completions request: its sequences, where their events arrive, its identity."""
 
     req: CompletionRequest
+    shape: ResponseShape  # completions' or chat's objects
     seqs: list[Sequence]
     queue: asyncio.Queue[Event]
     first: FirstToken
@@ -262,7 +288,7 @@ class _Completion:
 
 
 def _submit(
-    server: ModelServer, req: CompletionRequest, mailbox: Mailbox, arrived: float
+    server: ModelServer, req: CompletionRequest, mailbox: Mailbox, arrived: float, shape: ResponseShape
 ) -> _Completion | None:
     """Hand ``req``'s sequences to the engine; their events arrive in the returned queue.
     None: the engine's queue is full (``--max-waiting``)."""
@@ -274,17 +300,18 @@ def _submit(
     server.metrics.prompt_tokens.inc(prompt_tokens)
     return _Completion(
         req=req,
+        shape=shape,
         seqs=seqs,
         queue=queue,
         first=FirstToken(server.metrics, arrived),
-        completion_id=f"cmpl-{uuid.uuid4().hex}",
+        completion_id=f"{shape.id_prefix}{uuid.uuid4().hex}",
         created=int(time.time()),
         prompt_tokens=prompt_tokens,
     )
 
 
 async def _collect(request: Request, server: ModelServer, job: _Completion) -> Response:
-    """A whole ``text_completion``: every choice's text once all have finished."""
+    """A whole ``text_completion`` (or ``chat.completion``): every choice's text once all have finished."""
     texts = [""] * len(job.seqs)
     reasons: list[str | None] = [None] * len(job.seqs)
     done = 0
@@ -309,18 +336,22 @@ async def _collect(request: Request, server: ModelServer, job: _Completion) -> R
     server.metrics.completion_tokens.inc(completion_tokens)
     counts = usage(job.prompt_tokens, completion_tokens)
     return JSONResponse(
-        completion_body(job.completion_id, job.created, server.model_id, texts, reasons, counts)
+        job.shape.body(job.completion_id, job.created, server.model_id, texts, reasons, counts)
     )
 
 
 async def _stream(server: ModelServer, job: _Completion) -> AsyncIterator[bytes]:
     """SSE body: ``text_completion`` chunks of each choice's new text, the last one of a choice
     with its finish_reason, the usage chunk if asked, then ``data: [DONE]`` (OpenAI's stream).
+    Chat's ``chat.completion.chunk`` stream opens with each choice's role (``encode.start``).
 
     Events that arrived together are merged per choice into one chunk, and the chunks into one
     write: when the client or the loop falls behind the engine, chunks grow instead of piling up.
     """
-    encode = ChunkEncoder(job.completion_id, job.created, server.model_id)
+    encode = job.shape.encoder(job.completion_id, job.created, server.model_id)
+    opening = encode.start(len(job.seqs))
+    if opening:
+        yield opening
     queue, first, done = job.queue, job.first, 0  # locals: this loop runs once per engine step
     while done < len(job.seqs):
         events = [await queue.get()]
@@ -345,7 +376,7 @@ async def _stream(server: ModelServer, job: _Completion) -> AsyncIterator[bytes]
     server.metrics.completion_tokens.inc(completion_tokens)
     if job.req.include_usage:
         counts = usage(job.prompt_tokens, completion_tokens)
-        yield sse(usage_chunk(job.completion_id, job.created, server.model_id, counts))
+        yield sse(job.shape.usage_chunk(job.completion_id, job.created, server.model_id, counts))
     yield sse("[DONE]")
 
 
@@ -417,9 +448,13 @@ def load_server(
         torch.set_num_threads(max(1, (os.cpu_count() or 1) - 1))
 
     # One published export, pinned: a re-export meanwhile cannot pair its files with ours.
-    pinned = resolve_export(model_uri, s3).uri
+    export = resolve_export(model_uri, s3)
+    pinned = export.uri
     tok = load_text_tokenizer(pinned, s3)
-    net = load_pretrained_model(pinned, device=device, s3=s3)
+    chat = ChatPrompt.from_export(
+        tok.tokenizer, *(export.read(n) if export.has(n) else None for n in CHAT_FILES), tok.eos_id
+    )
+    net = load_model(pinned, device=device, s3=s3)  # an adapter export: merged into its base
     engine = Engine(net, max_batch=max_batch, max_waiting=max_waiting)
     metrics = ServeMetrics(engine)
     engine._observe_batch = metrics.observe_batch  # the metrics read the engine, and it feeds them
@@ -432,6 +467,7 @@ def load_server(
         metrics=metrics,
         device=str(device),
         limits=limits or Limits(),
+        chat=chat,
     )
 
 

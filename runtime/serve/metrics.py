@@ -91,7 +91,7 @@ class ServeMetrics:
         )
         self.latency = Histogram(
             "llmtrain_serve_request_duration_seconds",
-            "Wall time of /v1/completions requests, arrival to last byte.",
+            "Wall time of /v1/completions and /v1/chat/completions requests, arrival to last byte.",
             buckets=SECONDS_BUCKETS,
             registry=r,
         )
@@ -149,6 +149,9 @@ class FirstToken:
             self.metrics.ttft.observe(time.perf_counter() - self.arrived)
 
 
+COMPLETION_PATHS = ("/v1/completions", "/v1/chat/completions")  # timed in ..._request_duration_seconds
+
+
 def observing_middleware(app: Any, metrics: ServeMetrics, paths: set[str]) -> Any:
     """Pure ASGI wrapper: count every response by path and status; time the completions."""
 
@@ -169,7 +172,7 @@ def observing_middleware(app: Any, metrics: ServeMetrics, paths: set[str]) -> An
             await app(scope, receive, sending)
         finally:
             metrics.requests.labels(path, str(status["code"])).inc()
-            if path == "/v1/completions":
+            if path in COMPLETION_PATHS:
                 metrics.latency.observe(time.perf_counter() - start)
 
     return wrapped

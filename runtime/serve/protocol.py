@@ -464,6 +464,10 @@ class ChunkEncoder:
             f'"finish_reason":{reason}}}]}}\n\n'
         ).encode()
 
+    def start(self, choices: int) -> bytes:
+        """What a stream sends before any text: nothing here (chat sends each choice's role)."""
+        return b""
+
 
 def usage_chunk(completion_id: str, created: int, model: str, counts: dict[str, int]) -> dict[str, Any]:
     """The stream's last chunk when ``stream_options.include_usage``: no choices, the usage."""
@@ -475,3 +479,18 @@ def usage_chunk(completion_id: str, created: int, model: str, counts: dict[str, 
         "choices": [],
         "usage": counts,
     }
+
+
+@dataclass(frozen=True)
+class ResponseShape:
+    """How one endpoint's answers look, so that the app's request path serves both
+    ``/v1/completions`` (:data:`COMPLETIONS`) and ``/v1/chat/completions``
+    (:data:`llmtrain.runtime.serve.chat_protocol.CHAT`) with the same code."""
+
+    id_prefix: str
+    body: Callable[[str, int, str, list[str], list[str | None], dict[str, int]], dict[str, Any]]
+    encoder: Callable[[str, int, str], ChunkEncoder]  # (id, created, model) → a stream's chunks
+    usage_chunk: Callable[[str, int, str, dict[str, int]], dict[str, Any]]
+
+
+COMPLETIONS = ResponseShape("cmpl-", completion_body, ChunkEncoder, usage_chunk)
