@@ -135,11 +135,14 @@ class WorkQueue:
     when :meth:`done` is called (the change it was added for is seen by the next run).
 
     Why two lanes: the resync queues every cached job each interval, and one FIFO put a
-    new job behind all of them. Measured at 200 jobs (bench/operator_scale.py, this
-    queue's trace), a new job waited p50 20 s / p99 50 s between the operator seeing it
-    and its reconcile starting, behind the status writes of the jobs submitted before
-    it; Kopf had delivered it in ~1 s. Urgent is what a user waits for (a new job, a
-    suspend flip, a deletion to act on); routine is the level-based resync and requeues.
+    new job behind all of them (and behind their status writes and Ray polls, which
+    take seconds each when a head is slow). Urgent is what a user waits for (a new job,
+    a suspend flip, a deletion to act on); routine is the level-based resync and
+    requeues. What the lanes do not remove, measured (bench/operator_scale.py with a
+    trace of this queue, bench/RESULTS.md): in a burst of new jobs, each waits behind
+    the new jobs before it — 200 applied in ~10 s waited p50 20-34 s from Kopf's
+    delivery (~1-2 s) to their reconcile, with or without the lanes, because the API
+    server creates their children no faster than the bench's direct creation does.
     An urgent add of a key already waiting in the routine lane moves it ahead; a routine
     add never demotes an urgent key. ``get(urgent_only=True)`` is for the threads kept
     for the urgent lane, so that a new job never waits for a thread held by a slow
@@ -172,7 +175,8 @@ class WorkQueue:
             return
         if urgent:
             # A promoted key keeps its place in time: its wait counts from the first add.
-            self._urgent[key] = self._routine.pop(key, None) or time.monotonic()
+            queued = self._routine.pop(key, None)
+            self._urgent[key] = queued if queued is not None else time.monotonic()
             self._urgent_cv.notify()
         else:
             self._routine[key] = time.monotonic()
