@@ -45,8 +45,16 @@ def cordon(h: Harness, node: str = "gpu-node-0", how: str = "spec") -> None:
     h.api.objects[("Node", "", node)] = {"kind": "Node", "metadata": {"name": node}, "spec": spec}
 
 
+def evict(h: Harness, node: str = "gpu-node-0") -> None:
+    """What the drain does once the budget is lifted: the pods on its node go."""
+    for name, pod in list(h.api.pods().items()):
+        if pod["spec"].get("nodeName") == node:
+            del h.api.objects[("Pod", "ns1", name)]
+
+
 def test_a_drained_node_gets_a_just_in_time_checkpoint_then_a_new_attempt_elsewhere() -> None:
     h = training(5, 2)
+    h.api.pods()["demo-worker-1"]["spec"]["nodeName"] = "gpu-node-1"  # not on the drained node
     h.api.objects[("Node", "", "gpu-node-0")] = {
         "kind": "Node",
         "metadata": {"name": "gpu-node-0"},
@@ -56,8 +64,9 @@ def test_a_drained_node_gets_a_just_in_time_checkpoint_then_a_new_attempt_elsewh
     assert h.ray.checkpoints_asked == 0 and "disruption" not in h.status
     cordon(h)
     h.tick(10)  # past the node cache's TTL
-    # Asked, through the suspend path (rayJob.checkpointAsked*); the pods stay meanwhile.
+    # Asked, through the suspend path (rayJob.checkpointAsked*); the pods and the budget stay.
     assert h.ray.checkpoints_asked == 1 and h.ray.stopped == [] and len(h.api.names("Pod")) == 3
+    assert h.api.names("PodDisruptionBudget") == {"demo-ray"}
     d = h.status["disruption"]
     assert d["node"] == "gpu-node-0" and d["justInTime"] and d["step"] == 5 and "completionTime" not in d
     assert h.status["rayJob"]["checkpointAskedStep"] == 5
@@ -67,17 +76,28 @@ def test_a_drained_node_gets_a_just_in_time_checkpoint_then_a_new_attempt_elsewh
     h.ray.snapshot = snapshot(10)
     h.ray.snapshot.add_checkpoint(CheckpointEntry(10, "s3://bucket/ck/step_10", T0 + 30))
     out = h.tick(2)
-    assert h.ray.stopped == ["demo-1"] and h.api.names("Pod") == set()
+    # The checkpoint is there: the Ray job stopped, the budget lifted, the pod elsewhere
+    # deleted; those on the drained node are left to the drain's eviction.
+    assert h.ray.stopped == ["demo-1"] and h.api.names("PodDisruptionBudget") == set()
+    assert h.api.names("Pod") == {"demo-head", "demo-worker-0"}
     d = h.status["disruption"]
     assert d["checkpointStep"] == 10 and d["stepsLost"] == 0 and d["completionTime"]
-    assert h.status["attempt"] == 2 and h.status["restarts"] == 0  # not counted against backoffLimit
     (ev,) = [e for e in out.events if e.reason == "Disrupted"]
     assert ev.type == "Normal" and "resumes from the checkpoint at step 10, 0 steps lost" in ev.message
-    # The new attempt: its pods are made (the scheduler puts them on other nodes), and the
-    # finished disruption is not taken up again.
+    h.tick(2)
+    assert (
+        h.status["attempt"] == 1
+        and "may evict demo-head, demo-worker-0" in h.cond(ConditionType.Running)["message"]
+    )
+    evict(h)
+    h.tick(2)
+    assert h.status["attempt"] == 2 and h.status["restarts"] == 0  # not counted against backoffLimit
+    # The new attempt: its budget and pods are made (the scheduler puts them on other
+    # nodes), and the finished disruption is not taken up again.
     h.api.objects.pop(("Node", "", "gpu-node-0"))
     h.tick(1)
     assert len(h.api.names("Pod")) == 3 and h.status["disruption"]["attempt"] == 1
+    assert h.api.names("PodDisruptionBudget") == {"demo-ray"}
 
 
 def test_without_the_jit_checkpoint_the_steps_since_the_periodic_one_are_lost() -> None:
@@ -85,13 +105,18 @@ def test_without_the_jit_checkpoint_the_steps_since_the_periodic_one_are_lost() 
     h = training(5, 2, onDisruption=False)
     cordon(h, how="taint")
     out = h.tick(6)  # past the node cache's TTL
-    assert h.ray.checkpoints_asked == 0 and h.ray.stopped == ["demo-1"] and h.api.names("Pod") == set()
+    assert h.ray.checkpoints_asked == 0 and h.ray.stopped == ["demo-1"]
     d = h.status["disruption"]
     assert not d["justInTime"] and d["checkpointStep"] == 2 and d["stepsLost"] == 3
     assert "node.kubernetes.io/unschedulable taint" in d["cause"]
     warnings = [e for e in out.events if e.reason == "Disrupted" and e.type == "Warning"]
     assert any("3 steps lost" in e.message for e in warnings)
     assert h.status["checkpointContract"]["checkpointOnDisruption"] is False
+    # Nobody evicts (a node only cordoned): the operator deletes the pods itself after the wait.
+    h.tick(20)
+    assert len(h.api.names("Pod")) == 3 and h.status["attempt"] == 1
+    h.tick(disruption.EVICTION_WAIT_SECONDS)
+    assert h.api.names("Pod") == set() and h.status["attempt"] == 2
 
 
 def test_no_checkpoint_in_time_lets_the_pods_go_with_the_steps_lost() -> None:
@@ -118,7 +143,9 @@ def test_a_drain_before_training_restarts_at_once_and_a_node_is_read_once_per_tt
     h.tick(10)
     d = h.status["disruption"]
     assert not d["justInTime"] and d["stepsLost"] == 0 and "checkpointStep" not in d
-    assert h.status["attempt"] == 2 and h.api.names("Pod") == set()
+    evict(h)
+    h.tick(1)
+    assert h.status["attempt"] == 2
 
 
 def test_disruption_budget_holds_every_ray_pod_and_is_a_static_child() -> None:
