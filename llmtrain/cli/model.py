@@ -77,6 +77,14 @@ def export_cmd(
     endpoint: Annotated[
         str | None, typer.Option(help="S3 endpoint (default: spec.storage of --job, then AWS_ENDPOINT_URL).")
     ] = None,
+    lora: Annotated[
+        str | None,
+        typer.Option(
+            "--lora",
+            help="A LoRA checkpoint: merged (base + adapters as one model) or adapter (PEFT's files "
+            "beside a pointer to the base); default: spec.export.lora of --job, else merged.",
+        ),
+    ] = None,
 ) -> None:
     """Export a checkpoint as a Hugging Face LlamaForCausalLM directory (safetensors + config + tokenizer)."""
     from llmtrain.runtime.export import ExportError, tokenizer_from_data
@@ -96,7 +104,7 @@ def export_cmd(
         raise _fail("no tokenizer: pass --tokenizer (data output directory or tokenizer.json) or --job")
     try:
         tok = tokenizer_from_data(source, s3)
-        ref, cfg = export_checkpoint(checkpoint, out, tok, job=spec, dtype=dtype, s3=s3)
+        ref, cfg = export_checkpoint(checkpoint, out, tok, job=spec, dtype=dtype, s3=s3, lora_mode=lora)
     except (ExportError, FileNotFoundError, ValueError) as e:
         raise _fail(str(e)) from e
     typer.echo(

@@ -319,3 +319,34 @@ def test_lora_under_fsdp2_equals_one_process_and_resumes(base: Path, tmp_path: P
     Lineage(str(tmp_path / "fsdp"), 5).store.delete_dir("step_00000004")
     resumed = run_ranks(2, train_worker, two.to_dict(), loader, {})[0]
     assert resumed.resumed_from == 2 and resumed.losses == fsdp.losses[2:]
+
+
+def test_export_command_lora_flag_writes_the_adapter(lora_run: dict[str, Any], tok: TokenizerFiles) -> None:
+    """`llmtrain export --lora adapter` on a LoRA checkpoint; without it, merged."""
+    import typer
+    from llmtrain.runtime.publish import resolve_export
+    from typer.testing import CliRunner
+
+    from llmtrain.cli.model import export_cmd
+
+    root = lora_run["root"]
+    (root / "tok.json").write_bytes(tok.json_bytes)
+    app = typer.Typer()
+    app.command("export")(export_cmd)
+    app.command("generate")(lambda: None)  # a second command: typer then keeps subcommand names
+    for flag, has in [(["--lora", "adapter"], "adapter_config.json"), ([], "model.safetensors")]:
+        out = root / f"cli-{has}"
+        args = [
+            "export",
+            "--checkpoint",
+            str(root / "ckpt"),
+            "--out",
+            str(out),
+            "--tokenizer",
+            str(root / "tok.json"),
+        ]
+        r = CliRunner().invoke(app, [*args, *flag])
+        assert r.exit_code == 0, r.output
+        assert resolve_export(str(out)).has(has)
+    bad = CliRunner().invoke(app, [*args, "--lora", "both"])
+    assert bad.exit_code != 0 and "merged, adapter" in bad.output
