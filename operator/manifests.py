@@ -663,9 +663,10 @@ def disruption_budget(job: LLMTrainingJob) -> dict[str, Any]:
     (``maxUnavailable: 0``), so ``kubectl drain`` (and any evicting controller) waits while
     the operator takes a just-in-time checkpoint and then deletes the pods itself
     (operator/disruption.py); the new attempt's pods land elsewhere. A Ray cluster loses its
-    whole attempt with any one pod, so there is no partial budget to give. Pods not Ready
-    (stuck, crash-looping) may still be evicted: they hold no work, and a drain must not
-    hang on them (``unhealthyPodEvictionPolicy: AlwaysAllow``)."""
+    whole attempt with any one pod, so there is no partial budget to give. Not Ready pods
+    are held too (no ``unhealthyPodEvictionPolicy: AlwaysAllow``): a head whose readiness
+    probe misses once must not lose its run to a drain without its checkpoint; a drain
+    never hangs on them, since the operator lifts the budget for every drain it sees."""
     return {
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
@@ -673,7 +674,6 @@ def disruption_budget(job: LLMTrainingJob) -> dict[str, Any]:
         "spec": {
             "maxUnavailable": 0,
             "selector": {"matchLabels": selector_labels(job.metadata.name)},
-            "unhealthyPodEvictionPolicy": "AlwaysAllow",
         },
     }
 
