@@ -994,7 +994,7 @@ class ResourcesSpec(ApiModel):
     queue_name: str | None = Field(
         None,
         max_length=63,
-        description="Kueue LocalQueue: the pods are admitted together as one pod group.",
+        description="Kueue LocalQueue: the job waits, with no pod, until Kueue admits its Workload (docs/kueue.md).",
     )
 
 
