@@ -99,9 +99,9 @@ def _drain_mid_training(api: Api, name: str) -> tuple[dict[str, Any], dict[str, 
         out = drain.communicate(timeout=60)[0]
         assert drain.returncode == 0, out
         assert drained_at is not None and d.get("completionTime"), st
-        # The budget held the drain until the operator let the pods go.
-        assert "disruption budget" in out, out
-        assert drained_at >= _time(d["completionTime"]) - dt.timedelta(seconds=1), (drained_at, d)
+        # The budget held the drain until the operator let the pods go (its refusals are in
+        # the drain's output when the checkpoint took longer than the drain's first try).
+        assert drained_at >= _time(d["completionTime"]) - dt.timedelta(seconds=1), (drained_at, d, out)
         return before, st, out
     finally:
         if drain.poll() is None:
@@ -138,6 +138,8 @@ def test_drain_takes_a_jit_checkpoint_and_resumes_from_it(
     assert st["progress"]["step"] == 240
     c = _assert_contract(st)
     assert c["training"] is False and c["workAtRiskSeconds"] == 0 and c["attempt"] == 2
+    # The new attempt has its budget again (lifted for the drain, made with the new pods).
+    assert api.c.kubectl("get", "pdb", "drain-ray", "-n", api.ns, "-o", "name").stdout.strip()
     print(api.c.kubectl("get", "ltj", "-n", api.ns, "-o", "wide").stdout)
 
 
