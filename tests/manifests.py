@@ -404,11 +404,11 @@ def rule_cases() -> list[Case]:
                             "task": {"format": "chat"},
                         }
                     ],
-                ),  # fmt: skip
+                ),
                 _set(
                     "data.validationSources",
                     [{"name": "v", "local": {"glob": "/x/*.txt"}, "task": {"format": "chat"}}],
-                ),  # fmt: skip
+                ),
             ),
         ),
         # Exclusive choices
