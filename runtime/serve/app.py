@@ -451,9 +451,8 @@ def load_server(
     export = resolve_export(model_uri, s3)
     pinned = export.uri
     tok = load_text_tokenizer(pinned, s3)
-    chat = ChatPrompt.from_export(
-        tok.tokenizer, *(export.read(n) if export.has(n) else None for n in CHAT_FILES), tok.eos_id
-    )
+    config_file, jinja_file = (export.read(n) if export.has(n) else None for n in CHAT_FILES)
+    chat = ChatPrompt.from_export(tok.tokenizer, config_file, jinja_file, tok.eos_id)
     net = load_model(pinned, device=device, s3=s3)  # an adapter export: merged into its base
     engine = Engine(net, max_batch=max_batch, max_waiting=max_waiting)
     metrics = ServeMetrics(engine)
