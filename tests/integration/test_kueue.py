@@ -239,38 +239,42 @@ def preempting_queue(cluster: Cluster, namespace: str, kueue: kueuerunner.Kueue)
         )
 
 
-def preempted_then_resumed(api: Api, corpus: str, endpoint: str, on_disruption: bool) -> dict[str, Any]:
+def preempted_then_resumed(
+    api: Api, corpus: str, endpoint: str, on_disruption: bool, low: str = "low", high: str = "high"
+) -> dict[str, Any]:
     """A low-priority job trains past its first periodic checkpoint (step 40); a high one
     arrives and Kueue preempts the low one; the high one trains to the end, then the low one
-    is admitted again and trains. The low one's status then."""
-    low = tiny_job("low", corpus, endpoint)
-    low["metadata"]["labels"] = {"kueue.x-k8s.io/priority-class": f"low-{api.ns}"[:63]}
-    low["spec"]["resources"]["queueName"] = "team"
-    low["spec"]["training"]["duration"] = {"maxSteps": 400}
-    low["spec"]["checkpoint"]["onDisruption"] = on_disruption
-    api.create(low)
+    is admitted again and trains. The low one's status then. ``low``, ``high``: their names (and S3
+    prefix: the module's tests share one bucket, and a prefix holds one job's output)."""
+    name = low
+    job = tiny_job(name, corpus, endpoint)
+    job["metadata"]["labels"] = {"kueue.x-k8s.io/priority-class": f"low-{api.ns}"[:63]}
+    job["spec"]["resources"]["queueName"] = "team"
+    job["spec"]["training"]["duration"] = {"maxSteps": 400}
+    job["spec"]["checkpoint"]["onDisruption"] = on_disruption
+    api.create(job)
 
     def past_a_checkpoint() -> bool:
-        st = api.status("low")
+        st = api.status(name)
         latest = (st.get("checkpoint") or {}).get("latestStep")
         return latest is not None and (st.get("progress") or {}).get("step", 0) >= latest + 15
 
     api.wait(past_a_checkpoint, "low 15 steps past a periodic checkpoint", timeout=480)
-    high = tiny_job("high", corpus, endpoint)
-    high["metadata"]["labels"] = {"kueue.x-k8s.io/priority-class": f"high-{api.ns}"[:63]}
-    high["spec"]["resources"]["queueName"] = "team"
-    api.create(high)
+    hjob = tiny_job(high, corpus, endpoint)
+    hjob["metadata"]["labels"] = {"kueue.x-k8s.io/priority-class": f"high-{api.ns}"[:63]}
+    hjob["spec"]["resources"]["queueName"] = "team"
+    api.create(hjob)
     api.wait(
-        lambda: wl_cond(api, "low", "Evicted").get("status") == "True", "low evicted by Kueue", timeout=60
+        lambda: wl_cond(api, name, "Evicted").get("status") == "True", "low evicted by Kueue", timeout=60
     )
-    api.wait(lambda: api.status("high").get("phase") == "Training", "high training", timeout=180)
+    api.wait(lambda: api.status(high).get("phase") == "Training", "high training", timeout=180)
     print(show(api))  # during the preemption
-    assert api.status("low")["phase"] == "Pending" and api.pods("low") == [], show(api)
-    api.wait_phase("high", "Succeeded", timeout=300)
-    api.wait(lambda: api.status("low").get("attempt") == 2, "low admitted again (attempt 2)", timeout=120)
-    api.wait(lambda: api.status("low").get("phase") == "Training", "low training again", timeout=180)
+    assert api.status(name)["phase"] == "Pending" and api.pods(name) == [], show(api)
+    api.wait_phase(high, "Succeeded", timeout=300)
+    api.wait(lambda: api.status(name).get("attempt") == 2, "low admitted again (attempt 2)", timeout=120)
+    api.wait(lambda: api.status(name).get("phase") == "Training", "low training again", timeout=180)
     print(show(api))  # after readmission
-    return api.status("low")
+    return api.status(name)
 
 
 @pytest.mark.ray
@@ -313,7 +317,9 @@ def test_preempted_job_without_the_last_checkpoint_loses_the_steps_since_the_per
 ) -> None:
     """The negative control: spec.checkpoint.onDisruption: false — the run resumes from its
     periodic checkpoint at step 40 and the steps past it are lost, and said."""
-    st = preempted_then_resumed(api, corpus, s3_server.endpoint, on_disruption=False)
+    st = preempted_then_resumed(
+        api, corpus, s3_server.endpoint, on_disruption=False, low="low-no-jit", high="high-no-jit"
+    )
     d = st["disruption"]
     print("status.disruption:", json.dumps(d, indent=1))
     assert d["justInTime"] is False and d["checkpointStep"] % 40 == 0
