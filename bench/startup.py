@@ -63,10 +63,15 @@ def job_file(tmp: Path, steps: int) -> Path:
     return path
 
 
-def run_once(job: Path, tmp: Path, pythonpath: str | None, launch: str = "process") -> dict[str, Any]:
-    """One ``llmtrain run``; its external time to the first step and its own breakdown."""
+def run_once(
+    job: Path, tmp: Path, pythonpath: str | None, launch: str = "process", fresh: bool = True
+) -> dict[str, Any]:
+    """One ``llmtrain run``; its external time to the first step and its own breakdown.
+    ``fresh=False``: the same run directory again (a rerun is the same job: the run directory
+    holds the owner id its checkpoint prefix was claimed with)."""
     run_dir = tmp / "run"
-    shutil.rmtree(run_dir, ignore_errors=True)
+    if fresh:
+        shutil.rmtree(run_dir, ignore_errors=True)
     env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="ray-"), "COLUMNS": "200"}
     env["LLMTRAIN_LAUNCH"] = launch
     if pythonpath:
@@ -98,7 +103,11 @@ def run_once(job: Path, tmp: Path, pythonpath: str | None, launch: str = "proces
     events = run_dir / "events.jsonl"
     for line in events.read_text().splitlines() if events.exists() else []:
         event = json.loads(line)
-        if event.get("stage") == "training" and event.get("step", 0) >= 1 and event.get("time"):
+        if (
+            event.get("stage") == "training"
+            and event.get("step", 0) >= 1
+            and event.get("time", 0) >= launched
+        ):
             first = event["time"] - launched
             break
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -150,7 +159,7 @@ def main() -> None:
             r = run_once(job, tmp, args.pythonpath, launch)
             results[launch].append(r)
             print(row(f"{label(launch)} prepared #{i + 1}", r), flush=True)
-    reruns = {launch: run_once(job, tmp, args.pythonpath, launch) for launch in launches}
+    reruns = {launch: run_once(job, tmp, args.pythonpath, launch, fresh=False) for launch in launches}
     for launch in launches:
         print(row(f"{label(launch)} finished rerun", reruns[launch]), flush=True)
 
