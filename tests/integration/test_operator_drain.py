@@ -158,5 +158,7 @@ def test_drain_without_the_jit_checkpoint_loses_the_steps_since_the_periodic_one
     assert d["checkpointStep"] == before["checkpoint"]["latestStep"] or d["checkpointStep"] % 40 == 0
     assert d["stepsLost"] == d["step"] - d["checkpointStep"] > 0, d
     st = _succeeded(api, "nojit", run_operator)
-    assert st["attempt"] == 2 and st["checkpoint"]["resumedFrom"]["step"] == d["checkpointStep"]
+    # >=: the stand-in's Ray processes outlive the evicted KWOK pods until Ray's stop lands
+    # (a real pod dies with its eviction), so a periodic checkpoint may follow, as with suspend.
+    assert st["attempt"] == 2 and st["checkpoint"]["resumedFrom"]["step"] >= d["checkpointStep"]
     assert st["progress"]["step"] == 240
