@@ -131,6 +131,14 @@ def stdlib_task(
     heldout_percent: Annotated[
         int, typer.Option("--heldout-percent", min=1, max=99, help="Share of source files held out.")
     ] = 10,
+    kind: Annotated[
+        str,
+        typer.Option(
+            "--kind",
+            help="docstring: name the function from its docstring and arguments (inferred); "
+            "definition: from its def line and docstring (read off).",
+        ),
+    ] = "docstring",
 ) -> None:
     """Build the offline task dataset of examples/finetune-task.yaml: a stdlib function's
     docstring and arguments as the prompt, its name as the answer, split by source file."""
@@ -138,9 +146,15 @@ def stdlib_task(
 
     from llmtrain.runtime.data.stdlib_task import build, write
 
-    split = build(
-        train_records=train_records, heldout_records=heldout_records, heldout_percent=heldout_percent
-    )
+    try:
+        split = build(
+            train_records=train_records,
+            heldout_records=heldout_records,
+            heldout_percent=heldout_percent,
+            kind=kind,
+        )
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
     train_path, heldout_path = write(split, Path(out))
     Console().print(
         f"{train_path}: {len(split.train):,} records from {split.files_train} files\n"

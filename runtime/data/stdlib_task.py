@@ -1,9 +1,16 @@
 """A small task dataset built offline from the Python standard library's own source.
 
-Each record asks for a function's name from its docstring and argument list, as a chat:
+Each record asks for a function's name, as a chat (``kind``):
 
-    user:      the docstring's first paragraph and ``def ?(args):``
-    assistant: the function's name (checked by the ``identifier`` task checker)
+    docstring   user: the docstring's first paragraph and ``def ?(args):`` (the name hidden);
+                the answer must be inferred — hard for a small model (bench/RESULTS.md)
+    definition  user: ``def name(args):`` and the docstring's first paragraph; the answer is
+                read off the definition — an extraction task a small model learns in minutes,
+                so the fine-tuning machinery shows its effect (before: the base model does not
+                even answer in the chat format)
+    assistant:  the function's name (checked by the ``identifier`` task checker)
+
+Both kinds use the same functions and the same split, so their figures compare.
 
 The split is by source file: a file's records are all training or all held out (a stable hash
 of its path relative to the standard library), so no held-out prompt comes from a module the
@@ -33,6 +40,7 @@ from llmtrain.runtime.data.collect import stdlib_files
 TRAIN_NAME = "train.jsonl"
 HELDOUT_NAME = "heldout.jsonl"
 QUESTION = "Which Python function is this?"
+KINDS = ("docstring", "definition")
 MAX_DOC_CHARS = 300  # the quickstart's context is 256 tokens: prompt, chat markup and answer fit
 
 
@@ -81,7 +89,7 @@ def _args(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> str:
     return ast.unparse(fn.args)
 
 
-def function_records(rel: str, source: str) -> Iterator[TaskRecord]:
+def function_records(rel: str, source: str, kind: str = "docstring") -> Iterator[TaskRecord]:
     """Public functions and methods of one file that have a usable docstring."""
     try:
         tree = ast.parse(source)
@@ -102,19 +110,30 @@ def function_records(rel: str, source: str) -> Iterator[TaskRecord]:
                 # A docstring or argument list that names its function gives the answer away.
                 if len(text) < 20 or len(text) > MAX_DOC_CHARS or name in text or name in args:
                     continue
-                prompt = f"{QUESTION}\n{text}\ndef ?({args}):"
+                if kind == "definition":
+                    prompt = f"{QUESTION}\ndef {name}({args}):\n{text}"
+                else:
+                    prompt = f"{QUESTION}\n{text}\ndef ?({args}):"
                 yield TaskRecord(f"{rel}:{prefix}{name}", rel, prompt, name)
 
 
-def build(*, train_records: int = 3000, heldout_records: int = 300, heldout_percent: int = 10) -> TaskSplit:
+def build(
+    *,
+    train_records: int = 3000,
+    heldout_records: int = 300,
+    heldout_percent: int = 10,
+    kind: str = "docstring",
+) -> TaskSplit:
     """The records of every stdlib file (tests excluded), split by file, then a stable sample."""
+    if kind not in KINDS:
+        raise ValueError(f"task kind must be one of {', '.join(KINDS)}, got {kind!r} (--kind)")
     if not 0 < heldout_percent < 100:
         raise ValueError(f"heldout percent must be in 1..99, got {heldout_percent} (--heldout-percent)")
     train: list[TaskRecord] = []
     heldout: list[TaskRecord] = []
     files = {"train": 0, "heldout": 0}
     for rel, path in stdlib_files(include_tests=False):
-        records = list(function_records(rel, path.read_text(encoding="utf-8", errors="replace")))
+        records = list(function_records(rel, path.read_text(encoding="utf-8", errors="replace"), kind))
         if not records:
             continue
         side = "heldout" if _hash(rel) % 100 < heldout_percent else "train"

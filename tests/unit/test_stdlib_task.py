@@ -58,3 +58,20 @@ def test_records_are_chat_conversations() -> None:
     raw = json.loads(record.to_json())
     assert [m["role"] for m in raw["messages"]] == ["user", "assistant"]
     assert raw["messages"][1]["content"] == record.answer
+
+
+def test_the_definition_kind_asks_about_the_same_functions_with_the_name_shown() -> None:
+    hidden = st.build(train_records=300, heldout_records=60)
+    shown = st.build(train_records=300, heldout_records=60, kind="definition")
+    # The same functions and split, so the two kinds' figures compare ...
+    assert [r.id for r in shown.train] == [r.id for r in hidden.train]
+    assert [r.id for r in shown.heldout] == [r.id for r in hidden.heldout]
+    # ... and only the definition kind's prompt holds the answer, on its def line.
+    for h, s in zip(hidden.heldout, shown.heldout, strict=True):
+        assert h.answer == s.answer and h.answer not in h.prompt
+        assert s.prompt.splitlines()[1].startswith(f"def {s.answer}(")
+
+
+def test_an_unknown_kind_is_refused_naming_the_flag() -> None:
+    r = CliRunner().invoke(app, ["data", "stdlib-task", "--out", "/nonexistent/x", "--kind", "names"])
+    assert r.exit_code != 0 and "--kind" in r.output
