@@ -130,7 +130,11 @@ def test_priority_class_label_gives_the_workload_its_priority() -> None:
     h.tick(1)
     spec = h.api.objects[("Workload", "ns1", WL)]["spec"]
     assert spec["priority"] == 1000
-    assert spec["priorityClassRef"] == {"group": "kueue.x-k8s.io", "kind": "WorkloadPriorityClass", "name": "high"}
+    assert spec["priorityClassRef"] == {
+        "group": "kueue.x-k8s.io",
+        "kind": "WorkloadPriorityClass",
+        "name": "high",
+    }
 
 
 def test_finished_job_reads_its_workload_once() -> None:
