@@ -252,6 +252,13 @@ def needs_action_now(body: Mapping[str, Any]) -> bool:
     return bool(spec.get("suspend") if isinstance(spec, Mapping) else False) != (phase == "Suspended")
 
 
+def clip_utf8(text: str, limit: int) -> str:
+    """At most ``limit`` UTF-8 bytes of ``text``, cut at a character boundary: the apiserver
+    bounds an Event's message in bytes (Go's len), so 1024 characters of "×" are refused."""
+    data = text.encode("utf-8")
+    return text if len(data) <= limit else data[:limit].decode("utf-8", "ignore")
+
+
 def involved_object(body: Mapping[str, Any]) -> dict[str, Any]:
     meta = body.get("metadata") or {}
     return {
@@ -608,7 +615,7 @@ class Controller:
 
     def _event(self, body: Mapping[str, Any], ev: Event) -> None:
         try:
-            self.writer.post_event(involved_object(body), ev.type, ev.reason, ev.message[:1024])
+            self.writer.post_event(involved_object(body), ev.type, ev.reason, clip_utf8(ev.message, 1024))
         # An Event is informative: never fail a reconcile for it. (urllib3's own errors, as
         # for a refused connection, are not OSErrors.)
         except (ApiError, OSError, urllib3.exceptions.HTTPError) as e:

@@ -309,6 +309,17 @@ def test_outcome_writes_annotations_and_cuts_event_messages() -> None:
     assert len(s.writer.events[0][2]) == 1024
 
 
+def test_an_event_message_is_clipped_to_1024_utf8_bytes() -> None:
+    # The apiserver counts bytes: a message of 1024 characters with a "×" in it was refused
+    # (HTTP 422) and the Event lost (a DataError naming "batches × microBatchSize × workers").
+    s = Setup()
+    s.add(job_body())
+    s.controller.write(job_body(), Outcome(status={}, events=[Event("Warning", "DataError", "a × b " * 300)]))
+    message = s.writer.events[0][2]
+    assert len(message.encode("utf-8")) <= 1024 and message.startswith("a × b ")
+    assert len(message.encode("utf-8")) > 1020  # clipped, not dropped
+
+
 def test_api_errors_are_counted_and_retried_by_the_next_pass() -> None:
     s = Setup()
     s.add(job_body())
