@@ -352,14 +352,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--nanogpt", type=Path, required=True, help="nanoGPT checkout (git dir or work tree)")
     ap.add_argument("--held-out", default="persuasion")
-    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--steps", type=int, default=460)
     ap.add_argument("--vocab", type=int, default=2048)
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--d-model", type=int, default=192)
-    ap.add_argument("--heads", type=int, default=6)
+    ap.add_argument("--d-model", type=int, default=128)
+    ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=0.002)
+    ap.add_argument("--lr", type=float, default=0.003)
     ap.add_argument(
         "--nanogpt-iters", type=int, default=2000, help="2000 is the recipe; less for a smoke run"
     )
