@@ -284,7 +284,9 @@ def _assert_serving_follows_spec_serve(api: Api) -> None:
     (pod,) = api.c.core.list_namespaced_pod(api.ns, label_selector="llmtrain.dev/serve=tiny").items
     assert pod.status.phase == "Running"
     out = api.c.kubectl("get", "ltj", "tiny", "-n", api.ns, "-o", "wide").stdout
-    assert out.splitlines()[1].split()[-1] == url  # the Serving column
+    row = out.splitlines()[1].split()
+    assert url in row, out  # the Serving column
+    assert row[row.index(url) + 1] == "120", out  # then Checkpoint: the newest checkpoint's step
 
     api.patch_spec("tiny", {"serve": None})
     api.wait(lambda: "serving" not in api.status("tiny"), "status.serving removed", timeout=30)
