@@ -165,7 +165,7 @@ EFFECTS: dict[str, str] = {
     "spec.resources.tolerations[].tolerationSeconds": f"{OM}::test_resources_tolerations",
     "spec.resources.affinity": f"{OM}::test_resources_affinity",
     "spec.resources.priorityClassName": f"{OM}::test_resources_priority_class_name",
-    "spec.resources.queueName": f"{OM}::test_resources_queue_name_makes_one_kueue_pod_group",
+    "spec.resources.queueName": "tests/unit/test_operator_kueue.py::test_queued_job_makes_no_pod_and_says_what_kueue_says",
     # ---- lifecycle
     "spec.suspend": f"{OR}::test_suspend_deletes_pods_keeps_status_and_resume_recreates",
     "spec.backoffLimit": f"{OR}::test_failed_pod_restarts_the_cluster_then_backoff_limit_fails_the_job",
