@@ -150,6 +150,10 @@ def test_drain_without_the_jit_checkpoint_loses_the_steps_since_the_periodic_one
     """spec.checkpoint.onDisruption: false — the negative control of the test above."""
     job = long_job("nojit", corpus, s3_server.endpoint)
     job["spec"]["checkpoint"]["onDisruption"] = False
+    # Periodic checkpoints far apart (120, 240): between the drain and the run's stop (the
+    # status lags the run; on a loaded machine by tens of steps) no periodic checkpoint may
+    # land, or the run loses nothing and this control proves nothing (seen: drained at 80).
+    job["spec"]["checkpoint"]["everySteps"] = 120
     api.create(job)
     before, st, _ = _drain_mid_training(api, "nojit")
     d = st["disruption"]
