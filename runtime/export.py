@@ -535,19 +535,6 @@ def export_checkpoint(
     return ref, cfg
 
 
-def export_for_job(spec: Any, checkpoint_uri: str, *, s3: S3Options | None = None) -> str | None:
-    """The end-of-run export ``spec.export`` asks for: the newest complete checkpoint under
-    ``checkpoint_uri`` → ``spec.export.uri`` in ``spec.export.format``, with the tokenizer of
-    ``spec.data.outputUri``. Returns the export URI, or None when ``spec.export`` is unset.
-    """
-    if spec.export is None:
-        return None
-    fmt = getattr(spec.export.format, "value", spec.export.format)
-    tokenizer = tokenizer_for_job(spec, s3)
-    export_checkpoint(checkpoint_uri, spec.export.uri, tokenizer, job=spec, fmt=fmt, s3=s3)
-    return str(spec.export.uri)
-
-
 def tokenizer_for_job(spec: Any, s3: S3Options | None = None) -> TokenizerFiles:
     """The tokenizer a job's export carries: the data's, with the job's chat template."""
     return replace(

@@ -371,7 +371,9 @@ def export_checkpoint(
 
 
 def export_for_job(spec: Any, checkpoint_uri: str, *, s3: S3Options | None = None) -> str | None:
-    """:func:`llmtrain.runtime.export.export_for_job`, LoRA checkpoints included."""
+    """The end-of-run export ``spec.export`` asks for: the newest complete checkpoint under
+    ``checkpoint_uri`` (LoRA or full) → ``spec.export.uri``, with the tokenizer of
+    ``spec.data.outputUri`` and the job's chat template. None when ``spec.export`` is unset."""
     if spec.export is None:
         return None
     fmt = getattr(spec.export.format, "value", spec.export.format)

@@ -20,8 +20,9 @@ import pytest
 import torch
 import yaml
 from llmtrain.runtime.evaluate import evaluate
-from llmtrain.runtime.export import TokenizerFiles, export_for_job
+from llmtrain.runtime.export import TokenizerFiles
 from llmtrain.runtime.hf_import import load_initial_weights
+from llmtrain.runtime.lora import export_for_job
 from llmtrain.runtime.synthetic import SyntheticLoader, run_ranks, tiny_spec_dict, train_worker
 from llmtrain.runtime.train import RunContext, TrainResult, build_model, train
 from typer.testing import CliRunner

@@ -32,7 +32,8 @@ import torch
 from llmtrain.runtime.checkpoint import CheckpointCorruptError, Lineage
 from llmtrain.runtime.data.loader import ShardLoader
 from llmtrain.runtime.data.prepare import prepare_data
-from llmtrain.runtime.export import export_for_job, read_checkpoint_weights, resolve_checkpoint
+from llmtrain.runtime.export import read_checkpoint_weights, resolve_checkpoint
+from llmtrain.runtime.lora import export_for_job
 from llmtrain.runtime.publish import MANIFEST_NAME
 from llmtrain.runtime.store import S3Store, StorageError, s3_client
 from llmtrain.runtime.train import RunContext, train
